@@ -1,0 +1,42 @@
+# Tetherless — developer entry points. Each target refreshes .venv when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ./data
+LISTEN ?= 127.0.0.1:8080
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck contracts check bench clean openapi
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/activate
+
+run: $(BIN)/activate
+	$(BIN)/tetherless serve --data $(DATA) --listen $(LISTEN)
+
+test: $(BIN)/activate
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/activate
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/activate
+	$(BIN)/mypy
+
+contracts: $(BIN)/activate
+	$(BIN)/lint-imports
+
+check: lint typecheck contracts test
+
+openapi: $(BIN)/activate
+	$(BIN)/tetherless admin openapi > docs/openapi.json
+
+bench: $(BIN)/activate
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

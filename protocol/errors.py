@@ -1,0 +1,168 @@
+"""The one closed set of protocol errors.
+
+Every error the relay can answer with has a stable wire ``code`` (a short
+snake_case string clients may switch on) and exactly one HTTP status, given
+in :data:`STATUS`. Errors travel as RFC 9457 problem details
+(:class:`Problem`). Client code turns a received problem back into a
+:class:`TetherlessError` with :func:`error_from_problem`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import msgspec
+
+
+class ErrorCode(enum.StrEnum):
+    # -- request shape --------------------------------------------------------
+    MALFORMED_BODY = "malformed_body"  # body is not valid MessagePack / JSON
+    INVALID_FIELD = "invalid_field"  # decodes, but a field has a wrong type or value
+    INVALID_QUERY = "invalid_query"  # query parameter missing, wrong type or out of range
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # Content-Type is neither msgpack nor JSON
+    NOT_ACCEPTABLE = "not_acceptable"  # Accept names neither msgpack nor JSON
+    BODY_TOO_LARGE = "body_too_large"  # request body larger than limits.max_body_bytes
+    BATCH_TOO_LARGE = "batch_too_large"  # more envelopes than limits.max_batch_envelopes
+    ENVELOPE_TOO_LARGE = "envelope_too_large"  # one ciphertext above limits.max_envelope_bytes
+    BAD_REQUEST = "bad_request"  # HTTP-level violation (bad framing, smuggling attempt)
+    NOT_FOUND = "not_found"  # no such route
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # route exists, method does not (see Allow)
+    # -- authentication -------------------------------------------------------
+    MISSING_TOKEN = "missing_token"  # no "Authorization: Bearer" header
+    INVALID_TOKEN = "invalid_token"  # token unknown or malformed
+    TOKEN_EXPIRED = "token_expired"  # token past its expiry
+    TOKEN_REVOKED = "token_revoked"  # token (or its device) was revoked
+    BAD_SIGNATURE = "bad_signature"  # signature wrong, short, or over other bytes
+    CHALLENGE_UNKNOWN = "challenge_unknown"  # nonce never issued by this relay, or for another device
+    CHALLENGE_USED = "challenge_used"  # nonce already exchanged for a session (replay)
+    CHALLENGE_EXPIRED = "challenge_expired"  # nonce past its expiry
+    FORBIDDEN = "forbidden"  # authenticated, but not allowed to touch this resource
+    # -- accounts and devices -------------------------------------------------
+    UNKNOWN_ACCOUNT = "unknown_account"
+    UNKNOWN_DEVICE = "unknown_device"
+    ACCOUNT_EXISTS = "account_exists"
+    INVALID_DEVICE_LIST = "invalid_device_list"  # not a valid genesis / next version
+    # -- messages -------------------------------------------------------------
+    UNKNOWN_RECIPIENT = "unknown_recipient"  # recipient device not registered here
+    REMOTE_RECIPIENT = "remote_recipient"  # recipient lives on another relay; federation not enabled
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # key reused with a different envelope
+    INBOX_FULL = "inbox_full"  # recipient's inbox quota reached
+    # -- server ---------------------------------------------------------------
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"  # draining or store not ready; retry elsewhere/later
+    INTERNAL = "internal"  # a bug: never expected, always logged
+
+
+E = ErrorCode
+
+STATUS: Final[dict[ErrorCode, int]] = {
+    E.MALFORMED_BODY: 400,
+    E.INVALID_FIELD: 422,
+    E.INVALID_QUERY: 400,
+    E.UNSUPPORTED_MEDIA_TYPE: 415,
+    E.NOT_ACCEPTABLE: 406,
+    E.BODY_TOO_LARGE: 413,
+    E.BATCH_TOO_LARGE: 413,
+    E.ENVELOPE_TOO_LARGE: 413,
+    E.BAD_REQUEST: 400,
+    E.NOT_FOUND: 404,
+    E.METHOD_NOT_ALLOWED: 405,
+    E.MISSING_TOKEN: 401,
+    E.INVALID_TOKEN: 401,
+    E.TOKEN_EXPIRED: 401,
+    E.TOKEN_REVOKED: 401,
+    E.BAD_SIGNATURE: 401,
+    E.CHALLENGE_UNKNOWN: 401,
+    E.CHALLENGE_USED: 401,
+    E.CHALLENGE_EXPIRED: 401,
+    E.FORBIDDEN: 403,
+    E.UNKNOWN_ACCOUNT: 404,
+    E.UNKNOWN_DEVICE: 404,
+    E.ACCOUNT_EXISTS: 409,
+    E.INVALID_DEVICE_LIST: 422,
+    E.UNKNOWN_RECIPIENT: 404,
+    E.REMOTE_RECIPIENT: 422,
+    E.IDEMPOTENCY_CONFLICT: 409,
+    E.INBOX_FULL: 507,
+    E.RATE_LIMITED: 429,
+    E.UNAVAILABLE: 503,
+    E.INTERNAL: 500,
+}
+
+TITLES: Final[dict[ErrorCode, str]] = {code: code.value.replace("_", " ").capitalize() for code in ErrorCode}
+
+PROBLEM_TYPE_BASE: Final = "https://tetherless.dev/problems/"
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details, plus the stable ``code`` extension member."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str = ""
+    retry_after_seconds: int | None = None
+
+
+class TetherlessError(Exception):
+    """Root of every error that has a wire code.
+
+    ``detail`` is shown to the remote party: never put secrets or message
+    bodies in it.
+    """
+
+    def __init__(self, code: ErrorCode, detail: str = "", *, retry_after_seconds: int | None = None) -> None:
+        super().__init__(f"{code.value}: {detail}" if detail else code.value)
+        self.code = code
+        self.detail = detail
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def to_problem(self) -> Problem:
+        return Problem(
+            type=PROBLEM_TYPE_BASE + self.code.value,
+            title=TITLES[self.code],
+            status=self.status,
+            code=self.code.value,
+            detail=self.detail,
+            retry_after_seconds=self.retry_after_seconds,
+        )
+
+
+class RemoteError(TetherlessError):
+    """The other side answered with a problem (raised by clients)."""
+
+    def __init__(
+        self, code: ErrorCode, detail: str = "", *, http_status: int, retry_after_seconds: int | None = None
+    ) -> None:
+        super().__init__(code, detail, retry_after_seconds=retry_after_seconds)
+        self.http_status = http_status
+
+
+class UnknownRemoteError(Exception):
+    """The other side answered with an error we cannot parse as a problem."""
+
+    def __init__(self, http_status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {http_status}: {body[:200]!r}")
+        self.http_status = http_status
+        self.body = body
+
+
+def problem_json(error: TetherlessError) -> bytes:
+    return msgspec.json.encode(error.to_problem())
+
+
+def error_from_problem(http_status: int, body: bytes) -> RemoteError | UnknownRemoteError:
+    """Turn an error response body into an exception (never raises)."""
+    try:
+        problem = msgspec.json.decode(body, type=Problem)
+        code = ErrorCode(problem.code)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return UnknownRemoteError(http_status, body)
+    return RemoteError(code, problem.detail, http_status=http_status, retry_after_seconds=problem.retry_after_seconds)

@@ -1,0 +1,107 @@
+"""OpenAPI 3.1 document generated from the route table and the msgspec schemas.
+
+The committed copy lives at ``docs/openapi.json``; a test regenerates it and
+fails when the two differ (run ``tetherless admin openapi > docs/openapi.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from protocol import codec
+from protocol.errors import PROBLEM_CONTENT_TYPE, STATUS, Problem
+from protocol.messages import API_VERSION
+
+from .routing import Route
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def openapi_document(routes: list[Route]) -> dict[str, Any]:
+    types: list[Any] = [Problem]
+    for route in routes:
+        if route.body is not None:
+            types.append(route.body)
+        if route.response is not None:
+            types.append(route.response)
+    schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schema_of = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.endpoint.__name__
+            + ("_" + route.template.split("/")[2] if "{device_id}" in route.template else ""),
+            "tags": [route.tag],
+            "responses": {},
+        }
+        params = [
+            {
+                "name": name[1:-1],
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[a-z2-7]{32}$"},
+            }
+            for name in route.template.split("/")
+            if name.startswith("{")
+        ]
+        params += [
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "description": q.description,
+                "schema": {"type": "integer", "minimum": q.minimum},
+            }
+            for q in route.query
+        ]
+        if params:
+            op["parameters"] = params
+        if route.auth:
+            op["security"] = [{"bearer": []}]
+        if route.body is not None:
+            schema = schema_of[route.body]
+            op["requestBody"] = {
+                "required": route.method != "DELETE",
+                "content": {codec.MSGPACK: {"schema": schema}, codec.JSON: {"schema": schema}},
+            }
+        if route.raw_content_type:
+            content: dict[str, Any] = {route.raw_content_type: {}}
+        elif route.stream:
+            schema = schema_of[route.response]
+            content = {
+                codec.MSGPACK: {"schema": schema, "description": "length-framed MessagePack items"},
+                codec.JSON_LINES: {"schema": schema},
+            }
+        else:
+            schema = schema_of[route.response]
+            content = {codec.MSGPACK: {"schema": schema}, codec.JSON: {"schema": schema}}
+        op["responses"][str(route.status)] = {"description": route.summary, "content": content}
+        by_status: dict[int, list[str]] = {}
+        for code in route.errors:
+            by_status.setdefault(STATUS[code], []).append(code.value)
+        for status, codes in sorted(by_status.items()):
+            op["responses"][str(status)] = {
+                "description": "Problem: " + ", ".join(codes),
+                "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref("Problem")}},
+            }
+        paths.setdefault(route.template, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tetherless relay", "version": API_VERSION},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def openapi_bytes(routes: list[Route]) -> bytes:
+    """The document as committed in docs/openapi.json (sorted keys, two-space indent)."""
+    return (json.dumps(openapi_document(routes), indent=2, sort_keys=True) + "\n").encode()

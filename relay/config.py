@@ -1,0 +1,168 @@
+"""Relay configuration: one frozen dataclass, filled with a clear precedence.
+
+Precedence, highest first: command-line flags > ``TETHERLESS_<NAME>``
+environment variables > a TOML file (``--config`` / ``TETHERLESS_CONFIG``) >
+defaults. :func:`load` also reports where each effective value came from, so
+``tetherless config show`` can print it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TETHERLESS_"
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(Exception):
+    """A setting has a value that cannot be used (message names the setting and the source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # -- where ----------------------------------------------------------------
+    data: str = "./data"
+    listen: str = "127.0.0.1:8080"
+    name: str = ""  # relay name used in addresses; default: host:port of listen
+    tls_cert: str = ""
+    tls_key: str = ""
+    log_format: str = "text"  # "text" or "json"
+    log_level: str = "info"
+    # -- application limits (published in /.well-known/tetherless) --------------
+    max_body_bytes: int = 8 * MiB
+    max_batch_envelopes: int = 1000
+    max_envelope_bytes: int = 256 * KiB
+    max_inbox_envelopes: int = 100_000
+    default_ttl_seconds: int = 30 * 86400
+    max_ttl_seconds: int = 90 * 86400
+    max_page_envelopes: int = 1000
+    session_ttl_seconds: int = 12 * 3600
+    challenge_ttl_seconds: int = 60
+    stream_heartbeat_seconds: float = 15.0
+    expiry_interval_seconds: float = 60.0
+    # -- transport limits (DESIGN.md §7) ---------------------------------------------
+    max_concurrent_streams: int = 100
+    max_header_list_bytes: int = 64 * KiB
+    max_frame_bytes: int = 16 * KiB
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 256
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    idle_timeout_seconds: float = 120.0
+    tls_handshake_timeout_seconds: float = 10.0
+    control_frame_budget: int = 1000  # PING/SETTINGS/PRIORITY/empty DATA per connection before GOAWAY
+    reset_budget: int = 1000  # stream resets (by either side) per connection before GOAWAY
+    send_buffer_bytes: int = 1 * MiB  # cap on bytes queued for a socket beyond the peer's window
+    drain_timeout_seconds: float = 10.0
+    # -- store -----------------------------------------------------------------------
+    sqlite_cache_mib: int = 64
+    sqlite_readers: int = 4
+    group_commit_max_ops: int = 1000
+
+    @property
+    def relay_name(self) -> str:
+        return (self.name or self.listen).lower()
+
+    @property
+    def listen_host(self) -> str:
+        host, _, _ = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    want = FIELD_TYPES[name]
+    try:
+        if isinstance(value, str) and want is not str:
+            value = want(value)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} from {source}: expected {want.__name__}, got {value!r}") from None
+    if isinstance(value, int | float) and value < 0:
+        raise ConfigError(f"{name} from {source}: must not be negative")
+    return value
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Build the effective configuration and the source of every value.
+
+    ``flags`` maps field names to values given on the command line (None
+    means "not given"). Raises :class:`ConfigError` for unknown keys in the
+    file, wrong types, or an unreadable file.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in FIELD_TYPES}
+    path = file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in FIELD_TYPES:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, f"file {path}")
+            sources[name] = f"file {path}"
+    for name in FIELD_TYPES:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw, f"env {ENV_PREFIX}{name.upper()}")
+            sources[name] = f"env {ENV_PREFIX}{name.upper()}"
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "flag")
+            sources[name] = "flag"
+    config = Config(**values)
+    _validate(config)
+    return config, sources
+
+
+def _validate(config: Config) -> None:
+    host, sep, port = config.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    if config.max_frame_bytes < 16384 or config.max_frame_bytes > 16777215:
+        raise ConfigError("max_frame_bytes: HTTP/2 allows 16384..16777215")
+    if config.max_envelope_bytes > config.max_body_bytes:
+        raise ConfigError("max_envelope_bytes cannot exceed max_body_bytes")
+    if config.default_ttl_seconds > config.max_ttl_seconds:
+        raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, **changes)
+
+
+def data_path(config: Config) -> Path:
+    return Path(config.data)

@@ -1,0 +1,83 @@
+"""Prometheus metrics: every metric of the relay, defined in one place.
+
+Naming follows Prometheus conventions: ``relay_`` prefix, base units
+(seconds, bytes), ``_total`` for counters. Labels are bounded: route
+templates (never ids), status classes, fixed reason names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# -- transport -------------------------------------------------------------------
+connections_open = Gauge("relay_connections_open", "Client connections currently open", ["protocol"], registry=REGISTRY)
+connections_total = Counter("relay_connections_total", "Client connections accepted", ["protocol"], registry=REGISTRY)
+connections_rejected_total = Counter(
+    "relay_connections_rejected_total",
+    "Connections refused or closed early by a limit",
+    ["reason"],
+    registry=REGISTRY,
+)
+protocol_errors_total = Counter(
+    "relay_protocol_errors_total",
+    "HTTP/1.1 or HTTP/2 protocol violations by peers, by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+goaways_total = Counter("relay_goaways_total", "GOAWAY frames sent, by error code name", ["code"], registry=REGISTRY)
+
+# -- api -----------------------------------------------------------------------------
+requests_total = Counter(
+    "relay_http_requests_total", "HTTP requests answered", ["route", "method", "status"], registry=REGISTRY
+)
+request_duration_seconds = Histogram(
+    "relay_http_request_duration_seconds",
+    "Time from complete request to response headers",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+problems_total = Counter("relay_problems_total", "Problem responses, by code", ["code"], registry=REGISTRY)
+
+# -- services ------------------------------------------------------------------------
+envelopes_accepted_total = Counter("relay_envelopes_accepted_total", "Envelopes durably stored", registry=REGISTRY)
+envelopes_duplicate_total = Counter(
+    "relay_envelopes_duplicate_total", "Envelopes answered from the idempotency table", registry=REGISTRY
+)
+envelopes_delivered_total = Counter(
+    "relay_envelopes_delivered_total", "Envelopes handed to devices (pages and streams)", ["via"], registry=REGISTRY
+)
+envelopes_acknowledged_total = Counter(
+    "relay_envelopes_acknowledged_total", "Envelopes deleted by acknowledgement", registry=REGISTRY
+)
+envelopes_expired_total = Counter("relay_envelopes_expired_total", "Envelopes deleted by TTL", registry=REGISTRY)
+streams_open = Gauge("relay_inbox_streams_open", "Inbox streams currently open", registry=REGISTRY)
+auth_failures_total = Counter(
+    "relay_auth_failures_total", "Failed authentications, by code", ["code"], registry=REGISTRY
+)
+sessions_issued_total = Counter("relay_sessions_issued_total", "Session tokens issued", registry=REGISTRY)
+
+# -- store ---------------------------------------------------------------------------
+store_commit_seconds = Histogram(
+    "relay_store_commit_seconds",
+    "Duration of one group commit (BEGIN..COMMIT)",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+store_commit_ops = Histogram(
+    "relay_store_commit_operations",
+    "Write operations batched into one commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    registry=REGISTRY,
+)
+store_write_queue = Gauge("relay_store_write_queue", "Write operations waiting for the writer", registry=REGISTRY)
+
+ready = Gauge("relay_ready", "1 when the relay accepts traffic, 0 while starting or draining", registry=REGISTRY)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE

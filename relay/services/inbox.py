@@ -1,0 +1,233 @@
+"""Per-device inboxes: send, page, stream, acknowledge, expire.
+
+Rules decided here (the store only enforces them atomically):
+
+- a batch is accepted whole or not at all, and answered only once durable;
+- idempotency per (authenticated sender device, key), conflicts detected by a
+  digest of recipient and ciphertext;
+- recipients must be devices of this relay (federation comes later);
+- TTL defaults and caps; per-device quota.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from protocol.errors import ErrorCode, TetherlessError
+from protocol.ids import Address
+from protocol.messages import (
+    Accepted,
+    AckRequest,
+    AckResponse,
+    Heartbeat,
+    InboxEnvelope,
+    InboxPage,
+    SendRequest,
+    SendResponse,
+)
+from relay import metrics
+from relay.store import InboxRecord, NewEnvelope, Store
+
+from .auth import Principal
+from .context import ServiceContext
+
+log = logging.getLogger("relay.services.inbox")
+
+
+def envelope_digest(recipient: str, ciphertext: bytes) -> bytes:
+    """What identifies an envelope's content for idempotency checks (16 bytes)."""
+    return hashlib.blake2b(recipient.encode() + b"\x00" + ciphertext, digest_size=16).digest()
+
+
+class InboxNotifier:
+    """Wakes streams when their device's inbox grows.
+
+    Each device has a version counter; a waiter remembers the version before
+    it reads and sleeps only if nothing was committed since, so no wake-up
+    is ever lost between a read and the wait. Everything here is in-memory
+    and may be lost at any time: streams also re-read on every heartbeat.
+    """
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = {}
+        self._events: dict[str, trio.Event] = {}
+
+    def version(self, device_id: str) -> int:
+        return self._versions.get(device_id, 0)
+
+    def notify(self, device_id: str) -> None:
+        self._versions[device_id] = self._versions.get(device_id, 0) + 1
+        event = self._events.pop(device_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, device_id: str, seen_version: int, timeout_seconds: float) -> bool:
+        """Sleep until ``device_id``'s version moves past ``seen_version`` or the timeout ends.
+
+        Returns True when woken by new data. Cancellation just ends the wait.
+        """
+        if self.version(device_id) != seen_version:
+            return True
+        event = self._events.get(device_id)
+        if event is None:
+            event = self._events[device_id] = trio.Event()
+        # The event stays in the dict after a timeout: other streams of the same
+        # device may still wait on it. notify() removes it.
+        with trio.move_on_after(timeout_seconds):
+            await event.wait()
+            return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """What a stream yields: envelopes to send, or a heartbeat when idle."""
+
+    envelopes: list[InboxEnvelope]
+    heartbeat: Heartbeat | None = None
+
+
+def _to_wire(record: InboxRecord) -> InboxEnvelope:
+    return InboxEnvelope(
+        cursor=record.cursor,
+        id=record.envelope_id,
+        sent_at_ms=record.sent_at_ms,
+        expires_at_ms=record.expires_at_ms,
+        ciphertext=record.ciphertext,
+    )
+
+
+class InboxService:
+    def __init__(self, store: Store, ctx: ServiceContext, notifier: InboxNotifier) -> None:
+        self._store = store
+        self._ctx = ctx
+        self._notifier = notifier
+
+    async def send(self, sender: Principal, request: SendRequest) -> SendResponse:
+        """Store a batch of envelopes for local devices; durable before it returns.
+
+        Raises ``batch_too_large``, ``envelope_too_large``, ``invalid_field``
+        (bad address or TTL), ``remote_recipient``, ``unknown_recipient``,
+        ``idempotency_conflict``, ``inbox_full``. Idempotent per envelope key.
+        On cancellation the batch may or may not be committed: retry it.
+        """
+        limits = self._ctx.limits
+        if len(request.envelopes) > limits.max_batch_envelopes:
+            raise TetherlessError(
+                ErrorCode.BATCH_TOO_LARGE, f"at most {limits.max_batch_envelopes} envelopes per request"
+            )
+        now = self._ctx.clock_ms()
+        items: list[NewEnvelope] = []
+        seen_keys: set[bytes] = set()
+        for index, env in enumerate(request.envelopes):
+            if len(env.ciphertext) > limits.max_envelope_bytes:
+                raise TetherlessError(
+                    ErrorCode.ENVELOPE_TOO_LARGE,
+                    f"envelopes[{index}]: ciphertext above {limits.max_envelope_bytes} bytes",
+                )
+            if env.idempotency_key in seen_keys:
+                raise TetherlessError(ErrorCode.INVALID_FIELD, f"envelopes[{index}]: idempotency_key repeated in batch")
+            seen_keys.add(env.idempotency_key)
+            address = Address.parse(env.recipient)
+            if not address.device:
+                raise TetherlessError(ErrorCode.INVALID_FIELD, f"envelopes[{index}]: recipient must name a device")
+            if address.relay != self._ctx.relay_name:
+                raise TetherlessError(
+                    ErrorCode.REMOTE_RECIPIENT, f"envelopes[{index}]: {address.relay} is not this relay"
+                )
+            ttl = env.ttl_seconds if env.ttl_seconds is not None else limits.default_ttl_seconds
+            ttl = min(ttl, limits.max_ttl_seconds)
+            items.append(
+                NewEnvelope(
+                    recipient_device=address.device,
+                    recipient_account=address.account,
+                    idempotency_key=env.idempotency_key,
+                    digest=envelope_digest(env.recipient, env.ciphertext),
+                    envelope_id=self._ctx.random_bytes(16),
+                    expires_at_ms=now + ttl * 1000,
+                    ciphertext=env.ciphertext,
+                )
+            )
+        forget_at = now + limits.max_ttl_seconds * 1000
+        stored = await self._store.store_envelopes(sender.device_id, items, now, limits.max_inbox_envelopes, forget_at)
+        fresh = 0
+        for result in stored:
+            if not result.duplicate:
+                fresh += 1
+                self._notifier.notify(result.recipient_device)
+        metrics.envelopes_accepted_total.inc(fresh)
+        metrics.envelopes_duplicate_total.inc(len(stored) - fresh)
+        return SendResponse(
+            accepted=[Accepted(id=r.envelope_id, sent_at_ms=r.sent_at_ms, duplicate=r.duplicate) for r in stored]
+        )
+
+    def check_owner(self, principal: Principal, device_id: str) -> None:
+        """Raises ``forbidden`` unless ``device_id`` is the caller's own device."""
+        if device_id != principal.device_id:
+            raise TetherlessError(ErrorCode.FORBIDDEN, "a device can only read and acknowledge its own inbox")
+
+    async def page(self, device_id: str, after: int, limit: int | None) -> InboxPage:
+        """Up to ``limit`` envelopes after cursor ``after``. Raises ``invalid_query`` for a bad limit."""
+        max_page = self._ctx.limits.max_page_envelopes
+        if limit is None:
+            limit = max_page
+        if not 1 <= limit <= max_page:
+            raise TetherlessError(ErrorCode.INVALID_QUERY, f"limit must be between 1 and {max_page}")
+        records = await self._store.read_inbox(device_id, after, limit + 1, self._ctx.clock_ms())
+        more = len(records) > limit
+        envelopes = [_to_wire(r) for r in records[:limit]]
+        next_cursor = envelopes[-1].cursor if envelopes else after
+        metrics.envelopes_delivered_total.labels("page").inc(len(envelopes))
+        return InboxPage(envelopes=envelopes, next_cursor=next_cursor, more=more)
+
+    async def stream(self, device_id: str, after: int, heartbeat_seconds: float) -> AsyncIterator[StreamChunk]:
+        """Yield committed envelopes after ``after`` as they arrive, forever.
+
+        Pages through any backlog first, then waits for wake-ups; yields a
+        heartbeat after ``heartbeat_seconds`` without news (and re-reads then,
+        so a lost wake-up delays delivery by one heartbeat at most).
+        Cancellation ends the stream; nothing is acknowledged by streaming.
+        """
+        cursor = after
+        page = self._ctx.limits.max_page_envelopes
+        metrics.streams_open.inc()
+        try:
+            while True:
+                version = self._notifier.version(device_id)
+                records = await self._store.read_inbox(device_id, cursor, page, self._ctx.clock_ms())
+                if records:
+                    cursor = records[-1].cursor
+                    metrics.envelopes_delivered_total.labels("stream").inc(len(records))
+                    yield StreamChunk([_to_wire(r) for r in records])
+                    continue
+                woken = await self._notifier.wait(device_id, version, heartbeat_seconds)
+                if not woken:
+                    yield StreamChunk([], Heartbeat(cursor=cursor, at_ms=self._ctx.clock_ms()))
+        finally:
+            metrics.streams_open.dec()
+
+    async def acknowledge(self, device_id: str, request: AckRequest) -> AckResponse:
+        """Delete acknowledged envelopes of ``device_id``'s inbox. Idempotent."""
+        if request.up_to is None and not request.ids:
+            raise TetherlessError(ErrorCode.INVALID_FIELD, "give up_to, ids, or both")
+        count = await self._store.acknowledge(device_id, request.up_to, request.ids)
+        metrics.envelopes_acknowledged_total.inc(count)
+        return AckResponse(acknowledged=count)
+
+    async def run_expiry(self, interval_seconds: float) -> None:
+        """Delete expired envelopes, challenges, sessions and idempotency keys every interval. Runs forever."""
+        while True:
+            try:
+                report = await self._store.expire(self._ctx.clock_ms())
+            except Exception:
+                log.exception("expiry sweep failed; will retry")
+            else:
+                if report.envelopes:
+                    metrics.envelopes_expired_total.inc(report.envelopes)
+                    log.info("expired %d envelopes", report.envelopes)
+            await trio.sleep(interval_seconds)

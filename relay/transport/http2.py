@@ -1,0 +1,613 @@
+"""HTTP/2 on one connection: h2 as the state machine, trio for I/O.
+
+Tasks per connection: one reader (socket → h2 → events), one writer (h2's
+outbound bytes → socket) and one task per request stream. Every task mutates
+h2 state directly (trio is single-threaded) and then calls
+:meth:`HTTP2Connection._flush`, which moves h2's pending bytes into one
+outbound buffer and wakes the writer. The writer runs at the next scheduling
+turn, so all frames queued in that turn — many streams' responses, PING acks,
+WINDOW_UPDATEs — leave in one ``send_all`` (DESIGN.md §10: one write per
+message costs ~80 µs of CPU).
+
+Memory bounds: a response writer hands h2 at most the peer's flow-control
+window and stops while the outbound buffer holds ``send_buffer_bytes`` or
+more; the reader stops reading while the buffer is over that cap, so a peer
+that does not read cannot make the server queue without bound (it is closed
+when its socket accepts nothing for ``idle_timeout_seconds``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+from hyperframe.frame import GoAwayFrame
+
+from protocol.errors import ErrorCode
+from relay import metrics
+from relay.api.http import Handler, Request, Response
+from relay.config import Config
+from relay.transport.base import (
+    CLOSE_FLUSH_SECONDS,
+    HTTP2,
+    InvalidResponseError,
+    WriteStalledError,
+    aclose_iterator,
+    body_has_no_content,
+    content_lengths,
+    decode_headers,
+    logger,
+    problem_response,
+    response_headers,
+    send_with_stall_timeout,
+    split_target,
+)
+from relay.transport.budget import TokenBucket
+
+ErrorCodes = h2.errors.ErrorCodes
+
+RECEIVE_BYTES: Final = 64 * 1024
+# Per-stream receive window: a several-MiB upload needs few round trips.
+STREAM_WINDOW_BYTES: Final = 1024 * 1024
+# The connection window is larger so concurrent uploads don't starve each other.
+CONNECTION_WINDOW_BYTES: Final = 16 * 1024 * 1024
+
+# h2 exception → metric kind; anything else is a plain "protocol" error.
+_ERROR_KINDS: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (h2.exceptions.DenialOfServiceError, "h2_denial_of_service"),
+    (h2.exceptions.FrameTooLargeError, "h2_frame_too_large"),
+    (h2.exceptions.FlowControlError, "h2_flow_control"),
+    (h2.exceptions.TooManyStreamsError, "h2_too_many_streams"),
+    (h2.exceptions.StreamClosedError, "h2_stream_closed"),
+)
+
+
+class _StreamGoneError(Exception):
+    """The stream can no longer carry frames (reset by either side, or the connection closed)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    stream_id: int
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the whole stream task
+    body: bytearray = field(default_factory=bytearray)
+    body_complete: trio.Event = field(default_factory=trio.Event)  # END_STREAM seen, or body rejected
+    too_large: bool = False
+    remote_ended: bool = False
+    gone: bool = False  # reset; nothing may be sent any more
+    stop_streaming: bool = False  # drain: end a streaming response at the next chunk boundary
+    next_chunk_scope: trio.CancelScope | None = None  # set while waiting for the next stream chunk
+
+
+class HTTP2Connection:
+    """Serves one HTTP/2 connection (TLS with ALPN "h2", or cleartext prior knowledge).
+
+    ``initial`` holds bytes already read during protocol detection (the
+    preface). :meth:`run` returns when the connection is finished; it does
+    not close ``stream`` (the server does). Cancelling :meth:`run` abandons
+    all streams at once (their response iterators are still ``aclose``\\ d).
+    """
+
+    protocol = HTTP2
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        config: Config,
+        handler: Handler,
+        client: str,
+        scheme: str,
+        initial: bytes,
+        started_at: float,
+    ) -> None:
+        self._stream = stream
+        self._config = config
+        self._handler = handler
+        self._client = client
+        self._scheme = scheme
+        self._initial = initial
+        self._started_at = started_at
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,  # bytes in, bytes out; decoded once by base.decode_headers
+                validate_inbound_headers=True,
+                validate_outbound_headers=True,
+                normalize_inbound_headers=True,
+            )
+        )
+        self._streams: dict[int, _Stream] = {}
+        self._out = bytearray()
+        self._in_flight = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()  # writer waits here for bytes
+        self._progress_lot = trio.lowlevel.ParkingLot()  # senders/reader wait here for window or buffer room
+        self._read_scope: trio.CancelScope | None = None
+        self._conn_scope = trio.CancelScope()
+        self._settings_received = False
+        self._closing = False
+        self._draining = False
+        self._goaway_last_stream_id = 0
+        self._control_budget = TokenBucket.per_connection(config.control_frame_budget)
+        self._reset_budget = TokenBucket.per_connection(config.reset_budget)
+
+    # -- introspection -------------------------------------------------------------
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Outbound bytes the transport holds for this connection (queued + being written)."""
+        return len(self._out) + self._in_flight
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until the peer leaves, an error ends the connection, or a drain completes."""
+        settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._config.max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._config.max_header_list_bytes,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: self._config.max_frame_bytes,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Values in initial_values are in force at once; h2 only copies the
+        # two that live outside Settings when a SETTINGS ACK arrives, so set
+        # them here too.
+        self._conn.local_settings = settings
+        self._conn.max_inbound_frame_size = self._config.max_frame_bytes
+        self._conn.decoder.max_header_list_size = self._config.max_header_list_bytes
+        self._conn.initiate_connection()
+        self._conn.increment_flow_control_window(CONNECTION_WINDOW_BYTES - 65535)
+        self._flush()
+        with self._conn_scope:
+            async with trio.open_nursery() as io_nursery:
+                io_nursery.start_soon(self._write_loop)
+                async with trio.open_nursery() as stream_nursery:
+                    await self._read_loop(stream_nursery)
+                    # The reader is done: the connection is closing. Streams
+                    # still running are abandoned (a completed drain has none).
+                    stream_nursery.cancel_scope.cancel()
+                with trio.move_on_after(CLOSE_FLUSH_SECONDS):
+                    while self.buffered_bytes:
+                        await self._progress_lot.park()
+                io_nursery.cancel_scope.cancel()
+
+    def start_drain(self) -> None:
+        """Send GOAWAY(NO_ERROR), refuse new streams, end streaming responses; close when streams finish.
+
+        The first GOAWAY is written by hand rather than through h2, because
+        h2 forbids sending anything after its own GOAWAY and in-flight
+        responses still need their DATA frames. Idempotent.
+        """
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        if not self._settings_received:
+            self._close(None, "drain")
+            return
+        self._goaway_last_stream_id = self._conn.highest_inbound_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self._goaway_last_stream_id, error_code=ErrorCodes.NO_ERROR)
+        self._out += frame.serialize()
+        self._writer_lot.unpark_all()
+        metrics.goaways_total.labels(code=ErrorCodes.NO_ERROR.name).inc()
+        for stream in self._streams.values():
+            self._stop_streaming(stream)
+        self._close_if_drained()
+
+    def _close(self, error_code: ErrorCodes | None, reason: str, *, goaway_queued: bool = False) -> None:
+        """Stop reading and let :meth:`run` finish; queue GOAWAY(``error_code``) unless None."""
+        if self._closing:
+            return
+        self._closing = True
+        logger.debug("h2 connection %s closing: %s", self._client, reason)
+        if error_code is not None:
+            if not goaway_queued:
+                last = self._goaway_last_stream_id if self._draining else self._conn.highest_inbound_stream_id
+                try:
+                    self._conn.close_connection(error_code=error_code, last_stream_id=last)
+                except h2.exceptions.ProtocolError:
+                    pass  # the peer's GOAWAY already closed h2's side
+            metrics.goaways_total.labels(code=error_code.name).inc()
+            self._flush()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self._progress_lot.unpark_all()
+
+    def _abort(self, reason: str) -> None:
+        """The socket is unusable: end everything now, nothing more can be written."""
+        logger.debug("h2 connection %s aborted: %s", self._client, reason)
+        self._closing = True
+        self._conn_scope.cancel()
+
+    def _close_if_drained(self) -> None:
+        if self._draining and not self._streams:
+            self._close(ErrorCodes.NO_ERROR, "drained")
+
+    # -- writing -------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Move h2's pending frames to the outbound buffer and wake the writer (which runs next turn)."""
+        data = self._conn.data_to_send()
+        if data:
+            self._out += data
+            self._writer_lot.unpark_all()
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._out:
+                await self._writer_lot.park()
+                continue
+            data = bytes(self._out)
+            self._out.clear()
+            self._in_flight = len(data)
+            try:
+                await send_with_stall_timeout(self._stream, data, self._config.idle_timeout_seconds)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, WriteStalledError) as exc:
+                self._in_flight = 0
+                self._abort(f"write failed: {exc!r}")
+                return
+            self._in_flight = 0
+            self._progress_lot.unpark_all()
+
+    def _is_closing(self) -> bool:
+        # A method, not a bare attribute test: event handlers flip the flag
+        # between checks, which attribute narrowing in mypy would hide.
+        return self._closing
+
+    def _has_send_room(self) -> bool:
+        return self.buffered_bytes < self._config.send_buffer_bytes
+
+    # -- reading -------------------------------------------------------------------
+    def _read_deadline(self) -> float:
+        if not self._settings_received:
+            return self._started_at + self._config.header_timeout_seconds
+        if not self._streams:
+            return trio.current_time() + self._config.idle_timeout_seconds
+        return math.inf
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        data: bytes | bytearray | None = self._initial
+        while not self._is_closing():
+            if data:
+                self._receive(data, nursery)
+                if self._is_closing():
+                    return
+            # Backpressure: while the peer is not taking what we already
+            # queued, do not read more requests (or PINGs) from it.
+            while not self._has_send_room() and not self._is_closing():
+                await self._progress_lot.park()
+            if self._is_closing():
+                return
+            data = None
+            with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                self._read_scope = scope
+                try:
+                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            self._read_scope = None
+            if data is None:  # deadline passed, or _close() cancelled the read
+                if not self._closing:
+                    self._on_read_timeout()
+                return
+            if not data:
+                self._close(None, "peer closed")
+                return
+
+    def _on_read_timeout(self) -> None:
+        if not self._settings_received:
+            metrics.protocol_errors_total.labels(kind="header_timeout").inc()
+            self._close(None, "no preface/SETTINGS within header timeout")
+        else:
+            self._close(ErrorCodes.NO_ERROR, "idle timeout")
+
+    def _receive(self, data: bytes | bytearray, nursery: trio.Nursery) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has already queued GOAWAY with the matching error code.
+            kind = next((name for cls, name in _ERROR_KINDS if isinstance(exc, cls)), "h2_protocol")
+            metrics.protocol_errors_total.labels(kind=kind).inc()
+            self._close(ErrorCodes(exc.error_code), f"{kind}: {exc}", goaway_queued=True)
+            return
+        except Exception as exc:
+            # Not a documented h2 outcome; treat the input as a protocol violation.
+            logger.debug("h2 rejected input from %s", self._client, exc_info=True)
+            metrics.protocol_errors_total.labels(kind="h2_protocol").inc()
+            self._close(ErrorCodes.PROTOCOL_ERROR, f"h2 failed: {exc!r}")
+            return
+        for event in events:
+            self._on_event(event, nursery)
+            if self._closing:
+                return
+        self._flush()
+
+    def _on_event(self, event: h2.events.Event, nursery: trio.Nursery) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event, nursery)
+        elif isinstance(event, h2.events.DataReceived):
+            self._on_data(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_ended = True
+                stream.body_complete.set()
+        elif isinstance(event, h2.events.StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._progress_lot.unpark_all()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # The first SETTINGS is part of the preface and free; later ones count.
+            if self._settings_received:
+                self._spend_control()
+            self._settings_received = True
+            self._progress_lot.unpark_all()  # INITIAL_WINDOW_SIZE may have grown
+        elif isinstance(
+            event,
+            h2.events.PingReceived
+            | h2.events.PingAckReceived
+            | h2.events.PriorityUpdated
+            | h2.events.SettingsAcknowledged
+            | h2.events.UnknownFrameReceived,
+        ):
+            self._spend_control()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # h2 refuses to send after the peer's GOAWAY, so in-flight streams cannot finish.
+            self._close(None, f"peer GOAWAY {event.error_code!r}")
+
+    def _spend_control(self) -> None:
+        if not self._control_budget.take():
+            metrics.protocol_errors_total.labels(kind="control_frame_budget").inc()
+            self._close(ErrorCodes.ENHANCE_YOUR_CALM, "control frame budget exhausted")
+
+    def _spend_reset(self) -> None:
+        if not self._reset_budget.take():
+            metrics.protocol_errors_total.labels(kind="reset_budget").inc()
+            self._close(ErrorCodes.ENHANCE_YOUR_CALM, "reset budget exhausted")
+
+    def _on_request(self, event: h2.events.RequestReceived, nursery: trio.Nursery) -> None:
+        stream_id = event.stream_id
+        if self._draining and stream_id > self._goaway_last_stream_id:
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        # h2 counts only streams that are open at the protocol level; a reset
+        # stream whose handler still runs is invisible to it (rapid reset), so
+        # the cap is enforced on our own tasks as well.
+        if len(self._streams) >= self._config.max_concurrent_streams:
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        pseudo: dict[bytes, bytes] = {}
+        regular: list[tuple[bytes, bytes]] = []
+        for name, value in event.headers:
+            raw_name, raw_value = bytes(name), bytes(value)  # header_encoding=None: always bytes
+            if raw_name.startswith(b":"):
+                pseudo[raw_name] = raw_value
+            else:
+                regular.append((raw_name, raw_value))
+        method = pseudo.get(b":method", b"").decode("latin-1").upper()
+        target = pseudo.get(b":path", b"").decode("latin-1")
+        headers = decode_headers(regular)
+        authority = pseudo.get(b":authority")
+        if authority is not None and not any(name == "host" for name, _ in headers):
+            headers.append(("host", authority.decode("latin-1")))
+        lengths = content_lengths(headers)
+        if method == "CONNECT" or not target or len(lengths) > 1 or not all(v.isdigit() for v in lengths):
+            metrics.protocol_errors_total.labels(kind="h2_malformed_request").inc()
+            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream = _Stream(stream_id=stream_id, method=method, target=target, headers=headers)
+        if lengths and int(next(iter(lengths))) > self._config.max_body_bytes:
+            stream.too_large = True
+            stream.body_complete.set()
+        if event.stream_ended is not None:
+            stream.remote_ended = True
+            stream.body_complete.set()
+        self._streams[stream_id] = stream
+        nursery.start_soon(self._run_stream, stream)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream_id = event.stream_id
+        flow_length = event.flow_controlled_length or 0
+        data = event.data or b""
+        if not data and event.stream_ended is None:
+            self._spend_control()  # empty DATA without END_STREAM does nothing but cost us work
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.too_large and not stream.body_complete.is_set():
+            stream.body += data
+            if len(stream.body) > self._config.max_body_bytes:
+                stream.too_large = True
+                stream.body = bytearray()
+                stream.body_complete.set()
+        # The body is consumed as soon as it is buffered (the Request carries
+        # all of it); discarded bytes are acknowledged too so the connection
+        # window never shrinks.
+        if flow_length:
+            try:
+                self._conn.acknowledge_received_data(flow_length, stream_id)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        if event.remote_reset:
+            self._spend_reset()
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.gone = True
+            stream.scope.cancel()
+        self._progress_lot.unpark_all()
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """Reset a stream from our side; counts against the reset budget (MadeYouReset)."""
+        try:
+            self._conn.reset_stream(stream_id, error_code=code)
+        except h2.exceptions.ProtocolError:
+            return  # already closed, or the connection is
+        self._flush()
+        self._spend_reset()
+
+    # -- streams -------------------------------------------------------------------
+    async def _run_stream(self, stream: _Stream) -> None:
+        iterator_holder: list[Response] = []
+        try:
+            with stream.scope:
+                await self._serve_stream(stream, iterator_holder)
+        except _StreamGoneError:
+            pass
+        except Exception:
+            # A transport bug, never the handler's (that is caught below):
+            # keep the connection alive, reset just this stream.
+            logger.exception("h2 stream %d failed", stream.stream_id)
+            if not stream.gone:
+                self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+        finally:
+            for response in iterator_holder:
+                if response.stream is not None:
+                    await aclose_iterator(response.stream)
+            stream.gone = True
+            del self._streams[stream.stream_id]
+            if not self._streams and self._read_scope is not None and not self._closing:
+                # Idle timeout starts now that the last stream has finished.
+                self._read_scope.deadline = self._read_deadline()
+            self._close_if_drained()
+
+    async def _serve_stream(self, stream: _Stream, holder: list[Response]) -> None:
+        with trio.move_on_after(self._config.body_timeout_seconds):
+            await stream.body_complete.wait()
+        if not stream.body_complete.is_set():
+            metrics.protocol_errors_total.labels(kind="body_timeout").inc()
+            stream.gone = True
+            self._reset(stream.stream_id, ErrorCodes.CANCEL)
+            return
+        if stream.too_large:
+            detail = f"request body larger than {self._config.max_body_bytes} bytes"
+            await self._send_response(stream, problem_response(ErrorCode.BODY_TOO_LARGE, detail))
+            if not stream.remote_ended:
+                # RFC 9113 §8.1: a complete response, then NO_ERROR to stop the upload.
+                stream.gone = True
+                self._reset(stream.stream_id, ErrorCodes.NO_ERROR)
+            return
+        path, query = split_target(stream.target)
+        request = Request(
+            method=stream.method,
+            path=path,
+            query=query,
+            headers=stream.headers,
+            body=bytes(stream.body),
+            client=self._client,
+            http_version="2",
+            scheme=self._scheme,
+        )
+        stream.body = bytearray()
+        try:
+            response = await self._handler(request)
+        except Exception:
+            logger.exception("handler raised on %s %s", stream.method, path)
+            response = problem_response(ErrorCode.INTERNAL)
+        holder.append(response)
+        await self._send_response(stream, response)
+
+    def _stop_requested(self, stream: _Stream) -> bool:
+        return stream.stop_streaming or self._draining
+
+    def _stop_streaming(self, stream: _Stream) -> None:
+        stream.stop_streaming = True
+        if stream.next_chunk_scope is not None:
+            stream.next_chunk_scope.cancel()
+
+    async def _send_response(self, stream: _Stream, response: Response) -> None:
+        try:
+            headers = response_headers(response)
+        except InvalidResponseError as exc:
+            logger.error("invalid response to %s %s: %s", stream.method, split_target(stream.target)[0], exc)
+            response = problem_response(ErrorCode.INTERNAL)
+            headers = response_headers(response)
+        no_body = body_has_no_content(stream.method, response.status)
+        status = [(b":status", str(response.status).encode("ascii"))]
+        if response.stream is None or no_body:
+            body = b"" if no_body else response.body
+            if response.stream is None and response.status not in (204, 304):
+                headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+            self._send_headers(stream, status + headers, end_stream=not body)
+            if body:
+                await self._send_data(stream, body, end_stream=True)
+            return
+        self._send_headers(stream, status + headers, end_stream=False)
+        iterator = response.stream
+        while not self._stop_requested(stream):
+            with trio.CancelScope() as stream.next_chunk_scope:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    logger.exception("response stream raised on %s %s", stream.method, split_target(stream.target)[0])
+                    stream.gone = True
+                    self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+                    return
+            stream.next_chunk_scope = None
+            if self._stop_requested(stream):
+                break
+            if chunk:
+                await self._send_data(stream, chunk, end_stream=False)
+        stream.next_chunk_scope = None
+        await self._send_data(stream, b"", end_stream=True)
+
+    def _send_headers(self, stream: _Stream, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> None:
+        if stream.gone or self._closing:
+            raise _StreamGoneError
+        try:
+            self._conn.send_headers(stream.stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError:
+            raise _StreamGoneError from None
+        self._flush()
+
+    async def _send_data(self, stream: _Stream, data: bytes, *, end_stream: bool) -> None:
+        """Hand ``data`` to h2 frame by frame as the peer's window and our buffer cap allow.
+
+        Raises :class:`_StreamGoneError` when the stream is reset or the
+        connection closes meanwhile. Cancellation leaves a prefix of ``data``
+        sent; the stream is then reset or abandoned by the caller.
+        """
+        view = memoryview(data)
+        sent = 0
+        while True:
+            if stream.gone or self._closing:
+                raise _StreamGoneError
+            remaining = len(view) - sent
+            if remaining == 0 and not end_stream:
+                return
+            try:
+                if remaining == 0:
+                    self._conn.end_stream(stream.stream_id)
+                    self._flush()
+                    return
+                window = self._conn.local_flow_control_window(stream.stream_id)
+            except h2.exceptions.ProtocolError:
+                raise _StreamGoneError from None
+            if window <= 0 or not self._has_send_room():
+                await self._progress_lot.park()
+                continue
+            size = min(window, self._conn.max_outbound_frame_size, remaining)
+            last = end_stream and size == remaining
+            try:
+                self._conn.send_data(stream.stream_id, view[sent : sent + size], end_stream=last)
+            except h2.exceptions.ProtocolError:
+                raise _StreamGoneError from None
+            sent += size
+            self._flush()
+            if last:
+                return

@@ -1,0 +1,168 @@
+"""``tetherless``: the one front door, for the server and the client.
+
+Server commands: ``serve``, ``config show``, ``migrate``, ``backup``,
+``admin openapi``. Client commands (``device init``, ``whoami``, ``send``,
+``sync``) come from :mod:`protocol.client.commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol.client.commands import register_commands
+from relay import config as config_mod
+from relay import logs
+
+SERVE_FLAGS = {
+    "data": ("--data", "directory for the database and relay key (default ./data)"),
+    "listen": ("--listen", "HOST:PORT to listen on (default 127.0.0.1:8080; port 0 picks one)"),
+    "name": ("--name", "relay name used in addresses (default: HOST:PORT of --listen)"),
+    "tls_cert": ("--tls-cert", "PEM certificate chain: serve HTTPS (ALPN h2, http/1.1)"),
+    "tls_key": ("--tls-key", "PEM private key for --tls-cert"),
+    "log_format": ("--log-format", "text or json"),
+    "log_level": ("--log-level", "debug, info, warning or error"),
+}
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (also TETHERLESS_CONFIG)")
+    for dest, (flag, help_text) in SERVE_FLAGS.items():
+        parser.add_argument(flag, dest=dest, default=None, help=help_text)
+
+
+def _load_config(args: argparse.Namespace) -> config_mod.Config:
+    flags = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
+    try:
+        config, _ = config_mod.load(flags, file=args.config)
+    except config_mod.ConfigError as exc:
+        raise SystemExit(f"tetherless: error: {exc}") from None
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay import app
+
+    config = _load_config(args)
+    logs.setup(config.log_format, config.log_level)
+
+    def ready(url: str, relay_name: str) -> None:
+        print(f"tetherless relay ready at {url} (relay name {relay_name}, data {config.data})", flush=True)
+
+    try:
+        trio.run(lambda: app.run(config, on_ready=ready))
+    except OSError as exc:
+        print(f"tetherless: error: cannot serve on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    flags = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
+    try:
+        config, sources = config_mod.load(flags, file=args.config)
+    except config_mod.ConfigError as exc:
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(name) for name in sources)
+    for name, source in sources.items():
+        print(f"{name:<{width}}  {getattr(config, name)!r:<24}  ({source})")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from relay.store.sqlite import DB_FILE, migrate
+
+    path = Path(args.data) / DB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from relay.store.sqlite import DB_FILE
+
+    source = Path(args.data) / DB_FILE
+    if not source.exists():
+        print(f"tetherless: error: no relay database at {source}", file=sys.stderr)
+        return 1
+    target = Path(args.output)
+    if target.exists():
+        print(f"tetherless: error: {target} exists; refusing to overwrite", file=sys.stderr)
+        return 1
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)  # SQLite online backup: consistent while the relay serves
+    finally:
+        dst.close()
+        src.close()
+    print(f"backed up {source} to {target}")
+    return 0
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from relay.api.openapi import openapi_bytes
+    from relay.api.routes import Endpoints, build_routes
+
+    routes = build_routes(Endpoints.unbound())
+    sys.stdout.write(openapi_bytes(routes).decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tetherless", description="Tetherless relay and client")
+    parser.add_argument("--home", default=None, help="client state directory (default $TETHERLESS_HOME)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run a relay")
+    _add_server_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="inspect configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print effective settings and where each came from")
+    _add_server_options(show)
+    show.set_defaults(func=cmd_config_show)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations without serving")
+    migrate.add_argument("--data", default="./data", help="relay data directory")
+    migrate.set_defaults(func=cmd_migrate)
+
+    backup = sub.add_parser("backup", help="consistent copy of a relay database (safe while serving)")
+    backup.add_argument("--data", default="./data", help="relay data directory")
+    backup.add_argument("output", help="file to write (must not exist)")
+    backup.set_defaults(func=cmd_backup)
+
+    admin = sub.add_parser("admin", help="operator tools")
+    admin_sub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
+    openapi = admin_sub.add_parser("openapi", help="print the OpenAPI document")
+    openapi.set_defaults(func=cmd_openapi)
+
+    register_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Any = args.func
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# Third-party loggers that print protocol internals at debug level: hpack logs
+# every decoded header, Authorization tokens included. They stay at WARNING
+# whatever --log-level says.
+QUIET_LOGGERS = ("hpack", "h2", "h11")
+
+
 def setup(log_format: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
     if log_format == "json":
@@ -30,3 +36,5 @@ def setup(log_format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,25 +23,6 @@ from protocol.errors import ErrorCode, RemoteError, TetherlessError
 from protocol.ids import Address
 from protocol.messages import OutboundEnvelope, SendRequest, SendResponse
 from tests.relay_process import RelayProcess
-
-
-def _stop(process: RelayProcess) -> None:
-    process.stop()
-    # RelayProcess leaves the child's stdout pipe open after its pump thread
-    # ends; close it so the test run has no ResourceWarning.
-    if process.proc is not None and process.proc.stdout is not None:
-        process.proc.stdout.close()
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    """Like the shared fixture, but closes the pipes it leaves open."""
-    process = RelayProcess(tmp_path / "relay-data")
-    process.start()
-    try:
-        yield process
-    finally:
-        _stop(process)
 
 
 @asynccontextmanager
@@ -224,7 +205,7 @@ async def test_stream_delivers_live_and_resumes_after_a_relay_restart(relay: Rel
                 await alice.send(bob_address, "live")
                 await live_seen.wait()
                 # The relay goes away and comes back on the same port.
-                await trio.to_thread.run_sync(_stop, relay)
+                await trio.to_thread.run_sync(relay.stop)
                 await trio.to_thread.run_sync(relay.start)
                 await alice.send(bob_address, "after restart")
                 await got.wait()

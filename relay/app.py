@@ -22,7 +22,7 @@ from relay.api.application import Application, problem_response
 from relay.api.http import Request, Response
 from relay.api.routes import Endpoints, well_known
 from relay.config import Config
-from relay.services import ServiceContext, Services, limits_from
+from relay.services import RateSettings, ServiceContext, Services, limits_from
 from relay.store import SQLiteStore
 from relay.transport import Server
 
@@ -95,7 +95,9 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             port: int = await nursery.start(server.serve)
             relay_name = config.name.lower() if config.name else f"{config.listen_host}:{port}"
             limits = limits_from(config)
-            services = Services.build(store, ServiceContext(relay_name=relay_name, limits=limits))
+            services = Services.build(
+                store, ServiceContext(relay_name=relay_name, limits=limits), RateSettings.from_config(config)
+            )
             endpoints = Endpoints(
                 services, well_known(relay_name, bytes(relay_key.verify_key), limits), config.stream_heartbeat_seconds
             )

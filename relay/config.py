@@ -47,6 +47,15 @@ class Config:
     challenge_ttl_seconds: int = 60
     stream_heartbeat_seconds: float = 15.0
     expiry_interval_seconds: float = 60.0
+    # -- abuse limits (token buckets; 0 disables one) -----------------------------------
+    rate_ip_per_second: float = 20.0  # unauthenticated requests (accounts, challenges, sessions) per source IP
+    rate_ip_burst: int = 200
+    rate_device_requests_per_second: float = 200.0  # authenticated requests per device
+    rate_device_requests_burst: int = 2000
+    rate_device_envelopes_per_second: float = 2000.0  # envelopes submitted per device
+    rate_device_envelopes_burst: int = 20_000
+    rate_account_envelopes_per_second: float = 5000.0  # envelopes submitted by all devices of an account
+    rate_account_envelopes_burst: int = 50_000
     # -- transport limits (DESIGN.md §7) ---------------------------------------------
     max_concurrent_streams: int = 100
     max_header_list_bytes: int = 64 * KiB
@@ -156,6 +165,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_frame_bytes: HTTP/2 allows 16384..16777215")
     if config.max_envelope_bytes > config.max_body_bytes:
         raise ConfigError("max_envelope_bytes cannot exceed max_body_bytes")
+    for name in ("rate_device_envelopes_burst", "rate_account_envelopes_burst"):
+        burst = getattr(config, name)
+        if 0 < burst < config.max_batch_envelopes:
+            raise ConfigError(
+                f"{name} ({burst}) must be 0 or at least max_batch_envelopes ({config.max_batch_envelopes})"
+            )
     if config.default_ttl_seconds > config.max_ttl_seconds:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
 

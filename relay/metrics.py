@@ -58,6 +58,9 @@ streams_open = Gauge("relay_inbox_streams_open", "Inbox streams currently open",
 auth_failures_total = Counter(
     "relay_auth_failures_total", "Failed authentications, by code", ["code"], registry=REGISTRY
 )
+rate_limited_total = Counter(
+    "relay_rate_limited_total", "Requests refused by a rate limit, by scope", ["scope"], registry=REGISTRY
+)
 sessions_issued_total = Counter("relay_sessions_issued_total", "Session tokens issued", registry=REGISTRY)
 
 # -- store ---------------------------------------------------------------------------

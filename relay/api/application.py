@@ -102,8 +102,11 @@ class Application:
         default_media = request_media if request.body else codec.JSON
         media_type = codec.negotiate(request.header("accept"), default_media)
         principal = None
+        if route.ip_limited:
+            self.services.abuse.unauthenticated_request(request.client)
         if route.auth:
             principal = await self.services.auth.authenticate(request.header("authorization"))
+            self.services.abuse.device_request(principal.device_id)
         query = parse_query(request.query, route.query)
         call = Call(request, params, query, body, principal, media_type)
         result = await route.endpoint(call)

@@ -40,7 +40,7 @@ from .routing import Call, QueryParam, Route
 AFTER = QueryParam("after", "return envelopes with a cursor greater than this (default 0)")
 LIMIT = QueryParam("limit", "page size (default and maximum: limits.max_page_envelopes)", minimum=1)
 
-AUTH_ERRORS = (E.MISSING_TOKEN, E.INVALID_TOKEN, E.TOKEN_EXPIRED, E.TOKEN_REVOKED)
+AUTH_ERRORS = (E.MISSING_TOKEN, E.INVALID_TOKEN, E.TOKEN_EXPIRED, E.TOKEN_REVOKED, E.RATE_LIMITED)
 BODY_ERRORS = (E.MALFORMED_BODY, E.INVALID_FIELD, E.UNSUPPORTED_MEDIA_TYPE, E.BODY_TOO_LARGE)
 
 
@@ -174,7 +174,8 @@ def build_routes(ep: Endpoints) -> list[Route]:
             body=CreateAccountRequest,
             response=AccountCreated,
             status=201,
-            errors=(*BODY_ERRORS, E.INVALID_DEVICE_LIST, E.BAD_SIGNATURE, E.ACCOUNT_EXISTS),
+            ip_limited=True,
+            errors=(*BODY_ERRORS, E.RATE_LIMITED, E.INVALID_DEVICE_LIST, E.BAD_SIGNATURE, E.ACCOUNT_EXISTS),
             tag="accounts",
         ),
         Route(
@@ -193,7 +194,8 @@ def build_routes(ep: Endpoints) -> list[Route]:
             "Get a single-use challenge for a device",
             body=ChallengeRequest,
             response=Challenge,
-            errors=(*BODY_ERRORS, E.UNKNOWN_DEVICE),
+            ip_limited=True,
+            errors=(*BODY_ERRORS, E.RATE_LIMITED, E.UNKNOWN_DEVICE),
             tag="auth",
         ),
         Route(
@@ -203,8 +205,10 @@ def build_routes(ep: Endpoints) -> list[Route]:
             "Exchange a signed challenge for a bearer token",
             body=SessionRequest,
             response=Session,
+            ip_limited=True,
             errors=(
                 *BODY_ERRORS,
+                E.RATE_LIMITED,
                 E.UNKNOWN_DEVICE,
                 E.CHALLENGE_UNKNOWN,
                 E.CHALLENGE_USED,

@@ -53,6 +53,7 @@ class Route:
     body: type | None = None
     response: type | None = None
     auth: bool = False
+    ip_limited: bool = False  # unauthenticated and costly: rate-limited per source IP
     status: int = 200
     query: tuple[QueryParam, ...] = ()
     errors: tuple[ErrorCode, ...] = ()

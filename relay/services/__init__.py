@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from relay.store import Store
 
+from .abuse import AbuseLimits, RateSettings
 from .accounts import AccountService
 from .auth import AuthService, Principal
 from .context import ServiceContext, limits_from, wall_clock_ms
@@ -20,23 +21,28 @@ class Services:
     accounts: AccountService
     auth: AuthService
     inbox: InboxService
+    abuse: AbuseLimits
 
     @classmethod
-    def build(cls, store: Store, ctx: ServiceContext) -> Services:
+    def build(cls, store: Store, ctx: ServiceContext, rates: RateSettings | None = None) -> Services:
+        abuse = AbuseLimits(rates or RateSettings())
         return cls(
             ctx=ctx,
             accounts=AccountService(store, ctx),
             auth=AuthService(store, ctx),
-            inbox=InboxService(store, ctx, InboxNotifier()),
+            inbox=InboxService(store, ctx, InboxNotifier(), abuse),
+            abuse=abuse,
         )
 
 
 __all__ = [
+    "AbuseLimits",
     "AccountService",
     "AuthService",
     "InboxNotifier",
     "InboxService",
     "Principal",
+    "RateSettings",
     "ServiceContext",
     "Services",
     "StreamChunk",

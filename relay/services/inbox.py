@@ -33,6 +33,7 @@ from protocol.messages import (
 from relay import metrics
 from relay.store import InboxRecord, NewEnvelope, Store
 
+from .abuse import AbuseLimits
 from .auth import Principal
 from .context import ServiceContext
 
@@ -103,17 +104,19 @@ def _to_wire(record: InboxRecord) -> InboxEnvelope:
 
 
 class InboxService:
-    def __init__(self, store: Store, ctx: ServiceContext, notifier: InboxNotifier) -> None:
+    def __init__(self, store: Store, ctx: ServiceContext, notifier: InboxNotifier, abuse: AbuseLimits) -> None:
         self._store = store
         self._ctx = ctx
         self._notifier = notifier
+        self._abuse = abuse
 
     async def send(self, sender: Principal, request: SendRequest) -> SendResponse:
         """Store a batch of envelopes for local devices; durable before it returns.
 
         Raises ``batch_too_large``, ``envelope_too_large``, ``invalid_field``
-        (bad address or TTL), ``remote_recipient``, ``unknown_recipient``,
-        ``idempotency_conflict``, ``inbox_full``. Idempotent per envelope key.
+        (bad address or TTL), ``rate_limited``, ``remote_recipient``,
+        ``unknown_recipient``, ``idempotency_conflict``, ``inbox_full``.
+        Idempotent per envelope key.
         On cancellation the batch may or may not be committed: retry it.
         """
         limits = self._ctx.limits
@@ -121,6 +124,7 @@ class InboxService:
             raise TetherlessError(
                 ErrorCode.BATCH_TOO_LARGE, f"at most {limits.max_batch_envelopes} envelopes per request"
             )
+        self._abuse.envelopes(sender.device_id, sender.account_id, len(request.envelopes))
         now = self._ctx.clock_ms()
         items: list[NewEnvelope] = []
         seen_keys: set[bytes] = set()

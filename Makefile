@@ -6,7 +6,7 @@ DATA   ?= ./data
 LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck contracts check bench clean openapi
+.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ check: lint typecheck contracts test
 
 openapi: $(BIN)/activate
 	$(BIN)/tetherless admin openapi > docs/openapi.json
+
+# Render every chart scenario and kustomize overlay into build/deploy/ (lint + strict schema checks).
+chart: $(BIN)/activate
+	$(BIN)/python -m deploy.render --out build/deploy
+
+# All offline deployment checks: the above, the kubernetes-validate CLI on its output, then tests/deploy.
+validate-deploy: chart
+	$(BIN)/kubernetes-validate --strict --quiet --no-warn build/deploy/*.yaml
+	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 bench: $(BIN)/activate
 	$(BIN)/python -m bench

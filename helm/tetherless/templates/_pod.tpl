@@ -1,0 +1,139 @@
+{{/*
+The pod template shared by the StatefulSet (SQLite) and the Deployment (PostgreSQL).
+
+/data: the PVC "data" (SQLite) or an emptyDir (PostgreSQL). When relayKey.existingSecret
+is set, its key is mounted read-only over /data/relay.key (subPath), where the relay
+reads its Ed25519 key; the relay creates the key itself only when the file is absent.
+*/}}
+{{- define "tetherless.podTemplate" -}}
+{{- $postgresql := include "tetherless.postgresql" . -}}
+{{- $grace := int .Values.terminationGracePeriodSeconds -}}
+{{- if le $grace (add .Values.preStopSleepSeconds .Values.relay.drainTimeoutSeconds | int) -}}
+{{- fail "terminationGracePeriodSeconds must exceed preStopSleepSeconds + relay.drainTimeoutSeconds, or the kubelet kills the relay mid-drain" -}}
+{{- end -}}
+metadata:
+  annotations:
+    checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  labels:
+    {{- include "tetherless.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "tetherless.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ $grace }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: relay
+      image: {{ include "tetherless.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args: ["serve"]
+      ports:
+        - name: http
+          containerPort: {{ .Values.containerPort }}
+          protocol: TCP
+      envFrom:
+        - configMapRef:
+            name: {{ include "tetherless.fullname" . }}
+      {{- if or $postgresql .Values.extraEnv }}
+      env:
+        {{- if $postgresql }}
+        - name: TETHERLESS_DATABASE
+          valueFrom:
+            secretKeyRef:
+              name: {{ .Values.database.existingSecret }}
+              key: {{ .Values.database.existingSecretKey }}
+        {{- end }}
+        {{- with .Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      startupProbe:
+        httpGet:
+          path: /livez
+          port: http
+        periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+        timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
+        failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+      livenessProbe:
+        httpGet:
+          path: /livez
+          port: http
+        periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+        timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+        failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: http
+        periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+        timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+        failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+      {{- if gt (int .Values.preStopSleepSeconds) 0 }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["sleep", {{ .Values.preStopSleepSeconds | toString | quote }}]
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      resources:
+        {{- toYaml .Values.resources | nindent 8 }}
+      volumeMounts:
+        - name: data
+          mountPath: /data
+        - name: tmp
+          mountPath: /tmp
+        {{- if .Values.relayKey.existingSecret }}
+        - name: relay-key
+          mountPath: /data/relay.key
+          subPath: relay.key
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ .Values.tmpSizeLimit }}
+    {{- if or $postgresql (not .Values.persistence.enabled) }}
+    - name: data
+      emptyDir: {}
+    {{- end }}
+    {{- if .Values.relayKey.existingSecret }}
+    - name: relay-key
+      secret:
+        secretName: {{ .Values.relayKey.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ .Values.relayKey.existingSecretKey }}
+            path: relay.key
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

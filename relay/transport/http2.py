@@ -35,6 +35,7 @@ from protocol.errors import ErrorCode
 from relay import metrics
 from relay.api.http import Handler, Request, Response
 from relay.config import Config
+from relay.ratelimit import TokenBucket
 from relay.transport.base import (
     CLOSE_FLUSH_SECONDS,
     HTTP2,
@@ -50,7 +51,6 @@ from relay.transport.base import (
     send_with_stall_timeout,
     split_target,
 )
-from relay.transport.budget import TokenBucket
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -68,6 +68,29 @@ _ERROR_KINDS: Final[tuple[tuple[type[Exception], str], ...]] = (
     (h2.exceptions.TooManyStreamsError, "h2_too_many_streams"),
     (h2.exceptions.StreamClosedError, "h2_stream_closed"),
 )
+
+
+# Frames h2 writes by itself while it reads (RFC 9113 §4.1 header: length, type, flags, stream id).
+_FRAME_HEADER_BYTES: Final = 9
+_RST_STREAM: Final = 0x3
+_SETTINGS: Final = 0x4
+_PING: Final = 0x6
+_ACK: Final = 0x1
+
+
+def _count_replies(data: bytes) -> tuple[int, int]:
+    """(PING/SETTINGS acknowledgements, RST_STREAM frames) in bytes h2 queued, which are whole frames."""
+    control = resets = 0
+    offset = 0
+    while offset + _FRAME_HEADER_BYTES <= len(data):
+        length = int.from_bytes(data[offset : offset + 3], "big")
+        frame_type, flags = data[offset + 3], data[offset + 4]
+        if frame_type == _RST_STREAM:
+            resets += 1
+        elif frame_type in (_SETTINGS, _PING) and flags & _ACK:
+            control += 1
+        offset += _FRAME_HEADER_BYTES + length
+    return control, resets
 
 
 class _StreamGoneError(Exception):
@@ -141,6 +164,8 @@ class HTTP2Connection:
         self._goaway_last_stream_id = 0
         self._control_budget = TokenBucket.per_connection(config.control_frame_budget)
         self._reset_budget = TokenBucket.per_connection(config.reset_budget)
+        self._free_settings_acks = 1  # the ACK of the peer's preface SETTINGS costs no budget
+        self._header_block_started: float | None = None
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -272,9 +297,21 @@ class HTTP2Connection:
         return self.buffered_bytes < self._config.send_buffer_bytes
 
     # -- reading -------------------------------------------------------------------
+    def _header_block_pending(self) -> bool:
+        # h2 holds a HEADERS frame and its CONTINUATIONs here until END_HEADERS;
+        # it has no public way to ask. A missing attribute reads as "none pending".
+        return bool(getattr(self._conn.incoming_buffer, "_headers_buffer", None))
+
     def _read_deadline(self) -> float:
         if not self._settings_received:
             return self._started_at + self._config.header_timeout_seconds
+        if self._header_block_pending():
+            # A header block dribbled one CONTINUATION at a time (slowloris)
+            # must complete within the header timeout, whatever else arrives.
+            if self._header_block_started is None:
+                self._header_block_started = trio.current_time()
+            return self._header_block_started + self._config.header_timeout_seconds
+        self._header_block_started = None
         if not self._streams:
             return trio.current_time() + self._config.idle_timeout_seconds
         return math.inf
@@ -312,6 +349,9 @@ class HTTP2Connection:
         if not self._settings_received:
             metrics.protocol_errors_total.labels(kind="header_timeout").inc()
             self._close(None, "no preface/SETTINGS within header timeout")
+        elif self._header_block_pending():
+            metrics.protocol_errors_total.labels(kind="header_timeout").inc()
+            self._close(ErrorCodes.NO_ERROR, "header block incomplete within header timeout")
         else:
             self._close(ErrorCodes.NO_ERROR, "idle timeout")
 
@@ -329,6 +369,8 @@ class HTTP2Connection:
             logger.debug("h2 rejected input from %s", self._client, exc_info=True)
             metrics.protocol_errors_total.labels(kind="h2_protocol").inc()
             self._close(ErrorCodes.PROTOCOL_ERROR, f"h2 failed: {exc!r}")
+            return
+        if not self._spend_replies(self._conn.data_to_send()):
             return
         for event in events:
             self._on_event(event, nursery)
@@ -351,15 +393,12 @@ class HTTP2Connection:
         elif isinstance(event, h2.events.WindowUpdated):
             self._progress_lot.unpark_all()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            # The first SETTINGS is part of the preface and free; later ones count.
-            if self._settings_received:
-                self._spend_control()
+            # Its ACK was counted by _spend_replies.
             self._settings_received = True
             self._progress_lot.unpark_all()  # INITIAL_WINDOW_SIZE may have grown
         elif isinstance(
             event,
-            h2.events.PingReceived
-            | h2.events.PingAckReceived
+            h2.events.PingAckReceived
             | h2.events.PriorityUpdated
             | h2.events.SettingsAcknowledged
             | h2.events.UnknownFrameReceived,
@@ -368,6 +407,34 @@ class HTTP2Connection:
         elif isinstance(event, h2.events.ConnectionTerminated):
             # h2 refuses to send after the peer's GOAWAY, so in-flight streams cannot finish.
             self._close(None, f"peer GOAWAY {event.error_code!r}")
+
+    def _spend_replies(self, replies: bytes) -> bool:
+        """Charge the frames h2 queued by itself while reading, then queue them; False if that closed us.
+
+        h2 answers every PING and SETTINGS and resets streams on protocol
+        errors (a WINDOW_UPDATE overflow, DATA after END_STREAM, any frame
+        on a stream it reset: MadeYouReset, CVE-2025-8671) inside
+        ``receive_data``, for a whole read's worth of frames at once. Those
+        replies are counted here, before any is queued, so a flood gets
+        GOAWAY(ENHANCE_YOUR_CALM) and never more than a budget of replies.
+        """
+        if not replies:
+            return True
+        control, resets = _count_replies(replies)
+        free = min(control, self._free_settings_acks)
+        self._free_settings_acks -= free
+        control -= free
+        if control and not self._control_budget.take(control):
+            metrics.protocol_errors_total.labels(kind="control_frame_budget").inc()
+            self._close(ErrorCodes.ENHANCE_YOUR_CALM, "control frame budget exhausted")
+            return False
+        if resets and not self._reset_budget.take(resets):
+            metrics.protocol_errors_total.labels(kind="reset_budget").inc()
+            self._close(ErrorCodes.ENHANCE_YOUR_CALM, "reset budget exhausted")
+            return False
+        self._out += replies
+        self._writer_lot.unpark_all()
+        return True
 
     def _spend_control(self) -> None:
         if not self._control_budget.take():
@@ -584,6 +651,7 @@ class HTTP2Connection:
         """
         view = memoryview(data)
         sent = 0
+        window_closed_since: float | None = None
         while True:
             if stream.gone or self._closing:
                 raise _StreamGoneError
@@ -598,7 +666,23 @@ class HTTP2Connection:
                 window = self._conn.local_flow_control_window(stream.stream_id)
             except h2.exceptions.ProtocolError:
                 raise _StreamGoneError from None
-            if window <= 0 or not self._has_send_room():
+            if window <= 0:
+                # The peer opens no window (INITIAL_WINDOW_SIZE 0, no
+                # WINDOW_UPDATE): give up on the stream after the idle
+                # timeout, or it and its response would be held forever.
+                now = trio.current_time()
+                window_closed_since = now if window_closed_since is None else window_closed_since
+                give_up_at = window_closed_since + self._config.idle_timeout_seconds
+                if now >= give_up_at:
+                    metrics.protocol_errors_total.labels(kind="flow_control_stall").inc()
+                    stream.gone = True
+                    self._reset(stream.stream_id, ErrorCodes.CANCEL)
+                    raise _StreamGoneError
+                with trio.move_on_at(give_up_at):
+                    await self._progress_lot.park()
+                continue
+            window_closed_since = None
+            if not self._has_send_room():
                 await self._progress_lot.park()
                 continue
             size = min(window, self._conn.max_outbound_frame_size, remaining)

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 import relay.transport
+from relay.ratelimit import TokenBucket
 from relay.transport import Server, TransportStatistics
-from relay.transport.budget import TokenBucket
 from tests.relay.transport.transport_testing import (
     App,
     H2Client,

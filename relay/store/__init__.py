@@ -7,11 +7,16 @@ from .base import (
     ExpiryReport,
     InboxRecord,
     NewEnvelope,
+    OutboxRecord,
+    PeerState,
+    ReceivedEnvelope,
+    ReceivedOutcome,
     SessionRecord,
     Store,
     StoredEnvelope,
     StoreUnavailableError,
 )
+from .postgres import PostgresStore, is_postgres_url, redact_url
 from .sqlite import SQLiteStore
 
 __all__ = [
@@ -21,9 +26,16 @@ __all__ = [
     "ExpiryReport",
     "InboxRecord",
     "NewEnvelope",
+    "OutboxRecord",
+    "PeerState",
+    "PostgresStore",
+    "ReceivedEnvelope",
+    "ReceivedOutcome",
     "SQLiteStore",
     "SessionRecord",
     "Store",
     "StoreUnavailableError",
     "StoredEnvelope",
+    "is_postgres_url",
+    "redact_url",
 ]

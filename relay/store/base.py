@@ -16,9 +16,11 @@ Contract shared by all implementations (one contract test suite checks it):
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import trio
 
 
 class StoreUnavailableError(Exception):
@@ -67,6 +69,9 @@ class NewEnvelope:
     envelope_id: bytes
     expires_at_ms: int
     ciphertext: bytes
+    # Non-empty: the recipient lives on that relay; the envelope goes to the
+    # federation outbox for it (same transaction), not to a local inbox.
+    remote_relay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,57 @@ class ExpiryReport:
     challenges: int
     sessions: int
     idempotency_keys: int
+    federation: int = 0  # expired outbox envelopes, dedup ids and signature nonces
+
+
+# -- federation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One envelope waiting in the federation outbox for ``peer``; ``seq`` orders and names it."""
+
+    seq: int
+    peer: str
+    envelope_id: bytes
+    recipient: str  # full address on the peer
+    sent_at_ms: int
+    expires_at_ms: int
+    ciphertext: bytes
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """Delivery state of one peer relay (``queued``: envelopes in its outbox)."""
+
+    peer: str
+    queued: int
+    failures: int
+    next_attempt_at_ms: int
+    last_attempt_at_ms: int | None
+    last_success_at_ms: int | None
+    last_error: str
+    delivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEnvelope:
+    """An envelope another relay delivered; (origin, ``origin_envelope_id``) deduplicates it."""
+
+    origin_envelope_id: bytes
+    recipient_device: str
+    recipient_account: str
+    envelope_id: bytes  # the local id (fresh: a peer cannot choose ids of our envelopes)
+    expires_at_ms: int
+    ciphertext: bytes
+
+
+class ReceivedOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    INBOX_FULL = "inbox_full"
 
 
 class Store(Protocol):
@@ -151,6 +207,59 @@ class Store(Protocol):
     async def expire(self, now_ms: int) -> ExpiryReport:
         """Delete everything past its expiry."""
 
+    async def watch_inbox_commits(
+        self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``notify(device_id)`` in the trio thread after inbox commits made by *any* process; until cancelled.
+
+        For stores shared by several relay processes (PostgreSQL) this is how a
+        replica learns about envelopes sent through another one. Best effort:
+        a wake-up may be lost (e.g. while reconnecting), so readers must also
+        poll. ``task_status.started()`` is called once watching has begun.
+        Cancellation stops watching; raises ``StoreUnavailableError`` if closed.
+        """
+
+    # -- federation: sending side (outbox rows are written by store_envelopes) ------------
+
+    async def federation_due_peers(self, now_ms: int) -> list[PeerState]:
+        """Every peer with envelopes in its outbox, and whether due (``next_attempt_at_ms`` <= now)."""
+
+    async def federation_outbox_batch(self, peer: str, now_ms: int, limit: int) -> list[OutboxRecord]:
+        """Up to ``limit`` unexpired outbox envelopes for ``peer`` that may be tried now, oldest first."""
+
+    async def federation_outbox_settle(
+        self, peer: str, done: Sequence[int], deferred: Sequence[int], deferred_until_ms: int, now_ms: int
+    ) -> None:
+        """After an answered delivery: delete ``done`` seqs, hold ``deferred`` ones until the given time,
+        and mark the peer healthy (failures reset). Idempotent."""
+
+    async def federation_peer_failed(
+        self, peer: str, error: str, failures: int, next_attempt_at_ms: int, now_ms: int
+    ) -> None:
+        """Record a failed delivery attempt: nothing is sent to ``peer`` before ``next_attempt_at_ms``."""
+
+    async def federation_peer_states(self) -> list[PeerState]:
+        """State of every known peer (with an outbox or a delivery history), by name."""
+
+    async def federation_retry_now(self, peer: str | None) -> int:
+        """Make ``peer`` (None: every peer) and its held envelopes due at once; returns peers affected."""
+
+    # -- federation: receiving side -----------------------------------------------------
+
+    async def federation_remember_nonce(self, origin: str, nonce: str, forget_at_ms: int) -> bool:
+        """Remember a signature nonce of ``origin``; False if it was already remembered (a replay)."""
+
+    async def federation_store_received(
+        self, origin: str, envelopes: Sequence[ReceivedEnvelope], now_ms: int, max_inbox: int, forget_at_ms: int
+    ) -> list[tuple[ReceivedOutcome, str]]:
+        """Store envelopes delivered by ``origin`` in one transaction; (outcome, recipient device) each.
+
+        Never raises for one envelope's problem: an unknown or revoked recipient
+        is ``UNKNOWN_RECIPIENT``, a full inbox ``INBOX_FULL`` (both store
+        nothing for that envelope), an (origin, id) seen before ``DUPLICATE``.
+        Ids are remembered until ``forget_at_ms``.
+        """
+
     async def close(self) -> None:
         """Finish pending writes and close. Idempotent."""
 
@@ -162,6 +271,10 @@ __all__: Sequence[str] = (
     "ExpiryReport",
     "InboxRecord",
     "NewEnvelope",
+    "OutboxRecord",
+    "PeerState",
+    "ReceivedEnvelope",
+    "ReceivedOutcome",
     "SessionRecord",
     "Store",
     "StoreUnavailableError",

@@ -1,28 +1,40 @@
-"""The Store contract, run against every backend (SQLite now; PostgreSQL joins the parametrisation)."""
+"""The Store contract, run against every backend: SQLite and PostgreSQL (one fresh database per test)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
 from protocol.errors import ErrorCode, TetherlessError
-from relay.store import ChallengeOutcome, DeviceRecord, NewEnvelope, SQLiteStore, Store
+from relay.store import ChallengeOutcome, DeviceRecord, NewEnvelope, PostgresStore, SQLiteStore, Store
+from tests.relay.store.postgres_db import fresh_database
 
 MAX_INBOX = 100
 FOREVER = 2**62
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgres"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    url: str = ""  # PostgreSQL: the test's own database
 
 
 @asynccontextmanager
-async def open_store(backend: str, tmp_path: Path) -> AsyncIterator[Store]:
-    assert backend == "sqlite"
-    store = await SQLiteStore.open(tmp_path)
+async def open_store(backend: Backend, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store on the test's database; a second call opens a second instance on the same database."""
+    store: Store
+    if backend.name == "postgres":
+        store = await PostgresStore.open(backend.url, pool_min=1, pool_max=4)
+    else:
+        store = await SQLiteStore.open(tmp_path)
     try:
         yield store
     finally:
@@ -57,14 +69,18 @@ async def with_devices(store: Store, *devices: DeviceRecord) -> None:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "postgres":
+        with fresh_database() as url:
+            yield Backend("postgres", url)
+    else:
+        yield Backend("sqlite")
 
 
 Test = Callable[[Store], object]
 
 
-async def test_account_create_and_duplicate(backend: str, tmp_path: Path) -> None:
+async def test_account_create_and_duplicate(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         dev = device(1)
         await store.create_account(dev.account_id, dev, b"signed-list", 5)
@@ -80,7 +96,7 @@ async def test_account_create_and_duplicate(backend: str, tmp_path: Path) -> Non
         assert await store.get_device_lists(dev.account_id) == [b"signed-list"]
 
 
-async def test_challenge_is_single_use_and_expires(backend: str, tmp_path: Path) -> None:
+async def test_challenge_is_single_use_and_expires(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         await store.put_challenge(b"n" * 32, "dev", expires_at_ms=100)
         await store.put_challenge(b"m" * 32, "dev", expires_at_ms=100)
@@ -93,7 +109,7 @@ async def test_challenge_is_single_use_and_expires(backend: str, tmp_path: Path)
         assert (await store.consume_challenge(b"x" * 32, "dev", 10)).outcome is ChallengeOutcome.UNKNOWN
 
 
-async def test_sessions_revoke_one_or_all(backend: str, tmp_path: Path) -> None:
+async def test_sessions_revoke_one_or_all(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         for token in (b"t1", b"t2", b"t3"):
             await store.create_session(token, "dev", "acct", 1, 1000)
@@ -111,7 +127,7 @@ async def test_sessions_revoke_one_or_all(backend: str, tmp_path: Path) -> None:
         assert await store.get_session(b"nope") is None
 
 
-async def test_batch_is_atomic_and_ordered(backend: str, tmp_path: Path) -> None:
+async def test_batch_is_atomic_and_ordered(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         a, b = device(1, "a" * 32), device(2, "b" * 32)
         await with_devices(store, a, b)
@@ -131,7 +147,7 @@ async def test_batch_is_atomic_and_ordered(backend: str, tmp_path: Path) -> None
         assert len(set(cursors)) == 6
 
 
-async def test_idempotency_duplicate_and_conflict(backend: str, tmp_path: Path) -> None:
+async def test_idempotency_duplicate_and_conflict(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         a = device(1)
         await with_devices(store, a)
@@ -149,7 +165,7 @@ async def test_idempotency_duplicate_and_conflict(backend: str, tmp_path: Path) 
         assert info.value.code is ErrorCode.IDEMPOTENCY_CONFLICT
 
 
-async def test_quota_and_ack_and_expiry(backend: str, tmp_path: Path) -> None:
+async def test_quota_and_ack_and_expiry(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         a = device(1)
         await with_devices(store, a)
@@ -172,7 +188,7 @@ async def test_quota_and_ack_and_expiry(backend: str, tmp_path: Path) -> None:
         assert await store.acknowledge(a.device_id, None, [remaining[0].envelope_id]) == 0
 
 
-async def test_cursor_never_reused_after_deleting_newest(backend: str, tmp_path: Path) -> None:
+async def test_cursor_never_reused_after_deleting_newest(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         a = device(1)
         await with_devices(store, a)
@@ -183,7 +199,7 @@ async def test_cursor_never_reused_after_deleting_newest(backend: str, tmp_path:
         assert (await store.read_inbox(a.device_id, 0, 10, 0))[0].cursor > newest
 
 
-async def test_concurrent_writers_group_commit(backend: str, tmp_path: Path) -> None:
+async def test_concurrent_writers_group_commit(backend: Backend, tmp_path: Path) -> None:
     async with open_store(backend, tmp_path) as store:
         a = device(1)
         await with_devices(store, a)
@@ -197,10 +213,133 @@ async def test_concurrent_writers_group_commit(backend: str, tmp_path: Path) -> 
         assert len(await store.read_inbox(a.device_id, 0, 1000, 0)) == 200
 
 
-async def test_closed_store_is_unavailable(backend: str, tmp_path: Path) -> None:
+async def test_closed_store_is_unavailable(backend: Backend, tmp_path: Path) -> None:
     from relay.store import StoreUnavailableError
 
     async with open_store(backend, tmp_path) as store:
         pass
     with pytest.raises(StoreUnavailableError):
         await store.get_device("x")
+
+
+async def test_unstorable_ids_are_simply_unknown(backend: Backend, tmp_path: Path) -> None:
+    async with open_store(backend, tmp_path) as store:
+        assert await store.get_device("a\x00b") is None
+        assert await store.get_device_lists("a\x00b") is None
+        assert (await store.consume_challenge(b"n" * 32, "a\x00b", 1)).outcome is ChallengeOutcome.UNKNOWN
+        assert await store.read_inbox("x", 2**63 - 1, 10, 0) == []  # the API caps cursors at 2**63 - 1
+        assert await store.acknowledge("x", 2**63 - 1, []) == 0
+
+
+# -- several store instances on one database (several relay processes) ------------------------
+
+
+async def test_two_instances_readers_never_skip_and_cursors_follow_commit_order(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Writers on two instances race into one inbox while a reader pages from its cursor: it sees every envelope."""
+    async with open_store(backend, tmp_path) as one, open_store(backend, tmp_path) as two:
+        a = device(1)
+        await with_devices(one, a)
+        total = 120
+        seen: list[int] = []
+        done = trio.Event()
+
+        async def send(store: Store, i: int) -> None:
+            await store.store_envelopes(f"s{i % 3}", [envelope(a, b"r%07d" % i)], i, 10_000, FOREVER)
+
+        async def read() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                records = await two.read_inbox(a.device_id, cursor, 1000, 0)
+                seen.extend(r.cursor for r in records)
+                if records:
+                    cursor = records[-1].cursor
+                elif finished:
+                    return
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read)
+            async with trio.open_nursery() as writers:
+                for i in range(total):
+                    writers.start_soon(send, one if i % 2 else two, i)
+            done.set()
+        assert len(seen) == total, f"the reader skipped {total - len(seen)} envelopes"
+        assert seen == sorted(seen)
+        assert len(set(seen)) == total
+
+
+async def test_two_instances_concurrent_identical_retries_store_once(backend: Backend, tmp_path: Path) -> None:
+    async with open_store(backend, tmp_path) as one, open_store(backend, tmp_path) as two:
+        a, b = device(1, "a" * 32), device(2, "b" * 32)
+        await with_devices(one, a, b)
+        batch = [envelope(a, b"same-key-1"), envelope(b, b"same-key-2")]
+        results = []
+
+        async def retry(store: Store) -> None:
+            results.append(await store.store_envelopes("s", batch, 5, MAX_INBOX, FOREVER))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(retry, one if i % 2 else two)
+        assert sum(not r.duplicate for result in results for r in result) == 2
+        assert {tuple(r.envelope_id for r in result) for result in results} == {tuple(e.envelope_id for e in batch)}
+        assert len(await one.read_inbox(a.device_id, 0, 100, 0)) == 1
+        assert len(await two.read_inbox(b.device_id, 0, 100, 0)) == 1
+
+
+async def test_two_instances_racing_writers_respect_the_quota(backend: Backend, tmp_path: Path) -> None:
+    async with open_store(backend, tmp_path) as one, open_store(backend, tmp_path) as two:
+        a = device(1)
+        await with_devices(one, a)
+        outcomes: list[str] = []
+
+        async def send(store: Store, i: int) -> None:
+            try:
+                await store.store_envelopes("s", [envelope(a, b"quota%04d" % i)], i, 10, FOREVER)
+            except TetherlessError as exc:
+                outcomes.append(str(exc.code))
+            else:
+                outcomes.append("ok")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(send, one if i % 2 else two, i)
+        assert outcomes.count("ok") == 10
+        assert outcomes.count(str(ErrorCode.INBOX_FULL)) == 30
+        assert len(await one.read_inbox(a.device_id, 0, 100, 0)) == 10
+
+
+async def test_watch_inbox_commits_sees_commits_of_another_instance(backend: Backend, tmp_path: Path) -> None:
+    async with open_store(backend, tmp_path) as one, open_store(backend, tmp_path) as two:
+        a = device(1)
+        await with_devices(one, a)
+        woken: list[str] = []
+        arrived = trio.Event()
+
+        def notify(device_id: str) -> None:
+            woken.append(device_id)
+            arrived.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(one.watch_inbox_commits, notify)
+            await two.store_envelopes("s", [envelope(a, b"wake0001")], 1, MAX_INBOX, FOREVER)
+            if backend.name == "sqlite":
+                # One process owns a SQLite relay: it wakes its own streams, the watch only sleeps.
+                await trio.sleep(0.2)
+                assert woken == []
+            else:
+                with trio.fail_after(5):
+                    await arrived.wait()
+                assert woken == [a.device_id]
+                # A rolled-back batch notifies nobody.
+                woken.clear()
+                with pytest.raises(TetherlessError):
+                    await two.store_envelopes(
+                        "s", [envelope(a, b"wake0002"), envelope(device(9), b"wake0003")], 2, MAX_INBOX, FOREVER
+                    )
+                await trio.sleep(0.5)
+                assert woken == []
+            nursery.cancel_scope.cancel()

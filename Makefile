@@ -6,7 +6,7 @@ DATA   ?= ./data
 LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy
+.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy fuzz crash-test
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ validate-deploy: chart
 
 bench: $(BIN)/activate
 	$(BIN)/python -m bench
+
+# Long fuzzing runs: hypothesis decoders + schemathesis with FUZZ_EXAMPLES each, then atheris if installed.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 300
+fuzz: $(BIN)/activate
+	TETHERLESS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -o timeout=0 -q
+	if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+		$(BIN)/python -m tests.fuzz.atheris_decoders -max_total_time=$(FUZZ_SECONDS); fi
+
+# Jepsen-style crash checker: CRASH_CYCLES SIGKILL/restart cycles under concurrent sends.
+CRASH_CYCLES ?= 100
+crash-test: $(BIN)/activate
+	$(BIN)/python -m tests.jepsen.crash_checker --cycles $(CRASH_CYCLES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

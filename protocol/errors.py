@@ -48,6 +48,15 @@ class ErrorCode(enum.StrEnum):
     REMOTE_RECIPIENT = "remote_recipient"  # recipient lives on another relay; federation not enabled
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # key reused with a different envelope
     INBOX_FULL = "inbox_full"  # recipient's inbox quota reached
+    # -- federation (relay to relay; docs/federation.md) --------------------------
+    SIGNATURE_MISSING = "signature_missing"  # federation request without a Tetherless HTTP message signature
+    SIGNATURE_EXPIRED = "signature_expired"  # signature created/expires outside the freshness window
+    SIGNATURE_REPLAYED = "signature_replayed"  # signature nonce already seen from this origin
+    WRONG_DESTINATION = "wrong_destination"  # the request is addressed to another relay
+    DIGEST_MISMATCH = "digest_mismatch"  # Content-Digest missing, malformed, or not the body's
+    UNKNOWN_RELAY_KEY = "unknown_relay_key"  # keyid not among the origin's published, unexpired keys
+    PEER_FORBIDDEN = "peer_forbidden"  # federation with that relay is not allowed by policy
+    PEER_UNAVAILABLE = "peer_unavailable"  # the other relay cannot be reached or answered garbage
     # -- server ---------------------------------------------------------------
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"  # draining or store not ready; retry elsewhere/later
@@ -85,6 +94,14 @@ STATUS: Final[dict[ErrorCode, int]] = {
     E.REMOTE_RECIPIENT: 422,
     E.IDEMPOTENCY_CONFLICT: 409,
     E.INBOX_FULL: 507,
+    E.SIGNATURE_MISSING: 401,
+    E.SIGNATURE_EXPIRED: 401,
+    E.SIGNATURE_REPLAYED: 401,
+    E.WRONG_DESTINATION: 421,
+    E.DIGEST_MISMATCH: 400,
+    E.UNKNOWN_RELAY_KEY: 401,
+    E.PEER_FORBIDDEN: 403,
+    E.PEER_UNAVAILABLE: 502,
     E.RATE_LIMITED: 429,
     E.UNAVAILABLE: 503,
     E.INTERNAL: 500,

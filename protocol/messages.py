@@ -8,7 +8,7 @@ that breaks them. Times are integer milliseconds since the Unix epoch
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -51,12 +51,21 @@ class Limits(Message, frozen=True):
     challenge_ttl_seconds: int
 
 
+class RelayKey(Message, frozen=True):
+    """A relay signing key as published for federation; ``valid_until_ms`` is set on a retired key."""
+
+    key_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    public_key: PublicKey
+    valid_until_ms: Millis | None = None
+
+
 class WellKnown(Message, frozen=True):
     relay: str
     relay_key: PublicKey
     api_versions: list[str]
     limits: Limits
     federation_endpoint: str | None = None
+    relay_keys: list[RelayKey] = msgspec.field(default_factory=list)
 
 
 # -- accounts and devices ---------------------------------------------------------
@@ -215,6 +224,40 @@ class Health(Message, frozen=True):
     status: str
 
 
+# -- federation (relay to relay; docs/federation.md) -------------------------------------------
+
+
+class FederatedEnvelope(Message, frozen=True):
+    """One envelope as the sender's relay forwards it; ``id`` is the origin's envelope id (dedup key)."""
+
+    id: EnvelopeId
+    recipient: AddressText
+    sent_at_ms: Millis
+    expires_at_ms: Millis
+    ciphertext: Annotated[bytes, Meta(min_length=1)]
+
+
+class DeliverRequest(Message, frozen=True):
+    """``POST /federation/v1/deliver``, signed by the origin relay."""
+
+    envelopes: Annotated[list[FederatedEnvelope], Meta(min_length=1)]
+
+
+DeliveryOutcome = Literal["stored", "duplicate", "rejected", "deferred"]
+
+
+class DeliveryResult(Message, frozen=True):
+    """``stored``/``duplicate``: done; ``rejected``: never retry (``code`` says why); ``deferred``: retry later."""
+
+    id: EnvelopeId
+    outcome: DeliveryOutcome
+    code: str = ""
+
+
+class DeliverResponse(Message, frozen=True):
+    results: list[DeliveryResult]
+
+
 ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Limits,
     WellKnown,
@@ -241,4 +284,9 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     AckRequest,
     AckResponse,
     Health,
+    RelayKey,
+    FederatedEnvelope,
+    DeliverRequest,
+    DeliveryResult,
+    DeliverResponse,
 )

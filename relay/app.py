@@ -9,7 +9,6 @@ finish, streams end), background tasks stop, the store closes.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +21,14 @@ from relay.api.application import Application, problem_response
 from relay.api.http import Request, Response
 from relay.api.routes import Endpoints, well_known
 from relay.config import Config
-from relay.services import RateSettings, ServiceContext, Services, limits_from
-from relay.store import SQLiteStore
+from relay.relay_keys import load_keyring, load_or_create_signing_key
+from relay.services import FederationSettings, RateSettings, ServiceContext, Services, limits_from, wall_clock_ms
+from relay.services.federation import PREFIX as FEDERATION_PREFIX
+from relay.store import PostgresStore, SQLiteStore, Store, StoreUnavailableError, redact_url
 from relay.transport import Server
+from relay.transport.outbound import OutboundClient
 
 log = logging.getLogger("relay.app")
-RELAY_KEY_FILE = "relay.key"
 
 
 class Switchboard:
@@ -42,30 +43,10 @@ class Switchboard:
         return await self.application(request)
 
 
-def load_or_create_relay_key(data_dir: Path) -> nacl.signing.SigningKey:
-    """The relay's Ed25519 key, created (owner-only) on first start."""
-    path = data_dir / RELAY_KEY_FILE
-    if path.exists():
-        seed = path.read_bytes()
-        if len(seed) != 32:
-            raise SystemExit(f"{path}: not a relay key (expected 32 bytes)")
-        return nacl.signing.SigningKey(seed)
-    key = nacl.signing.SigningKey.generate()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, bytes(key))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return key
-
-
 def prepare_data_dir(data_dir: Path) -> nacl.signing.SigningKey:
     """Create the data directory (owner-only) and return the relay key."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return load_or_create_relay_key(data_dir)
+    return load_or_create_signing_key(data_dir)
 
 
 def base_url(config: Config, port: int) -> str:
@@ -75,6 +56,23 @@ def base_url(config: Config, port: int) -> str:
     return f"{'https' if config.tls else 'http'}://{host}:{port}"
 
 
+async def open_store(config: Config, data_dir: Path) -> Store:
+    """PostgreSQL when ``config.database`` is set, else SQLite in ``data_dir``; migrated. Exits if unusable."""
+    if config.database:
+        try:
+            store: Store = await PostgresStore.open(config.database)
+        except StoreUnavailableError as exc:  # its message carries no password
+            raise SystemExit(f"tetherless: error: {exc}") from None
+        log.info("store: PostgreSQL at %s", redact_url(config.database))
+        return store
+    return await SQLiteStore.open(
+        data_dir,
+        cache_mib=config.sqlite_cache_mib,
+        readers=config.sqlite_readers,
+        group_commit_max_ops=config.group_commit_max_ops,
+    )
+
+
 async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return.
 
@@ -82,12 +80,9 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     """
     data_dir = Path(config.data)
     relay_key = await trio.to_thread.run_sync(prepare_data_dir, data_dir)
-    store = await SQLiteStore.open(
-        data_dir,
-        cache_mib=config.sqlite_cache_mib,
-        readers=config.sqlite_readers,
-        group_commit_max_ops=config.group_commit_max_ops,
-    )
+    keyring = await trio.to_thread.run_sync(load_keyring, data_dir, wall_clock_ms())
+    outbound = OutboundClient()
+    store = await open_store(config, data_dir)
     switchboard = Switchboard()
     server = Server(config, switchboard)
     try:
@@ -96,14 +91,28 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             relay_name = config.name.lower() if config.name else f"{config.listen_host}:{port}"
             limits = limits_from(config)
             services = Services.build(
-                store, ServiceContext(relay_name=relay_name, limits=limits), RateSettings.from_config(config)
+                store,
+                ServiceContext(relay_name=relay_name, limits=limits),
+                RateSettings.from_config(config),
+                federation=FederationSettings.from_config(config),
+                keyring=keyring,
+                peer_transport=outbound,
             )
-            endpoints = Endpoints(
-                services, well_known(relay_name, bytes(relay_key.verify_key), limits), config.stream_heartbeat_seconds
+            discovery = well_known(
+                relay_name,
+                bytes(relay_key.verify_key),
+                limits,
+                relay_keys=keyring.published,
+                federation_endpoint=FEDERATION_PREFIX if services.federation.enabled else None,
             )
+            endpoints = Endpoints(services, discovery, config.stream_heartbeat_seconds)
             application = Application(services, endpoints)
             switchboard.application = application
             nursery.start_soon(services.inbox.run_expiry, config.expiry_interval_seconds)
+            # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).
+            await nursery.start(store.watch_inbox_commits, services.inbox.notifier.notify)
+            if services.federation.enabled:
+                await nursery.start(services.federation.run_delivery)
             application.ready = True
             on_ready(base_url(config, port), relay_name)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -114,5 +123,6 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             await server.drain()
             nursery.cancel_scope.cancel()
     finally:
+        await outbound.aclose()
         await store.close()
         log.info("stopped")

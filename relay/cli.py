@@ -19,6 +19,7 @@ import trio
 from protocol.client.commands import register_commands
 from relay import config as config_mod
 from relay import logs
+from relay.federation_admin import register_federation_admin
 
 SERVE_FLAGS = {
     "data": ("--data", "directory for the database and relay key (default ./data)"),
@@ -28,6 +29,8 @@ SERVE_FLAGS = {
     "tls_key": ("--tls-key", "PEM private key for --tls-cert"),
     "log_format": ("--log-format", "text or json"),
     "log_level": ("--log-level", "debug, info, warning or error"),
+    "federation": ("--federation", "open, allowlist or off (default open)"),
+    "database": ("--database", "postgresql://USER:PASSWORD@HOST/DB: serve from PostgreSQL (default: SQLite in --data)"),
 }
 
 
@@ -35,10 +38,23 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file (also TETHERLESS_CONFIG)")
     for dest, (flag, help_text) in SERVE_FLAGS.items():
         parser.add_argument(flag, dest=dest, default=None, help=help_text)
+    parser.add_argument(
+        "--peer",
+        dest="peers",
+        action="append",
+        metavar="NAME=URL",
+        help="static federation resolver entry, e.g. relay-b.example=https://10.0.0.7:8443 (repeatable)",
+    )
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, object]:
+    flags: dict[str, object] = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
+    flags["peers"] = ",".join(args.peers) if args.peers else None
+    return flags
 
 
 def _load_config(args: argparse.Namespace) -> config_mod.Config:
-    flags = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
+    flags = _flag_values(args)
     try:
         config, _ = config_mod.load(flags, file=args.config)
     except config_mod.ConfigError as exc:
@@ -64,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    flags = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
+    flags = _flag_values(args)
     try:
         config, sources = config_mod.load(flags, file=args.config)
     except config_mod.ConfigError as exc:
@@ -72,14 +88,24 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         return 1
     width = max(len(name) for name in sources)
     for name, source in sources.items():
-        print(f"{name:<{width}}  {getattr(config, name)!r:<24}  ({source})")
+        value = getattr(config, name)
+        if name == "database":
+            from relay.store import redact_url
+
+            value = redact_url(value)
+        print(f"{name:<{width}}  {value!r:<24}  ({source})")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from relay.store.sqlite import DB_FILE, migrate
 
+    if args.database:
+        return _migrate_postgres(args.database)
     path = Path(args.data) / DB_FILE
+    if args.to and not path.exists():
+        print(f"tetherless: error: no relay database at {path}", file=sys.stderr)
+        return 1
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -87,6 +113,41 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"applied migrations {applied}" if applied else "schema is up to date")
+    if args.to:
+        return _copy_to_postgres(path, args.to)
+    return 0
+
+
+def _migrate_postgres(url: str) -> int:
+    from relay.store import StoreUnavailableError, redact_url
+    from relay.store.postgres import migrate_url
+
+    try:
+        applied = migrate_url(url)
+    except StoreUnavailableError as exc:
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{redact_url(url)}: " + (f"applied migrations {applied}" if applied else "schema is up to date"))
+    return 0
+
+
+def _copy_to_postgres(path: Path, url: str) -> int:
+    from relay.store import StoreUnavailableError, is_postgres_url, redact_url
+    from relay.store.postgres import MigrationError, copy_from_sqlite
+
+    if not is_postgres_url(url):
+        print("tetherless: error: --to expects a postgresql:// URL", file=sys.stderr)
+        return 2
+    try:
+        report = copy_from_sqlite(path, url)
+    except (MigrationError, StoreUnavailableError) as exc:
+        print(f"tetherless: error: {exc} (nothing was copied)", file=sys.stderr)
+        return 1
+    print(f"copied {path} to {redact_url(url)}; verified:")
+    print(f"  {'table':<14} {'rows':>10}  checksum (sha-256 sum)")
+    for table in report:
+        print(f"  {table.table:<14} {table.rows:>10}  {table.checksum}")
+    print("copy relay.key from the data directory to every replica's --data directory")
     return 0
 
 
@@ -138,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply database migrations without serving")
     migrate.add_argument("--data", default="./data", help="relay data directory")
+    target = migrate.add_mutually_exclusive_group()
+    target.add_argument(
+        "--to", default=None, help="copy the SQLite relay in --data into this empty PostgreSQL database (URL)"
+    )
+    target.add_argument("--database", default=None, help="apply migrations to this PostgreSQL database (URL) instead")
     migrate.set_defaults(func=cmd_migrate)
 
     backup = sub.add_parser("backup", help="consistent copy of a relay database (safe while serving)")
@@ -149,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
     openapi = admin_sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
+    register_federation_admin(admin_sub)
 
     register_commands(sub)
     return parser

@@ -71,9 +71,24 @@ class Config:
     send_buffer_bytes: int = 1 * MiB  # cap on bytes queued for a socket beyond the peer's window
     drain_timeout_seconds: float = 10.0
     # -- store -----------------------------------------------------------------------
+    database: str = ""  # empty: SQLite in `data`; postgresql://… : PostgreSQL (several replicas may share it)
     sqlite_cache_mib: int = 64
     sqlite_readers: int = 4
     group_commit_max_ops: int = 1000
+    # -- federation (docs/federation.md) ---------------------------------------------------
+    federation: str = "open"  # "open", "allowlist" (only federation_allow) or "off"
+    federation_allow: str = ""  # comma-separated relay names (used when federation = "allowlist")
+    federation_deny: str = ""  # comma-separated relay names never federated with
+    peers: str = ""  # static resolver: "NAME=URL,NAME=URL" (flag --peer, repeatable; file: [peers] table)
+    federation_window_seconds: int = 300  # signature freshness window (and replay memory)
+    federation_timeout_seconds: float = 10.0  # one outbound request, connect to last byte
+    federation_max_body_bytes: int = 4 * MiB  # inbound request and outbound response cap
+    federation_batch_envelopes: int = 200  # envelopes per outbound delivery request
+    federation_retry_min_seconds: float = 1.0  # backoff after the first failure (doubles, with jitter)
+    federation_retry_max_seconds: float = 600.0
+    federation_poll_seconds: float = 2.0  # outbox scan interval (new sends wake the worker at once)
+    rate_peer_requests_per_second: float = 100.0  # inbound federation requests per origin relay
+    rate_peer_requests_burst: int = 1000
 
     @property
     def relay_name(self) -> str:
@@ -135,6 +150,8 @@ def load(
             raise ConfigError(f"config file {path}: {exc}") from None
         for key, value in table.items():
             name = key.replace("-", "_")
+            if name == "peers" and isinstance(value, dict):  # a [peers] table: NAME = "URL"
+                value = ",".join(f"{peer}={url}" for peer, url in value.items())
             if name not in FIELD_TYPES:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
             values[name] = _coerce(name, value, f"file {path}")
@@ -171,8 +188,16 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{name} ({burst}) must be 0 or at least max_batch_envelopes ({config.max_batch_envelopes})"
             )
+    if config.federation not in ("open", "allowlist", "off"):
+        raise ConfigError(f"federation: expected open, allowlist or off, got {config.federation!r}")
+    for entry in filter(None, (e.strip() for e in config.peers.split(","))):
+        peer, sep, url = entry.partition("=")
+        if not sep or not peer.strip() or not url.strip().startswith(("http://", "https://")):
+            raise ConfigError(f"peers: expected NAME=http(s)://HOST[:PORT], got {entry!r}")
     if config.default_ttl_seconds > config.max_ttl_seconds:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
+    if config.database and not config.database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("database: expected empty (SQLite in data) or a postgresql:// URL")
 
 
 def replace(config: Config, **changes: Any) -> Config:

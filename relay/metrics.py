@@ -81,6 +81,40 @@ store_write_queue = Gauge("relay_store_write_queue", "Write operations waiting f
 ready = Gauge("relay_ready", "1 when the relay accepts traffic, 0 while starting or draining", registry=REGISTRY)
 
 
+# -- federation (peer labels are bounded: configured peers by name, every other relay as "other") ----
+federation_requests_total = Counter(
+    "relay_federation_requests_total",
+    "Federation requests, by peer, direction (in/out), kind and outcome",
+    ["peer", "direction", "kind", "outcome"],
+    registry=REGISTRY,
+)
+federation_request_duration_seconds = Histogram(
+    "relay_federation_request_duration_seconds",
+    "Outbound federation request time, connect to last byte",
+    ["peer", "kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+federation_envelopes_total = Counter(
+    "relay_federation_envelopes_total",
+    "Federated envelopes, by peer, direction (in/out) and outcome (stored, duplicate, rejected, deferred)",
+    ["peer", "direction", "outcome"],
+    registry=REGISTRY,
+)
+federation_outbox_depth = Gauge(
+    "relay_federation_outbox_depth", "Envelopes waiting in the federation outbox, by peer", ["peer"], registry=REGISTRY
+)
+federation_peer_failures = Gauge(
+    "relay_federation_peer_consecutive_failures",
+    "Consecutive failed delivery attempts, by peer",
+    ["peer"],
+    registry=REGISTRY,
+)
+federation_rejected_total = Counter(
+    "relay_federation_rejected_total", "Inbound federation requests refused, by code", ["code"], registry=REGISTRY
+)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE

@@ -456,16 +456,32 @@ class RelayClient:
         self._session = session
         return session
 
-    async def devices(self, account_id: str, *, fresh: bool = False) -> list[DeviceEntry]:
-        """The verified devices of ``account_id``'s latest device list (cached briefly)."""
-        cached = self._device_lists.get(account_id)
+    async def devices(self, account_id: str, *, relay: str | None = None, fresh: bool = False) -> list[DeviceEntry]:
+        """The verified devices of ``account_id``'s latest device list (cached briefly).
+
+        ``relay`` is the account's home relay (None: this client's relay). A
+        remote account's chain is fetched through this client's relay
+        (``GET /v1/relays/{relay}/accounts/{account_id}/devices``, which asks
+        the home relay with a signed request) and verified here exactly like a
+        local one, from the genesis list the account id is derived from — so
+        neither relay can swap keys undetected.
+        """
+        own_relay = Address.parse(self.keys.address).relay if self.keys else None
+        remote = relay is not None and relay.lower() != own_relay
+        key = f"{account_id}@{relay.lower()}" if remote and relay else account_id
+        cached = self._device_lists.get(key)
         if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICE_LIST_CACHE_SECONDS:
             return cached[1]
-        chain = await self._call(
-            "GET", f"/v1/accounts/{account_id}/devices", None, DeviceListChain, authenticated=False
-        )
+        if remote and relay:
+            chain = await self._call(
+                "GET", f"/v1/relays/{relay.lower()}/accounts/{account_id}/devices", None, DeviceListChain
+            )
+        else:
+            chain = await self._call(
+                "GET", f"/v1/accounts/{account_id}/devices", None, DeviceListChain, authenticated=False
+            )
         entries = verify_chain(chain, account_id)
-        self._device_lists[account_id] = (trio.current_time(), entries)
+        self._device_lists[key] = (trio.current_time(), entries)
         return entries
 
     # -- sending ------------------------------------------------------------------------------
@@ -535,7 +551,7 @@ class RelayClient:
 
     async def _recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
         address = Address.parse(text)
-        entries = await self.devices(address.account)
+        entries = await self.devices(address.account, relay=address.relay)
         if not address.device:
             own = self.keys.device_id if self.keys else None
             return [
@@ -604,21 +620,21 @@ class RelayClient:
     async def _check_sender(self, sender: str, sign_key: bytes) -> None:
         """The sender's device must be in its account's current list: the payload alone proves only the device."""
         address = Address.parse(sender)
-        own_relay = Address.parse(self._require_keys().address).relay
-        if address.relay != own_relay:
-            # No federation yet: we cannot fetch that account's list from its home relay.
-            raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "cannot verify a sender on another relay")
         try:
-            entries = await self.devices(address.account)
+            entries = await self.devices(address.account, relay=address.relay)
         except RemoteError as exc:
             if exc.code is ErrorCode.UNKNOWN_ACCOUNT:
                 raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender's account does not exist") from exc
+            if exc.code in (ErrorCode.PEER_FORBIDDEN, ErrorCode.REMOTE_RECIPIENT):
+                raise InvalidPayloadError(
+                    ErrorCode.BAD_SIGNATURE, f"cannot verify a sender on {address.relay}: {exc.code.value}"
+                ) from exc
             raise
         except TetherlessError as exc:  # the chain itself does not verify
             raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, f"the sender's device list: {exc.detail}") from exc
         if not any(e.device_id == address.device and e.sign_key == sign_key for e in entries):
             # Maybe the device was added a moment ago: look once more, uncached.
-            entries = await self.devices(address.account, fresh=True)
+            entries = await self.devices(address.account, relay=address.relay, fresh=True)
             if not any(e.device_id == address.device and e.sign_key == sign_key for e in entries):
                 raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender is not a current device of its account")
 

@@ -93,6 +93,15 @@ class Application:
 
     async def _dispatch(self, route: Route, params: dict[str, str], request: Request) -> Response:
         body: Any = None
+        principal: Any = None
+        if route.signed:  # federation: the origin relay's signature is checked before the body is decoded
+            principal = await self.services.federation.authenticate(
+                method=request.method,
+                path=request.path,
+                authority=request.header("host") or "",
+                headers=request.headers,
+                body=request.body,
+            )
         request_media = codec.MSGPACK
         if route.body is not None and request.body:
             request_media = codec.media_type_of(request.header("content-type"))
@@ -101,7 +110,6 @@ class Application:
             raise TetherlessError(ErrorCode.MALFORMED_BODY, "this endpoint needs a body")
         default_media = request_media if request.body else codec.JSON
         media_type = codec.negotiate(request.header("accept"), default_media)
-        principal = None
         if route.ip_limited:
             self.services.abuse.unauthenticated_request(request.client)
         if route.auth:

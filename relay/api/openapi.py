@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 
 from protocol import codec
-from protocol.errors import PROBLEM_CONTENT_TYPE, STATUS, Problem
+from protocol.errors import PROBLEM_CONTENT_TYPE, STATUS, ErrorCode, Problem
 from protocol.messages import API_VERSION
 
-from .routing import Route
+from .routing import PARAM_PATTERNS, Route
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -45,7 +45,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
                 "name": name[1:-1],
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": "^[a-z2-7]{32}$"},
+                "schema": {"type": "string", "pattern": PARAM_PATTERNS[name[1:-1]]},
             }
             for name in route.template.split("/")
             if name.startswith("{")
@@ -56,7 +56,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": q.description,
-                "schema": {"type": "integer", "minimum": q.minimum},
+                "schema": {"type": "integer", "minimum": q.minimum, "maximum": q.maximum},
             }
             for q in route.query
         ]
@@ -83,7 +83,11 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             content = {codec.MSGPACK: {"schema": schema}, codec.JSON: {"schema": schema}}
         op["responses"][str(route.status)] = {"description": route.summary, "content": content}
         by_status: dict[int, list[str]] = {}
-        for code in route.errors:
+        errors = list(route.errors)
+        if "{" in route.template:
+            # A path parameter that does not match its pattern matches no route.
+            errors.append(ErrorCode.NOT_FOUND)
+        for code in errors:
             by_status.setdefault(STATUS[code], []).append(code.value)
         for status, codes in sorted(by_status.items()):
             op["responses"][str(status)] = {

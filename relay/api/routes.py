@@ -5,7 +5,7 @@ Each handler's first docstring line names its method and path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from protocol import codec
@@ -22,6 +22,7 @@ from protocol.messages import (
     DeviceListChain,
     Health,
     InboxPage,
+    RelayKey,
     RevokeSessionsRequest,
     SendRequest,
     SendResponse,
@@ -34,6 +35,7 @@ from protocol.messages import (
 from relay import metrics
 from relay.services import Services
 
+from .federation import federation_routes
 from .http import Response
 from .routing import Call, QueryParam, Route
 
@@ -287,9 +289,24 @@ def build_routes(ep: Endpoints) -> list[Route]:
                 tag="messages",
             ),
         ]
+    routes += federation_routes(ep)
     ep.routes = routes
     return routes
 
 
-def well_known(relay: str, relay_key: bytes, limits: Any) -> WellKnown:
-    return WellKnown(relay=relay, relay_key=relay_key, api_versions=[API_VERSION], limits=limits)
+def well_known(
+    relay: str,
+    relay_key: bytes,
+    limits: Any,
+    *,
+    relay_keys: Sequence[RelayKey] = (),
+    federation_endpoint: str | None = None,
+) -> WellKnown:
+    return WellKnown(
+        relay=relay,
+        relay_key=relay_key,
+        api_versions=[API_VERSION],
+        limits=limits,
+        federation_endpoint=federation_endpoint,
+        relay_keys=list(relay_keys),
+    )

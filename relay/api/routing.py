@@ -14,11 +14,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from protocol.errors import ErrorCode, TetherlessError
-from protocol.ids import ID_PATTERN
+from protocol.ids import ID_PATTERN, RELAY_PATTERN
 
 from .http import Request, Response
 
-PARAM_PATTERNS: dict[str, str] = {"account_id": ID_PATTERN, "device_id": ID_PATTERN}
+PARAM_PATTERNS: dict[str, str] = {"account_id": ID_PATTERN, "device_id": ID_PATTERN, "relay": RELAY_PATTERN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,7 @@ class Route:
     query: tuple[QueryParam, ...] = ()
     errors: tuple[ErrorCode, ...] = ()
     stream: bool = False  # long-lived streaming response
+    signed: bool = False  # federation: authenticated by the origin relay's HTTP message signature
     raw_content_type: str | None = None  # response is not a protocol message (metrics)
     tag: str = "relay"
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.relay_keys import RelayKeyring
 from relay.store import Store
 
 from .abuse import AbuseLimits, RateSettings
 from .accounts import AccountService
 from .auth import AuthService, Principal
 from .context import ServiceContext, limits_from, wall_clock_ms
+from .federation import FederationService, FederationSettings, PeerResponse, PeerTransport, PeerUnreachableError
 from .inbox import InboxNotifier, InboxService, StreamChunk
 
 
@@ -22,16 +24,32 @@ class Services:
     auth: AuthService
     inbox: InboxService
     abuse: AbuseLimits
+    federation: FederationService
 
     @classmethod
-    def build(cls, store: Store, ctx: ServiceContext, rates: RateSettings | None = None) -> Services:
+    def build(
+        cls,
+        store: Store,
+        ctx: ServiceContext,
+        rates: RateSettings | None = None,
+        *,
+        federation: FederationSettings | None = None,
+        keyring: RelayKeyring | None = None,
+        peer_transport: PeerTransport | None = None,
+    ) -> Services:
         abuse = AbuseLimits(rates or RateSettings())
+        accounts = AccountService(store, ctx)
+        notifier = InboxNotifier()
+        federation_service = FederationService(
+            store, ctx, federation or FederationSettings(), keyring, peer_transport, notifier, accounts
+        )
         return cls(
             ctx=ctx,
-            accounts=AccountService(store, ctx),
+            accounts=accounts,
             auth=AuthService(store, ctx),
-            inbox=InboxService(store, ctx, InboxNotifier(), abuse),
+            inbox=InboxService(store, ctx, notifier, abuse, federation_service),
             abuse=abuse,
+            federation=federation_service,
         )
 
 
@@ -39,8 +57,13 @@ __all__ = [
     "AbuseLimits",
     "AccountService",
     "AuthService",
+    "FederationService",
+    "FederationSettings",
     "InboxNotifier",
     "InboxService",
+    "PeerResponse",
+    "PeerTransport",
+    "PeerUnreachableError",
     "Principal",
     "RateSettings",
     "ServiceContext",

@@ -5,7 +5,9 @@ Rules decided here (the store only enforces them atomically):
 - a batch is accepted whole or not at all, and answered only once durable;
 - idempotency per (authenticated sender device, key), conflicts detected by a
   digest of recipient and ciphertext;
-- recipients must be devices of this relay (federation comes later);
+- recipients are devices of this relay, or of another relay when federation
+  allows it: those envelopes go to the durable federation outbox in the same
+  transaction (relay/services/federation.py delivers them);
 - TTL defaults and caps; per-device quota.
 """
 
@@ -15,6 +17,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -85,6 +88,16 @@ class InboxNotifier:
         return False
 
 
+class OutboundFederation(Protocol):
+    """What sending needs from federation (implemented by ``FederationService``)."""
+
+    def check_peer(self, relay: str) -> None:
+        """Raises ``remote_recipient`` (federation off) or ``peer_forbidden`` (policy)."""
+
+    def outbox_committed(self) -> None:
+        """Envelopes for other relays were just committed."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
     """What a stream yields: envelopes to send, or a heartbeat when idle."""
@@ -104,11 +117,24 @@ def _to_wire(record: InboxRecord) -> InboxEnvelope:
 
 
 class InboxService:
-    def __init__(self, store: Store, ctx: ServiceContext, notifier: InboxNotifier, abuse: AbuseLimits) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ctx: ServiceContext,
+        notifier: InboxNotifier,
+        abuse: AbuseLimits,
+        federation: OutboundFederation | None = None,
+    ) -> None:
+        self._federation = federation
         self._store = store
         self._ctx = ctx
         self._notifier = notifier
         self._abuse = abuse
+
+    @property
+    def notifier(self) -> InboxNotifier:
+        """This process's wake-up hub: the composition root also feeds it commits made by other replicas."""
+        return self._notifier
 
     async def send(self, sender: Principal, request: SendRequest) -> SendResponse:
         """Store a batch of envelopes for local devices; durable before it returns.
@@ -140,10 +166,14 @@ class InboxService:
             address = Address.parse(env.recipient)
             if not address.device:
                 raise TetherlessError(ErrorCode.INVALID_FIELD, f"envelopes[{index}]: recipient must name a device")
+            remote_relay = ""
             if address.relay != self._ctx.relay_name:
-                raise TetherlessError(
-                    ErrorCode.REMOTE_RECIPIENT, f"envelopes[{index}]: {address.relay} is not this relay"
-                )
+                if self._federation is None:
+                    raise TetherlessError(
+                        ErrorCode.REMOTE_RECIPIENT, f"envelopes[{index}]: {address.relay} is not this relay"
+                    )
+                self._federation.check_peer(address.relay)
+                remote_relay = address.relay
             ttl = env.ttl_seconds if env.ttl_seconds is not None else limits.default_ttl_seconds
             ttl = min(ttl, limits.max_ttl_seconds)
             items.append(
@@ -155,15 +185,22 @@ class InboxService:
                     envelope_id=self._ctx.random_bytes(16),
                     expires_at_ms=now + ttl * 1000,
                     ciphertext=env.ciphertext,
+                    remote_relay=remote_relay,
                 )
             )
         forget_at = now + limits.max_ttl_seconds * 1000
         stored = await self._store.store_envelopes(sender.device_id, items, now, limits.max_inbox_envelopes, forget_at)
         fresh = 0
-        for result in stored:
+        outbox = False
+        for item, result in zip(items, stored, strict=True):
             if not result.duplicate:
                 fresh += 1
-                self._notifier.notify(result.recipient_device)
+                if item.remote_relay:
+                    outbox = True
+                else:
+                    self._notifier.notify(result.recipient_device)
+        if outbox and self._federation is not None:
+            self._federation.outbox_committed()
         metrics.envelopes_accepted_total.inc(fresh)
         metrics.envelopes_duplicate_total.inc(len(stored) - fresh)
         return SendResponse(

@@ -1,0 +1,96 @@
+"""Operator commands for federation: ``admin federation`` (peer state, retry now) and ``admin relay-key rotate``.
+
+Wired into the one front door by :func:`register_federation_admin` (``relay/cli.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import trio
+
+from relay.relay_keys import rotate
+from relay.store import PeerState, PostgresStore, SQLiteStore, Store
+
+DAY_MS = 86_400_000
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _open(args: argparse.Namespace) -> Store:
+    if args.database:
+        return await PostgresStore.open(args.database)
+    path = Path(args.data)
+    if not (path / "relay.sqlite3").exists():
+        raise SystemExit(f"tetherless: error: no relay database in {path}")
+    return await SQLiteStore.open(path)
+
+
+def format_peers(states: list[PeerState], now_ms: int) -> str:
+    """The ``admin federation`` table."""
+    header = (
+        f"{'peer':<32} {'queued':>7} {'delivered':>9} {'failures':>8}  {'next attempt':<20} {'last success':<20}"
+        " last error"
+    )
+    lines = [header]
+    for s in states:
+        next_attempt = "now" if s.next_attempt_at_ms <= now_ms else _when(s.next_attempt_at_ms)
+        lines.append(
+            f"{s.peer:<32} {s.queued:>7} {s.delivered:>9} {s.failures:>8}  {next_attempt:<20}"
+            f" {_when(s.last_success_at_ms):<20} {s.last_error or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_federation(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        store = await _open(args)
+        try:
+            if args.action == "retry":
+                count = await store.federation_retry_now(args.peer.lower() if args.peer else None)
+                print(f"retrying {count} peer(s) now (a running relay picks this up within its poll interval)")
+                return 0
+            states = await store.federation_peer_states()
+            print(format_peers(states, int(time.time() * 1000)) if states else "no federation peers yet")
+            return 0
+        finally:
+            await store.close()
+
+    return trio.run(main)
+
+
+def cmd_relay_key_rotate(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if not data.exists():
+        print(f"tetherless: error: no data directory {data}")
+        return 1
+    retired, new = rotate(data, overlap_ms=int(args.overlap_days * DAY_MS), now_ms=int(time.time() * 1000))
+    print(
+        f"new relay key {new.key_id}; {retired.key_id} stays valid for verification"
+        f" until {_when(retired.valid_until_ms)}"
+    )
+    print("restart the relay to sign with the new key")
+    return 0
+
+
+def register_federation_admin(admin_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fed = admin_sub.add_parser("federation", help="show federation peers, or retry delivery now")
+    fed.add_argument("action", nargs="?", choices=["show", "retry"], default="show")
+    fed.add_argument("peer", nargs="?", help="with retry: only this peer (default: all)")
+    fed.add_argument("--data", default="./data", help="relay data directory")
+    fed.add_argument("--database", default="", help="postgresql://… instead of SQLite in --data")
+    fed.set_defaults(func=cmd_federation)
+
+    key = admin_sub.add_parser("relay-key", help="manage the relay's federation signing key")
+    key_sub = key.add_subparsers(dest="relay_key_command", metavar="ACTION", required=True)
+    rot = key_sub.add_parser("rotate", help="new signing key; the old one stays valid for an overlap period")
+    rot.add_argument("--data", default="./data", help="relay data directory")
+    rot.add_argument("--overlap-days", type=float, default=7.0, help="days the old key stays valid (default 7)")
+    rot.set_defaults(func=cmd_relay_key_rotate)

@@ -1,0 +1,186 @@
+"""Outbound HTTP/1.1 for server-to-server (federation) requests: h11 over trio, TLS for https.
+
+Implements :class:`relay.services.PeerTransport`. Defensive by design, since
+peers are untrusted: one deadline bounds the whole exchange (connect, TLS,
+request, response), the response body is capped, and any protocol
+violation, timeout or oversize answer becomes
+:class:`~relay.services.PeerUnreachableError`. Idle keep-alive connections
+are reused per base URL (a few at most); a connection that misbehaves once
+is closed.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from typing import Final
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from relay.services import PeerResponse, PeerUnreachableError
+
+MAX_IDLE_PER_PEER: Final = 4
+MAX_RESPONSE_HEADERS_BYTES: Final = 64 * 1024
+READ_BYTES: Final = 64 * 1024
+USER_AGENT: Final = "tetherless-federation/1"
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEADERS_BYTES)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+class OutboundClient:
+    """HTTP/1.1 client for peer relays. ``ssl_context`` verifies certificates (system trust store by default)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl_context = ssl_context or ssl.create_default_context()
+        self._idle: dict[str, list[_Connection]] = {}
+
+    async def aclose(self) -> None:
+        """Close every idle connection. Idempotent."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.aclose()
+
+    async def request(
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        timeout_seconds: float,
+        max_response_bytes: int,
+    ) -> PeerResponse:
+        """One request; see :class:`relay.services.PeerTransport`. Raises ``PeerUnreachableError``."""
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PeerUnreachableError(f"unusable peer URL {base_url!r}")
+        with trio.move_on_after(timeout_seconds) as scope:
+            conn = self._take_idle(base_url)
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = await self._connect(parts.scheme, parts.hostname, parts.port)
+                try:
+                    response, reusable = await self._exchange(
+                        conn, parts.netloc, method, path, headers, body, max_response_bytes
+                    )
+                except PeerUnreachableError:
+                    await conn.aclose()
+                    if not reused:
+                        raise
+                    # A kept-alive connection the peer had closed: try once on a fresh one.
+                    conn = await self._connect(parts.scheme, parts.hostname, parts.port)
+                    response, reusable = await self._exchange(
+                        conn, parts.netloc, method, path, headers, body, max_response_bytes
+                    )
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+                if conn is not None:
+                    await conn.aclose()
+                raise PeerUnreachableError(f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                if conn is not None:
+                    await conn.aclose()
+                raise
+            if not (reusable and self._give_back(base_url, conn)):
+                await conn.aclose()
+            return response
+        assert scope.cancelled_caught
+        raise PeerUnreachableError(f"no complete answer within {timeout_seconds}s")
+
+    def _take_idle(self, base_url: str) -> _Connection | None:
+        conns = self._idle.get(base_url)
+        return conns.pop() if conns else None
+
+    def _give_back(self, base_url: str, conn: _Connection) -> bool:
+        """Keep ``conn`` for reuse; False when enough are idle already (the caller closes it)."""
+        conns = self._idle.setdefault(base_url, [])
+        if len(conns) >= MAX_IDLE_PER_PEER:
+            return False
+        conns.append(conn)
+        return True
+
+    async def _connect(self, scheme: str, host: str, port: int | None) -> _Connection:
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port or (443 if scheme == "https" else 80))
+        except OSError as exc:
+            raise PeerUnreachableError(f"cannot connect to {host}: {exc.strerror or exc}") from exc
+        if scheme == "https":
+            tls = trio.SSLStream(stream, self._ssl_context, server_hostname=host, https_compatible=True)
+            await tls.do_handshake()
+            stream = tls
+        return _Connection(stream)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        authority: str,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        max_response_bytes: int,
+    ) -> tuple[PeerResponse, bool]:
+        h = conn.h11
+        request_headers = [("host", authority.lower()), ("user-agent", USER_AGENT)]
+        request_headers += [(k, v) for k, v in headers if k.lower() not in ("host", "content-length")]
+        request_headers.append(("content-length", str(len(body))))
+        try:
+            data = h.send(h11.Request(method=method, target=path, headers=request_headers))
+            data += h.send(h11.Data(data=body)) if body else b""
+            data += h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise PeerUnreachableError(f"cannot send: {exc}") from exc
+        await conn.stream.send_all(data)
+        status = 0
+        response_headers: list[tuple[str, str]] = []
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise PeerUnreachableError(f"protocol error: {exc}") from exc
+            if event is h11.NEED_DATA:
+                received = await conn.stream.receive_some(READ_BYTES)
+                if not received:
+                    raise PeerUnreachableError("the peer closed the connection")
+                try:
+                    h.receive_data(bytes(received))
+                except h11.RemoteProtocolError as exc:
+                    raise PeerUnreachableError(f"protocol error: {exc}") from exc
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > max_response_bytes:
+                    raise PeerUnreachableError(f"answer larger than {max_response_bytes} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise PeerUnreachableError("the peer closed the connection mid-answer")
+        reusable = h.our_state is h11.DONE and h.their_state is h11.DONE
+        if reusable:
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                reusable = False
+        return PeerResponse(status, response_headers, b"".join(chunks)), reusable

@@ -1,324 +1,235 @@
-"""Tetherless benchmarks: ``python -m bench [--runs N] [--only NAME,...] [--out FILE]``.
+"""Tetherless benchmarks: ``python -m bench [--runs N] [--only a,b] [--mixed-seconds S] [--smoke] [--out FILE]``.
 
-Every scenario starts its own relay (fresh data dir, pinned to core 0 when
-taskset exists) and its load generator in separate processes (core 1), and
-every figure is reported with a baseline measured in the same run:
+Every scenario starts its own relay (fresh data dir, pinned to core 0 with
+taskset) and its load generator in separate processes (core 1), warms up,
+and is reported next to a baseline measured in the same invocation:
 
-- ``bare_post``: h2load POSTing 1 KiB to a bare trio+h2 responder (bench/bare_h2.py);
-- ``relay_livez``: h2load GET /livez against the relay (transport + routing only);
-- ``send_single``: durable single-envelope sends, one request each, 64 concurrent streams;
-- ``send_batch100``: durable batches of 100 envelopes to 100 recipients;
-- ``raw_sqlite_batch100``: the same rows inserted with plain sqlite3 executemany into the relay's schema;
-- ``stream_delivery``: one streaming device receiving 20,000 envelopes sent in batches of 100;
-- ``catch_up``: paging through a backlog of 20,000 envelopes (1,000 per page).
+- P1 ``p1_send_single`` vs ``bare_post`` (bare trio+h2 POST) and ``synapse`` (to-device send);
+- P2 ``p2_send_batch100`` vs ``raw_sqlite_batch100`` (plain executemany into the relay's schema);
+- P3 ``p3_delivery`` vs ``raw_stream`` (a raw trio writer of the same framed bytes);
+- P4 ``p4_latency`` vs ``synapse`` (to-device end-to-end latency);
+- P5/P9 ``p5_p9_backlog``: paged catch-up vs raw sqlite3 read-back of the same pages;
+  restart-to-ready with the backlog vs start on an empty data directory;
+- P6 ``p6_idle_streams`` (RSS, idle CPU), P7 ``p7_mixed`` (sustained mixed load; runs only with
+  ``--mixed-seconds`` or ``--only p7_mixed``), P8 ``p8_storage`` (bytes per envelope).
 
-Results: a table on stdout and JSON in bench/results/. Medians of ``--runs`` runs.
+Results: a table on stdout and JSON in bench/results/. Medians of ``--runs`` runs
+(P7 and Synapse run once per invocation).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from protocol import codec
-from protocol.client.http import open_connection
-from protocol.messages import InboxPage
-
-from .common import LOAD_CPU, RELAY_CPU, ROOT, BenchDevice, Relay, machine, make_device, pinned, summary, write_results
-
-H2LOAD_RATE = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
-H2LOAD_DONE = re.compile(
-    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
-)
+from . import scenarios
+from .common import machine, summary, write_results
+from .scenarios import ONCE, SCENARIOS, Sizes
 
 
-def h2load(url: str, *, n: int, c: int, m: int, data: Path | None = None, headers: list[str] | None = None) -> float:
-    if not shutil.which("h2load"):
-        raise RuntimeError("h2load not found (Debian package nghttp2-client)")
-    cmd = ["h2load", "-n", str(n), "-c", str(c), "-m", str(m)]
-    if data:
-        cmd += ["-d", str(data)]
-    for header in headers or []:
-        cmd += ["-H", header]
-    out = subprocess.run(pinned([*cmd, url], LOAD_CPU), capture_output=True, text=True, check=True).stdout
-    done = H2LOAD_DONE.search(out)
-    if not done or int(done.group(4)) != n:
-        raise RuntimeError(f"h2load: not every request succeeded:\n{out}")
-    rate = H2LOAD_RATE.search(out)
-    assert rate, out
-    return float(rate.group(1))
+@dataclass(frozen=True)
+class Target:
+    """One line of the verdict: a figure, its same-run baseline and the issue's target."""
+
+    label: str
+    scenario: str
+    key: str
+    baseline_scenario: str | None
+    baseline_key: str | None
+    minimum: float | None = None  # figure must be >= this
+    maximum: float | None = None  # figure must be <= this
+    min_ratio: float | None = None  # figure / baseline must be >= this
+    max_ratio: float | None = None  # figure / baseline must be <= this (latency vs a peer)
 
 
-def load(mode: str, relay: Relay, token: str, **options: Any) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.load", mode, "--url", relay.url, "--token", token]
-    for key, value in options.items():
-        cmd += [f"--{key}", str(value)]
-    out = subprocess.run(pinned(cmd, LOAD_CPU), capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def devices(relay: Relay, count: int) -> list[BenchDevice]:
-    async def make() -> list[BenchDevice]:
-        async with open_connection(relay.url) as conn:
-            return [await make_device(conn, f"d{i}") for i in range(count)]
-
-    return trio.run(make)
-
-
-# -- scenarios (each returns one run's figures) -----------------------------------------------
-
-
-def bare_post() -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile() as body:
-        body.write(os.urandom(1024))
-        body.flush()
-        port = 18000 + os.getpid() % 1000
-        proc = subprocess.Popen(pinned([sys.executable, "-m", "bench.bare_h2", str(port)], RELAY_CPU), cwd=ROOT)
-        try:
-            time.sleep(0.8)
-            rate = h2load(f"http://127.0.0.1:{port}/", n=20000, c=4, m=16, data=Path(body.name))
-        finally:
-            proc.terminate()
-            proc.wait()
-    return {"requests_per_second": rate}
-
-
-def relay_livez() -> dict[str, Any]:
-    relay = Relay()
-    try:
-        return {"requests_per_second": h2load(relay.url + "/livez", n=20000, c=4, m=16)}
-    finally:
-        relay.close()
-
-
-def _send(batch: int, recipients: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    relay = Relay()
-    try:
-        devs = devices(relay, recipients + 1)
-        sender, targets = devs[0], devs[1:]
-        cpu_before = relay.cpu()
-        result = load(
-            "send",
-            relay,
-            sender.token,
-            recipients=",".join(d.address for d in targets),
-            batch=batch,
-            concurrency=concurrency,
-            connections=min(4, concurrency),
-            seconds=seconds,
-        )
-        relay_cpu = relay.cpu() - cpu_before
-        assert result["errors"] == 0, result
-        result["envelopes_per_second"] = result["envelopes"] / result["seconds"]
-        result["relay_cpu_us_per_envelope"] = 1e6 * relay_cpu / max(1, result["envelopes"])
-        result["relay_cpu_share"] = relay_cpu / result["seconds"]
-        return result
-    finally:
-        relay.close()
-
-
-def send_single() -> dict[str, Any]:
-    return _send(batch=1, recipients=10, concurrency=64, seconds=5)
-
-
-def send_batch100() -> dict[str, Any]:
-    return _send(batch=100, recipients=100, concurrency=8, seconds=5)
-
-
-def raw_sqlite_batch100() -> dict[str, Any]:
-    """Baseline for send_batch100: the same rows through plain sqlite3 into the relay's schema, FULL + WAL."""
-    from relay.store.sqlite import _connect, migrate
-
-    directory = Path(tempfile.mkdtemp(prefix="tetherless-raw-"))
-    try:
-        conn = _connect(directory / "raw.sqlite3", 64)
-        migrate(conn)
-        recipients = [f"{i:032d}" for i in range(100)]
-        rows = 0
-        started = time.perf_counter()
-        n = 0
-        while time.perf_counter() - started < 5:
-            conn.execute("BEGIN IMMEDIATE")
-            batch = [(recipients[(n * 7 + i) % 100], os.urandom(16), 1, 2**40, os.urandom(200)) for i in range(100)]
-            conn.executemany(
-                "INSERT INTO envelopes (recipient, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
-                " VALUES (?, ?, ?, ?, ?)",
-                batch,
-            )
-            conn.executemany(
-                "INSERT INTO idempotency (sender, idem_key, envelope_id, digest, sent_at_ms, forget_at_ms)"
-                " VALUES ('s', ?, ?, ?, 1, 2)",
-                [(b"%09d%03d" % (n, i), row[1], row[1]) for i, row in enumerate(batch)],
-            )
-            conn.execute("COMMIT")
-            rows += 100
-            n += 1
-        elapsed = time.perf_counter() - started
-        conn.close()
-        return {"envelopes_per_second": rows / elapsed}
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def stream_delivery() -> dict[str, Any]:
-    total = 20000
-    relay = Relay()
-    try:
-        sender, receiver = devices(relay, 2)
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "stream",
-            "--url",
-            relay.url,
-            "--token",
-            receiver.token,
-            "--expect",
-            str(total),
-            "--seconds",
-            "60",
-        ]
-        proc = subprocess.Popen(pinned(cmd, LOAD_CPU), stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "READY"
-
-        async def send_all() -> None:
-            headers = [("content-type", codec.MSGPACK), ("authorization", f"Bearer {sender.token}")]
-            async with open_connection(relay.url) as conn:
-                for n in range(total // 100):
-                    envelopes = [
-                        {
-                            "recipient": receiver.address,
-                            "idempotency_key": b"s%06di%03d" % (n, i),
-                            "ciphertext": os.urandom(200),
-                        }
-                        for i in range(100)
-                    ]
-                    resp = await conn.request("POST", "/v1/messages", codec.encode({"envelopes": envelopes}), headers)
-                    assert resp.status == 201
-
-        trio.run(send_all)
-        out, _ = proc.communicate(timeout=120)
-        result = dict(json.loads(out.strip().splitlines()[-1]))
-        assert result["received"] == total, result
-        result["envelopes_per_second"] = total / result["seconds"]
-        return result
-    finally:
-        relay.close()
-
-
-def catch_up() -> dict[str, Any]:
-    total = 20000
-    relay = Relay()
-    try:
-        sender, receiver = devices(relay, 2)
-
-        async def run() -> float:
-            send_headers = [("content-type", codec.MSGPACK), ("authorization", f"Bearer {sender.token}")]
-            read_headers = [("accept", codec.MSGPACK), ("authorization", f"Bearer {receiver.token}")]
-            async with open_connection(relay.url) as conn:
-                for n in range(total // 1000):
-                    envelopes = [
-                        {
-                            "recipient": receiver.address,
-                            "idempotency_key": b"c%06di%04d" % (n, i),
-                            "ciphertext": os.urandom(200),
-                        }
-                        for i in range(1000)
-                    ]
-                    resp = await conn.request(
-                        "POST", "/v1/messages", codec.encode({"envelopes": envelopes}), send_headers
-                    )
-                    assert resp.status == 201
-                started = time.perf_counter()
-                after, got = 0, 0
-                while True:
-                    resp = await conn.request("GET", f"/v1/inbox?after={after}&limit=1000", None, read_headers)
-                    page = codec.decode(resp.body, InboxPage)
-                    got += len(page.envelopes)
-                    after = page.next_cursor
-                    if not page.more:
-                        break
-                assert got == total
-                return time.perf_counter() - started
-
-        seconds = trio.run(run)
-        return {"envelopes_per_second": total / seconds, "seconds": seconds}
-    finally:
-        relay.close()
-
-
-SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
-    "bare_post": bare_post,
-    "relay_livez": relay_livez,
-    "send_single": send_single,
-    "raw_sqlite_batch100": raw_sqlite_batch100,
-    "send_batch100": send_batch100,
-    "stream_delivery": stream_delivery,
-    "catch_up": catch_up,
-}
-HEADLINE = {
-    "bare_post": "requests_per_second",
-    "relay_livez": "requests_per_second",
-    "send_single": "envelopes_per_second",
-    "raw_sqlite_batch100": "envelopes_per_second",
-    "send_batch100": "envelopes_per_second",
-    "stream_delivery": "envelopes_per_second",
-    "catch_up": "envelopes_per_second",
-}
-RATIOS = [
-    ("relay_livez", "bare_post", "relay GET /livez vs bare trio+h2 POST"),
-    ("send_single", "bare_post", "durable single sends vs bare trio+h2 POST"),
-    ("send_batch100", "raw_sqlite_batch100", "durable batched sends vs raw sqlite3 executemany"),
+TARGETS = [
+    Target(
+        "P1 single sends env/s",
+        "p1_send_single",
+        "envelopes_per_second",
+        "bare_post",
+        "requests_per_second",
+        minimum=2500,
+        min_ratio=0.5,
+    ),
+    Target(
+        "P1 vs Synapse to-device",
+        "p1_send_single",
+        "envelopes_per_second",
+        "synapse",
+        "todevice_messages_per_second",
+        min_ratio=15,
+    ),
+    Target(
+        "P2 batched sends env/s",
+        "p2_send_batch100",
+        "envelopes_per_second",
+        "raw_sqlite_batch100",
+        "envelopes_per_second",
+        minimum=50_000,
+        min_ratio=0.7,
+    ),
+    Target(
+        "P3 delivery env/s",
+        "p3_delivery",
+        "envelopes_per_second",
+        "raw_stream",
+        "envelopes_per_second",
+        minimum=200_000,
+    ),
+    Target("P4 latency p50 ms", "p4_latency", "latency_p50_ms", "synapse", "todevice_e2e_p50_ms", maximum=2),
+    Target("P4 latency p99 ms", "p4_latency", "latency_p99_ms", "synapse", "todevice_e2e_p99_ms", maximum=10),
+    Target(
+        "P5 catch-up env/s",
+        "p5_p9_backlog",
+        "envelopes_per_second",
+        "p5_p9_backlog",
+        "raw_sqlite_envelopes_per_second",
+        minimum=100_000,
+        min_ratio=0.5,
+    ),
+    Target("P6 RSS MiB (idle streams)", "p6_idle_streams", "rss_mib", "p6_idle_streams", "rss_before_mib", maximum=400),
+    Target("P6 idle CPU (cores)", "p6_idle_streams", "idle_cpu_share", None, None, maximum=0.02),
+    Target("P7 RSS end / 2nd quarter", "p7_mixed", "rss_growth_ratio", None, None, maximum=1.10),
+    Target("P7 errors", "p7_mixed", "errors", None, None, maximum=0),
+    Target("P8 overhead B/env", "p8_storage", "overhead_bytes_per_envelope", None, None, maximum=100),
+    Target(
+        "P9 restart to ready s", "p5_p9_backlog", "restart_seconds", "p5_p9_backlog", "empty_start_seconds", maximum=1.0
+    ),
 ]
 
 
-def main() -> None:
+def _stats(runs: dict[str, list[dict[str, Any]]], scenario: str, key: str) -> dict[str, float] | None:
+    values = [r[key] for r in runs.get(scenario, []) if isinstance(r.get(key), int | float)]
+    return summary(values) if values else None
+
+
+def verdicts(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for t in TARGETS:
+        figure = _stats(runs, t.scenario, t.key)
+        if figure is None:
+            continue
+        base = _stats(runs, t.baseline_scenario, t.baseline_key) if t.baseline_scenario and t.baseline_key else None
+        ratio = figure["median"] / base["median"] if base and base["median"] else None
+        checks = []
+        if t.minimum is not None:
+            checks.append(figure["median"] >= t.minimum)
+        if t.maximum is not None:
+            checks.append(figure["median"] <= t.maximum)
+        if t.min_ratio is not None:
+            checks.append(ratio is not None and ratio >= t.min_ratio)
+        if t.max_ratio is not None:
+            checks.append(ratio is not None and ratio <= t.max_ratio)
+        target = " and ".join(
+            text
+            for text in (
+                f">= {t.minimum:,g}" if t.minimum is not None else "",
+                f"<= {t.maximum:,g}" if t.maximum is not None else "",
+                f"ratio >= {t.min_ratio:g}" if t.min_ratio is not None else "",
+                f"ratio <= {t.max_ratio:g}" if t.max_ratio is not None else "",
+            )
+            if text
+        )
+        rows.append(
+            {
+                "label": t.label,
+                "median": figure["median"],
+                "min": figure["min"],
+                "max": figure["max"],
+                "runs": figure["runs"],
+                "baseline": f"{t.baseline_scenario}.{t.baseline_key}" if base else None,
+                "baseline_median": base["median"] if base else None,
+                "ratio": ratio,
+                "target": target,
+                "met": all(checks) if checks else None,
+            }
+        )
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--only", default="", help="comma-separated scenario names: " + ", ".join(SCENARIOS))
+    parser.add_argument("--mixed-seconds", type=float, default=None, help="run P7 for this long (default: skip P7)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite's smoke run)")
+    parser.add_argument("--no-synapse", action="store_true", help="skip the Synapse peer comparison")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
+    args = parser.parse_args(argv)
+    if args.smoke:
+        scenarios.SIZES = Sizes.smoke()
+    if args.mixed_seconds is not None:
+        scenarios.SIZES.mixed_seconds = args.mixed_seconds
+    only = [n for n in args.only.split(",") if n]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    names = only or [
+        n
+        for n in SCENARIOS
+        if not (n == "p7_mixed" and args.mixed_seconds is None) and not (n == "synapse" and args.no_synapse)
+    ]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    failures: dict[str, str] = {}
     # Interleave scenarios run by run, so that a noisy neighbour hurts all of them alike.
     for run in range(args.runs):
         for name in names:
+            if name in ONCE and run > 0:
+                continue
             print(f"run {run + 1}/{args.runs}: {name} ...", file=sys.stderr, flush=True)
-            runs[name].append(SCENARIOS[name]())
+            try:
+                result = SCENARIOS[name][0]()
+            except Exception:
+                failures[name] = traceback.format_exc()
+                print(failures[name], file=sys.stderr)
+                continue
+            if "skipped" in result:
+                print(f"  skipped: {result['skipped']}", file=sys.stderr)
+                failures[name] = result["skipped"]
+                continue
+            runs[name].append(result)
     report: dict[str, Any] = {
         "machine": machine(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sizes": vars(scenarios.SIZES),
         "scenarios": {},
-        "ratios": {},
+        "failures": failures,
     }
     print(f"\n{'scenario':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
     for name in names:
-        key = HEADLINE[name]
-        stats = summary([r[key] for r in runs[name]])
-        report["scenarios"][name] = {"headline": key, **stats, "runs": runs[name]}
-        print(f"{name:<22} {stats['median']:>12,.0f} {stats['min']:>12,.0f} {stats['max']:>12,.0f}  {key}")
-    for a, b, label in RATIOS:
-        if a in report["scenarios"] and b in report["scenarios"]:
-            ratio = report["scenarios"][a]["median"] / report["scenarios"][b]["median"]
-            report["ratios"][f"{a}/{b}"] = ratio
-            print(f"ratio {a}/{b}: {ratio:.2f}  ({label})")
+        _, key, unit = SCENARIOS[name]
+        stats = _stats(runs, name, key)
+        report["scenarios"][name] = {"headline": key, **(stats or {}), "runs": runs[name]}
+        if stats:
+            print(f"{name:<22} {_fmt(stats['median']):>12} {_fmt(stats['min']):>12} {_fmt(stats['max']):>12}  {unit}")
+        else:
+            print(f"{name:<22} {'(no result)':>12}")
+    report["targets"] = verdicts(runs)
+    print(f"\n{'target':<28} {'median':>10} {'min-max':>22} {'baseline':>10} {'ratio':>7}  {'target':<28} met")
+    for row in report["targets"]:
+        spread = f"{_fmt(row['min'])}-{_fmt(row['max'])}"
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[row["met"]]
+        print(
+            f"{row['label']:<28} {_fmt(row['median']):>10} {spread:>22} {_fmt(row['baseline_median']):>10}"
+            f" {ratio:>7}  {row['target']:<28} {met}"
+        )
     path = write_results(report, args.out)
     print(f"\nresults: {path}")
+    return 1 if any(n in failures for n in names if n != "synapse") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,11 +53,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 class Relay:
     """A relay process on a fresh data directory, pinned to RELAY_CPU."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="tetherless-bench-"))
+    def __init__(self, env: dict[str, str] | None = None, directory: Path | None = None) -> None:
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="tetherless-bench-"))
+        self.data = self.dir / "data"
+        self.env = env
+        started = time.perf_counter()
         cmd = pinned(
             [
                 sys.executable,
@@ -76,19 +87,34 @@ class Relay:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **NO_RATE_LIMITS, **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
         assert self.proc.stdout is not None
+        seen: list[str] = []
         for line in self.proc.stdout:
-            match = READY.search(line.decode())
+            seen.append(line.decode(errors="replace"))
+            match = READY.search(seen[-1])
             if match:
                 self.url = match.group(1)
                 break
         else:
-            raise RuntimeError("relay did not start")
+            self.proc.wait()
+            raise RuntimeError(f"relay did not start (exit {self.proc.returncode}):\n{''.join(seen[-20:])}")
         self.port = int(self.url.rsplit(":", 1)[1])
+        self.start_seconds = time.perf_counter() - started  # spawn to "ready" (readyz is green by then)
+
+    def restart(self) -> Relay:
+        """Stop this relay (keeping its data) and start a new one on the same data directory."""
+        self.close(keep_data=True)
+        return Relay(self.env, self.dir)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    def db_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.data.glob("relay.sqlite3*"))
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
-    def close(self) -> None:
+    def close(self, *, keep_data: bool = False) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
@@ -97,7 +123,8 @@ class Relay:
             self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass

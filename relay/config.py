@@ -69,6 +69,7 @@ class Config:
     control_frame_budget: int = 1000  # PING/SETTINGS/PRIORITY/empty DATA per connection before GOAWAY
     reset_budget: int = 1000  # stream resets (by either side) per connection before GOAWAY
     send_buffer_bytes: int = 1 * MiB  # cap on bytes queued for a socket beyond the peer's window
+    max_connection_body_bytes: int = 32 * MiB  # request bodies buffered per HTTP/2 connection before backpressure
     drain_timeout_seconds: float = 10.0
     # -- store -----------------------------------------------------------------------
     database: str = ""  # empty: SQLite in `data`; postgresql://… : PostgreSQL (several replicas may share it)
@@ -180,6 +181,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.max_frame_bytes < 16384 or config.max_frame_bytes > 16777215:
         raise ConfigError("max_frame_bytes: HTTP/2 allows 16384..16777215")
+    if config.max_connection_body_bytes < config.max_body_bytes:
+        raise ConfigError("max_connection_body_bytes cannot be smaller than max_body_bytes")
     if config.max_envelope_bytes > config.max_body_bytes:
         raise ConfigError("max_envelope_bytes cannot exceed max_body_bytes")
     for name in ("rate_device_envelopes_burst", "rate_account_envelopes_burst"):

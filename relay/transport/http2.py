@@ -107,6 +107,8 @@ class _Stream:
     body: bytearray = field(default_factory=bytearray)
     body_complete: trio.Event = field(default_factory=trio.Event)  # END_STREAM seen, or body rejected
     too_large: bool = False
+    body_accounted: int = 0  # bytes of this stream counted in the connection's body budget
+    deferred_ack: int = 0  # flow-controlled bytes received but not yet acknowledged (backpressure)
     remote_ended: bool = False
     gone: bool = False  # reset; nothing may be sent any more
     stop_streaming: bool = False  # drain: end a streaming response at the next chunk boundary
@@ -152,6 +154,7 @@ class HTTP2Connection:
             )
         )
         self._streams: dict[int, _Stream] = {}
+        self._body_bytes = 0  # request bodies buffered on this connection (max_connection_body_bytes)
         self._out = bytearray()
         self._in_flight = 0
         self._writer_lot = trio.lowlevel.ParkingLot()  # writer waits here for bytes
@@ -493,20 +496,49 @@ class HTTP2Connection:
         if not data and event.stream_ended is None:
             self._spend_control()  # empty DATA without END_STREAM does nothing but cost us work
         stream = self._streams.get(stream_id)
+        buffered = False
         if stream is not None and not stream.too_large and not stream.body_complete.is_set():
             stream.body += data
+            stream.body_accounted += len(data)
+            self._body_bytes += len(data)
+            buffered = True
             if len(stream.body) > self._config.max_body_bytes:
                 stream.too_large = True
                 stream.body = bytearray()
+                self._release_body(stream)
                 stream.body_complete.set()
-        # The body is consumed as soon as it is buffered (the Request carries
-        # all of it); discarded bytes are acknowledged too so the connection
-        # window never shrinks.
-        if flow_length:
-            try:
-                self._conn.acknowledge_received_data(flow_length, stream_id)
-            except h2.exceptions.ProtocolError:
-                pass
+                buffered = False
+        # Buffered bodies are acknowledged (the peer's window reopens) only
+        # while this connection holds less than max_connection_body_bytes of
+        # them; past that the bytes are acknowledged when some request ends
+        # and frees its body. Without this, 100 streams x max_body_bytes could
+        # be buffered per connection. Discarded bytes are acknowledged at once
+        # so the connection window never shrinks.
+        if buffered and stream is not None and self._body_bytes > self._config.max_connection_body_bytes:
+            stream.deferred_ack += flow_length
+        elif flow_length:
+            self._acknowledge(stream_id, flow_length)
+
+    def _acknowledge(self, stream_id: int, flow_length: int) -> None:
+        try:
+            self._conn.acknowledge_received_data(flow_length, stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _release_body(self, stream: _Stream) -> None:
+        """Give ``stream``'s buffered body back to the connection budget and reopen deferred windows."""
+        self._body_bytes -= stream.body_accounted
+        stream.body_accounted = 0
+        if stream.deferred_ack:
+            self._acknowledge(stream.stream_id, stream.deferred_ack)
+            stream.deferred_ack = 0
+        for other in self._streams.values():
+            if self._body_bytes > self._config.max_connection_body_bytes:
+                break
+            if other.deferred_ack:
+                self._acknowledge(other.stream_id, other.deferred_ack)
+                other.deferred_ack = 0
+        self._flush()
 
     def _on_reset(self, event: h2.events.StreamReset) -> None:
         if event.remote_reset:
@@ -546,6 +578,7 @@ class HTTP2Connection:
                     await aclose_iterator(response.stream)
             stream.gone = True
             del self._streams[stream.stream_id]
+            self._release_body(stream)
             if not self._streams and self._read_scope is not None and not self._closing:
                 # Idle timeout starts now that the last stream has finished.
                 self._read_scope.deadline = self._read_deadline()

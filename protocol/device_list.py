@@ -1,8 +1,9 @@
 """Device lists: building, hashing, signing and checking them.
 
-Version 1 of this module knows *genesis* lists (the first version of an
-account's list, created with its first device). Later versions (enrolment,
-revocation, policies) extend :func:`verify_genesis` with a chain check.
+:func:`verify_genesis` checks an account's first list; :func:`verify_chain`
+checks a whole chain under the default "any one current device" policy, as
+clients do before trusting any device key (docs/crypto.md §3 describes the
+policies to come).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import nacl.signing
 from . import signing
 from .errors import ErrorCode, TetherlessError
 from .ids import account_id_for, device_id_for
-from .messages import DeviceEntry, DeviceList, DeviceListSignature, SignedDeviceList
+from .messages import DeviceEntry, DeviceList, DeviceListChain, DeviceListSignature, SignedDeviceList
 
 
 def list_layout(device_list: DeviceList) -> bytes:
@@ -81,3 +82,51 @@ def verify_genesis(signed: SignedDeviceList) -> DeviceEntry:
         raise bad("a genesis list is signed by its device, once")
     signing.verify(device.sign_key, list_layout(dl), signed.signatures[0].signature)
     return device
+
+
+def verify_chain(chain: DeviceListChain, account_id: str) -> list[DeviceEntry]:
+    """Check an account's device-list chain and return the devices of its latest version.
+
+    Version 1 must be a valid genesis (:func:`verify_genesis`)
+    for ``account_id``; each later version must continue it (next version
+    number, same account, ``prev_hash`` of the previous list) and carry a
+    valid signature by a device of the previous version (the default "any one
+    device" policy). Raises ``invalid_device_list`` or ``bad_signature``.
+    """
+
+    def bad(why: str) -> TetherlessError:
+        return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
+
+    if chain.account_id != account_id or not chain.versions:
+        raise bad("the relay returned a chain for another account, or an empty one")
+    first = chain.versions[0]
+    verify_genesis(first)
+    if first.device_list.account_id != account_id:
+        raise bad("the genesis list belongs to another account")
+    previous = first.device_list
+    for signed in chain.versions[1:]:
+        current = signed.device_list
+        if current.account_id != account_id or current.version != previous.version + 1:
+            raise bad("device-list versions do not follow each other")
+        if current.prev_hash != list_hash(previous):
+            raise bad("device-list prev_hash does not match the previous version")
+        signers = {d.device_id: d.sign_key for d in previous.devices}
+        layout = list_layout(current)
+        if not any(
+            s.device_id in signers and _signature_ok(signers[s.device_id], layout, s.signature)
+            for s in signed.signatures
+        ):
+            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "no valid signature by a device of the previous version")
+        for device in current.devices:
+            if device.device_id != device_id_for(device.sign_key):
+                raise bad("device_id does not match sign_key")
+        previous = current
+    return list(previous.devices)
+
+
+def _signature_ok(key: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        signing.verify(key, message, signature)
+    except TetherlessError:
+        return False
+    return True

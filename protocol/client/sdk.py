@@ -40,7 +40,7 @@ import nacl.public
 import nacl.signing
 import trio
 
-from .. import auth, codec, device_list, signing
+from .. import auth, codec, device_list
 from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
 from ..ids import Address, account_id_for, device_id_for
 from ..messages import (
@@ -165,52 +165,7 @@ class Sent:
 # -- device-list checks ----------------------------------------------------------------------
 
 
-def verify_chain(chain: DeviceListChain, account_id: str) -> list[DeviceEntry]:
-    """Check an account's device-list chain and return the devices of its latest version.
-
-    Version 1 must be a valid genesis (:func:`protocol.device_list.verify_genesis`)
-    for ``account_id``; each later version must continue it (next version
-    number, same account, ``prev_hash`` of the previous list) and carry a
-    valid signature by a device of the previous version (the default "any one
-    device" policy). Raises ``invalid_device_list`` or ``bad_signature``.
-    """
-
-    def bad(why: str) -> TetherlessError:
-        return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
-
-    if chain.account_id != account_id or not chain.versions:
-        raise bad("the relay returned a chain for another account, or an empty one")
-    first = chain.versions[0]
-    device_list.verify_genesis(first)
-    if first.device_list.account_id != account_id:
-        raise bad("the genesis list belongs to another account")
-    previous = first.device_list
-    for signed in chain.versions[1:]:
-        current = signed.device_list
-        if current.account_id != account_id or current.version != previous.version + 1:
-            raise bad("device-list versions do not follow each other")
-        if current.prev_hash != device_list.list_hash(previous):
-            raise bad("device-list prev_hash does not match the previous version")
-        signers = {d.device_id: d.sign_key for d in previous.devices}
-        layout = device_list.list_layout(current)
-        if not any(
-            s.device_id in signers and _signature_ok(signers[s.device_id], layout, s.signature)
-            for s in signed.signatures
-        ):
-            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "no valid signature by a device of the previous version")
-        for device in current.devices:
-            if device.device_id != device_id_for(device.sign_key):
-                raise bad("device_id does not match sign_key")
-        previous = current
-    return list(previous.devices)
-
-
-def _signature_ok(key: bytes, message: bytes, signature: bytes) -> bool:
-    try:
-        signing.verify(key, message, signature)
-    except TetherlessError:
-        return False
-    return True
+verify_chain = device_list.verify_chain  # re-exported: clients check chains before trusting keys
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -480,7 +435,7 @@ class RelayClient:
             chain = await self._call(
                 "GET", f"/v1/accounts/{account_id}/devices", None, DeviceListChain, authenticated=False
             )
-        entries = verify_chain(chain, account_id)
+        entries = device_list.verify_chain(chain, account_id)
         self._device_lists[key] = (trio.current_time(), entries)
         return entries
 

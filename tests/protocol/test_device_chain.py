@@ -1,4 +1,4 @@
-"""The SDK's device-list chain check (protocol.client.sdk.verify_chain)."""
+"""Device-list chain checks (protocol.device_list.verify_chain), as clients run them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import nacl.signing
 import pytest
 
 from protocol import device_list, signing
-from protocol.client.sdk import verify_chain
+from protocol.device_list import verify_chain
 from protocol.errors import ErrorCode, TetherlessError
 from protocol.messages import DeviceListChain, DeviceListSignature, SignedDeviceList
 

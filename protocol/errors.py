@@ -57,6 +57,26 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_RELAY_KEY = "unknown_relay_key"  # keyid not among the origin's published, unexpired keys
     PEER_FORBIDDEN = "peer_forbidden"  # federation with that relay is not allowed by policy
     PEER_UNAVAILABLE = "peer_unavailable"  # the other relay cannot be reached or answered garbage
+    # -- device lists v2, revocation, WebAuthn (docs/crypto.md) ---------------------
+    DEVICE_LIST_CONFLICT = "device_list_conflict"  # version is not head + 1 / prev_hash is not the head's hash
+    POLICY_NOT_MET = "policy_not_met"  # the approvals do not satisfy the previous version's policy
+    DEVICE_REVOKED = "device_revoked"  # the device was removed from its account's device list
+    RECIPIENT_REVOKED = "recipient_revoked"  # an envelope names a device that was revoked
+    WEBAUTHN_INVALID = "webauthn_invalid"  # a WebAuthn attestation/assertion does not verify
+    WEBAUTHN_REPLAYED = "webauthn_replayed"  # assertion sign counter not above the stored one
+    # -- enrolment and prekeys ------------------------------------------------------
+    ENROLMENT_UNKNOWN = "enrolment_unknown"  # no enrolment offer under this lookup id
+    ENROLMENT_EXPIRED = "enrolment_expired"  # the enrolment offer is past its expiry
+    ENROLMENT_USED = "enrolment_used"  # the link code was already used (offer/proposal exists or completed)
+    PREKEY_INVALID = "prekey_invalid"  # a prekey has a bad signature, length, kind or reused id
+    # -- account log (docs/account-log.md) ------------------------------------------
+    LOG_CONFLICT = "log_conflict"  # expected_head is not the current head
+    LOG_EPOCH_STALE = "log_epoch_stale"  # record epoch below the current one, or unknown
+    LOG_REKEY_REQUIRED = "log_rekey_required"  # only a key record for a new epoch is accepted now
+    RECORD_TOO_LARGE = "record_too_large"  # one log record above limits.max_log_record_bytes
+    SNAPSHOT_INCOMPLETE = "snapshot_incomplete"  # snapshot manifest whose parts are not all stored
+    NO_SNAPSHOT = "no_snapshot"  # no complete snapshot / not the newest one
+    LOG_QUOTA = "log_quota"  # the account's log would exceed limits.max_log_bytes
     # -- server ---------------------------------------------------------------
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"  # draining or store not ready; retry elsewhere/later
@@ -102,6 +122,23 @@ STATUS: Final[dict[ErrorCode, int]] = {
     E.UNKNOWN_RELAY_KEY: 401,
     E.PEER_FORBIDDEN: 403,
     E.PEER_UNAVAILABLE: 502,
+    E.DEVICE_LIST_CONFLICT: 409,
+    E.POLICY_NOT_MET: 403,
+    E.DEVICE_REVOKED: 401,
+    E.RECIPIENT_REVOKED: 410,
+    E.WEBAUTHN_INVALID: 401,
+    E.WEBAUTHN_REPLAYED: 401,
+    E.ENROLMENT_UNKNOWN: 404,
+    E.ENROLMENT_EXPIRED: 410,
+    E.ENROLMENT_USED: 409,
+    E.PREKEY_INVALID: 422,
+    E.LOG_CONFLICT: 409,
+    E.LOG_EPOCH_STALE: 409,
+    E.LOG_REKEY_REQUIRED: 409,
+    E.RECORD_TOO_LARGE: 413,
+    E.SNAPSHOT_INCOMPLETE: 422,
+    E.NO_SNAPSHOT: 404,
+    E.LOG_QUOTA: 507,
     E.RATE_LIMITED: 429,
     E.UNAVAILABLE: 503,
     E.INTERNAL: 500,

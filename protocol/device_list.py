@@ -1,50 +1,187 @@
-"""Device lists: building, hashing, signing and checking them.
+"""Device lists: building, hashing, approving and checking them.
 
-:func:`verify_genesis` checks an account's first list; :func:`verify_chain`
-checks a whole chain under the default "any one current device" policy, as
-clients do before trusting any device key (docs/crypto.md §3 describes the
-policies to come).
+Two formats share one chain: format 1 (docs/protocol.md §4, "any one device
+of the previous version") and format 2 (docs/crypto.md §3: a policy,
+WebAuthn credentials, a recovery key and the account-key epoch). The relay
+and clients run the same checks:
+
+- :func:`verify_genesis` checks an account's first list (format 1 or 2);
+- :func:`evaluate_version` checks one version against its predecessor
+  (crypto.md §3.2) and says what changed;
+- :func:`verify_chain` checks a whole chain from the genesis, the WebAuthn
+  sign counters along it, and the client's high-water mark (crypto.md §3.5).
+
+Builders for clients: :func:`genesis`, :func:`genesis_v2`,
+:func:`next_version`, :func:`approve`, :func:`sign_recovery`,
+:func:`self_sign`. Everything here is pure.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
+import msgspec
 import nacl.signing
 
-from . import signing
+from . import signing, webauthn
 from .errors import ErrorCode, TetherlessError
 from .ids import account_id_for, device_id_for
-from .messages import DeviceEntry, DeviceList, DeviceListChain, DeviceListSignature, SignedDeviceList
+from .messages import (
+    DEFAULT_POLICY,
+    DeviceEntry,
+    DeviceList,
+    DeviceListChain,
+    DeviceListSignature,
+    Policy,
+    SignedDeviceList,
+    WebAuthnAssertion,
+    WebAuthnCredential,
+)
+
+FORMAT_1 = 1
+FORMAT_2 = 2
+
+
+class DeviceListForkError(TetherlessError):
+    """A chain does not contain the version and hash the client verified before (crypto.md §3.5).
+
+    Client-side only (never on the wire): show it as an alarm, keep the
+    conflicting versions as evidence, and use none of the account's keys.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.INVALID_DEVICE_LIST, detail)
+
+
+class DeviceListRollbackError(TetherlessError):
+    """A chain ends below the version the client verified before (crypto.md §3.5). Client-side only."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.INVALID_DEVICE_LIST, detail)
+
+
+def _bad(why: str) -> TetherlessError:
+    return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
+
+
+# -- layouts and hashes ----------------------------------------------------------------------------
 
 
 def list_layout(device_list: DeviceList) -> bytes:
-    """The bytes every signature over ``device_list`` covers (docs/protocol.md §4)."""
-    fields: list[signing.Field] = [
-        device_list.account_id,
-        device_list.version,
-        device_list.prev_hash,
-        device_list.created_at_ms,
-        len(device_list.devices),
+    """The bytes every approval of ``device_list`` covers.
+
+    Format 1: docs/protocol.md §4. Format 2: ``list_layout_v2`` of
+    docs/crypto.md §3.1 (entries in the list's order, which
+    :func:`check_structure` requires to be sorted).
+    """
+    dl = device_list
+    if dl.format == FORMAT_1:
+        fields: list[signing.Field] = [dl.account_id, dl.version, dl.prev_hash, dl.created_at_ms, len(dl.devices)]
+        for device in dl.devices:
+            fields += [device.device_id, device.sign_key, device.box_key, device.name, device.added_at_ms]
+        return signing.layout("device-list", *fields)
+    policy = dl.policy
+    fields = [
+        dl.account_id,
+        dl.version,
+        dl.prev_hash,
+        dl.created_at_ms,
+        policy.threshold,
+        int(policy.require_webauthn),
+        int(policy.require_user_verification),
+        dl.account_key_epoch,
+        dl.recovery_key,
+        dl.recovery_backup_key_hash,
+        len(dl.devices),
     ]
-    for device in device_list.devices:
-        fields += [device.device_id, device.sign_key, device.box_key, device.name, device.added_at_ms]
-    return signing.layout("device-list", *fields)
+    for device in dl.devices:
+        fields += [device.device_id, device.sign_key, device.box_key, device.added_at_ms]
+    fields.append(len(dl.credentials))
+    for credential in dl.credentials:
+        fields += [credential.credential_id, credential.public_key, credential.rp_id, credential.added_at_ms]
+    return signing.layout("device-list/2", *fields)
 
 
 def list_hash(device_list: DeviceList) -> bytes:
-    """SHA-256 of the list's layout: what the next version puts in ``prev_hash``."""
+    """SHA-256 of the list's layout (either format): ``prev_hash`` of the next version, WebAuthn challenge."""
     return hashlib.sha256(list_layout(device_list)).digest()
 
 
-def device_entry(sign_key: bytes, box_key: bytes, *, name: str, added_at_ms: int) -> DeviceEntry:
+# -- structure -------------------------------------------------------------------------------------
+
+
+def check_structure(device_list: DeviceList) -> None:
+    """Check one list on its own (no predecessor). Raises ``invalid_device_list``.
+
+    Both formats: device ids derived from their keys, unique ids and box
+    keys, ``prev_hash`` empty exactly for version 1. Format 1: the format-2
+    fields keep their defaults. Format 2 (crypto.md §3.1): names empty,
+    devices sorted by id and credentials by credential id (so one list has
+    one layout), unique credentials with allowed COSE keys, recovery key and
+    backup-key hash of 0 or 32 bytes, ``threshold ≤ |devices| + |credentials|``,
+    and ``require_webauthn`` only with at least one credential.
+    """
+    dl = device_list
+    if (dl.version == 1) != (not dl.prev_hash):
+        raise _bad("prev_hash is empty exactly for version 1")
+    if dl.prev_hash and len(dl.prev_hash) != 32:
+        raise _bad("prev_hash is 32 bytes")
+    ids = [d.device_id for d in dl.devices]
+    for device in dl.devices:
+        if device.device_id != device_id_for(device.sign_key):
+            raise _bad(f"device_id {device.device_id} does not match its sign_key")
+    if len(set(ids)) != len(ids):
+        raise _bad("a device appears twice")
+    if len({d.box_key for d in dl.devices}) != len(ids):
+        raise _bad("two devices share a box_key")
+    if dl.format == FORMAT_1:
+        if (
+            dl.policy != DEFAULT_POLICY
+            or dl.credentials
+            or dl.recovery_key
+            or dl.recovery_backup_key_hash
+            or dl.account_key_epoch
+        ):
+            raise _bad("a format-1 list has no policy, credentials, recovery key or epoch")
+        return
+    if any(d.name for d in dl.devices):
+        raise _bad("device names must be empty in format 2 (they live in the account log)")
+    if ids != sorted(ids):
+        raise _bad("devices must be sorted by device_id")
+    credential_ids = [c.credential_id for c in dl.credentials]
+    if credential_ids != sorted(credential_ids) or len(set(credential_ids)) != len(credential_ids):
+        raise _bad("credentials must be sorted by credential_id and unique")
+    for credential in dl.credentials:
+        try:
+            webauthn.parse_public_key(credential.public_key)
+        except TetherlessError as exc:
+            raise _bad(f"credential public key: {exc.detail}") from exc
+    if len(dl.recovery_key) not in (0, 32) or len(dl.recovery_backup_key_hash) not in (0, 32):
+        raise _bad("recovery_key and recovery_backup_key_hash are empty or 32 bytes")
+    if dl.policy.threshold > len(dl.devices) + len(dl.credentials):
+        raise _bad("threshold is above the number of devices and credentials")
+    if dl.policy.require_webauthn and not dl.credentials:
+        raise _bad("require_webauthn needs at least one credential")
+
+
+def _policy(dl: DeviceList) -> Policy:
+    """The policy in force for approving the version after ``dl`` (format 1: threshold 1)."""
+    return dl.policy if dl.format == FORMAT_2 else DEFAULT_POLICY
+
+
+# -- genesis ---------------------------------------------------------------------------------------
+
+
+def device_entry(sign_key: bytes, box_key: bytes, *, name: str = "", added_at_ms: int) -> DeviceEntry:
     return DeviceEntry(
         device_id=device_id_for(sign_key), sign_key=sign_key, box_key=box_key, name=name, added_at_ms=added_at_ms
     )
 
 
 def genesis(signing_key: nacl.signing.SigningKey, box_key: bytes, *, name: str, now_ms: int) -> SignedDeviceList:
-    """A new account's first device list, signed by its only device."""
+    """A new account's first device list (format 1), signed by its only device."""
     sign_key = bytes(signing_key.verify_key)
     entry = device_entry(sign_key, box_key, name=name, added_at_ms=now_ms)
     device_list = DeviceList(
@@ -56,72 +193,96 @@ def genesis(signing_key: nacl.signing.SigningKey, box_key: bytes, *, name: str, 
     )
 
 
+def genesis_v2(
+    signing_key: nacl.signing.SigningKey,
+    box_key: bytes,
+    *,
+    now_ms: int,
+    policy: Policy | None = None,
+    recovery_key: nacl.signing.SigningKey | None = None,
+    recovery_backup_key_hash: bytes = b"",
+) -> SignedDeviceList:
+    """A new account's first device list in format 2 (crypto.md §3.2, last paragraph).
+
+    One device with its self-signature; optionally a policy (its threshold
+    can only be 1 with one device) and a recovery key, which self-signs.
+    """
+    sign_key = bytes(signing_key.verify_key)
+    dl = DeviceList(
+        account_id=account_id_for(sign_key),
+        version=1,
+        prev_hash=b"",
+        created_at_ms=now_ms,
+        devices=[device_entry(sign_key, box_key, added_at_ms=now_ms)],
+        format=FORMAT_2,
+        policy=policy if policy is not None else DEFAULT_POLICY,
+        recovery_key=bytes(recovery_key.verify_key) if recovery_key is not None else b"",
+        recovery_backup_key_hash=recovery_backup_key_hash,
+    )
+    signed = SignedDeviceList(device_list=dl, signatures=[approve(dl, signing_key)])
+    if recovery_key is not None:
+        signed = msgspec.structs.replace(signed, recovery_signatures=[sign_recovery(dl, recovery_key)])
+    return signed
+
+
 def verify_genesis(signed: SignedDeviceList) -> DeviceEntry:
-    """Check a genesis list and return its device.
+    """Check a genesis list (format 1 or 2) and return its device.
 
     Raises ``invalid_device_list`` when the list is not a well-formed genesis
     (version 1, no ``prev_hash``, one device whose id matches its key, account
-    id derived from that key, one signature by that device) and
-    ``bad_signature`` when the signature does not verify. Pure; idempotent.
+    id derived from that key, one signature by that device; in format 2 also
+    :func:`check_structure`, no credentials, no assertions, and a recovery
+    signature exactly when a recovery key is set) and ``bad_signature`` when
+    a signature does not verify. Pure; idempotent.
     """
     dl = signed.device_list
-
-    def bad(why: str) -> TetherlessError:
-        return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
-
     if dl.version != 1 or dl.prev_hash:
-        raise bad("a genesis list has version 1 and no prev_hash")
+        raise _bad("a genesis list has version 1 and no prev_hash")
     if len(dl.devices) != 1:
-        raise bad("a genesis list has exactly one device")
+        raise _bad("a genesis list has exactly one device")
     device = dl.devices[0]
     if device.device_id != device_id_for(device.sign_key):
-        raise bad("device_id does not match sign_key")
+        raise _bad("device_id does not match sign_key")
     if dl.account_id != account_id_for(device.sign_key):
-        raise bad("account_id is not derived from the genesis device's key")
+        raise _bad("account_id is not derived from the genesis device's key")
     if len(signed.signatures) != 1 or signed.signatures[0].device_id != device.device_id:
-        raise bad("a genesis list is signed by its device, once")
-    signing.verify(device.sign_key, list_layout(dl), signed.signatures[0].signature)
+        raise _bad("a genesis list is signed by its device, once")
+    check_structure(dl)
+    if dl.credentials or signed.webauthn_assertions:
+        raise _bad("a genesis list has no WebAuthn credentials")
+    if len(signed.recovery_signatures) != (1 if dl.recovery_key else 0):
+        raise _bad("a genesis list carries one recovery signature exactly when it sets a recovery key")
+    layout = list_layout(dl)
+    signing.verify(device.sign_key, layout, signed.signatures[0].signature)
+    if dl.recovery_key:
+        signing.verify(dl.recovery_key, layout, signed.recovery_signatures[0])
     return device
 
 
-def verify_chain(chain: DeviceListChain, account_id: str) -> list[DeviceEntry]:
-    """Check an account's device-list chain and return the devices of its latest version.
+# -- one version -----------------------------------------------------------------------------------
 
-    Version 1 must be a valid genesis (:func:`verify_genesis`)
-    for ``account_id``; each later version must continue it (next version
-    number, same account, ``prev_hash`` of the previous list) and carry a
-    valid signature by a device of the previous version (the default "any one
-    device" policy). Raises ``invalid_device_list`` or ``bad_signature``.
+
+@dataclass(frozen=True, slots=True)
+class VersionChange:
+    """What an accepted version changes, as :func:`evaluate_version` found it.
+
+    ``assertion_counters`` maps the credential id of every verified assertion
+    (approvals and proofs of possession) to its new sign count: the relay
+    compares them with its stored counters (``webauthn_replayed``), clients
+    along the chain (:func:`verify_chain`).
     """
 
-    def bad(why: str) -> TetherlessError:
-        return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
-
-    if chain.account_id != account_id or not chain.versions:
-        raise bad("the relay returned a chain for another account, or an empty one")
-    first = chain.versions[0]
-    verify_genesis(first)
-    if first.device_list.account_id != account_id:
-        raise bad("the genesis list belongs to another account")
-    previous = first.device_list
-    for signed in chain.versions[1:]:
-        current = signed.device_list
-        if current.account_id != account_id or current.version != previous.version + 1:
-            raise bad("device-list versions do not follow each other")
-        if current.prev_hash != list_hash(previous):
-            raise bad("device-list prev_hash does not match the previous version")
-        signers = {d.device_id: d.sign_key for d in previous.devices}
-        layout = list_layout(current)
-        if not any(
-            s.device_id in signers and _signature_ok(signers[s.device_id], layout, s.signature)
-            for s in signed.signatures
-        ):
-            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "no valid signature by a device of the previous version")
-        for device in current.devices:
-            if device.device_id != device_id_for(device.sign_key):
-                raise bad("device_id does not match sign_key")
-        previous = current
-    return list(previous.devices)
+    added: list[DeviceEntry]
+    removed: list[DeviceEntry]
+    added_credentials: list[WebAuthnCredential]
+    removed_credentials: list[WebAuthnCredential]
+    assertion_counters: dict[bytes, int]
+    list_hash: bytes = b""
+    approving_devices: list[str] = field(default_factory=list)
+    approving_credentials: list[bytes] = field(default_factory=list)
+    recovery_approved: bool = False
+    policy_changed: bool = False
+    recovery_key_changed: bool = False
 
 
 def _signature_ok(key: bytes, message: bytes, signature: bytes) -> bool:
@@ -130,3 +291,347 @@ def _signature_ok(key: bytes, message: bytes, signature: bytes) -> bool:
     except TetherlessError:
         return False
     return True
+
+
+def _check_continuation(prev: DeviceList, dl: DeviceList, removed_ids: Collection[str]) -> None:
+    if dl.account_id != prev.account_id:
+        raise _bad("the version belongs to another account")
+    if dl.version != prev.version + 1:
+        raise _bad(f"version {dl.version} does not follow version {prev.version}")
+    if dl.prev_hash != list_hash(prev):
+        raise _bad("prev_hash does not match the previous version")
+    if dl.format < prev.format:
+        raise _bad("the format cannot go back from 2 to 1")
+    check_structure(dl)
+    if dl.format == FORMAT_1:
+        return  # format 1 keeps protocol v1's rules (docs/protocol.md §4)
+    if dl.created_at_ms < prev.created_at_ms:
+        raise _bad("created_at_ms is before the previous version's")
+    before = {d.device_id: d for d in prev.devices}
+    for device in dl.devices:
+        if device.device_id in removed_ids and device.device_id not in before:
+            raise _bad(f"device {device.device_id} was removed earlier and cannot come back")
+        kept = before.get(device.device_id)
+        if kept is not None and (kept.box_key, kept.added_at_ms) != (device.box_key, device.added_at_ms):
+            raise _bad(f"device {device.device_id} changed its entry")
+    old_credentials = {c.credential_id: c for c in prev.credentials}
+    for credential in dl.credentials:
+        kept_credential = old_credentials.get(credential.credential_id)
+        if kept_credential is not None and kept_credential != credential:
+            raise _bad("a credential changed its entry")
+
+
+def evaluate_version(
+    prev: DeviceList,
+    signed: SignedDeviceList,
+    *,
+    removed_ids: Collection[str] = (),
+) -> VersionChange:
+    """Check version L (``signed``) against its predecessor P (crypto.md §3.2) and say what it changes.
+
+    ``removed_ids`` are the device ids removed anywhere earlier in the chain
+    (none may come back; :func:`verify_chain` passes them, the relay keeps
+    them). Format 1 L keeps protocol v1's rule: at least one valid signature
+    by a device of P, else ``bad_signature``.
+
+    Format 2 L, every approval must be genuine (a dropped approval fails the
+    threshold, a foreign or wrong one fails the version):
+
+    - ``invalid_device_list``: structure (continuation, sorted unique entries,
+      names, threshold, removed ids coming back, changed entries, epoch rule),
+      or one approver signing twice;
+    - ``bad_signature``: a device signature by neither a device of P nor a
+      device added in L, or one that does not verify; a recovery signature by
+      neither P's nor L's recovery key;
+    - ``webauthn_invalid``: an assertion by a credential of neither P nor
+      L's added credentials, or one that does not verify over
+      ``list_hash(L)`` (UV required when P requires it);
+    - ``policy_not_met``: the weights of P's approvers (1 per device, 1 per
+      credential, ``P.threshold`` for P's recovery key) below
+      ``P.threshold``; no assertion by a credential of P while P requires
+      WebAuthn; or a missing proof of possession (an added device, an added
+      credential or a new recovery key that has not signed L).
+
+    Counters are returned in :attr:`VersionChange.assertion_counters`, not
+    judged. Pure.
+    """
+    dl = signed.device_list
+    _check_continuation(prev, dl, removed_ids)
+    layout = list_layout(dl)
+    digest = hashlib.sha256(layout).digest()
+    before = {d.device_id: d for d in prev.devices}
+    after = {d.device_id: d for d in dl.devices}
+    added = [d for d in dl.devices if d.device_id not in before]
+    removed = [d for d in prev.devices if d.device_id not in after]
+    old_credentials = {c.credential_id: c for c in prev.credentials}
+    new_credentials = {c.credential_id: c for c in dl.credentials}
+    added_credentials = [c for c in dl.credentials if c.credential_id not in old_credentials]
+    removed_credentials = [c for c in prev.credentials if c.credential_id not in new_credentials]
+
+    if dl.format == FORMAT_1:
+        approvers = [
+            s.device_id
+            for s in signed.signatures
+            if s.device_id in before and _signature_ok(before[s.device_id].sign_key, layout, s.signature)
+        ]
+        if not approvers:
+            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "no valid signature by a device of the previous version")
+        return VersionChange(
+            added=added,
+            removed=removed,
+            added_credentials=[],
+            removed_credentials=[],
+            assertion_counters={},
+            list_hash=digest,
+            approving_devices=sorted(set(approvers)),
+        )
+
+    prev_epoch = prev.account_key_epoch if prev.format == FORMAT_2 else 0
+    if removed or removed_credentials:
+        if dl.account_key_epoch != prev_epoch + 1:
+            raise _bad("a version that removes a device or credential sets account_key_epoch to the previous + 1")
+    elif dl.account_key_epoch < prev_epoch:
+        raise _bad("account_key_epoch cannot go down")
+
+    policy = _policy(prev)
+    # Device signatures: approvals by devices of P, self-signatures of added devices.
+    may_sign = {**before, **{d.device_id: d for d in added}}
+    signers: set[str] = set()
+    for s in signed.signatures:
+        if s.device_id in signers:
+            raise _bad(f"device {s.device_id} signed twice")
+        signers.add(s.device_id)
+        entry = may_sign.get(s.device_id)
+        if entry is None:
+            raise TetherlessError(ErrorCode.BAD_SIGNATURE, f"signature by {s.device_id}, not a device of P or L")
+        signing.verify(entry.sign_key, layout, s.signature)
+    approving_devices = sorted(signers & before.keys())
+
+    # Recovery signatures: by P's recovery key (an approval) and/or L's new one (proof of possession).
+    recovery_keys = {k for k in (prev.recovery_key, dl.recovery_key) if k}
+    recovery_signed: set[bytes] = set()
+    for signature in signed.recovery_signatures:
+        matching = [k for k in recovery_keys if _signature_ok(k, layout, signature)]
+        if not matching:
+            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "recovery signature by neither P's nor L's recovery key")
+        if matching[0] in recovery_signed:
+            raise _bad("the recovery key signed twice")
+        recovery_signed.add(matching[0])
+    recovery_approved = bool(prev.recovery_key) and prev.recovery_key in recovery_signed
+
+    # Assertions: approvals by credentials of P, proofs of possession of added credentials.
+    counters: dict[bytes, int] = {}
+    approving_credentials: list[bytes] = []
+    for assertion in signed.webauthn_assertions:
+        credential = old_credentials.get(assertion.credential_id) or new_credentials.get(assertion.credential_id)
+        if credential is None:
+            raise TetherlessError(ErrorCode.WEBAUTHN_INVALID, "assertion by an unknown credential")
+        if assertion.credential_id in counters:
+            raise _bad("a credential asserted twice")
+        result = webauthn.verify_assertion(
+            credential,
+            assertion,
+            challenge=digest,
+            require_user_verification=policy.require_user_verification,
+        )
+        counters[assertion.credential_id] = result.sign_count
+        if assertion.credential_id in old_credentials:
+            approving_credentials.append(assertion.credential_id)
+
+    weight = len(approving_devices) + len(approving_credentials) + (policy.threshold if recovery_approved else 0)
+    if weight < policy.threshold:
+        raise TetherlessError(
+            ErrorCode.POLICY_NOT_MET,
+            f"approvals weigh {weight}, the previous version's threshold is {policy.threshold}",
+        )
+    if policy.require_webauthn and not approving_credentials:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the previous version requires a WebAuthn co-signature")
+    for device in added:
+        if device.device_id not in signers:
+            raise TetherlessError(ErrorCode.POLICY_NOT_MET, f"added device {device.device_id} has not signed L")
+    for credential in added_credentials:
+        if credential.credential_id not in counters:
+            raise TetherlessError(ErrorCode.POLICY_NOT_MET, "an added credential has not asserted L")
+    recovery_key_changed = dl.recovery_key != prev.recovery_key
+    if dl.recovery_key and recovery_key_changed and dl.recovery_key not in recovery_signed:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the new recovery key has not signed L")
+    return VersionChange(
+        added=added,
+        removed=removed,
+        added_credentials=added_credentials,
+        removed_credentials=removed_credentials,
+        assertion_counters=counters,
+        list_hash=digest,
+        approving_devices=approving_devices,
+        approving_credentials=sorted(approving_credentials),
+        recovery_approved=recovery_approved,
+        policy_changed=_policy(dl) != policy,
+        recovery_key_changed=recovery_key_changed,
+    )
+
+
+# -- the whole chain -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedChain:
+    """A verified chain: the head's devices, the head, and the new high-water mark ``(version, list_hash)``."""
+
+    devices: list[DeviceEntry]
+    head: DeviceList
+    mark: tuple[int, bytes]
+    removed_ids: frozenset[str] = frozenset()
+    counters: dict[bytes, int] = field(default_factory=dict)
+
+
+def check_counter(credential_id: bytes, stored: int | None, new: int) -> None:
+    """Sign counters must strictly increase per credential unless both are 0 (crypto.md §6).
+
+    ``stored`` is ``None`` when no counter is known yet. Raises ``webauthn_replayed``.
+    """
+    if stored is None or (stored == 0 and new == 0) or new > stored:
+        return
+    raise TetherlessError(
+        ErrorCode.WEBAUTHN_REPLAYED,
+        f"sign counter {new} is not above {stored} for credential {credential_id.hex()[:16]}",
+    )
+
+
+def verify_chain(chain: DeviceListChain, account_id: str, *, mark: tuple[int, bytes] | None = None) -> VerifiedChain:
+    """Check an account's device-list chain and return its head and devices.
+
+    Version 1 must be a valid genesis (:func:`verify_genesis`) for
+    ``account_id``; every later version must pass :func:`evaluate_version`
+    against its predecessor (removed device ids never return), and WebAuthn
+    sign counters must strictly increase along the chain per credential
+    unless both are 0 (``webauthn_replayed``). Raises
+    ``invalid_device_list``, ``bad_signature``, ``policy_not_met``,
+    ``webauthn_invalid``, ``webauthn_replayed``.
+
+    ``mark`` is the client's high-water mark ``(version, list_hash)`` from an
+    earlier verification: the chain must contain exactly that pair
+    (:class:`DeviceListForkError` otherwise) and must not end below it
+    (:class:`DeviceListRollbackError`). Both are client-side alarms.
+    """
+    if chain.account_id != account_id or not chain.versions:
+        raise _bad("the relay returned a chain for another account, or an empty one")
+    first = chain.versions[0]
+    verify_genesis(first)
+    if first.device_list.account_id != account_id:
+        raise _bad("the genesis list belongs to another account")
+    previous = first.device_list
+    hashes = {1: list_hash(previous)}
+    removed_ids: set[str] = set()
+    counters: dict[bytes, int] = {}
+    for signed in chain.versions[1:]:
+        change = evaluate_version(previous, signed, removed_ids=removed_ids)
+        for credential_id, count in change.assertion_counters.items():
+            check_counter(credential_id, counters.get(credential_id), count)
+            counters[credential_id] = count
+        for credential in change.removed_credentials:
+            counters.pop(credential.credential_id, None)
+        removed_ids.update(d.device_id for d in change.removed)
+        previous = signed.device_list
+        hashes[previous.version] = change.list_hash
+    head = previous
+    if mark is not None:
+        version, expected = mark
+        if head.version < version:
+            raise DeviceListRollbackError(
+                f"the chain ends at version {head.version}, below the verified version {version}"
+            )
+        if hashes.get(version) != expected:
+            raise DeviceListForkError(f"version {version} differs from the one verified before: a fork")
+    return VerifiedChain(
+        devices=list(head.devices),
+        head=head,
+        mark=(head.version, hashes[head.version]),
+        removed_ids=frozenset(removed_ids),
+        counters=counters,
+    )
+
+
+# -- builders for clients --------------------------------------------------------------------------
+
+
+def next_version(
+    prev: DeviceList,
+    *,
+    add_devices: Iterable[DeviceEntry] = (),
+    remove_device_ids: Iterable[str] = (),
+    add_credentials: Iterable[WebAuthnCredential] = (),
+    remove_credential_ids: Iterable[bytes] = (),
+    policy: Policy | None = None,
+    recovery_key: bytes | None = None,
+    recovery_backup_key_hash: bytes | None = None,
+    account_key_epoch: int | None = None,
+    now_ms: int,
+) -> DeviceList:
+    """Build the format-2 version after ``prev`` (unsigned; approve with :func:`approve` and friends).
+
+    Entries are sorted, names dropped (format 2), the epoch bumped when a
+    device or credential is removed (unless given), ``created_at_ms`` is
+    ``max(now_ms, prev.created_at_ms)``. ``policy``/``recovery_key``/
+    ``recovery_backup_key_hash`` of ``None`` keep P's (``b""`` clears the
+    recovery key). Raises ``ValueError`` for removing an unknown id; the
+    result is *not* checked (a client may build anything; the checks run on
+    approval by :func:`evaluate_version`).
+    """
+    remove = set(remove_device_ids)
+    remove_credentials = set(remove_credential_ids)
+    known = {d.device_id for d in prev.devices}
+    if not remove <= known:
+        raise ValueError(f"no such device in the list: {sorted(remove - known)}")
+    if not remove_credentials <= {c.credential_id for c in prev.credentials}:
+        raise ValueError("no such credential in the list")
+    kept = [msgspec.structs.replace(d, name="") for d in prev.devices if d.device_id not in remove]
+    devices = sorted([*kept, *(msgspec.structs.replace(d, name="") for d in add_devices)], key=lambda d: d.device_id)
+    credentials = sorted(
+        [*(c for c in prev.credentials if c.credential_id not in remove_credentials), *add_credentials],
+        key=lambda c: c.credential_id,
+    )
+    prev_epoch = prev.account_key_epoch if prev.format == FORMAT_2 else 0
+    if account_key_epoch is None:
+        account_key_epoch = prev_epoch + 1 if remove or remove_credentials else prev_epoch
+    return DeviceList(
+        account_id=prev.account_id,
+        version=prev.version + 1,
+        prev_hash=list_hash(prev),
+        created_at_ms=max(now_ms, prev.created_at_ms),
+        devices=devices,
+        format=FORMAT_2,
+        policy=policy if policy is not None else _policy(prev),
+        credentials=credentials,
+        recovery_key=recovery_key if recovery_key is not None else prev.recovery_key,
+        recovery_backup_key_hash=(
+            recovery_backup_key_hash if recovery_backup_key_hash is not None else prev.recovery_backup_key_hash
+        ),
+        account_key_epoch=account_key_epoch,
+    )
+
+
+def approve(device_list: DeviceList, signing_key: nacl.signing.SigningKey) -> DeviceListSignature:
+    """A device's signature over ``device_list``: an approval (device of P) or a self-signature (added device)."""
+    device_id = device_id_for(bytes(signing_key.verify_key))
+    return DeviceListSignature(device_id=device_id, signature=signing.sign(signing_key, list_layout(device_list)))
+
+
+def sign_recovery(device_list: DeviceList, recovery_signing_key: nacl.signing.SigningKey) -> bytes:
+    """The recovery key's signature over ``device_list`` (for ``SignedDeviceList.recovery_signatures``)."""
+    return signing.sign(recovery_signing_key, list_layout(device_list))
+
+
+def signed_list(
+    device_list: DeviceList,
+    signatures: Sequence[DeviceListSignature] = (),
+    *,
+    recovery_signatures: Sequence[bytes] = (),
+    webauthn_assertions: Sequence[WebAuthnAssertion] = (),
+) -> SignedDeviceList:
+    """Assemble a :class:`SignedDeviceList` (device signatures sorted by device id)."""
+    return SignedDeviceList(
+        device_list=device_list,
+        signatures=sorted(signatures, key=lambda s: s.device_id),
+        recovery_signatures=list(recovery_signatures),
+        webauthn_assertions=list(webauthn_assertions),
+    )

@@ -159,6 +159,8 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     code: str
     detail: str = ""
     retry_after_seconds: int | None = None
+    head: int | None = None  # log_conflict: the account log's current head
+    epoch: int | None = None  # log_epoch_stale: the account log's current epoch
 
 
 class TetherlessError(Exception):
@@ -168,11 +170,21 @@ class TetherlessError(Exception):
     bodies in it.
     """
 
-    def __init__(self, code: ErrorCode, detail: str = "", *, retry_after_seconds: int | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: str = "",
+        *,
+        retry_after_seconds: int | None = None,
+        head: int | None = None,
+        epoch: int | None = None,
+    ) -> None:
         super().__init__(f"{code.value}: {detail}" if detail else code.value)
         self.code = code
         self.detail = detail
         self.retry_after_seconds = retry_after_seconds
+        self.head = head
+        self.epoch = epoch
 
     @property
     def status(self) -> int:
@@ -186,6 +198,8 @@ class TetherlessError(Exception):
             code=self.code.value,
             detail=self.detail,
             retry_after_seconds=self.retry_after_seconds,
+            head=self.head,
+            epoch=self.epoch,
         )
 
 
@@ -193,9 +207,16 @@ class RemoteError(TetherlessError):
     """The other side answered with a problem (raised by clients)."""
 
     def __init__(
-        self, code: ErrorCode, detail: str = "", *, http_status: int, retry_after_seconds: int | None = None
+        self,
+        code: ErrorCode,
+        detail: str = "",
+        *,
+        http_status: int,
+        retry_after_seconds: int | None = None,
+        head: int | None = None,
+        epoch: int | None = None,
     ) -> None:
-        super().__init__(code, detail, retry_after_seconds=retry_after_seconds)
+        super().__init__(code, detail, retry_after_seconds=retry_after_seconds, head=head, epoch=epoch)
         self.http_status = http_status
 
 
@@ -219,4 +240,11 @@ def error_from_problem(http_status: int, body: bytes) -> RemoteError | UnknownRe
         code = ErrorCode(problem.code)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return UnknownRemoteError(http_status, body)
-    return RemoteError(code, problem.detail, http_status=http_status, retry_after_seconds=problem.retry_after_seconds)
+    return RemoteError(
+        code,
+        problem.detail,
+        http_status=http_status,
+        retry_after_seconds=problem.retry_after_seconds,
+        head=problem.head,
+        epoch=problem.epoch,
+    )

@@ -145,6 +145,27 @@ def seal(
     return _seal_box(padding.pad(codec.encode(content)), recipient_box_key, ephemeral_private_key)
 
 
+def seal_box(plaintext: bytes, recipient_box_key: bytes, ephemeral_private_key: bytes) -> bytes:
+    """libsodium ``crypto_box_seal`` of ``plaintext`` with an explicit ephemeral key (the module doc).
+
+    Raises ``ValueError`` for a wrong key length or an unusable (low-order) recipient key.
+    """
+    if len(ephemeral_private_key) != EPHEMERAL_KEY_BYTES or len(recipient_box_key) != BOX_KEY_BYTES:
+        raise ValueError("X25519 keys are 32 bytes")
+    return _seal_box(plaintext, recipient_box_key, ephemeral_private_key)
+
+
+def open_box(ciphertext: bytes, box_private_key: bytes) -> bytes:
+    """Open a sealed box made by :func:`seal_box`; raises :class:`InvalidPayloadError` ``malformed_body``."""
+    if len(box_private_key) != BOX_KEY_BYTES:
+        raise ValueError("an X25519 private key is 32 bytes")
+    public_key = nacl.bindings.crypto_scalarmult_base(box_private_key)
+    try:
+        return bytes(nacl.bindings.crypto_box_seal_open(ciphertext, public_key, box_private_key))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise InvalidPayloadError(ErrorCode.MALFORMED_BODY, "ciphertext does not decrypt") from exc
+
+
 def _seal_box(plaintext: bytes, recipient_box_key: bytes, ephemeral_private_key: bytes) -> bytes:
     ephemeral_public_key = nacl.bindings.crypto_scalarmult_base(ephemeral_private_key)
     nonce = nacl.bindings.crypto_generichash_blake2b_salt_personal(
@@ -173,15 +194,21 @@ def open(  # the natural name; this module never needs the builtin
     its address: that needs the account's device list (the SDK does it).
     Pure and deterministic.
     """
-    if len(box_private_key) != BOX_KEY_BYTES:
-        raise ValueError("an X25519 private key is 32 bytes")
-    public_key = nacl.bindings.crypto_scalarmult_base(box_private_key)
+    return open_plaintext(unpad(open_box(ciphertext, box_private_key)), own_address=own_address)
+
+
+def unpad(padded: bytes) -> bytes:
+    """:func:`protocol.padding.unpad` raising :class:`InvalidPayloadError` ``malformed_body``."""
     try:
-        padded = nacl.bindings.crypto_box_seal_open(ciphertext, public_key, box_private_key)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-        raise InvalidPayloadError(ErrorCode.MALFORMED_BODY, "ciphertext does not decrypt") from exc
+        return padding.unpad(padded)
+    except TetherlessError as exc:
+        raise InvalidPayloadError(ErrorCode.MALFORMED_BODY, f"sealed content: {exc.detail or exc.code.value}") from exc
+
+
+def open_plaintext(plaintext: bytes, *, own_address: str) -> Opened:
+    """The checks of :func:`open` on an already decrypted and unpadded v1 plaintext (used by the v2 dispatch)."""
     try:
-        content = codec.decode(padding.unpad(padded), SealedContent)
+        content = codec.decode(plaintext, SealedContent)
     except TetherlessError as exc:
         raise InvalidPayloadError(ErrorCode.MALFORMED_BODY, f"sealed content: {exc.detail or exc.code.value}") from exc
     try:

@@ -22,7 +22,16 @@ from relay.api.http import Request, Response
 from relay.api.routes import Endpoints, well_known
 from relay.config import Config
 from relay.relay_keys import load_keyring, load_or_create_signing_key
-from relay.services import FederationSettings, RateSettings, ServiceContext, Services, limits_from, wall_clock_ms
+from relay.services import (
+    FederationSettings,
+    PrekeySettings,
+    RateSettings,
+    ServiceContext,
+    Services,
+    WebAuthnSettings,
+    limits_from,
+    wall_clock_ms,
+)
 from relay.services.federation import PREFIX as FEDERATION_PREFIX
 from relay.store import PostgresStore, SQLiteStore, Store, StoreUnavailableError, redact_url
 from relay.transport import Server
@@ -97,6 +106,8 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 federation=FederationSettings.from_config(config),
                 keyring=keyring,
                 peer_transport=outbound,
+                webauthn=WebAuthnSettings.from_config(config, relay_name),
+                prekeys=PrekeySettings.from_config(config),
             )
             discovery = well_known(
                 relay_name,
@@ -111,6 +122,8 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             nursery.start_soon(services.inbox.run_expiry, config.expiry_interval_seconds)
             # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).
             await nursery.start(store.watch_inbox_commits, services.inbox.notifier.notify)
+            nursery.start_soon(services.log.run_retention, config.expiry_interval_seconds)
+            await nursery.start(store.watch_log_commits, services.log.notifier.notify)
             if services.federation.enabled:
                 await nursery.start(services.federation.run_delivery)
             application.ready = True

@@ -185,6 +185,12 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tetherless", description="Tetherless relay and client")
     parser.add_argument("--home", default=None, help="client state directory (default $TETHERLESS_HOME)")
+    parser.add_argument(
+        "--passphrase-file",
+        default=None,
+        metavar="FILE",
+        help="read the client keystore passphrase from FILE's first line (else $TETHERLESS_PASSPHRASE or a prompt)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="run a relay")

@@ -45,6 +45,13 @@ class Config:
     max_page_envelopes: int = 1000
     session_ttl_seconds: int = 12 * 3600
     challenge_ttl_seconds: int = 60
+    # account log (docs/account-log.md §3.5; also published)
+    max_log_batch_records: int = 500
+    max_log_record_bytes: int = 1_048_616  # a 1 MiB padding bucket + 24-byte nonce + 16-byte tag
+    max_page_log_records: int = 500
+    max_log_page_bytes: int = 4 * MiB  # soft: a page holds at least one record
+    max_log_bytes: int = 4 * 1024 * MiB  # ciphertext per account; 0 = unlimited
+    max_retention_days: int = 36_500
     stream_heartbeat_seconds: float = 15.0
     expiry_interval_seconds: float = 60.0
     # -- abuse limits (token buckets; 0 disables one) -----------------------------------
@@ -90,6 +97,17 @@ class Config:
     federation_poll_seconds: float = 2.0  # outbox scan interval (new sends wake the worker at once)
     rate_peer_requests_per_second: float = 100.0  # inbound federation requests per origin relay
     rate_peer_requests_burst: int = 1000
+    # -- device lists and WebAuthn (docs/crypto.md §3.3, §6) -------------------------------------
+    rate_account_list_changes_per_second: float = 0.2  # POST /v1/accounts/{id}/devices per account (12/min)
+    rate_account_list_changes_burst: int = 20
+    webauthn_rp_id: str = ""  # WebAuthn relying-party id; default: the relay name's host (no port)
+    webauthn_origins: str = ""  # comma-separated origins accepted in clientDataJSON (default: any valid for the rp id)
+    # -- prekeys and enrolment (docs/crypto.md §5, §7) ----------------------------------------------
+    rate_prekey_claims_per_second: float = 5.0  # POST /v1/prekeys/claim per device
+    rate_prekey_claims_burst: int = 100
+    prekey_one_time_per_pair_per_hour: int = 3  # one-time keys of each kind per (claiming account, device) per hour
+    enrolment_ttl_seconds: int = 600  # an enrolment offer (link code) is usable this long
+    rate_enrolment_lookups_per_minute: float = 10.0  # GET offer / POST proposal per device (burst the same)
 
     @property
     def relay_name(self) -> str:
@@ -185,6 +203,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_connection_body_bytes cannot be smaller than max_body_bytes")
     if config.max_envelope_bytes > config.max_body_bytes:
         raise ConfigError("max_envelope_bytes cannot exceed max_body_bytes")
+    if config.max_log_batch_records < 1 or config.max_page_log_records < 1 or config.max_retention_days < 1:
+        raise ConfigError("max_log_batch_records, max_page_log_records and max_retention_days must be at least 1")
     for name in ("rate_device_envelopes_burst", "rate_account_envelopes_burst"):
         burst = getattr(config, name)
         if 0 < burst < config.max_batch_envelopes:

@@ -114,6 +114,78 @@ federation_rejected_total = Counter(
     "relay_federation_rejected_total", "Inbound federation requests refused, by code", ["code"], registry=REGISTRY
 )
 
+# -- device lists and WebAuthn (docs/crypto.md §3.3, §4, §6) -------------------------------------------
+device_list_versions_total = Counter(
+    "relay_device_list_versions_total",
+    "Device-list versions posted, by outcome (accepted or the problem code)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+devices_revoked_total = Counter(
+    "relay_devices_revoked_total", "Devices revoked by an accepted device-list version", registry=REGISTRY
+)
+webauthn_registrations_total = Counter(
+    "relay_webauthn_registrations_total",
+    "WebAuthn registrations completed, by outcome (registered or the problem code)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
+
+# -- account log (docs/account-log.md §7.3) ----------------------------------------------------
+log_appends_total = Counter(
+    "relay_log_appends_total",
+    "Account log appends, by outcome (stored, duplicate, conflict, rejected)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+log_records_appended_total = Counter(
+    "relay_log_records_appended_total", "Account log records newly stored", registry=REGISTRY
+)
+log_record_bytes = Histogram(
+    "relay_log_record_bytes",
+    "Ciphertext size of appended account log records",
+    buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 1048616),
+    registry=REGISTRY,
+)
+log_streams_open = Gauge("relay_log_streams_open", "Account log streams currently open", registry=REGISTRY)
+log_records_served_total = Counter(
+    "relay_log_records_served_total",
+    "Account log records handed to devices, by route (page, stream, snapshot)",
+    ["via"],
+    registry=REGISTRY,
+)
+log_retention_deleted_total = Counter(
+    "relay_log_retention_deleted_total",
+    "Account log records deleted (or snapshot records emptied) by retention",
+    registry=REGISTRY,
+)
+
+
+# -- prekeys and enrolment (docs/crypto.md §5, §7; kinds are the four fixed prekey kind strings) ----
+prekeys_uploaded_total = Counter(
+    "relay_prekeys_uploaded_total", "Prekeys stored by uploads, by kind", ["kind"], registry=REGISTRY
+)
+prekeys_claimed_total = Counter(
+    "relay_prekeys_claimed_total", "Prekeys served in claimed bundles, by kind", ["kind"], registry=REGISTRY
+)
+prekeys_exhausted_total = Counter(
+    "relay_prekeys_exhausted_total",
+    "Bundles served without a one-time key of a kind (none left, or the per-pair limit), by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+prekey_claims_missing_total = Counter(
+    "relay_prekey_claims_missing_total", "Claimed devices answered as missing", registry=REGISTRY
+)
+enrolments_created_total = Counter("relay_enrolments_created_total", "Enrolment offers stored", registry=REGISTRY)
+enrolments_used_total = Counter(
+    "relay_enrolments_used_total", "Enrolment offers answered with a proposal", registry=REGISTRY
+)
+enrolments_expired_total = Counter(
+    "relay_enrolments_expired_total", "Enrolment offers forgotten without a proposal", registry=REGISTRY
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""

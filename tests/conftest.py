@@ -10,6 +10,7 @@ import datetime
 import functools
 import inspect
 import ipaddress
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.relay_process import RelayProcess
+
+# Client homes are encrypted (crypto.md §13): every test and every CLI
+# subprocess it starts unlocks them with this passphrase, and the cheap
+# Argon2id profile that exists for tests only (protocol/client/keystore.py).
+os.environ.setdefault("TETHERLESS_PASSPHRASE", "correct horse battery staple")
+os.environ.setdefault("TETHERLESS_KDF_PROFILE", "test")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,42 +1,109 @@
-"""A device's keys and small state, in a local directory (the client's ``--home``).
+"""A device's keys and local state, in a local directory (the client's ``--home``), encrypted at rest.
 
-Layout::
+Layout (crypto.md §13)::
 
     <home>/            0700
-      device.json      0600  keys, relay URL, account/device ids, address, name
-      state.json       0600  inbox cursor
+      keystore.tlk     0600  the DEK and the device keys, wrapped under a passphrase-derived key (KEK)
+      state.db         0600  SQLite (WAL): every other piece of state, sealed row by row with the DEK
+                             (:mod:`protocol.client.localdb`)
 
-Files are JSON (bytes as base64) so that a human can inspect what is stored;
-every write is atomic (temporary file, fsync, rename, fsync of the directory)
-so a crash leaves either the old or the new file, never half of one.
+``keystore.tlk`` is::
+
+    "TLKS" ‖ format u8 = 1 ‖ method u8 (1 = passphrase, 2 = OS keyring)
+    method 1: salt[16] ‖ iterations u32 ‖ memory_kib u32 ‖ lanes u8
+    method 2: item_len u16 ‖ item (UTF-8 "tetherless:<device-id>")
+    ‖ nonce[24] ‖ XChaCha20-Poly1305(KEK, nonce, msgpack(KeystorePayload {dek, keys}), aad = all bytes before the nonce)
+
+With a passphrase, ``KEK = Argon2id(NFC(passphrase), salt, iterations,
+memory_kib, lanes, 32)``; the parameters travel in the header, so files made
+with other costs still open. New files use RFC 9106's second recommended
+option (3 iterations, 64 MiB, 4 lanes) — **unless** ``TETHERLESS_KDF_PROFILE=test``
+is set, which picks 1 iteration, 8 KiB, 1 lane: *for tests and CI only*,
+it makes the passphrase as cheap to guess as a plain hash. Argon2id is
+``cryptography``'s (OpenSSL) implementation: libsodium's ``crypto_pwhash``
+(PyNaCl) fixes lanes at 1 and cannot compute the RFC 9106 parameter set.
+
+The OS keyring (method 2) is offered only when the optional ``keyring``
+package is importable and its backend is a real one (not the ``fail``,
+``null`` or plaintext backends); the KEK is then 32 random bytes kept as
+that item's secret.
+
+Homes of the first format (``device.json`` and ``state.json``, keys in plain
+JSON) are still read; :meth:`Keystore.protect` (``tetherless device
+protect``) converts one: the new files are written and made durable first,
+then the plaintext files are deleted (best effort on SSDs: the old blocks may
+survive on the medium).
 
 Like ssh, loading refuses a home directory or key file that other users can
 read or write (:class:`InsecurePermissionsError`): a key that others could read
-must be considered leaked, and one they could write could be swapped.
+must be considered leaked, and one they could write could be swapped. Every
+write is atomic (temporary file, fsync, rename, fsync of the directory).
 
-The keys are not yet encrypted at rest (DESIGN.md §8 asks for it; a later
-issue adds an Argon2id-derived key or the OS keyring); the permissions are
-the protection for now.
+The passphrase comes from the ``passphrase`` argument (a string, or a
+callable asked only when the keystore actually needs one), else the
+environment variable ``TETHERLESS_PASSPHRASE``; else loading raises
+:class:`PassphraseRequiredError`. The CLI adds ``--passphrase-file`` and an
+interactive prompt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import stat
+import struct
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import msgspec
+import nacl.bindings
+import nacl.exceptions
 import nacl.public
 import nacl.signing
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from msgspec import Meta
 
-KEY_FILE: Final = "device.json"
-STATE_FILE: Final = "state.json"
+from ..signing import digest
+from .localdb import DB_FILE, DEK_BYTES, NONCE_BYTES, LocalDB
+
+KEYSTORE_FILE: Final = "keystore.tlk"
+KEY_FILE: Final = "device.json"  # format 1 (plaintext), still read
+STATE_FILE: Final = "state.json"  # format 1 (plaintext), still read
 FORMAT_VERSION: Final = 1
+MAGIC: Final = b"TLKS"
+KEYSTORE_FORMAT: Final = 1
+METHOD_PASSPHRASE: Final = 1
+METHOD_KEYRING: Final = 2
+SALT_BYTES: Final = 16
+KEK_BYTES: Final = 32
+PASSPHRASE_ENV: Final = "TETHERLESS_PASSPHRASE"
+KDF_PROFILE_ENV: Final = "TETHERLESS_KDF_PROFILE"
+KEYRING_SERVICE: Final = "tetherless"
+STATE_TABLE: Final = "client_state"
 
 Key32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
+PassphraseSource = str | Callable[[], str]
+
+
+@dataclass(frozen=True, slots=True)
+class KdfParams:
+    """Argon2id cost parameters (RFC 9106 names: t = iterations, m = memory in KiB, p = lanes)."""
+
+    iterations: int
+    memory_kib: int
+    lanes: int
+
+
+#: RFC 9106 §4, second recommended option (for memory-constrained environments).
+KDF_DEFAULT: Final = KdfParams(iterations=3, memory_kib=64 * 1024, lanes=4)
+#: TESTS AND CI ONLY (``TETHERLESS_KDF_PROFILE=test``): as cheap as Argon2id gets; never use for real keys.
+KDF_TEST: Final = KdfParams(iterations=1, memory_kib=8, lanes=1)
+KDF_PROFILES: Final = {"default": KDF_DEFAULT, "test": KDF_TEST}
+_KDF_LIMITS: Final = KdfParams(iterations=64, memory_kib=4 * 1024 * 1024, lanes=64)  # refuse absurd headers
 
 
 class KeystoreError(Exception):
@@ -59,8 +126,28 @@ class CorruptKeystoreError(KeystoreError):
     """A file exists but cannot be parsed."""
 
 
+class PassphraseRequiredError(KeystoreError):
+    """The keystore needs a passphrase and none was provided."""
+
+
+class WrongPassphraseError(KeystoreError):
+    """The keystore did not open: wrong passphrase (or keyring secret), or the file was changed."""
+
+
+class KeyringUnavailableError(KeystoreError):
+    """The keystore uses the OS keyring, which is not usable here."""
+
+
+class NotProtectedError(KeystoreError):
+    """A format-1 (plaintext) home where an encrypted one is needed (run ``tetherless device protect``)."""
+
+
 class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a device needs to talk to its relay. ``signing_seed`` and ``box_private_key`` are secret."""
+    """Everything a device needs to talk to its relay. ``signing_seed`` and ``box_private_key`` are secret.
+
+    ``list_format``: the format of the account's device list when this device
+    joined (1 = protocol.md §4, 2 = crypto.md §3).
+    """
 
     signing_seed: Key32
     box_private_key: Key32
@@ -71,6 +158,7 @@ class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
     device_name: str
     ca_file: str | None = None
     format_version: int = FORMAT_VERSION
+    list_format: int = 1
 
     @property
     def signing_key(self) -> nacl.signing.SigningKey:
@@ -84,15 +172,33 @@ class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
     def box_public_key(self) -> bytes:
         return bytes(nacl.public.PrivateKey(self.box_private_key).public_key)
 
+    @property
+    def account_address(self) -> str:
+        """``account@relay``: the address that reaches every device of the account."""
+        return self.address.split(".", 1)[1]
+
     def __repr__(self) -> str:
         # Never let a secret reach a log line or a traceback through repr().
         return f"DeviceKeys(address={self.address!r}, relay_url={self.relay_url!r})"
+
+
+class KeystorePayload(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``keystore.tlk`` wraps: the local-state key and the device keys."""
+
+    dek: Key32
+    keys: DeviceKeys
+
+    def __repr__(self) -> str:
+        return f"KeystorePayload(keys={self.keys!r})"
 
 
 class ClientState(msgspec.Struct, kw_only=True):
     """Small mutable client state. ``inbox_cursor``: everything up to it was processed."""
 
     inbox_cursor: int = 0
+
+
+# -- file helpers ------------------------------------------------------------------------
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -109,8 +215,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # The rename is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or unlink is durable only once the directory entry is.
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -128,38 +238,286 @@ def _check_private(path: Path, *, what: str) -> None:
         raise InsecurePermissionsError(f"{what} {path} is owned by another user")
 
 
-class Keystore:
-    """The device files under one home directory. Methods are blocking (small local files)."""
+# -- the keystore file format (pure given its inputs) ---------------------------------------
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
+
+def kdf_profile() -> KdfParams:
+    """The cost for new keystores: ``$TETHERLESS_KDF_PROFILE`` (``default`` or ``test`` — tests only)."""
+    name = os.environ.get(KDF_PROFILE_ENV, "default").strip().lower() or "default"
+    try:
+        return KDF_PROFILES[name]
+    except KeyError:
+        raise KeystoreError(f"{KDF_PROFILE_ENV}={name!r} is not a KDF profile (default, test)") from None
+
+
+def derive_kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
+    """``Argon2id(NFC(passphrase), salt, params, 32)`` (RFC 9106)."""
+    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    return Argon2id(
+        salt=salt, length=KEK_BYTES, iterations=params.iterations, lanes=params.lanes, memory_cost=params.memory_kib
+    ).derive(secret)
+
+
+def passphrase_header(salt: bytes, params: KdfParams) -> bytes:
+    if len(salt) != SALT_BYTES:
+        raise ValueError(f"salt must be {SALT_BYTES} bytes")
+    return (
+        MAGIC
+        + bytes([KEYSTORE_FORMAT, METHOD_PASSPHRASE])
+        + salt
+        + struct.pack(">IIB", params.iterations, params.memory_kib, params.lanes)
+    )
+
+
+def keyring_header(item: str) -> bytes:
+    raw = item.encode("utf-8")
+    return MAGIC + bytes([KEYSTORE_FORMAT, METHOD_KEYRING]) + struct.pack(">H", len(raw)) + raw
+
+
+def seal_keystore(header: bytes, kek: bytes, payload: KeystorePayload, nonce: bytes) -> bytes:
+    """``header ‖ nonce ‖ XAEAD(kek, nonce, msgpack(payload), aad = header)``."""
+    body = msgspec.msgpack.encode(payload)
+    return header + nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(body, header, nonce, kek)
+
+
+@dataclass(frozen=True, slots=True)
+class KeystoreHeader:
+    """A parsed ``keystore.tlk`` header; ``raw`` is the associated data (everything before the nonce)."""
+
+    method: int
+    raw: bytes
+    salt: bytes = b""
+    params: KdfParams | None = None
+    item: str = ""
+
+
+def parse_keystore(data: bytes) -> tuple[KeystoreHeader, bytes, bytes]:
+    """``(header, nonce, ciphertext)``; raises :class:`CorruptKeystoreError`."""
+    if len(data) < 6 or data[:4] != MAGIC:
+        raise CorruptKeystoreError("not a Tetherless keystore (no TLKS header)")
+    if data[4] != KEYSTORE_FORMAT:
+        raise CorruptKeystoreError(f"unknown keystore format {data[4]}")
+    method, pos = data[5], 6
+    header: KeystoreHeader
+    if method == METHOD_PASSPHRASE:
+        end = pos + SALT_BYTES + 9
+        if len(data) < end:
+            raise CorruptKeystoreError("truncated keystore header")
+        salt = data[pos : pos + SALT_BYTES]
+        iterations, memory_kib, lanes = struct.unpack(">IIB", data[pos + SALT_BYTES : end])
+        params = KdfParams(iterations=iterations, memory_kib=memory_kib, lanes=lanes)
+        if not (
+            1 <= iterations <= _KDF_LIMITS.iterations
+            and 1 <= lanes <= _KDF_LIMITS.lanes
+            and 8 * lanes <= memory_kib <= _KDF_LIMITS.memory_kib
+        ):
+            raise CorruptKeystoreError(f"keystore KDF parameters out of range: {params}")
+        header = KeystoreHeader(method=method, raw=data[:end], salt=salt, params=params)
+    elif method == METHOD_KEYRING:
+        if len(data) < pos + 2:
+            raise CorruptKeystoreError("truncated keystore header")
+        (length,) = struct.unpack(">H", data[pos : pos + 2])
+        end = pos + 2 + length
+        if len(data) < end:
+            raise CorruptKeystoreError("truncated keystore header")
+        try:
+            item = data[pos + 2 : end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptKeystoreError("keystore keyring item is not UTF-8") from None
+        header = KeystoreHeader(method=method, raw=data[:end], item=item)
+    else:
+        raise CorruptKeystoreError(f"unknown keystore method {method}")
+    nonce, ciphertext = data[end : end + NONCE_BYTES], data[end + NONCE_BYTES :]
+    if len(nonce) != NONCE_BYTES or len(ciphertext) < 16:
+        raise CorruptKeystoreError("truncated keystore")
+    return header, nonce, ciphertext
+
+
+def open_keystore(header: KeystoreHeader, nonce: bytes, ciphertext: bytes, kek: bytes) -> KeystorePayload:
+    """Decrypt and decode; raises :class:`WrongPassphraseError` or :class:`CorruptKeystoreError`."""
+    try:
+        body = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, header.raw, nonce, kek)
+    except nacl.exceptions.CryptoError:
+        what = "passphrase" if header.method == METHOD_PASSPHRASE else "keyring secret"
+        raise WrongPassphraseError(f"the keystore does not open: wrong {what}, or the file was changed") from None
+    try:
+        payload = msgspec.msgpack.decode(body, type=KeystorePayload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptKeystoreError(f"keystore contents do not decode: {exc}") from exc
+    if payload.keys.format_version != FORMAT_VERSION:
+        raise CorruptKeystoreError(f"keystore has unknown key format version {payload.keys.format_version}")
+    return payload
+
+
+def legacy_dek(signing_seed: bytes) -> bytes:
+    """The DEK that seals ``state.db`` in a format-1 home: ``digest("local-dek", signing_seed)``.
+
+    Same derivation as ``protocol.client.store.default_dek``; as secret as the seed it comes from.
+    """
+    return digest("local-dek", signing_seed)
+
+
+# -- OS keyring (optional) ---------------------------------------------------------------------
+
+
+def keyring_available() -> bool:
+    """True if the optional ``keyring`` package is importable with a real (secure) backend."""
+    return _keyring_module() is not None
+
+
+def _keyring_module() -> Any:
+    try:
+        import keyring  # type: ignore[import-not-found, unused-ignore]
+    except Exception:
+        return None
+    try:
+        backend = keyring.get_keyring()
+    except Exception:
+        return None
+    module = type(backend).__module__.lower()
+    refused = ("keyring.backends.fail", "keyring.backends.null", "keyrings.alt.file", "keyring.backends.chainer")
+    if any(module.startswith(name) for name in refused) or "plaintext" in type(backend).__name__.lower():
+        if module.startswith("keyring.backends.chainer") and getattr(backend, "backends", None):
+            return keyring
+        return None
+    return keyring
+
+
+# -- the keystore ------------------------------------------------------------------------------
+
+
+class Keystore:
+    """The device files under one home directory. Methods are blocking (small local files).
+
+    ``passphrase``: a string, or a callable asked at most once and only when
+    a passphrase is needed; without it ``$TETHERLESS_PASSPHRASE`` is used.
+    The unlocked keys are cached in this object (one KDF run per process).
+    """
+
+    def __init__(self, home: str | os.PathLike[str], *, passphrase: PassphraseSource | None = None) -> None:
         self.home = Path(home)
+        self.keystore_path = self.home / KEYSTORE_FILE
+        self.db_path = self.home / DB_FILE
         self.key_path = self.home / KEY_FILE
         self.state_path = self.home / STATE_FILE
+        self._passphrase = passphrase
+        self._payload: KeystorePayload | None = None
+        self._db: LocalDB | None = None
+
+    # -- queries ----------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return self.key_path.exists()
+        return self.keystore_path.exists() or self.key_path.exists()
 
-    def create(self, keys: DeviceKeys) -> None:
-        """Store a new device's keys; creates the home directory (0700).
+    def is_protected(self) -> bool:
+        """True for an encrypted (``keystore.tlk``) home, False for a format-1 plaintext one."""
+        return self.keystore_path.exists()
 
-        Raises :class:`AlreadyInitialisedError` rather than overwrite existing keys,
-        and :class:`InsecurePermissionsError` when an existing home is too open.
-        """
+    def _get_passphrase(self, *, purpose: str) -> str:
+        source = self._passphrase
+        if source is None:
+            env = os.environ.get(PASSPHRASE_ENV)
+            if env is None:
+                raise PassphraseRequiredError(
+                    f"a passphrase is needed to {purpose}: set {PASSPHRASE_ENV} or use --passphrase-file FILE"
+                )
+            value = env
+        elif isinstance(source, str):
+            value = source
+        else:
+            value = source()
+            self._passphrase = value  # ask once
+        if not value:
+            raise PassphraseRequiredError("the passphrase is empty")
+        return value
+
+    # -- creating ----------------------------------------------------------------------
+
+    def _prepare_home(self) -> None:
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not any(self.home.iterdir()):
             # We made it (or it was empty): make sure the umask did not widen it.
             self.home.chmod(0o700)
         _check_private(self.home, what="home directory")
-        if self.key_path.exists():
+
+    def create(self, keys: DeviceKeys, *, use_keyring: bool = False) -> None:
+        """Store a new device's keys, encrypted (``keystore.tlk``); creates the home directory (0700).
+
+        Raises :class:`AlreadyInitialisedError` rather than overwrite existing keys,
+        :class:`InsecurePermissionsError` when an existing home is too open, and
+        :class:`PassphraseRequiredError` / :class:`KeyringUnavailableError`.
+        """
+        self._prepare_home()
+        if self.exists():
             raise AlreadyInitialisedError(f"a device already exists in {self.home}")
-        _atomic_write(self.key_path, msgspec.json.encode(keys))
+        payload = KeystorePayload(dek=os.urandom(DEK_BYTES), keys=keys)
+        self._write_keystore(payload, use_keyring=use_keyring)
+        self._payload = payload
+
+    def _write_keystore(self, payload: KeystorePayload, *, use_keyring: bool) -> None:
+        if use_keyring:
+            keyring = _keyring_module()
+            if keyring is None:
+                raise KeyringUnavailableError("the OS keyring is not available (install `keyring` with a backend)")
+            item = f"tetherless:{payload.keys.device_id}"
+            kek = os.urandom(KEK_BYTES)
+            keyring.set_password(KEYRING_SERVICE, item, kek.hex())
+            header = keyring_header(item)
+        else:
+            passphrase = self._get_passphrase(purpose="protect the keys of this device")
+            salt, params = os.urandom(SALT_BYTES), kdf_profile()
+            kek = derive_kek(passphrase, salt, params)
+            header = passphrase_header(salt, params)
+        _atomic_write(self.keystore_path, seal_keystore(header, kek, payload, os.urandom(NONCE_BYTES)))
+
+    # -- loading -----------------------------------------------------------------------
+
+    def unlock(self) -> KeystorePayload:
+        """The DEK and device keys of a protected home (cached after the first call).
+
+        Raises :class:`NotInitialisedError`, :class:`NotProtectedError` (format-1
+        home), :class:`InsecurePermissionsError`, :class:`CorruptKeystoreError`,
+        :class:`PassphraseRequiredError`, :class:`WrongPassphraseError`,
+        :class:`KeyringUnavailableError`.
+        """
+        if self._payload is not None:
+            return self._payload
+        if not self.keystore_path.exists():
+            if self.key_path.exists():
+                raise NotProtectedError(
+                    f"{self.home} holds unencrypted keys; run `tetherless --home {self.home} device protect`"
+                )
+            raise NotInitialisedError(f"no device in {self.home}; run `tetherless device init --relay URL` first")
+        _check_private(self.home, what="home directory")
+        _check_private(self.keystore_path, what="keystore")
+        header, nonce, ciphertext = parse_keystore(self.keystore_path.read_bytes())
+        if header.method == METHOD_PASSPHRASE:
+            assert header.params is not None
+            kek = derive_kek(self._get_passphrase(purpose=f"unlock {self.home}"), header.salt, header.params)
+        else:
+            keyring = _keyring_module()
+            if keyring is None:
+                raise KeyringUnavailableError(
+                    f"{self.keystore_path} is protected by the OS keyring, which is not available here"
+                )
+            secret = keyring.get_password(KEYRING_SERVICE, header.item)
+            if not secret:
+                raise WrongPassphraseError(f"the OS keyring has no item {header.item!r}")
+            kek = bytes.fromhex(secret)
+        self._payload = open_keystore(header, nonce, ciphertext, kek)
+        return self._payload
 
     def load(self) -> DeviceKeys:
-        """The stored device keys.
+        """The stored device keys (a protected home is unlocked; a format-1 home is read as before).
 
-        Raises :class:`NotInitialisedError`, :class:`InsecurePermissionsError` or
-        :class:`CorruptKeystoreError`.
+        Raises :class:`NotInitialisedError`, :class:`InsecurePermissionsError`,
+        :class:`CorruptKeystoreError`, and for protected homes the errors of :meth:`unlock`.
         """
+        if self.keystore_path.exists():
+            return self.unlock().keys
+        return self._load_v1()
+
+    def _load_v1(self) -> DeviceKeys:
         if not self.key_path.exists():
             raise NotInitialisedError(f"no device in {self.home}; run `tetherless device init --relay URL` first")
         _check_private(self.home, what="home directory")
@@ -172,8 +530,34 @@ class Keystore:
             raise CorruptKeystoreError(f"{self.key_path} has unknown format version {keys.format_version}")
         return keys
 
+    def local_db(self) -> LocalDB:
+        """The home's ``state.db`` opened with the DEK (one per Keystore; unlocks if needed).
+
+        Raises :class:`NotProtectedError` for a format-1 home (it has no DEK).
+        """
+        if self._db is None:
+            self._db = LocalDB.open(self.home, self.unlock().dek)
+        return self._db
+
+    def close(self) -> None:
+        """Close the local database, if open, and forget the unlocked keys."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._payload = None
+
+    # -- small state -------------------------------------------------------------------
+
     def load_state(self) -> ClientState:
         """The stored state (defaults when there is none). Raises :class:`CorruptKeystoreError`."""
+        if self.keystore_path.exists():
+            try:
+                state = self.local_db().get_struct(STATE_TABLE, "state", ClientState)
+            except Exception as exc:
+                if isinstance(exc, KeystoreError):
+                    raise
+                raise CorruptKeystoreError(f"cannot read the client state in {self.db_path}: {exc}") from exc
+            return state if state is not None else ClientState()
         if not self.state_path.exists():
             return ClientState()
         _check_private(self.state_path, what="state file")
@@ -183,7 +567,12 @@ class Keystore:
             raise CorruptKeystoreError(f"cannot read {self.state_path}: {exc}") from exc
 
     def save_state(self, state: ClientState) -> None:
-        """Atomically replace the state file."""
+        """Durably replace the state."""
+        if self.keystore_path.exists():
+            db = self.local_db()
+            with db.transaction():
+                db.put_struct(STATE_TABLE, "state", state)
+            return
         _atomic_write(self.state_path, msgspec.json.encode(state))
 
     def save_cursor(self, cursor: int) -> None:
@@ -192,3 +581,73 @@ class Keystore:
         if cursor > state.inbox_cursor:
             state.inbox_cursor = cursor
             self.save_state(state)
+
+    # -- migration -----------------------------------------------------------------------
+
+    def protect(self, *, use_keyring: bool = False) -> None:
+        """Convert a format-1 home: write ``keystore.tlk`` and ``state.db``, then delete the plaintext files.
+
+        Raises :class:`NotInitialisedError`, :class:`KeystoreError` when the home is
+        already protected, and the errors of :meth:`create`. A crash in between
+        leaves either the old home or both (the next run finishes the deletion).
+        """
+        if self.keystore_path.exists():
+            if self.key_path.exists():
+                # An earlier run crashed after writing the new files: check they open, then finish.
+                keys = self.unlock().keys
+                if not hmac.compare_digest(keys.signing_seed, self._load_v1().signing_seed):
+                    raise KeystoreError(f"{self.home} holds two different devices; refusing to delete either")
+                self._remove_plaintext()
+                return
+            raise KeystoreError(f"{self.home} is already protected")
+        keys = self._load_v1()
+        state = self.load_state()
+        # A format-1 home that already has a state.db got it from the sync engine, sealed under a DEK derived
+        # from the device seed (protocol.client.store.default_dek): keep that DEK so its rows stay readable.
+        dek = legacy_dek(keys.signing_seed) if self.db_path.exists() else os.urandom(DEK_BYTES)
+        payload = KeystorePayload(dek=dek, keys=keys)
+        self._write_keystore(payload, use_keyring=use_keyring)
+        self._payload = payload
+        self.save_state(state)  # into state.db now that keystore.tlk exists
+        self._remove_plaintext()
+
+    def _remove_plaintext(self) -> None:
+        for path in (self.key_path, self.state_path):
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                with path.open("r+b") as file:  # overwrite first: best effort against casual recovery
+                    file.write(b"\0" * size)
+                    file.flush()
+                    os.fsync(file.fileno())
+                path.unlink()
+        _fsync_dir(self.home)
+
+    def change_passphrase(self, new_passphrase: str) -> None:
+        """Re-wrap the DEK and keys under ``new_passphrase`` (fresh salt, current KDF profile)."""
+        payload = self.unlock()
+        self._passphrase = new_passphrase
+        self._write_keystore(payload, use_keyring=False)
+
+
+__all__ = [
+    "KDF_DEFAULT",
+    "KDF_PROFILE_ENV",
+    "KDF_TEST",
+    "KEYSTORE_FILE",
+    "PASSPHRASE_ENV",
+    "AlreadyInitialisedError",
+    "ClientState",
+    "CorruptKeystoreError",
+    "DeviceKeys",
+    "InsecurePermissionsError",
+    "KdfParams",
+    "KeyringUnavailableError",
+    "Keystore",
+    "KeystoreError",
+    "KeystorePayload",
+    "NotInitialisedError",
+    "NotProtectedError",
+    "PassphraseRequiredError",
+    "WrongPassphraseError",
+    "keyring_available",
+]

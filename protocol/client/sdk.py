@@ -40,7 +40,8 @@ import nacl.public
 import nacl.signing
 import trio
 
-from .. import auth, codec, device_list
+from .. import auth, codec, device_list, recovery
+from .. import session as sealed_v2
 from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
 from ..ids import Address, account_id_for, device_id_for
 from ..messages import (
@@ -50,13 +51,18 @@ from ..messages import (
     AckResponse,
     Challenge,
     ChallengeRequest,
+    ClaimPrekeysRequest,
+    ClaimPrekeysResponse,
     CreateAccountRequest,
     DeviceEntry,
+    DeviceList,
     DeviceListChain,
+    DeviceListChanged,
     Heartbeat,
     InboxEnvelope,
     InboxPage,
     OutboundEnvelope,
+    PrekeyCounts,
     SendRequest,
     SendResponse,
     Session,
@@ -64,7 +70,8 @@ from ..messages import (
     StreamItem,
     WellKnown,
 )
-from ..payload import InvalidPayloadError, PayloadCipher, SealedBoxCipher
+from ..payload import InvalidPayloadError, Opened, PayloadCipher, SealedBoxCipher, open_plaintext
+from .chains import DeviceListRejectedError, DeviceRevokedError, load_mark, save_mark
 from .http import (
     ConnectError,
     HTTP2Connection,
@@ -75,6 +82,8 @@ from .http import (
     start_connection,
 )
 from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore
+from .localdb import LocalDB
+from .sessions import KeyValueStore, MemoryStore, PrekeysUnavailableError, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +206,8 @@ class RelayClient:
         verify_senders: bool = True,
         wall_clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        local_db: LocalDB | None = None,
+        sessions: SessionManager | None = None,
     ) -> None:
         self.relay_url = relay_url
         self.keys = keys
@@ -217,6 +228,13 @@ class RelayClient:
         self._well_known: WellKnown | None = None
         self._device_lists: dict[str, tuple[float, list[DeviceEntry]]] = {}
         self._cipher: PayloadCipher | None = self._make_cipher(keys) if keys else None
+        # Device-list high-water marks live here (crypto.md §3.5); None: verify from genesis every time.
+        self.local_db = local_db
+        # v2 sessions (crypto.md §7-§9): None sends v1 to everyone; see enable_sessions().
+        self.sessions = sessions
+        self._list_heads: dict[str, DeviceList] = {}
+        # Every version of the last verified chain, per account: version -> its devices (see list_at()).
+        self._list_versions: dict[str, dict[int, list[DeviceEntry]]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -340,22 +358,48 @@ class RelayClient:
             self._well_known = await self._call("GET", "/.well-known/tetherless", None, WellKnown, authenticated=False)
         return self._well_known
 
-    async def register(self, name: str, *, keystore: Keystore | None = None) -> DeviceKeys:
+    async def register(
+        self,
+        name: str,
+        *,
+        keystore: Keystore | None = None,
+        list_format: int = device_list.FORMAT_2,
+        recovery_secret: bytes | None = None,
+    ) -> DeviceKeys:
         """Create a new account with this client's first device, and return its keys.
 
         Generates fresh keys with the OS CSPRNG, posts the genesis device
         list to ``POST /v1/accounts`` and, when ``keystore`` is given, stores
         the keys there (checked *before* registering, so an initialised home is
-        never overwritten: raises ``AlreadyInitialisedError``). Raises
-        ``RemoteError`` (``account_exists``, ``invalid_device_list`` …).
-        Not retried after the request may have reached the relay.
+        never overwritten: raises ``AlreadyInitialisedError``) and keeps the
+        device-list mark in its local database. Raises ``RemoteError``
+        (``account_exists``, ``invalid_device_list`` …). Not retried after the
+        request may have reached the relay.
+
+        ``list_format`` 2 (the default; crypto.md §3) or 1 (protocol.md §4, with
+        ``name`` in the list). ``recovery_secret`` (format 2 only): the 20-byte
+        secret of :func:`protocol.recovery.new_recovery_secret`, whose derived
+        key is set in the genesis list and signs it (crypto.md §3.4).
         """
         if keystore is not None and keystore.exists():
             raise AlreadyInitialisedError(f"a device already exists in {keystore.home}")
+        if list_format not in (device_list.FORMAT_1, device_list.FORMAT_2):
+            raise ValueError("list_format is 1 or 2")
+        if recovery_secret is not None and list_format != device_list.FORMAT_2:
+            raise ValueError("a recovery key needs a format-2 device list")
         signing_key = nacl.signing.SigningKey(self._random_bytes(32))
         box_private_key = self._random_bytes(32)
         box_public_key = bytes(nacl.public.PrivateKey(box_private_key).public_key)
-        genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self._now_ms())
+        if list_format == device_list.FORMAT_1:
+            genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self._now_ms())
+        else:
+            recovery_signing_key = None
+            if recovery_secret is not None:
+                account = account_id_for(bytes(signing_key.verify_key))
+                recovery_signing_key = recovery.recovery_keys(recovery_secret, account).signing_key
+            genesis = device_list.genesis_v2(
+                signing_key, box_public_key, now_ms=self._now_ms(), recovery_key=recovery_signing_key
+            )
         created = await self._call(
             "POST",
             "/v1/accounts",
@@ -377,9 +421,14 @@ class RelayClient:
             address=str(address),
             device_name=name,
             ca_file=self._ca_file,
+            list_format=list_format,
         )
         if keystore is not None:
             keystore.create(keys)
+            if keystore.is_protected():
+                self.local_db = keystore.local_db()
+                mark = (1, device_list.list_hash(genesis.device_list))
+                save_mark(self.local_db, address.account, address.relay, mark)
         self.keys = keys
         self._cipher = self._make_cipher(keys)
         return keys
@@ -419,14 +468,34 @@ class RelayClient:
         (``GET /v1/relays/{relay}/accounts/{account_id}/devices``, which asks
         the home relay with a signed request) and verified here exactly like a
         local one, from the genesis list the account id is derived from — so
-        neither relay can swap keys undetected.
+        neither relay can swap keys undetected. Raises what
+        :meth:`device_chain` raises.
         """
-        own_relay = Address.parse(self.keys.address).relay if self.keys else None
-        remote = relay is not None and relay.lower() != own_relay
-        key = f"{account_id}@{relay.lower()}" if remote and relay else account_id
+        key = self._chain_cache_key(account_id, relay)
         cached = self._device_lists.get(key)
         if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICE_LIST_CACHE_SECONDS:
             return cached[1]
+        return (await self.device_chain(account_id, relay=relay)).devices
+
+    def _own_relay(self) -> str | None:
+        return Address.parse(self.keys.address).relay if self.keys else None
+
+    def _chain_cache_key(self, account_id: str, relay: str | None) -> str:
+        remote = relay is not None and relay.lower() != self._own_relay()
+        return f"{account_id}@{relay.lower()}" if remote and relay else account_id
+
+    async def device_chain(self, account_id: str, *, relay: str | None = None) -> device_list.VerifiedChain:
+        """Fetch ``account_id``'s device-list chain and verify it (crypto.md §3.5); never cached.
+
+        With a :attr:`local_db`, the chain must contain the stored high-water
+        mark and not end below it, and the new head becomes the mark. Raises
+        :class:`~protocol.client.chains.DeviceListRejectedError` (the chain does not
+        verify: added device, swapped key, fork, rollback …, with the failed
+        check's code), :class:`~protocol.client.chains.DeviceRevokedError` when
+        this client's own device is not in its account's list, and relay errors.
+        """
+        own_relay = self._own_relay()
+        remote = relay is not None and relay.lower() != own_relay
         if remote and relay:
             chain = await self._call(
                 "GET", f"/v1/relays/{relay.lower()}/accounts/{account_id}/devices", None, DeviceListChain
@@ -435,9 +504,39 @@ class RelayClient:
             chain = await self._call(
                 "GET", f"/v1/accounts/{account_id}/devices", None, DeviceListChain, authenticated=False
             )
-        entries = device_list.verify_chain(chain, account_id)
-        self._device_lists[key] = (trio.current_time(), entries)
-        return entries
+        relay_name = (relay or own_relay or self.relay_url).lower()
+        mark = load_mark(self.local_db, account_id, relay_name)
+        try:
+            verified = device_list.verify_chain(chain, account_id, mark=mark)
+        except TetherlessError as exc:
+            raise DeviceListRejectedError(f"{account_id}@{relay_name}", exc) from exc
+        save_mark(self.local_db, account_id, relay_name, verified.mark)
+        self._device_lists[self._chain_cache_key(account_id, relay)] = (trio.current_time(), verified.devices)
+        self._list_heads[self._chain_cache_key(account_id, relay)] = verified.head
+        # verify_chain checked every version of this chain, so each version's devices are verified too.
+        self._list_versions[self._chain_cache_key(account_id, relay)] = {
+            signed.device_list.version: list(signed.device_list.devices) for signed in chain.versions
+        }
+        keys = self.keys
+        own = keys is not None and not remote and account_id == keys.account_id
+        if own and keys is not None and all(d.device_id != keys.device_id for d in verified.devices):
+            raise DeviceRevokedError(keys.device_id, keys.account_address, verified.head.version)
+        return verified
+
+    async def list_at(self, account_id: str, version: int, *, relay: str | None = None) -> list[DeviceEntry] | None:
+        """The devices of version ``version`` of ``account_id``'s verified device list, or None when the
+        verified chain has no such version (fetches and verifies the chain once more if it is not known yet).
+
+        Used to judge records written under an older list, e.g. a key record whose creator was revoked
+        later (docs/account-log.md §5.1: "the device list of its ``device_list_version``"). Raises what
+        :meth:`device_chain` raises.
+        """
+        key = self._chain_cache_key(account_id, relay)
+        versions = self._list_versions.get(key)
+        if versions is None or version not in versions:
+            await self.device_chain(account_id, relay=relay)
+            versions = self._list_versions.get(key, {})
+        return versions.get(version)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -460,17 +559,33 @@ class RelayClient:
 
         Each batch is committed atomically by the relay; results are in input
         order (expanded per recipient device). If a later batch fails, earlier
-        ones are already stored.
+        ones are already stored. The envelopes of one message (all its
+        recipient devices) always go in the same batch.
+
+        With :attr:`sessions` enabled, a recipient whose account has a format-2
+        device list gets v2 session envelopes (crypto.md §9): sessions are
+        started from claimed prekey bundles where needed (raises
+        :class:`~protocol.client.sessions.PrekeysUnavailableError` — never a v1
+        fallback — and ``prekey_invalid`` for a bundle that does not verify), and
+        a message to an account address also goes to this account's other
+        devices (format 2). Session state advances and is stored before posting.
         """
         cipher = self._cipher
         if cipher is None:
             raise RuntimeError("this client has no device keys; register() first")
         envelopes: list[OutboundEnvelope] = []
+        group_ends: list[int] = []
         for outgoing in messages:
             if isinstance(outgoing.body, str):
                 body, default_type = outgoing.body.encode("utf-8"), TEXT_CONTENT_TYPE
             else:
                 body, default_type = outgoing.body, BINARY_CONTENT_TYPE
+            if self.sessions is not None:
+                v2 = await self._session_envelopes(outgoing, body, outgoing.content_type or default_type)
+                if v2 is not None:
+                    envelopes += v2
+                    group_ends.append(len(envelopes))
+                    continue
             for recipient, box_key in await self._recipient_devices(outgoing.recipient):
                 message_id = self._random_bytes(IDEMPOTENCY_KEY_BYTES)
                 ciphertext = cipher.seal(
@@ -490,19 +605,166 @@ class RelayClient:
                         ttl_seconds=outgoing.ttl_seconds,
                     )
                 )
+            group_ends.append(len(envelopes))
         if not envelopes:
             return []
         batch_size = DEFAULT_BATCH_ENVELOPES
         if len(envelopes) > 1:
             batch_size = (await self.well_known()).limits.max_batch_envelopes
         sent: list[Sent] = []
-        for start in range(0, len(envelopes), max(1, batch_size)):
-            batch = envelopes[start : start + batch_size]
+        for start, end in _batches(group_ends, max(1, batch_size)):
+            batch = envelopes[start:end]
             response = await self._call("POST", "/v1/messages", SendRequest(envelopes=batch), SendResponse)
             if len(response.accepted) != len(batch):
                 raise TetherlessError(ErrorCode.INVALID_FIELD, "the relay answered a different number of receipts")
             sent += [_sent(env, acc) for env, acc in zip(batch, response.accepted, strict=True)]
         return sent
+
+    # -- v2 sessions (protocol/client/sessions.py, docs/crypto.md §7-§9, §14) ----------------------
+
+    async def enable_sessions(self, store: KeyValueStore | None = None) -> SessionManager:
+        """Use v2 sessions from now on, and publish this device's prekeys (``PUT /v1/prekeys``).
+
+        ``store`` keeps the sessions, prekey privates and processed envelopes:
+        by default :attr:`local_db` (persistent, sealed rows) or, without one,
+        memory (lost on exit: fine for tests, not for a real device). Returns
+        the :class:`SessionManager` (also :attr:`sessions`). Idempotent.
+        """
+        keys = self._require_keys()
+        if self.sessions is None:
+            if store is None:
+                store = self.local_db if self.local_db is not None else MemoryStore()
+            self.sessions = SessionManager(keys, store, random_bytes=self._random_bytes, wall_clock=self._wall_clock)
+        await self.maintain_prekeys()
+        return self.sessions
+
+    async def maintain_prekeys(self) -> PrekeyCounts:
+        """``GET /v1/prekeys``, then upload what is missing (first keys, top-up below 25, rotation).
+
+        Called by :meth:`enable_sessions` and by :meth:`fetch` after one-time
+        keys were used. Raises ``RuntimeError`` without sessions.
+        """
+        if self.sessions is None:
+            raise RuntimeError("sessions are not enabled")
+        counts = await self._call("GET", "/v1/prekeys", None, PrekeyCounts)
+        upload = self.sessions.prekey_upload(counts)
+        if upload is not None:
+            counts = await self._call("PUT", "/v1/prekeys", upload, PrekeyCounts)
+        return counts
+
+    async def _verified_head(
+        self, account_id: str, relay: str | None, *, fresh: bool = False
+    ) -> tuple[DeviceList, list[DeviceEntry]]:
+        entries = await self.devices(account_id, relay=relay, fresh=fresh)
+        head = self._list_heads.get(self._chain_cache_key(account_id, relay))
+        if head is None:
+            verified = await self.device_chain(account_id, relay=relay)
+            return verified.head, verified.devices
+        return head, entries
+
+    async def _session_envelopes(
+        self, outgoing: Outgoing, body: bytes, content_type: str
+    ) -> list[OutboundEnvelope] | None:
+        """The v2 envelopes of one message, or None when the recipient's account is format 1 (v1 then)."""
+        sessions, keys = self.sessions, self._require_keys()
+        assert sessions is not None
+        address = Address.parse(outgoing.recipient)
+        head, entries = await self._verified_head(address.account, address.relay)
+        if head.format != device_list.FORMAT_2:
+            return None
+        own_relay = Address.parse(keys.address).relay
+
+        def device_address(account: str, relay: str, device: str) -> str:
+            return str(Address(account=account, relay=relay, device=device))
+
+        targets = [
+            (device_address(address.account, address.relay, e.device_id), e)
+            for e in entries
+            if (e.device_id == address.device) or (not address.device and e.device_id != keys.device_id)
+        ]
+        if address.device and not targets:
+            raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list")
+        own_head, own_entries = await self._verified_head(keys.account_id, None)
+        if not address.device and address.account != keys.account_id and own_head.format == device_list.FORMAT_2:
+            # Fan-out: this account's other devices get a copy (crypto.md §9), in the same batch.
+            targets += [
+                (device_address(keys.account_id, own_relay, e.device_id), e)
+                for e in own_entries
+                if e.device_id != keys.device_id
+            ]
+        await self._ensure_sessions(targets)
+        envelopes = []
+        for recipient, _entry in targets:
+            message_id = self._random_bytes(IDEMPOTENCY_KEY_BYTES)
+            ciphertext = sessions.seal(
+                recipient,
+                sender_list_version=own_head.version,
+                sent_at_ms=self._now_ms(),
+                message_id=message_id,
+                content_type=content_type,
+                body=body,
+            )
+            envelopes.append(
+                OutboundEnvelope(
+                    recipient=recipient,
+                    idempotency_key=message_id,
+                    ciphertext=ciphertext,
+                    ttl_seconds=outgoing.ttl_seconds,
+                )
+            )
+        return envelopes
+
+    async def _ensure_sessions(self, targets: list[tuple[str, DeviceEntry]]) -> None:
+        """Claim bundles (``POST /v1/prekeys/claim``) and start sessions with the targets that have none."""
+        sessions = self.sessions
+        assert sessions is not None
+        need = {address: entry for address, entry in targets if not sessions.has_session(address)}
+        missing: list[str] = []
+        names = list(need)
+        for start in range(0, len(names), 256):
+            request = ClaimPrekeysRequest(devices=names[start : start + 256])
+            claimed = await self._call("POST", "/v1/prekeys/claim", request, ClaimPrekeysResponse, retry=False)
+            missing += claimed.missing
+            for bundle in claimed.bundles:
+                entry = need.get(str(Address.parse(bundle.address)))
+                if entry is None:
+                    raise TetherlessError(ErrorCode.PREKEY_INVALID, "the relay answered a bundle nobody asked for")
+                sessions.establish(bundle, entry)
+        missing += [a for a in names if not sessions.has_session(a) and a not in missing]
+        if missing:
+            raise PrekeysUnavailableError(missing)
+
+    async def _sender_entry(self, sender: Address, list_version: int) -> DeviceEntry:
+        """The sealed sender's entry in its account's verified list (refreshed once); ``bad_signature`` if absent."""
+        try:
+            head, entries = await self._verified_head(sender.account, sender.relay)
+            if list_version > head.version or all(e.device_id != sender.device for e in entries):
+                head, entries = await self._verified_head(sender.account, sender.relay, fresh=True)
+        except RemoteError as exc:
+            raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, f"cannot verify the sender: {exc.code.value}") from exc
+        except DeviceRevokedError:
+            raise
+        except TetherlessError as exc:
+            raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, f"the sender's device list: {exc.detail}") from exc
+        for entry in entries:
+            if entry.device_id == sender.device:
+                return entry
+        raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender is not a current device of its account")
+
+    async def _open_with_sessions(self, envelope: InboxEnvelope) -> Opened:
+        """Dispatch on the payload version (crypto.md §14): v1 as before, v2 through the sessions."""
+        sessions, keys = self.sessions, self._require_keys()
+        assert sessions is not None
+        cached = sessions.processed(envelope.id)
+        if cached is not None:
+            return cached  # a redelivery: its message key is gone, the content was kept (§8.5)
+        inner = sealed_v2.open_outer(envelope.ciphertext, keys.box_private_key)
+        sealed = sealed_v2.parse_inner(inner)
+        if sealed is None:
+            return open_plaintext(inner, own_address=keys.address)
+        sender = Address.parse(sealed.sender)
+        entry = await self._sender_entry(sender, sealed.sender_list_version)
+        return sessions.open(sealed, envelope_id=envelope.id, sender=entry)
 
     async def _recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
         address = Address.parse(text)
@@ -527,6 +789,8 @@ class RelayClient:
         Does not acknowledge anything. Envelopes that fail to decrypt or
         verify come back as :class:`RejectedMessage`. Idempotent.
         """
+        if self.sessions is not None and self.sessions.prekeys_dirty:
+            await self.maintain_prekeys()  # top up one-time prekeys used since the last sync (crypto.md §7.2)
         query = f"after={int(after)}" + (f"&limit={int(limit)}" if limit is not None else "")
         page = await self._call("GET", f"/v1/inbox?{query}", None, InboxPage)
         items = [await self._open_envelope(env) for env in page.envelopes]
@@ -556,7 +820,10 @@ class RelayClient:
         if cipher is None:
             raise RuntimeError("this client has no device keys")
         try:
-            opened = cipher.open(envelope.ciphertext)
+            if self.sessions is not None:
+                opened = await self._open_with_sessions(envelope)
+            else:
+                opened = cipher.open(envelope.ciphertext)
             if self._verify_senders:
                 await self._check_sender(opened.sender, opened.sender_sign_key)
         except InvalidPayloadError as exc:
@@ -585,6 +852,8 @@ class RelayClient:
                     ErrorCode.BAD_SIGNATURE, f"cannot verify a sender on {address.relay}: {exc.code.value}"
                 ) from exc
             raise
+        except DeviceRevokedError:
+            raise  # this device itself is revoked: stop, do not just drop the message
         except TetherlessError as exc:  # the chain itself does not verify
             raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, f"the sender's device list: {exc.detail}") from exc
         if not any(e.device_id == address.device and e.sign_key == sign_key for e in entries):
@@ -592,6 +861,23 @@ class RelayClient:
             entries = await self.devices(address.account, relay=address.relay, fresh=True)
             if not any(e.device_id == address.device and e.sign_key == sign_key for e in entries):
                 raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender is not a current device of its account")
+
+
+def _batches(group_ends: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` slices of at most ``batch_size`` envelopes that never split a group.
+
+    A group larger than ``batch_size`` gets a batch of its own (the relay answers ``invalid_field``).
+    """
+    batches: list[tuple[int, int]] = []
+    start = previous = 0
+    for end in group_ends:
+        if end - start > batch_size and previous > start:
+            batches.append((start, previous))
+            start = previous
+        previous = end
+    if previous > start:
+        batches.append((start, previous))
+    return batches
 
 
 def _sent(envelope: OutboundEnvelope, accepted: Accepted) -> Sent:
@@ -660,8 +946,16 @@ class InboxStream:
                         continue  # already seen (resume overlap)
                     self._pending.append(await self._client._open_envelope(item))
                     self.cursor = item.cursor
+                elif isinstance(item, DeviceListChanged):
+                    self._client._device_lists.pop(item.account_id, None)  # refetched and verified on next use
                 elif not isinstance(item, Heartbeat):  # pragma: no cover - StreamItem is closed
                     raise TypeError(type(item).__name__)
+        sessions = self._client.sessions
+        if sessions is not None and sessions.prekeys_dirty:
+            try:  # one-time prekeys were used: top up now (crypto.md §7.2); a failure is retried later
+                await self._client.maintain_prekeys()
+            except (TransportError, RemoteError) as exc:
+                log.info("prekey top-up failed, retrying later: %s", exc)
         return self._pending.popleft()
 
     async def _disconnect(self) -> None:
@@ -722,6 +1016,7 @@ __all__ = [
     "InboxItem",
     "InboxStream",
     "Outgoing",
+    "PrekeysUnavailableError",
     "ReceivedMessage",
     "RejectedMessage",
     "RelayClient",

@@ -82,6 +82,8 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             schema = schema_of[route.response]
             content = {codec.MSGPACK: {"schema": schema}, codec.JSON: {"schema": schema}}
         op["responses"][str(route.status)] = {"description": route.summary, "content": content}
+        if route.no_content:
+            op["responses"]["204"] = {"description": route.no_content}
         by_status: dict[int, list[str]] = {}
         errors = list(route.errors)
         if "{" in route.template:

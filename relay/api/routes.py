@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import parse_qsl
 
 from protocol import codec
 from protocol.errors import ErrorCode as E
@@ -16,12 +17,17 @@ from protocol.messages import (
     AccountCreated,
     AckRequest,
     AckResponse,
+    AppendRequest,
+    AppendResponse,
     Challenge,
     ChallengeRequest,
     CreateAccountRequest,
     DeviceListChain,
     Health,
     InboxPage,
+    LogPage,
+    LogRetention,
+    LogStreamItem,
     RelayKey,
     RevokeSessionsRequest,
     SendRequest,
@@ -29,18 +35,26 @@ from protocol.messages import (
     Session,
     SessionRequest,
     SessionsRevoked,
+    SnapshotRef,
     StreamItem,
     WellKnown,
 )
 from relay import metrics
 from relay.services import Services
 
+from .devices import device_routes
 from .federation import federation_routes
 from .http import Response
+from .prekeys import prekey_routes
 from .routing import Call, QueryParam, Route
 
 AFTER = QueryParam("after", "return envelopes with a cursor greater than this (default 0)")
 LIMIT = QueryParam("limit", "page size (default and maximum: limits.max_page_envelopes)", minimum=1)
+
+LOG_AFTER = QueryParam("after", "return records with a position greater than this (default 0)")
+LOG_LIMIT = QueryParam(
+    "limit", "page size (default and maximum: limits.max_page_log_records; 0: only head, horizon, snapshot)"
+)
 
 AUTH_ERRORS = (E.MISSING_TOKEN, E.INVALID_TOKEN, E.TOKEN_EXPIRED, E.TOKEN_REVOKED, E.RATE_LIMITED)
 BODY_ERRORS = (E.MALFORMED_BODY, E.INVALID_FIELD, E.UNSUPPORTED_MEDIA_TYPE, E.BODY_TOO_LARGE)
@@ -141,6 +155,8 @@ class Endpoints:
                 async for chunk in chunks:
                     if chunk.heartbeat is not None:
                         yield codec.encode_stream_item(chunk.heartbeat, media_type)
+                    elif chunk.device_list is not None:
+                        yield codec.encode_stream_item(chunk.device_list, media_type)
                     else:
                         yield b"".join(codec.encode_stream_item(env, media_type) for env in chunk.envelopes)
             finally:
@@ -152,6 +168,170 @@ class Endpoints:
     async def ack(self, call: Call) -> AckResponse:
         """POST /v1/inbox/ack — delete acknowledged envelopes."""
         return await self.services.inbox.acknowledge(self._device(call), call.body)
+
+
+def _parts_full(call: Call) -> bool:
+    """``parts=stub`` (default) or ``parts=full``; anything else is ``invalid_query``."""
+    values = [value for key, value in parse_qsl(call.request.query, keep_blank_values=True) if key == "parts"]
+    if not values:
+        return False
+    if values[-1] not in ("stub", "full"):
+        raise TetherlessError(E.INVALID_QUERY, "parts must be stub or full")
+    return values[-1] == "full"
+
+
+class LogEndpoints:
+    """The account log (docs/account-log.md §3): always the caller's account's log."""
+
+    def __init__(self, ep: Endpoints) -> None:
+        self.ep = ep
+
+    async def append(self, call: Call) -> AppendResponse:
+        """POST /v1/log — append a batch of records (atomic, idempotent per record id)."""
+        return await self.ep.services.log.append(call.principal, call.body)
+
+    async def page(self, call: Call) -> LogPage:
+        """GET /v1/log — a page of the account log after a position (snapshot parts stubbed unless parts=full)."""
+        return await self.ep.services.log.page(
+            call.principal, call.query["after"] or 0, call.query["limit"], _parts_full(call)
+        )
+
+    async def stream(self, call: Call) -> Response:
+        """GET /v1/log/stream — records as they commit, with heartbeats carrying the head, until the client leaves."""
+        after = call.query["after"] or 0
+        await self.ep.services.log.check_device(call.principal)
+        media_type = call.media_type
+        chunks = self.ep.services.log.stream(call.principal, after, self.ep.heartbeat_seconds)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    if chunk.heartbeat is not None:
+                        yield codec.encode_stream_item(chunk.heartbeat, media_type)
+                    else:
+                        yield b"".join(codec.encode_stream_item(r, media_type) for r in chunk.records)
+            except TetherlessError:
+                return  # the device was revoked: end the response; the reconnect gets the error
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+        content_type = codec.MSGPACK if media_type == codec.MSGPACK else codec.JSON_LINES
+        return Response(200, [("content-type", content_type), ("cache-control", "no-store")], stream=body())
+
+    async def snapshot(self, call: Call) -> SnapshotRef:
+        """GET /v1/log/snapshot — the newest complete snapshot."""
+        return await self.ep.services.log.snapshot(call.principal)
+
+    async def snapshot_parts(self, call: Call) -> LogPage:
+        """GET /v1/log/snapshot/{snapshot_id} — the newest snapshot's parts, with full ciphertext."""
+        snapshot_id = bytes.fromhex(call.path_params["snapshot_id"])
+        return await self.ep.services.log.snapshot_parts(
+            call.principal, snapshot_id, call.query["after"] or 0, call.query["limit"]
+        )
+
+    async def get_retention(self, call: Call) -> LogRetention:
+        """GET /v1/log/retention — the account log's retention and horizon."""
+        return await self.ep.services.log.get_retention(call.principal)
+
+    async def set_retention(self, call: Call) -> LogRetention:
+        """PUT /v1/log/retention — set retention (forever, or days); applied by the next sweep."""
+        return await self.ep.services.log.set_retention(call.principal, call.body)
+
+
+def log_routes(ep: Endpoints) -> list[Route]:
+    """The account log's routes (docs/account-log.md §3.1)."""
+    log = LogEndpoints(ep)
+    read_errors = (*AUTH_ERRORS, E.DEVICE_REVOKED, E.INVALID_QUERY)
+    return [
+        Route(
+            "POST",
+            "/v1/log",
+            log.append,
+            "Append records to the account log (atomic, idempotent per record id)",
+            body=AppendRequest,
+            response=AppendResponse,
+            auth=True,
+            status=201,
+            errors=(
+                *AUTH_ERRORS,
+                *BODY_ERRORS,
+                E.DEVICE_REVOKED,
+                E.BATCH_TOO_LARGE,
+                E.RECORD_TOO_LARGE,
+                E.LOG_CONFLICT,
+                E.LOG_EPOCH_STALE,
+                E.LOG_REKEY_REQUIRED,
+                E.LOG_QUOTA,
+                E.SNAPSHOT_INCOMPLETE,
+            ),
+            tag="log",
+        ),
+        Route(
+            "GET",
+            "/v1/log",
+            log.page,
+            "A page of the account log after a position (query parts=stub|full, default stub)",
+            response=LogPage,
+            auth=True,
+            query=(LOG_AFTER, LOG_LIMIT),
+            errors=read_errors,
+            tag="log",
+        ),
+        Route(
+            "GET",
+            "/v1/log/stream",
+            log.stream,
+            "Stream account log records as they commit (resumable by position)",
+            response=LogStreamItem,  # type: ignore[arg-type]
+            auth=True,
+            query=(LOG_AFTER,),
+            errors=read_errors,
+            stream=True,
+            tag="log",
+        ),
+        Route(
+            "GET",
+            "/v1/log/snapshot",
+            log.snapshot,
+            "The newest complete snapshot of the account log",
+            response=SnapshotRef,
+            auth=True,
+            errors=(*AUTH_ERRORS, E.DEVICE_REVOKED, E.NO_SNAPSHOT),
+            tag="log",
+        ),
+        Route(
+            "GET",
+            "/v1/log/snapshot/{snapshot_id}",
+            log.snapshot_parts,
+            "The newest snapshot's parts, with full ciphertext (snapshot_id: 32 lowercase hex digits)",
+            response=LogPage,
+            auth=True,
+            query=(LOG_AFTER, LOG_LIMIT),
+            errors=(*read_errors, E.NO_SNAPSHOT),
+            tag="log",
+        ),
+        Route(
+            "GET",
+            "/v1/log/retention",
+            log.get_retention,
+            "The account log's retention",
+            response=LogRetention,
+            auth=True,
+            errors=(*AUTH_ERRORS, E.DEVICE_REVOKED),
+            tag="log",
+        ),
+        Route(
+            "PUT",
+            "/v1/log/retention",
+            log.set_retention,
+            "Set the account log's retention (forever, or days)",
+            body=LogRetention,
+            response=LogRetention,
+            auth=True,
+            errors=(*AUTH_ERRORS, *BODY_ERRORS, E.DEVICE_REVOKED),
+            tag="log",
+        ),
+    ]
 
 
 def build_routes(ep: Endpoints) -> list[Route]:
@@ -290,6 +470,9 @@ def build_routes(ep: Endpoints) -> list[Route]:
             ),
         ]
     routes += federation_routes(ep)
+    routes += device_routes(ep)
+    routes += log_routes(ep)
+    routes += prekey_routes(ep)
     ep.routes = routes
     return routes
 

@@ -18,7 +18,15 @@ from protocol.ids import ID_PATTERN, RELAY_PATTERN
 
 from .http import Request, Response
 
-PARAM_PATTERNS: dict[str, str] = {"account_id": ID_PATTERN, "device_id": ID_PATTERN, "relay": RELAY_PATTERN}
+PARAM_PATTERNS: dict[str, str] = {
+    "account_id": ID_PATTERN,
+    "device_id": ID_PATTERN,
+    "relay": RELAY_PATTERN,
+    "snapshot_id": "^[0-9a-f]{32}$",  # account log: 16 bytes as lowercase hex
+    # enrolment: 16 base32 characters; anything else up to 64 characters reaches the handler and is
+    # answered enrolment_unknown (a mistyped link code finds nothing), not the generic not_found.
+    "lookup_id": "^[^/]{1,64}$",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,7 @@ class Route:
     stream: bool = False  # long-lived streaming response
     signed: bool = False  # federation: authenticated by the origin relay's HTTP message signature
     raw_content_type: str | None = None  # response is not a protocol message (metrics)
+    no_content: str = ""  # non-empty: the route may also answer 204 without a body (this says when)
     tag: str = "relay"
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 

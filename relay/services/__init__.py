@@ -11,8 +11,12 @@ from .abuse import AbuseLimits, RateSettings
 from .accounts import AccountService
 from .auth import AuthService, Principal
 from .context import ServiceContext, limits_from, wall_clock_ms
+from .devices import DeviceService, WebAuthnSettings, default_rp_id
+from .enrolment import EnrolmentService
 from .federation import FederationService, FederationSettings, PeerResponse, PeerTransport, PeerUnreachableError
 from .inbox import InboxNotifier, InboxService, StreamChunk
+from .log import LogChunk, LogNotifier, LogService
+from .prekeys import PrekeyService, PrekeySettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,10 @@ class Services:
     inbox: InboxService
     abuse: AbuseLimits
     federation: FederationService
+    log: LogService
+    devices: DeviceService
+    prekeys: PrekeyService
+    enrolments: EnrolmentService
 
     @classmethod
     def build(
@@ -36,6 +44,8 @@ class Services:
         federation: FederationSettings | None = None,
         keyring: RelayKeyring | None = None,
         peer_transport: PeerTransport | None = None,
+        webauthn: WebAuthnSettings | None = None,
+        prekeys: PrekeySettings | None = None,
     ) -> Services:
         abuse = AbuseLimits(rates or RateSettings())
         accounts = AccountService(store, ctx)
@@ -43,13 +53,19 @@ class Services:
         federation_service = FederationService(
             store, ctx, federation or FederationSettings(), keyring, peer_transport, notifier, accounts
         )
+        auth = AuthService(store, ctx)
+        webauthn = webauthn or WebAuthnSettings(rp_id=default_rp_id(ctx.relay_name))
         return cls(
             ctx=ctx,
             accounts=accounts,
-            auth=AuthService(store, ctx),
+            auth=auth,
             inbox=InboxService(store, ctx, notifier, abuse, federation_service),
             abuse=abuse,
             federation=federation_service,
+            log=LogService(store, ctx, LogNotifier()),
+            devices=DeviceService(store, ctx, notifier, auth, abuse, webauthn),
+            prekeys=PrekeyService(store, ctx, prekeys or PrekeySettings(), federation_service),
+            enrolments=EnrolmentService(store, ctx, prekeys or PrekeySettings()),
         )
 
 
@@ -57,18 +73,26 @@ __all__ = [
     "AbuseLimits",
     "AccountService",
     "AuthService",
+    "DeviceService",
+    "EnrolmentService",
     "FederationService",
     "FederationSettings",
     "InboxNotifier",
     "InboxService",
+    "LogChunk",
+    "LogNotifier",
+    "LogService",
     "PeerResponse",
     "PeerTransport",
     "PeerUnreachableError",
+    "PrekeyService",
+    "PrekeySettings",
     "Principal",
     "RateSettings",
     "ServiceContext",
     "Services",
     "StreamChunk",
+    "WebAuthnSettings",
     "limits_from",
     "wall_clock_ms",
 ]

@@ -27,6 +27,8 @@ class RateSettings:
     device_envelopes_burst: float = 0.0
     account_envelopes_per_second: float = 0.0
     account_envelopes_burst: float = 0.0
+    account_list_changes_per_second: float = 0.0
+    account_list_changes_burst: float = 0.0
 
     @classmethod
     def from_config(cls, config: Config) -> RateSettings:
@@ -39,6 +41,8 @@ class RateSettings:
             device_envelopes_burst=config.rate_device_envelopes_burst,
             account_envelopes_per_second=config.rate_account_envelopes_per_second,
             account_envelopes_burst=config.rate_account_envelopes_burst,
+            account_list_changes_per_second=config.rate_account_list_changes_per_second,
+            account_list_changes_burst=config.rate_account_list_changes_burst,
         )
 
 
@@ -50,16 +54,13 @@ class AbuseLimits:
         self._device_requests = KeyedLimiter(settings.device_requests_per_second, settings.device_requests_burst)
         self._device_envelopes = KeyedLimiter(settings.device_envelopes_per_second, settings.device_envelopes_burst)
         self._account_envelopes = KeyedLimiter(settings.account_envelopes_per_second, settings.account_envelopes_burst)
+        self._account_list_changes = KeyedLimiter(
+            settings.account_list_changes_per_second, settings.account_list_changes_burst
+        )
 
     @staticmethod
     def _check(limiter: KeyedLimiter, scope: str, key: str, count: float = 1.0) -> None:
-        wait = limiter.take(key, count)
-        if wait > 0:
-            metrics.rate_limited_total.labels(scope).inc()
-            retry = max(1, math.ceil(wait)) if math.isfinite(wait) else 3600
-            raise TetherlessError(
-                ErrorCode.RATE_LIMITED, f"too many requests ({scope}); retry later", retry_after_seconds=retry
-            )
+        check_limit(limiter, scope, key, count)
 
     def unauthenticated_request(self, client: str) -> None:
         """One unauthenticated request from ``client`` ("ip:port"; the port is ignored)."""
@@ -73,6 +74,24 @@ class AbuseLimits:
         """``count`` envelopes submitted by a device of an account (checked device first, then account)."""
         self._check(self._device_envelopes, "device_envelopes", device_id, count)
         self._check(self._account_envelopes, "account_envelopes", account_id, count)
+
+    def device_list_change(self, account_id: str) -> None:
+        """One device-list version posted for ``account_id`` (unauthenticated: the IP is limited by the route)."""
+        self._check(self._account_list_changes, "account_list_changes", account_id)
+
+
+def check_limit(limiter: KeyedLimiter, scope: str, key: str, count: float = 1.0) -> None:
+    """Take ``count`` from ``key``'s bucket or raise ``rate_limited`` (counted under ``scope``).
+
+    For limits kept by other services (prekey claims, enrolment lookups).
+    """
+    wait = limiter.take(key, count)
+    if wait > 0:
+        metrics.rate_limited_total.labels(scope).inc()
+        retry = max(1, math.ceil(wait)) if math.isfinite(wait) else 3600
+        raise TetherlessError(
+            ErrorCode.RATE_LIMITED, f"too many requests ({scope}); retry later", retry_after_seconds=retry
+        )
 
 
 def client_ip(client: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol.auth import verify_challenge_signature
@@ -51,10 +52,16 @@ class AuthService:
         self._cache: OrderedDict[bytes, tuple[Principal, int, int]] = OrderedDict()
 
     async def issue_challenge(self, request: ChallengeRequest) -> Challenge:
-        """A fresh single-use challenge for a registered, unrevoked device. Raises ``unknown_device``."""
+        """A fresh single-use challenge for a registered, unrevoked device.
+
+        Raises ``unknown_device``, or ``device_revoked`` for a device removed
+        from its account's device list (that is public: the list is).
+        """
         device = await self._store.get_device(request.device_id)
-        if device is None or device.revoked_at_ms is not None:
+        if device is None:
             raise TetherlessError(ErrorCode.UNKNOWN_DEVICE, "no such device on this relay")
+        if device.revoked_at_ms is not None:
+            raise TetherlessError(ErrorCode.DEVICE_REVOKED, "this device was removed from its account")
         nonce = self._ctx.random_bytes(32)
         expires = self._ctx.clock_ms() + self._ctx.limits.challenge_ttl_seconds * 1000
         await self._store.put_challenge(nonce, device.device_id, expires)
@@ -64,8 +71,8 @@ class AuthService:
         """Exchange a signed challenge for a bearer token.
 
         The nonce is burned by this call whatever the outcome. Raises
-        ``unknown_device``, ``challenge_unknown``, ``challenge_used``,
-        ``challenge_expired`` or ``bad_signature``.
+        ``unknown_device``, ``device_revoked``, ``challenge_unknown``,
+        ``challenge_used``, ``challenge_expired`` or ``bad_signature``.
         """
         try:
             return await self._open_session(request)
@@ -75,9 +82,11 @@ class AuthService:
 
     async def _open_session(self, request: SessionRequest) -> Session:
         device = await self._store.get_device(request.device_id)
-        if device is None or device.revoked_at_ms is not None:
+        if device is None:
             await self._work_like_a_wrong_signature(request)
             raise TetherlessError(ErrorCode.UNKNOWN_DEVICE, "no such device on this relay")
+        if device.revoked_at_ms is not None:
+            raise TetherlessError(ErrorCode.DEVICE_REVOKED, "this device was removed from its account")
         now = self._ctx.clock_ms()
         consumed = await self._store.consume_challenge(request.nonce, request.device_id, now)
         if consumed.outcome is ChallengeOutcome.UNKNOWN:
@@ -121,7 +130,10 @@ class AuthService:
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal behind an ``Authorization`` header value.
 
-        Raises ``missing_token``, ``invalid_token``, ``token_expired`` or ``token_revoked``.
+        Raises ``missing_token``, ``invalid_token``, ``token_expired``,
+        ``token_revoked`` or ``device_revoked`` (the token's device was removed
+        from its account: its sessions were revoked in that commit). Another
+        replica's cache may accept such a token for up to SESSION_CACHE_MS.
         """
         try:
             return await self._authenticate(authorization)
@@ -148,6 +160,9 @@ class AuthService:
         if session is None:
             raise TetherlessError(ErrorCode.INVALID_TOKEN, "unknown token")
         if session.revoked_at_ms is not None:
+            device = await self._store.get_device(session.device_id)
+            if device is not None and device.revoked_at_ms is not None:
+                raise TetherlessError(ErrorCode.DEVICE_REVOKED, "this device was removed from its account")
             raise TetherlessError(ErrorCode.TOKEN_REVOKED, "this token was revoked")
         if session.expires_at_ms <= now:
             raise TetherlessError(ErrorCode.TOKEN_EXPIRED, "session expired; authenticate again")
@@ -156,6 +171,12 @@ class AuthService:
         if len(self._cache) > SESSION_CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
+
+    def forget_devices(self, device_ids: Iterable[str]) -> None:
+        """Drop cached sessions of devices just revoked (their rows are revoked in the store already)."""
+        gone = set(device_ids)
+        if gone:
+            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if v[0].device_id not in gone)
 
     async def revoke(self, principal: Principal, *, all_sessions: bool) -> int:
         """Revoke the caller's token, or every token of its device. Idempotent."""

@@ -34,4 +34,10 @@ def limits_from(config: Config) -> Limits:
         max_page_envelopes=config.max_page_envelopes,
         session_ttl_seconds=config.session_ttl_seconds,
         challenge_ttl_seconds=config.challenge_ttl_seconds,
+        max_log_batch_records=config.max_log_batch_records,
+        max_log_record_bytes=config.max_log_record_bytes,
+        max_page_log_records=config.max_page_log_records,
+        max_log_page_bytes=config.max_log_page_bytes,
+        max_log_bytes=config.max_log_bytes,
+        max_retention_days=config.max_retention_days,
     )

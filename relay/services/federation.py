@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import trio
 
@@ -60,6 +60,7 @@ KEY_CACHE_SECONDS: Final = 300.0
 KEY_REFETCH_SECONDS: Final = 10.0  # at most one re-fetch per origin this often (unknown key ids)
 DEFERRED_RETRY_SECONDS: Final = 30.0
 MAX_ERROR_CHARS: Final = 300
+T = TypeVar("T")
 
 
 # -- the network, as the services see it ------------------------------------------------------
@@ -479,6 +480,27 @@ class FederationService:
             raise TetherlessError(ErrorCode.UNKNOWN_ACCOUNT, f"no such account on {relay}")
         raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} answered HTTP {response.status}")
 
+    async def call_peer(self, relay: str, path: str, message: object, response_type: type[T], kind: str) -> T:
+        """POST ``message`` to ``relay``'s federation API (``PREFIX + path``), signed; decode its 200 answer.
+
+        For request/response calls of other services (prekey claims). Raises
+        ``remote_recipient`` / ``peer_forbidden`` (policy) and
+        ``peer_unavailable`` (unreachable, any other status, or garbage).
+        Not retried; nothing is stored.
+        """
+        relay = relay.lower()
+        self.check_peer(relay)
+        try:
+            response = await self._signed_request(relay, "POST", PREFIX + path, codec.encode(message), kind)
+        except PeerUnreachableError as exc:
+            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} cannot be reached") from exc
+        if response.status != 200:
+            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} answered HTTP {response.status}")
+        try:
+            return codec.decode(response.body, response_type, _media_type(response))
+        except TetherlessError as exc:
+            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} answered garbage") from exc
+
     # -- outbound: the delivery worker -----------------------------------------------------------------
 
     async def run_delivery(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -612,6 +634,8 @@ def _result_for(envelope_id: bytes, outcome: ReceivedOutcome) -> DeliveryResult:
         return DeliveryResult(id=envelope_id, outcome="duplicate")
     if outcome is ReceivedOutcome.INBOX_FULL:
         return DeliveryResult(id=envelope_id, outcome="deferred", code=ErrorCode.INBOX_FULL.value)
+    if outcome is ReceivedOutcome.RECIPIENT_REVOKED:
+        return DeliveryResult(id=envelope_id, outcome="rejected", code=ErrorCode.RECIPIENT_REVOKED.value)
     return DeliveryResult(id=envelope_id, outcome="rejected", code=ErrorCode.UNKNOWN_RECIPIENT.value)
 
 

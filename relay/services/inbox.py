@@ -27,6 +27,7 @@ from protocol.messages import (
     Accepted,
     AckRequest,
     AckResponse,
+    DeviceListChanged,
     Heartbeat,
     InboxEnvelope,
     InboxPage,
@@ -100,10 +101,11 @@ class OutboundFederation(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """What a stream yields: envelopes to send, or a heartbeat when idle."""
+    """What a stream yields: envelopes to send, a heartbeat when idle, or a device-list change."""
 
     envelopes: list[InboxEnvelope]
     heartbeat: Heartbeat | None = None
+    device_list: DeviceListChanged | None = None
 
 
 def _to_wire(record: InboxRecord) -> InboxEnvelope:
@@ -227,15 +229,21 @@ class InboxService:
         return InboxPage(envelopes=envelopes, next_cursor=next_cursor, more=more)
 
     async def stream(self, device_id: str, after: int, heartbeat_seconds: float) -> AsyncIterator[StreamChunk]:
-        """Yield committed envelopes after ``after`` as they arrive, forever.
+        """Yield committed envelopes after ``after`` as they arrive, until the device is revoked.
 
         Pages through any backlog first, then waits for wake-ups; yields a
         heartbeat after ``heartbeat_seconds`` without news (and re-reads then,
-        so a lost wake-up delays delivery by one heartbeat at most).
+        so a lost wake-up delays delivery by one heartbeat at most). After a
+        wake-up or heartbeat with nothing to read it re-checks the device: a
+        new device-list version of its account yields a ``DeviceListChanged``
+        item, and a revoked device's stream ends after that item.
         Cancellation ends the stream; nothing is acknowledged by streaming.
         """
         cursor = after
         page = self._ctx.limits.max_page_envelopes
+        state = await self._store.device_stream_state(device_id)
+        list_version = state.list_version if state is not None else 0
+        check = False
         metrics.streams_open.inc()
         try:
             while True:
@@ -246,7 +254,17 @@ class InboxService:
                     metrics.envelopes_delivered_total.labels("stream").inc(len(records))
                     yield StreamChunk([_to_wire(r) for r in records])
                     continue
+                if check:
+                    check = False
+                    state = await self._store.device_stream_state(device_id)
+                    if state is not None and state.list_version > list_version:
+                        list_version = state.list_version
+                        changed = DeviceListChanged(account_id=state.account_id, version=list_version)
+                        yield StreamChunk([], device_list=changed)
+                    if state is None or state.revoked:
+                        return
                 woken = await self._notifier.wait(device_id, version, heartbeat_seconds)
+                check = True
                 if not woken:
                     yield StreamChunk([], Heartbeat(cursor=cursor, at_ms=self._ctx.clock_ms()))
         finally:
@@ -271,4 +289,6 @@ class InboxService:
                 if report.envelopes:
                     metrics.envelopes_expired_total.inc(report.envelopes)
                     log.info("expired %d envelopes", report.envelopes)
+                if report.enrolments:
+                    metrics.enrolments_expired_total.inc(report.enrolments)
             await trio.sleep(interval_seconds)

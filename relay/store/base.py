@@ -100,6 +100,7 @@ class ExpiryReport:
     sessions: int
     idempotency_keys: int
     federation: int = 0  # expired outbox envelopes, dedup ids and signature nonces
+    enrolments: int = 0  # enrolment offers forgotten without ever getting a proposal
 
 
 # -- federation ------------------------------------------------------------------------------
@@ -150,6 +151,225 @@ class ReceivedOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     INBOX_FULL = "inbox_full"
+    RECIPIENT_REVOKED = "recipient_revoked"
+
+
+# -- device lists v2, revocation, WebAuthn (docs/crypto.md §3.3, §4, §6; SQL in *_devices.py) ----
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListHead:
+    """The newest version of an account's device list (``signed``: MessagePack SignedDeviceList), and the
+    ids of the account's devices removed by any version (they may never come back)."""
+
+    version: int
+    signed: bytes
+    removed_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialUse:
+    """A WebAuthn credential whose assertion approved a version, with the assertion's sign counter."""
+
+    credential_id: bytes
+    public_key: bytes
+    rp_id: str
+    sign_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewCredential:
+    """A credential a version adds: it must be registered (pending) for the account with these keys."""
+
+    credential_id: bytes
+    public_key: bytes
+    rp_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListUpdate:
+    """One verified device-list version to commit on top of version ``version - 1`` (compare-and-set)."""
+
+    account_id: str
+    version: int
+    signed: bytes
+    added: Sequence[DeviceRecord]
+    removed: Sequence[str]  # device ids this version revokes
+    assertions: Sequence[CredentialUse] = ()
+    added_credentials: Sequence[NewCredential] = ()
+    removed_credentials: Sequence[bytes] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListCommitted:
+    """What a committed version changed: every device of the account (to wake) and the revoked ones."""
+
+    devices: list[str]
+    revoked: list[str]
+    envelopes_deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStreamState:
+    """What an inbox stream re-checks: the device's account, whether it is revoked, the list's head version."""
+
+    account_id: str
+    revoked: bool
+    list_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCredential:
+    credential_id: bytes
+    public_key: bytes
+    rp_id: str
+    sign_count: int
+    status: str  # "pending" or "active"
+    registered_by: str
+
+
+# -- prekeys and enrolment (docs/crypto.md §5, §7; SQL in sqlite_prekeys.py / postgres_prekeys.py) ----
+
+PREKEY_SIGNED = "x25519-signed"
+PREKEY_LAST_RESORT = "mlkem768-last-resort"
+PREKEY_X25519_ONE_TIME = "x25519-one-time"
+PREKEY_MLKEM_ONE_TIME = "mlkem768-one-time"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPrekey:
+    """A public prekey as uploaded (``kind`` is one of the four kind strings); the service verified it."""
+
+    kind: str
+    key_id: int
+    public_key: bytes
+    created_at_ms: int
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyState:
+    """One-time keys left per kind and the current signed / last-resort key ids (None: none uploaded)."""
+
+    x25519_one_time: int
+    mlkem_one_time: int
+    signed_prekey_id: int | None
+    last_resort_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBundle:
+    """What a claim served for one device; the one-time keys in it are deleted by the same transaction."""
+
+    device_id: str
+    account_id: str
+    box_key: bytes
+    signed_prekey: StoredPrekey
+    pq_prekey: StoredPrekey  # mlkem768-one-time if one was left (and the pair limit allowed), else last-resort
+    one_time_prekey: StoredPrekey | None
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolmentRecord:
+    """An enrolment offer (MessagePack ``EnrolmentOffer``) and, once posted, its proposal."""
+
+    lookup_id: bytes
+    offer: bytes
+    created_at_ms: int
+    expires_at_ms: int
+    proposal: bytes | None = None
+    proposer_device: str | None = None
+
+
+# -- account log (docs/account-log.md) ------------------------------------------------------------
+
+LOG_KINDS: tuple[str, ...] = ("event", "state", "key", "snapshot_part", "snapshot")
+
+
+@dataclass(frozen=True, slots=True)
+class NewLogRecord:
+    """One record to append; ``kind`` is one of :data:`LOG_KINDS`. ``ciphertext`` is opaque."""
+
+    record_id: bytes
+    kind: str
+    epoch: int
+    ciphertext: bytes
+    snapshot_id: bytes | None = None
+    covers: int | None = None
+    parts: int | None = None
+    device_list_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogAppended:
+    """The result for one :class:`NewLogRecord`, in submission order (``duplicate``: stored before)."""
+
+    record_id: bytes
+    position: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogAppendOutcome:
+    head: int
+    results: list[LogAppended]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLogRecord:
+    """A committed record; ``ciphertext`` is empty for a stubbed snapshot part (``size`` is still its length)."""
+
+    position: int
+    record_id: bytes
+    kind: str
+    epoch: int
+    committed_at_ms: int
+    size: int
+    ciphertext: bytes
+    snapshot_id: bytes | None = None
+    covers: int | None = None
+    parts: int | None = None
+    device_list_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSnapshotInfo:
+    """The newest complete snapshot: its manifest's position and header."""
+
+    snapshot_id: bytes
+    position: int
+    covers: int
+    parts: int
+    epoch: int
+    committed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogPageRecord:
+    """A page of one account's log, with ``head``, ``horizon`` and ``snapshot`` read in the same transaction."""
+
+    records: list[StoredLogRecord]
+    head: int
+    horizon: int
+    snapshot: LogSnapshotInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSweepReport:
+    """One retention sweep step: records deleted, snapshot records emptied, and whether more work is due now."""
+
+    deleted: int = 0
+    emptied: int = 0
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogRetentionRecord:
+    """``days`` None means forever."""
+
+    days: int | None
+    horizon: int
+    updated_at_ms: int
 
 
 class Store(Protocol):
@@ -254,29 +474,221 @@ class Store(Protocol):
     ) -> list[tuple[ReceivedOutcome, str]]:
         """Store envelopes delivered by ``origin`` in one transaction; (outcome, recipient device) each.
 
-        Never raises for one envelope's problem: an unknown or revoked recipient
-        is ``UNKNOWN_RECIPIENT``, a full inbox ``INBOX_FULL`` (both store
-        nothing for that envelope), an (origin, id) seen before ``DUPLICATE``.
+        Never raises for one envelope's problem: an unknown recipient is
+        ``UNKNOWN_RECIPIENT``, a revoked one ``RECIPIENT_REVOKED``, a full
+        inbox ``INBOX_FULL`` (all store nothing for that envelope), an (origin, id) seen before ``DUPLICATE``.
         Ids are remembered until ``forget_at_ms``.
         """
+
+    # -- device lists v2, revocation, WebAuthn (SQL in sqlite_devices.py / postgres_devices.py) --------
+
+    async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
+        """The account's newest device-list version, or None for an unknown account."""
+
+    async def append_device_list(self, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
+        """Commit a verified version atomically, if the head is still ``update.version - 1``.
+
+        In one transaction: the head check (else ``device_list_conflict``;
+        ``unknown_account``), WebAuthn counters (each assertion's count must
+        be above the stored one unless both are 0, else ``webauthn_replayed``;
+        then stored), added credentials must be pending for the account with
+        the same key and rp id (else ``webauthn_invalid``) and become active,
+        removed credentials are deleted, added devices are inserted (a device
+        id known on this relay: ``invalid_device_list``), removed devices are
+        revoked: their sessions revoked, inbox envelopes, auth challenges,
+        WebAuthn registrations and prekeys deleted. Any error changes nothing.
+        """
+
+    async def device_stream_state(self, device_id: str) -> DeviceStreamState | None:
+        """The device's revocation state and its account's head version, or None for an unknown device."""
+
+    async def put_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
+    ) -> None:
+        """Remember a registration ceremony begun by ``device_id`` (single use, like auth challenges)."""
+
+    async def consume_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, now_ms: int
+    ) -> ChallengeOutcome:
+        """Burn a registration challenge; UNKNOWN also when it was issued to another device or account."""
+
+    async def put_webauthn_credential(
+        self, account_id: str, device_id: str, credential: NewCredential, sign_count: int, now_ms: int
+    ) -> None:
+        """Store a registered credential as pending (replacing a pending one with the same id).
+
+        Raises ``webauthn_invalid`` when the id is an active credential of the account.
+        """
+
+    async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
+        """The account's credentials (pending and active), by id."""
+
+    # -- prekeys and enrolment (SQL in sqlite_prekeys.py / postgres_prekeys.py) ---------------------
+
+    async def put_prekeys(self, device_id: str, prekeys: Sequence[StoredPrekey], max_one_time: int) -> PrekeyState:
+        """Store verified prekeys of ``device_id`` atomically and return what it then holds.
+
+        A signed or last-resort key replaces the current one of its kind;
+        one-time keys are added. Key ids only increase per (device, kind): an
+        id at or below the highest ever stored is ``prekey_invalid`` unless
+        the very same key is still stored (a retried upload: skipped). More
+        than ``max_one_time`` stored keys of one one-time kind is
+        ``invalid_field``. Any error stores nothing.
+        """
+
+    async def get_prekey_state(self, device_id: str) -> PrekeyState:
+        """Counts and current ids of ``device_id``'s prekeys (zeros and None for an unknown device)."""
+
+    async def claim_prekeys(
+        self,
+        claimer_account: str,
+        targets: Sequence[tuple[str, str]],
+        now_ms: int,
+        one_time_limit: int,
+        window_ms: int,
+    ) -> list[ClaimedBundle | None]:
+        """One bundle per (account id, device id) target, in order; None for an unknown or revoked device,
+        a device of another account, or one without a signed prekey or any ML-KEM key (nothing is served).
+
+        In one transaction: per device the signed prekey, the lowest-id
+        ``mlkem768-one-time`` key else the last-resort key, and the lowest-id
+        ``x25519-one-time`` key if any; served one-time keys are deleted, so
+        concurrent claims (any replica) never serve a key twice. At most
+        ``one_time_limit`` keys of each one-time kind are served per
+        (``claimer_account``, device) within ``window_ms``; past that the
+        bundle has none of that kind. A device named twice gets two bundles.
+        """
+
+    async def delete_device_prekeys(self, device_id: str) -> int:
+        """Delete every prekey of ``device_id`` (and its id high-water marks); returns the keys deleted.
+
+        Revocation does the same inside its own transaction with the SQL
+        modules' ``delete_device_prekeys(conn, device_id)``. Idempotent.
+        """
+
+    async def create_enrolment(
+        self, lookup_id: bytes, offer: bytes, created_at_ms: int, expires_at_ms: int, forget_at_ms: int
+    ) -> None:
+        """Store an offer; raises ``enrolment_used`` when an offer with this lookup id is stored (even expired).
+
+        The row is kept until ``forget_at_ms`` (then :meth:`expire` deletes it).
+        """
+
+    async def get_enrolment(self, lookup_id: bytes) -> EnrolmentRecord | None:
+        """The offer (and proposal) under ``lookup_id``, or None. Expired rows are returned until forgotten."""
+
+    async def put_enrolment_proposal(
+        self, lookup_id: bytes, proposal: bytes, proposer_device: str, now_ms: int
+    ) -> EnrolmentRecord:
+        """Attach the proposal to the offer atomically; returns the updated record.
+
+        Raises ``enrolment_unknown``, ``enrolment_expired`` (``expires_at_ms``
+        <= ``now_ms``) or ``enrolment_used`` (another proposal is stored). The
+        same proposal by the same device again is answered like the first
+        (idempotent retry).
+        """
+
+    # -- account log (docs/account-log.md §7.4; SQL in sqlite_log.py / postgres_log.py) ----------
+
+    async def append_log(
+        self,
+        account_id: str,
+        records: Sequence[NewLogRecord],
+        expected_head: int | None,
+        now_ms: int,
+        max_bytes: int,
+    ) -> LogAppendOutcome:
+        """Append a batch to ``account_id``'s log atomically, at dense positions ``head + 1 …`` in order.
+
+        Ids already stored are answered with their original positions and
+        ``duplicate=True``; when every id exists, nothing is checked. Otherwise,
+        in this order: ``expected_head`` (``log_conflict`` with ``head``), the
+        epoch rules (``log_epoch_stale`` with ``epoch``, ``log_rekey_required``),
+        the quota ``max_bytes`` (0 = unlimited; ``log_quota``), snapshot
+        manifests (``snapshot_incomplete``; ``invalid_field`` when ``covers``
+        is above the head). Any error stores nothing.
+        """
+
+    async def read_log(
+        self, account_id: str, after: int, limit: int, max_bytes: int, full_parts: bool
+    ) -> LogPageRecord:
+        """Up to ``limit`` records with position > ``after`` in order, at most ``max_bytes`` of ciphertext
+        (but at least one record); snapshot parts stubbed unless ``full_parts``. ``limit=0``: header only."""
+
+    async def log_snapshot(self, account_id: str) -> LogSnapshotInfo | None:
+        """The newest complete snapshot, or None."""
+
+    async def read_snapshot_parts(
+        self, account_id: str, snapshot_id: bytes, after: int, limit: int, max_bytes: int
+    ) -> LogPageRecord:
+        """The parts of the newest snapshot (full ciphertext) with position > ``after``; raises ``no_snapshot``
+        unless ``snapshot_id`` is the newest complete snapshot."""
+
+    async def get_log_retention(self, account_id: str) -> LogRetentionRecord:
+        """The account's retention (forever when never set)."""
+
+    async def set_log_retention(self, account_id: str, days: int | None, now_ms: int) -> LogRetentionRecord:
+        """Set retention (``days`` None: forever); takes effect at the next sweep."""
+
+    async def sweep_log(self, now_ms: int, batch: int) -> LogSweepReport:
+        """One step of retention (§6.2), at most ``batch`` records per account: delete records older than the
+        account's ``days`` (raising ``horizon``), and empty (ciphertext b"", size 0; the position stays) parts
+        and manifests of snapshots superseded over 7 days ago or never completed within 24 hours.
+
+        Never touches the newest complete snapshot, its parts, or ``key`` records. Call again while ``more``.
+        """
+
+    async def note_revocation(self, account_id: str, device_list_version: int) -> None:
+        """Device list version ``device_list_version`` revoked a device: until a ``key`` record for a new epoch
+        names a list version >= it, appends other than that key record get ``log_rekey_required``."""
+
+    async def watch_log_commits(
+        self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``notify(account_id)`` in the trio thread after log appends made by *any* process; until
+        cancelled. Same contract as :meth:`watch_inbox_commits`."""
 
     async def close(self) -> None:
         """Finish pending writes and close. Idempotent."""
 
 
 __all__: Sequence[str] = (
+    "LOG_KINDS",
+    "PREKEY_LAST_RESORT",
+    "PREKEY_MLKEM_ONE_TIME",
+    "PREKEY_SIGNED",
+    "PREKEY_X25519_ONE_TIME",
     "ChallengeOutcome",
+    "ClaimedBundle",
     "ConsumedChallenge",
+    "CredentialUse",
+    "DeviceListCommitted",
+    "DeviceListHead",
+    "DeviceListUpdate",
     "DeviceRecord",
+    "DeviceStreamState",
+    "EnrolmentRecord",
     "ExpiryReport",
     "InboxRecord",
+    "LogAppendOutcome",
+    "LogAppended",
+    "LogPageRecord",
+    "LogRetentionRecord",
+    "LogSnapshotInfo",
+    "LogSweepReport",
+    "NewCredential",
     "NewEnvelope",
+    "NewLogRecord",
     "OutboxRecord",
     "PeerState",
+    "PrekeyState",
     "ReceivedEnvelope",
     "ReceivedOutcome",
     "SessionRecord",
     "Store",
     "StoreUnavailableError",
+    "StoredCredential",
     "StoredEnvelope",
+    "StoredLogRecord",
+    "StoredPrekey",
 )

@@ -45,20 +45,39 @@ import trio
 
 from protocol.errors import ErrorCode, TetherlessError
 
+from . import log_sql
+from . import postgres_devices as devsql
 from . import postgres_federation as fed
+from . import postgres_prekeys as pk
 from .base import (
     ChallengeOutcome,
+    ClaimedBundle,
     ConsumedChallenge,
+    DeviceListCommitted,
+    DeviceListHead,
+    DeviceListUpdate,
     DeviceRecord,
+    DeviceStreamState,
+    EnrolmentRecord,
     ExpiryReport,
     InboxRecord,
+    LogAppendOutcome,
+    LogPageRecord,
+    LogRetentionRecord,
+    LogSnapshotInfo,
+    LogSweepReport,
+    NewCredential,
     NewEnvelope,
+    NewLogRecord,
     OutboxRecord,
     PeerState,
+    PrekeyState,
     ReceivedEnvelope,
     ReceivedOutcome,
     SessionRecord,
+    StoredCredential,
     StoredEnvelope,
+    StoredPrekey,
     StoreUnavailableError,
 )
 
@@ -439,8 +458,10 @@ class PostgresStore:
                     results.append(StoredEnvelope(env.envelope_id, now_ms, False, env.recipient_device))
                     continue
                 dev = locked.get(env.recipient_device)
-                if dev is None or dev[0] != env.recipient_account or dev[1] is not None:
+                if dev is None or dev[0] != env.recipient_account:
                     raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "no such device on this relay")
+                if dev[1] is not None:
+                    raise TetherlessError(ErrorCode.RECIPIENT_REVOKED, "the recipient device was revoked")
                 counter = counters.setdefault(env.recipient_device, [dev[2], dev[3]])
                 if counter[0] >= max_inbox:
                     raise TetherlessError(ErrorCode.INBOX_FULL, "the recipient's inbox is full")
@@ -515,7 +536,11 @@ class PostgresStore:
             sessions = conn.execute("DELETE FROM sessions WHERE expires_at_ms <= %s", (_clamp(now_ms),)).rowcount
             keys = conn.execute("DELETE FROM idempotency WHERE forget_at_ms <= %s", (_clamp(now_ms),)).rowcount
             federation = fed.expire_federation(conn, _clamp(now_ms))
-            return ExpiryReport(sum(n for (n,) in per_device), challenges, sessions, keys, federation)
+            challenges += devsql.expire_devices(conn, _clamp(now_ms))  # WebAuthn registration ceremonies
+            enrolments = pk.expire_prekeys_and_enrolments(conn, _clamp(now_ms))
+            return ExpiryReport(
+                sum(n for (n,) in per_device), challenges, sessions, keys, federation, enrolments=enrolments
+            )
 
         return await self._run(op)
 
@@ -557,6 +582,154 @@ class PostgresStore:
 
         return await self._run(op)
 
+    # -- device lists v2, revocation, WebAuthn (SQL in postgres_devices.py) -----------------------
+
+    async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
+        if "\x00" in account_id:
+            return None
+        return await self._run(lambda conn: devsql.device_list_head(conn, account_id))
+
+    async def append_device_list(self, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
+        def op(conn: psycopg.Connection[Any]) -> DeviceListCommitted:
+            committed = devsql.append_device_list(conn, update, now_ms)
+            # Every device of the account (revoked ones too) wakes on every replica, on commit only.
+            conn.execute(
+                "SELECT pg_notify(%s, d) FROM unnest(%s::text[]) AS d", (NOTIFY_CHANNEL, committed.devices)
+            ).fetchall()
+            return committed
+
+        return await self._run(op)
+
+    async def device_stream_state(self, device_id: str) -> DeviceStreamState | None:
+        return await self._run(lambda conn: devsql.device_stream_state(conn, device_id), transaction=False)
+
+    async def put_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
+    ) -> None:
+        await self._run(lambda conn: devsql.put_registration(conn, challenge, account_id, device_id, expires_at_ms))
+
+    async def consume_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, now_ms: int
+    ) -> ChallengeOutcome:
+        return await self._run(lambda conn: devsql.consume_registration(conn, challenge, account_id, device_id, now_ms))
+
+    async def put_webauthn_credential(
+        self, account_id: str, device_id: str, credential: NewCredential, sign_count: int, now_ms: int
+    ) -> None:
+        await self._run(lambda conn: devsql.put_credential(conn, account_id, device_id, credential, sign_count, now_ms))
+
+    async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
+        return await self._run(lambda conn: devsql.credentials(conn, account_id), transaction=False)
+
+    # -- account log (SQL in log_sql.py) ----------------------------------------------------
+
+    async def append_log(
+        self,
+        account_id: str,
+        records: Sequence[NewLogRecord],
+        expected_head: int | None,
+        now_ms: int,
+        max_bytes: int,
+    ) -> LogAppendOutcome:
+        return await self._run(
+            lambda conn: log_sql.append(conn, log_sql.POSTGRES, account_id, records, expected_head, now_ms, max_bytes)
+        )
+
+    async def read_log(
+        self, account_id: str, after: int, limit: int, max_bytes: int, full_parts: bool
+    ) -> LogPageRecord:
+        def op(conn: psycopg.Connection[Any]) -> LogPageRecord:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot
+            return log_sql.read(conn, log_sql.POSTGRES, account_id, _clamp(after), limit, max_bytes, full_parts)
+
+        return await self._run(op)
+
+    async def log_snapshot(self, account_id: str) -> LogSnapshotInfo | None:
+        def op(conn: psycopg.Connection[Any]) -> LogSnapshotInfo | None:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return log_sql.snapshot(conn, log_sql.POSTGRES, account_id)
+
+        return await self._run(op)
+
+    async def read_snapshot_parts(
+        self, account_id: str, snapshot_id: bytes, after: int, limit: int, max_bytes: int
+    ) -> LogPageRecord:
+        def op(conn: psycopg.Connection[Any]) -> LogPageRecord:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return log_sql.snapshot_parts(
+                conn, log_sql.POSTGRES, account_id, snapshot_id, _clamp(after), limit, max_bytes
+            )
+
+        return await self._run(op)
+
+    async def get_log_retention(self, account_id: str) -> LogRetentionRecord:
+        return await self._run(lambda conn: log_sql.get_retention(conn, log_sql.POSTGRES, account_id))
+
+    async def set_log_retention(self, account_id: str, days: int | None, now_ms: int) -> LogRetentionRecord:
+        return await self._run(lambda conn: log_sql.set_retention(conn, log_sql.POSTGRES, account_id, days, now_ms))
+
+    async def sweep_log(self, now_ms: int, batch: int) -> LogSweepReport:
+        deleted, emptied, more = 0, 0, False
+        accounts = await self._run(lambda conn: log_sql.sweep_accounts(conn, log_sql.POSTGRES), transaction=False)
+        for account_id in accounts:
+            report = await self._run(
+                partial(log_sql.sweep_account, d=log_sql.POSTGRES, account_id=account_id, now_ms=now_ms, batch=batch)
+            )
+            deleted, emptied, more = deleted + report.deleted, emptied + report.emptied, more or report.more
+        return LogSweepReport(deleted, emptied, more)
+
+    async def note_revocation(self, account_id: str, device_list_version: int) -> None:
+        await self._run(lambda conn: log_sql.note_revocation(conn, log_sql.POSTGRES, account_id, device_list_version))
+
+    async def watch_log_commits(
+        self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``notify(account_id)`` for every log append of any replica (``NOTIFY tetherless_log``);
+        runs until cancelled. Same behaviour as :meth:`watch_inbox_commits`."""
+        await self._watch(log_sql.LOG_NOTIFY_CHANNEL, notify, task_status)
+
+    # -- prekeys and enrolment (SQL in postgres_prekeys.py) ------------------------------------------
+
+    async def put_prekeys(self, device_id: str, prekeys: Sequence[StoredPrekey], max_one_time: int) -> PrekeyState:
+        return await self._run(lambda conn: pk.put_prekeys(conn, device_id, prekeys, max_one_time))
+
+    async def get_prekey_state(self, device_id: str) -> PrekeyState:
+        return await self._run(lambda conn: pk.prekey_state(conn, device_id), transaction=False)
+
+    async def claim_prekeys(
+        self,
+        claimer_account: str,
+        targets: Sequence[tuple[str, str]],
+        now_ms: int,
+        one_time_limit: int,
+        window_ms: int,
+    ) -> list[ClaimedBundle | None]:
+        return await self._run(
+            lambda conn: pk.claim_prekeys(conn, claimer_account, targets, _clamp(now_ms), one_time_limit, window_ms)
+        )
+
+    async def delete_device_prekeys(self, device_id: str) -> int:
+        return await self._run(lambda conn: pk.delete_device_prekeys(conn, device_id))
+
+    async def create_enrolment(
+        self, lookup_id: bytes, offer: bytes, created_at_ms: int, expires_at_ms: int, forget_at_ms: int
+    ) -> None:
+        await self._run(
+            lambda conn: pk.create_enrolment(
+                conn, lookup_id, offer, created_at_ms, _clamp(expires_at_ms), _clamp(forget_at_ms)
+            )
+        )
+
+    async def get_enrolment(self, lookup_id: bytes) -> EnrolmentRecord | None:
+        return await self._run(lambda conn: pk.get_enrolment(conn, lookup_id), transaction=False)
+
+    async def put_enrolment_proposal(
+        self, lookup_id: bytes, proposal: bytes, proposer_device: str, now_ms: int
+    ) -> EnrolmentRecord:
+        return await self._run(
+            lambda conn: pk.put_enrolment_proposal(conn, lookup_id, proposal, proposer_device, _clamp(now_ms))
+        )
+
     # -- cross-replica wake-ups ---------------------------------------------------------------
 
     async def watch_inbox_commits(
@@ -570,6 +743,10 @@ class PostgresStore:
         once the first LISTEN is in place. Raises :class:`StoreUnavailableError`
         only when the store is closed. Cancellation stops the listener.
         """
+        await self._watch(NOTIFY_CHANNEL, notify, task_status)
+
+    async def _watch(self, channel: str, notify: Callable[[str], None], task_status: trio.TaskStatus[None]) -> None:
+        """LISTEN on ``channel`` and call ``notify(payload)`` in the trio thread (see watch_inbox_commits)."""
         if self._pool is None:
             raise StoreUnavailableError("store is closed")
         token = trio.lowlevel.current_trio_token()
@@ -587,27 +764,41 @@ class PostgresStore:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    partial(trio.to_thread.run_sync, self._listen, deliver, stop, done, abandon_on_cancel=True)
+                    partial(
+                        trio.to_thread.run_sync,
+                        partial(self._listen, channel=channel),
+                        deliver,
+                        stop,
+                        done,
+                        abandon_on_cancel=True,
+                    )
                 )
                 await listening.wait()
                 task_status.started()
         finally:
             stop.set()
 
-    def _listen(self, deliver: Callable[[str | None], None], stop: threading.Event, done: threading.Event) -> None:
+    def _listen(
+        self,
+        deliver: Callable[[str | None], None],
+        stop: threading.Event,
+        done: threading.Event,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+    ) -> None:
         backoff = 0.1
         try:
             while not stop.is_set():
                 try:
                     with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
-                        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                        conn.execute(f"LISTEN {channel}")
                         deliver(None)
                         backoff = 0.1
                         while not stop.is_set():
                             for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                                 deliver(note.payload)
                 except psycopg.Error as exc:
-                    log.warning("inbox listener lost its connection (%s); reconnecting in %.1f s", exc, backoff)
+                    log.warning("%s listener lost its connection (%s); reconnecting in %.1f s", channel, exc, backoff)
                     stop.wait(backoff)
                     backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
         finally:
@@ -622,7 +813,10 @@ class PostgresStore:
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("account_id", "created_at_ms", "list_version"),
     "device_lists": ("account_id", "version", "signed", "stored_at_ms"),
-    "devices": ("device_id", "account_id", "sign_key", "box_key", "created_at_ms", "revoked_at_ms", "queued"),
+    "devices": (
+        "device_id", "account_id", "sign_key", "box_key", "created_at_ms", "revoked_at_ms", "queued",
+        "added_in_version", "revoked_in_version",
+    ),
     "challenges": ("nonce", "device_id", "expires_at_ms", "used_at_ms"),
     "sessions": ("token_hash", "device_id", "account_id", "created_at_ms", "expires_at_ms", "revoked_at_ms"),
     "envelopes": ("seq", "recipient", "envelope_id", "sent_at_ms", "expires_at_ms", "ciphertext"),
@@ -637,6 +831,26 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "federation_received": ("origin", "envelope_id", "forget_at_ms"),
     "federation_nonces": ("origin", "nonce", "forget_at_ms"),
+    "log_heads": (
+        "account_id", "head", "horizon", "bytes", "epoch", "epoch_device_list_version", "rekey_after_version",
+        "retention_days", "retention_updated_at_ms", "snapshot_position",
+    ),
+    "log_records": (
+        "account_id", "position", "record_id", "kind", "epoch", "committed_at_ms", "snapshot_id", "covers", "parts",
+        "device_list_version", "size", "ciphertext",
+    ),
+    "webauthn_credentials": (
+        "account_id", "credential_id", "public_key", "rp_id", "sign_count", "status", "registered_by",
+        "registered_at_ms",
+    ),
+    "webauthn_registrations": ("challenge", "account_id", "device_id", "expires_at_ms", "used_at_ms"),
+    "prekeys": ("device_id", "kind", "key_id", "public_key", "created_at_ms", "signature"),
+    "prekey_ids": ("device_id", "kind", "max_key_id"),
+    "prekey_claims": ("claimer_account", "device_id", "kind", "claimed_at_ms", "forget_at_ms"),
+    "enrolments": (
+        "lookup_id", "offer", "created_at_ms", "expires_at_ms", "forget_at_ms", "proposal", "proposer_device",
+        "proposed_at_ms",
+    ),
 }  # fmt: skip
 
 
@@ -709,7 +923,8 @@ def copy_from_sqlite(sqlite_path: Path, url: str) -> list[TableCopy]:
                         for row in source.execute(f"SELECT {cols} FROM {table}"):
                             copy.write_row(row)
                     want = _checksum(source.execute(f"SELECT {cols} FROM {table}"))
-                    got = _checksum(conn.cursor(name=f"verify_{table}").execute(f"SELECT {cols} FROM {table}"))
+                    with conn.cursor(name=f"verify_{table}") as verify:
+                        got = _checksum(verify.execute(f"SELECT {cols} FROM {table}"))
                     if want != got:
                         raise MigrationError(
                             f"{table}: copied {got[0]} rows (checksum {got[1][:16]}),"

@@ -148,8 +148,11 @@ def store_received(
     fresh: list[tuple[int, ReceivedEnvelope]] = []
     for env in envelopes:
         dev = locked.get(env.recipient_device)
-        if dev is None or dev[0] != env.recipient_account or dev[1] is not None:
+        if dev is None or dev[0] != env.recipient_account:
             results.append((ReceivedOutcome.UNKNOWN_RECIPIENT, env.recipient_device))
+            continue
+        if dev[1] is not None:
+            results.append((ReceivedOutcome.RECIPIENT_REVOKED, env.recipient_device))
             continue
         counter = counters.setdefault(env.recipient_device, [dev[2], dev[3]])
         if counter[0] >= max_inbox:

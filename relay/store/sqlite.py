@@ -28,20 +28,39 @@ import trio
 from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
 
+from . import log_sql
+from . import sqlite_devices as devsql
 from . import sqlite_federation as fed
+from . import sqlite_prekeys as pk
 from .base import (
     ChallengeOutcome,
+    ClaimedBundle,
     ConsumedChallenge,
+    DeviceListCommitted,
+    DeviceListHead,
+    DeviceListUpdate,
     DeviceRecord,
+    DeviceStreamState,
+    EnrolmentRecord,
     ExpiryReport,
     InboxRecord,
+    LogAppendOutcome,
+    LogPageRecord,
+    LogRetentionRecord,
+    LogSnapshotInfo,
+    LogSweepReport,
+    NewCredential,
     NewEnvelope,
+    NewLogRecord,
     OutboxRecord,
     PeerState,
+    PrekeyState,
     ReceivedEnvelope,
     ReceivedOutcome,
     SessionRecord,
+    StoredCredential,
     StoredEnvelope,
+    StoredPrekey,
     StoreUnavailableError,
 )
 from .sqlite_federation import expire_federation as _expire_federation
@@ -412,8 +431,10 @@ class SQLiteStore:
                         "SELECT account_id, revoked_at_ms, queued FROM devices WHERE device_id = ?",
                         (env.recipient_device,),
                     ).fetchone()
-                    if dev is None or dev[0] != env.recipient_account or dev[1] is not None:
+                    if dev is None or dev[0] != env.recipient_account:
                         raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "no such device on this relay")
+                    if dev[1] is not None:
+                        raise TetherlessError(ErrorCode.RECIPIENT_REVOKED, "the recipient device was revoked")
                     queued = dev[2]
                 if queued >= max_inbox:
                     raise TetherlessError(ErrorCode.INBOX_FULL, "the recipient's inbox is full")
@@ -486,7 +507,9 @@ class SQLiteStore:
             sessions = conn.execute("DELETE FROM sessions WHERE expires_at_ms <= ?", (now_ms,)).rowcount
             keys = conn.execute("DELETE FROM idempotency WHERE forget_at_ms <= ?", (now_ms,)).rowcount
             federation = _expire_federation(conn, now_ms)
-            return ExpiryReport(envelopes, challenges, sessions, keys, federation)
+            challenges += devsql.expire_devices(conn, now_ms)  # WebAuthn registration ceremonies
+            enrolments = pk.expire_prekeys_and_enrolments(conn, now_ms)
+            return ExpiryReport(envelopes, challenges, sessions, keys, federation, enrolments=enrolments)
 
         return await self._write(op)
 
@@ -557,6 +580,192 @@ class SQLiteStore:
             raise StoreUnavailableError("store is closed")
         task_status.started()
         await trio.sleep_forever()
+
+    # -- device lists v2, revocation, WebAuthn (SQL in sqlite_devices.py) ------------------------
+
+    async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
+        return await self._read(partial(devsql.device_list_head, account_id=account_id))
+
+    async def append_device_list(self, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
+        return await self._write(partial(devsql.append_device_list, update=update, now_ms=now_ms))
+
+    async def device_stream_state(self, device_id: str) -> DeviceStreamState | None:
+        return await self._read(partial(devsql.device_stream_state, device_id=device_id))
+
+    async def put_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
+    ) -> None:
+        await self._write(
+            partial(
+                devsql.put_registration,
+                challenge=challenge,
+                account_id=account_id,
+                device_id=device_id,
+                expires_at_ms=expires_at_ms,
+            )
+        )
+
+    async def consume_webauthn_registration(
+        self, challenge: bytes, account_id: str, device_id: str, now_ms: int
+    ) -> ChallengeOutcome:
+        return await self._write(
+            partial(
+                devsql.consume_registration,
+                challenge=challenge,
+                account_id=account_id,
+                device_id=device_id,
+                now_ms=now_ms,
+            )
+        )
+
+    async def put_webauthn_credential(
+        self, account_id: str, device_id: str, credential: NewCredential, sign_count: int, now_ms: int
+    ) -> None:
+        await self._write(
+            partial(
+                devsql.put_credential,
+                account_id=account_id,
+                device_id=device_id,
+                credential=credential,
+                sign_count=sign_count,
+                now_ms=now_ms,
+            )
+        )
+
+    async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
+        return await self._read(partial(devsql.credentials, account_id=account_id))
+
+    # -- account log (SQL in log_sql.py) ----------------------------------------------------
+
+    async def _read_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in one read transaction (one snapshot of the database)."""
+
+        def op(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._read(op)
+
+    async def append_log(
+        self,
+        account_id: str,
+        records: Sequence[NewLogRecord],
+        expected_head: int | None,
+        now_ms: int,
+        max_bytes: int,
+    ) -> LogAppendOutcome:
+        return await self._write(
+            lambda conn: log_sql.append(conn, log_sql.SQLITE, account_id, records, expected_head, now_ms, max_bytes)
+        )
+
+    async def read_log(
+        self, account_id: str, after: int, limit: int, max_bytes: int, full_parts: bool
+    ) -> LogPageRecord:
+        return await self._read_tx(
+            lambda conn: log_sql.read(conn, log_sql.SQLITE, account_id, after, limit, max_bytes, full_parts)
+        )
+
+    async def log_snapshot(self, account_id: str) -> LogSnapshotInfo | None:
+        return await self._read_tx(lambda conn: log_sql.snapshot(conn, log_sql.SQLITE, account_id))
+
+    async def read_snapshot_parts(
+        self, account_id: str, snapshot_id: bytes, after: int, limit: int, max_bytes: int
+    ) -> LogPageRecord:
+        return await self._read_tx(
+            lambda conn: log_sql.snapshot_parts(conn, log_sql.SQLITE, account_id, snapshot_id, after, limit, max_bytes)
+        )
+
+    async def get_log_retention(self, account_id: str) -> LogRetentionRecord:
+        return await self._read(lambda conn: log_sql.get_retention(conn, log_sql.SQLITE, account_id))
+
+    async def set_log_retention(self, account_id: str, days: int | None, now_ms: int) -> LogRetentionRecord:
+        return await self._write(lambda conn: log_sql.set_retention(conn, log_sql.SQLITE, account_id, days, now_ms))
+
+    async def sweep_log(self, now_ms: int, batch: int) -> LogSweepReport:
+        deleted, emptied, more = 0, 0, False
+        for account_id in await self._read(lambda conn: log_sql.sweep_accounts(conn, log_sql.SQLITE)):
+            report = await self._write(
+                partial(log_sql.sweep_account, d=log_sql.SQLITE, account_id=account_id, now_ms=now_ms, batch=batch)
+            )
+            deleted, emptied, more = deleted + report.deleted, emptied + report.emptied, more or report.more
+        return LogSweepReport(deleted, emptied, more)
+
+    async def note_revocation(self, account_id: str, device_list_version: int) -> None:
+        await self._write(lambda conn: log_sql.note_revocation(conn, log_sql.SQLITE, account_id, device_list_version))
+
+    async def watch_log_commits(
+        self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sleep until cancelled: only this process writes the SQLite file, and it wakes its own streams."""
+        if self._writer is None:
+            raise StoreUnavailableError("store is closed")
+        task_status.started()
+        await trio.sleep_forever()
+
+    # -- prekeys and enrolment (SQL in sqlite_prekeys.py) ----------------------------------------
+
+    async def put_prekeys(self, device_id: str, prekeys: Sequence[StoredPrekey], max_one_time: int) -> PrekeyState:
+        return await self._write(
+            partial(pk.put_prekeys, device_id=device_id, prekeys=prekeys, max_one_time=max_one_time)
+        )
+
+    async def get_prekey_state(self, device_id: str) -> PrekeyState:
+        return await self._read(partial(pk.prekey_state, device_id=device_id))
+
+    async def claim_prekeys(
+        self,
+        claimer_account: str,
+        targets: Sequence[tuple[str, str]],
+        now_ms: int,
+        one_time_limit: int,
+        window_ms: int,
+    ) -> list[ClaimedBundle | None]:
+        return await self._write(
+            partial(
+                pk.claim_prekeys,
+                claimer_account=claimer_account,
+                targets=targets,
+                now_ms=now_ms,
+                one_time_limit=one_time_limit,
+                window_ms=window_ms,
+            )
+        )
+
+    async def delete_device_prekeys(self, device_id: str) -> int:
+        return await self._write(partial(pk.delete_device_prekeys, device_id=device_id))
+
+    async def create_enrolment(
+        self, lookup_id: bytes, offer: bytes, created_at_ms: int, expires_at_ms: int, forget_at_ms: int
+    ) -> None:
+        await self._write(
+            partial(
+                pk.create_enrolment,
+                lookup_id=lookup_id,
+                offer=offer,
+                created_at_ms=created_at_ms,
+                expires_at_ms=expires_at_ms,
+                forget_at_ms=forget_at_ms,
+            )
+        )
+
+    async def get_enrolment(self, lookup_id: bytes) -> EnrolmentRecord | None:
+        return await self._read(partial(pk.get_enrolment, lookup_id=lookup_id))
+
+    async def put_enrolment_proposal(
+        self, lookup_id: bytes, proposal: bytes, proposer_device: str, now_ms: int
+    ) -> EnrolmentRecord:
+        return await self._write(
+            partial(
+                pk.put_enrolment_proposal,
+                lookup_id=lookup_id,
+                proposal=proposal,
+                proposer_device=proposer_device,
+                now_ms=now_ms,
+            )
+        )
 
     # -- operations -------------------------------------------------------------------------
 

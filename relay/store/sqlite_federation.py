@@ -136,7 +136,8 @@ def store_received(
     forget_at_ms: int,
 ) -> list[tuple[ReceivedOutcome, str]]:
     results: list[tuple[ReceivedOutcome, str]] = []
-    queued: dict[str, int | None] = {}  # device -> queued count as this batch changes it (None: not a recipient)
+    # device -> queued count as this batch changes it (or the outcome refusing every envelope to it)
+    queued: dict[str, int | ReceivedOutcome] = {}
     added: dict[str, int] = {}
     for env in envelopes:
         seen = conn.execute(
@@ -149,11 +150,13 @@ def store_received(
             dev = conn.execute(
                 "SELECT account_id, revoked_at_ms, queued FROM devices WHERE device_id = ?", (env.recipient_device,)
             ).fetchone()
-            ok = dev is not None and dev[0] == env.recipient_account and dev[1] is None
-            queued[env.recipient_device] = dev[2] if ok else None
+            if dev is None or dev[0] != env.recipient_account:
+                queued[env.recipient_device] = ReceivedOutcome.UNKNOWN_RECIPIENT
+            else:
+                queued[env.recipient_device] = ReceivedOutcome.RECIPIENT_REVOKED if dev[1] is not None else dev[2]
         count = queued[env.recipient_device]
-        if count is None:
-            results.append((ReceivedOutcome.UNKNOWN_RECIPIENT, env.recipient_device))
+        if isinstance(count, ReceivedOutcome):
+            results.append((count, env.recipient_device))
             continue
         if count >= max_inbox:
             results.append((ReceivedOutcome.INBOX_FULL, env.recipient_device))

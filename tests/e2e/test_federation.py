@@ -198,7 +198,7 @@ async def test_send_to_a_remote_account_reaches_every_device(tmp_path: Path) -> 
     with mesh(tmp_path, ["a.test", "b.test"]) as m:
         async with RelayClient.connect(m["a.test"].url) as ann, RelayClient.connect(m["b.test"].url) as ben:
             await ann.register("ann")
-            await ben.register("ben-phone")
+            await ben.register("ben-phone", list_format=1)  # enroll_second_device writes a format-1 version
             laptop_keys = enroll_second_device(
                 m["b.test"].data_dir / "relay.sqlite3", keys(ben), now_ms=int(time.time() * 1000)
             )

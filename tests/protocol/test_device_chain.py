@@ -39,12 +39,13 @@ def next_version(signer: nacl.signing.SigningKey, **changes: object) -> SignedDe
 
 
 def test_genesis_only() -> None:
-    (device,) = verify_chain(DeviceListChain(account_id=ACCOUNT, versions=[GENESIS]), ACCOUNT)
+    (device,) = verify_chain(DeviceListChain(account_id=ACCOUNT, versions=[GENESIS]), ACCOUNT).devices
     assert device.sign_key == bytes(FIRST.verify_key)
 
 
 def test_second_version_signed_by_a_previous_device() -> None:
-    devices = verify_chain(DeviceListChain(account_id=ACCOUNT, versions=[GENESIS, next_version(FIRST)]), ACCOUNT)
+    chain = DeviceListChain(account_id=ACCOUNT, versions=[GENESIS, next_version(FIRST)])
+    devices = verify_chain(chain, ACCOUNT).devices
     assert [d.name for d in devices] == ["one", "two"]
 
 

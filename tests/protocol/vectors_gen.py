@@ -1,18 +1,30 @@
-"""Compute the protocol v1 test vectors from their inputs (and regenerate protocol/vectors/v1.json)."""
+"""Compute the protocol test vectors from their inputs (and regenerate protocol/vectors/v1.json and v2.json)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nacl.signing
 
-from protocol import auth, codec, device_list, signing
+from protocol import auth, codec, device_list, recovery, signing
 from protocol.errors import TetherlessError
 from protocol.ids import Address, account_id_for, device_id_for
-from protocol.messages import Challenge, Heartbeat, InboxEnvelope, OutboundEnvelope, SendRequest
+from protocol.messages import (
+    Challenge,
+    Heartbeat,
+    InboxEnvelope,
+    OutboundEnvelope,
+    Policy,
+    SendRequest,
+    SignedDeviceList,
+)
+from tests.protocol import vectors_enrolment, vectors_sessions
+from tests.support.soft_authenticator import SoftAuthenticator
 
 VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors" / "v1.json"
 
@@ -127,6 +139,153 @@ def build() -> dict[str, Any]:
     }
 
 
+# -- protocol v2 (protocol/vectors/v2.json, docs/crypto.md §15) -------------------------------------
+#
+# One function per section, registered in V2_SECTIONS: to add a section, write a function returning a
+# JSON-able dict and add one line to V2_SECTIONS (and its checks to test_vectors.py). Keep inputs fixed
+# (seeds, entropy) so the file is reproducible.
+
+VECTORS_V2 = VECTORS.with_name("v2.json")
+V2_RP_ID = "relay.example"
+V2_T0 = 1_700_000_000_000
+
+
+def _seed_key(seed_hex: str) -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey(bytes.fromhex(seed_hex))
+
+
+def _signed_case(signed: SignedDeviceList) -> dict[str, Any]:
+    return {
+        "layout": device_list.list_layout(signed.device_list).hex(),
+        "hash": device_list.list_hash(signed.device_list).hex(),
+        "msgpack": codec.encode(signed).hex(),
+    }
+
+
+def v2_device_lists() -> dict[str, Any]:
+    """A format-2 chain: genesis with a recovery key; add a device and a credential under threshold 1 and
+    set threshold 2; then the recovery key alone removes the first device (epoch 1)."""
+    first, second = _seed_key("a1" * 32), _seed_key("a2" * 32)
+    box_first, box_second = bytes.fromhex("b1" * 32), bytes.fromhex("b2" * 32)
+    recovery_entropy = bytes.fromhex("c0" * 20)
+    account_id = account_id_for(bytes(first.verify_key))
+    recovery_key = recovery.recovery_keys(recovery_entropy, account_id).signing_key
+    authenticator = SoftAuthenticator(V2_RP_ID, private_value=0xA5A5)
+
+    genesis = device_list.genesis_v2(first, box_first, now_ms=V2_T0, recovery_key=recovery_key)
+    v2 = device_list.next_version(
+        genesis.device_list,
+        add_devices=[device_list.device_entry(bytes(second.verify_key), box_second, added_at_ms=V2_T0 + 1000)],
+        add_credentials=[authenticator.credential(V2_T0 + 1000)],
+        policy=Policy(threshold=2),
+        now_ms=V2_T0 + 1000,
+    )
+    signed2 = device_list.signed_list(
+        v2,
+        [device_list.approve(v2, first), device_list.approve(v2, second)],
+        webauthn_assertions=[authenticator.get_assertion(device_list.list_hash(v2), counter=1)],
+    )
+    v3 = device_list.next_version(v2, remove_device_ids=[genesis.device_list.devices[0].device_id], now_ms=V2_T0 + 2000)
+    v3 = msgspec.structs.replace(v3, policy=Policy(threshold=1))
+    signed3 = device_list.signed_list(v3, recovery_signatures=[device_list.sign_recovery(v3, recovery_key)])
+    v4 = device_list.next_version(
+        v3, policy=Policy(threshold=1, require_webauthn=True, require_user_verification=True), now_ms=V2_T0 + 3000
+    )
+    signed4 = device_list.signed_list(v4, [device_list.approve(v4, second)])
+    third, box_third = _seed_key("a3" * 32), bytes.fromhex("b3" * 32)
+    v5 = device_list.next_version(
+        v4,
+        add_devices=[device_list.device_entry(bytes(third.verify_key), box_third, added_at_ms=V2_T0 + 4000)],
+        now_ms=V2_T0 + 4000,
+    )
+    signed5 = device_list.signed_list(
+        v5,
+        [device_list.approve(v5, third)],
+        webauthn_assertions=[authenticator.get_assertion(device_list.list_hash(v5), counter=2, user_verified=True)],
+    )
+    return {
+        "description": (
+            "v1 genesis (threshold 1, recovery key); v2 adds device 2 and a credential, sets threshold 2 "
+            "(approval by device 1, self-signature of device 2, assertion as proof of possession); v3 removes "
+            "device 1 with the recovery key alone (epoch 1) and sets threshold 1; v4 sets require_webauthn and "
+            "require_user_verification (approved by device 2); v5 adds device 3 approved by the credential "
+            "alone (UV assertion, counter 2)"
+        ),
+        "inputs": {
+            "device_seeds": ["a1" * 32, "a2" * 32, "a3" * 32],
+            "box_keys": [box_first.hex(), box_second.hex(), box_third.hex()],
+            "recovery_entropy": recovery_entropy.hex(),
+            "authenticator_p256_private_value": 0xA5A5,
+            "rp_id": V2_RP_ID,
+        },
+        "account_id": account_id,
+        "versions": [_signed_case(v) for v in (genesis, signed2, signed3, signed4, signed5)],
+    }
+
+
+def v2_webauthn() -> dict[str, Any]:
+    """A fixed-key ES256 credential (packed self attestation) and one assertion over a list hash."""
+    authenticator = SoftAuthenticator(V2_RP_ID, private_value=0x1234567, counter=41)
+    challenge = signing.digest("example", "a list hash")
+    registration = authenticator.make_credential(b"\x07" * 32, fmt="packed", user_verified=True)
+    assertion = authenticator.get_assertion(challenge, user_verified=True)
+    return {
+        "rp_id": V2_RP_ID,
+        "p256_private_value": 0x1234567,
+        "credential_id": authenticator.credential_id.hex(),
+        "cose_public_key": authenticator.public_key().hex(),
+        "registration": {
+            "challenge": ("07" * 32),
+            "client_data_json": registration.client_data_json.decode(),
+            "attestation_object": registration.attestation_object.hex(),
+        },
+        "assertion": {
+            "challenge": challenge.hex(),
+            "authenticator_data": assertion.authenticator_data.hex(),
+            "client_data_json": assertion.client_data_json.decode(),
+            "signature": assertion.signature.hex(),
+            "sign_count": 42,
+            "user_verified": True,
+        },
+    }
+
+
+def v2_recovery() -> dict[str, Any]:
+    """Recovery secrets: entropy -> printed text -> keys for an account (docs/crypto.md §3.4)."""
+    cases = []
+    for entropy_hex, account_id in (
+        ("00" * 20, "a" * 32),
+        ("0123456789abcdef0123456789abcdef01234567", ids(SEEDS[1])["account_id"]),
+    ):
+        entropy = bytes.fromhex(entropy_hex)
+        keys = recovery.recovery_keys(entropy, account_id)
+        cases.append(
+            {
+                "entropy": entropy_hex,
+                "text": recovery.new_recovery_secret(entropy),
+                "account_id": account_id,
+                "recovery_key": keys.public_key.hex(),
+                "recovery_sign_seed": bytes(keys.signing_key).hex(),
+                "backup_seed": keys.backup_seed.hex(),
+            }
+        )
+    return {"cases": cases}
+
+
+V2_SECTIONS: dict[str, Callable[[], Any]] = {
+    "device_lists": v2_device_lists,
+    "webauthn": v2_webauthn,
+    "recovery": v2_recovery,
+    "sessions": vectors_sessions.sessions_section,  # handshake, ratchet, sealed sender v2 (owner "sessions")
+    "enrolment": vectors_enrolment.compute,  # link codes and signed prekeys (owner "prekeys-enrolment")
+}
+
+
+def build_v2() -> dict[str, Any]:
+    return {"version": "v2", **{name: section() for name, section in V2_SECTIONS.items()}}
+
+
 if __name__ == "__main__":
     VECTORS.write_text(json.dumps(build(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {VECTORS}", file=sys.stderr)
+    VECTORS_V2.write_text(json.dumps(build_v2(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {VECTORS} and {VECTORS_V2}", file=sys.stderr)

@@ -1,0 +1,366 @@
+"""The ``tetherless device …`` commands beyond ``init`` (crypto.md §3-§5, §13).
+
+::
+
+    device link --relay URL [--name NAME] [--ca-file PEM] [--timeout S]
+        prints the link code on the first line of stdout, waits for an approval, joins, prints the address
+    device link --relay URL --account ADDRESS --recovery-key [--recovery-key-file FILE] [--revoke ID]…
+        joins with the account's recovery key (read from FILE, else stdin / a prompt)
+    device approve CODE [--yes]     add the device showing CODE to this account
+    device list [--json]            the verified device list
+    device revoke ID|ADDRESS        remove a device (this one too)
+    device recovery-key [--recovery-key-file FILE]   create a new recovery key and show it once
+    device protect                  encrypt a home made by the first client version
+
+Exit codes as :mod:`protocol.client.commands`: 0, 1 (``tetherless: error: …``),
+2 (usage), 4 (this device is revoked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from .. import device_list
+from ..errors import ErrorCode, TetherlessError
+from ..ids import Address
+from ..messages import DeviceList, EnrolmentOffer
+from . import cli_sync, devices
+from .commands import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    UsageError,
+    _load,
+    _run,
+    open_keystore,
+    passphrase_source,
+    resolve_home,
+)
+from .http import Origin
+from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore, keyring_available
+from .sdk import RelayClient
+
+RECOVERY_KEY_ENV = "TETHERLESS_RECOVERY_KEY"
+
+
+def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``link``, ``approve``, ``list``, ``revoke``, ``recovery-key`` and ``protect`` under ``device``."""
+    link = device_commands.add_parser("link", help="join an existing account (link code, or its recovery key)")
+    link.add_argument("--relay", required=True, metavar="URL", help="the account's home relay base URL")
+    link.add_argument("--name", default=None, help="this device's name, kept locally (default: host name)")
+    link.add_argument("--ca-file", default=None, metavar="PEM", help="CA certificate(s) to trust for an https relay")
+    link.add_argument("--timeout", type=float, default=devices.LINK_TIMEOUT_SECONDS, metavar="S", help="wait at most S")
+    link.add_argument("--account", default=None, metavar="ADDRESS", help="account@relay to join (with --recovery-key)")
+    link.add_argument("--recovery-key", action="store_true", help="approve with the account's recovery key")
+    link.add_argument("--recovery-key-file", default=None, metavar="FILE", help="read the recovery key from FILE")
+    link.add_argument(
+        "--revoke", action="append", default=[], metavar="ID", help="with --recovery-key: also revoke this lost device"
+    )
+    link.set_defaults(func=cmd_device_link)
+
+    approve = device_commands.add_parser("approve", help="add the device showing CODE to this account")
+    approve.add_argument("code", metavar="CODE", help="the link code shown by the new device (tl-xxxx-…)")
+    approve.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    approve.set_defaults(func=cmd_device_approve)
+
+    listing = device_commands.add_parser("list", help="the account's verified device list")
+    listing.add_argument("--json", action="store_true", help="one JSON object")
+    listing.set_defaults(func=cmd_device_list)
+
+    revoke = device_commands.add_parser("revoke", help="remove a device from the account (may be this one)")
+    revoke.add_argument("device", metavar="ID", help="a device id or full device address")
+    revoke.set_defaults(func=cmd_device_revoke)
+
+    recovery_key = device_commands.add_parser("recovery-key", help="create a new recovery key and show it once")
+    recovery_key.add_argument("--recovery-key-file", default=None, metavar="FILE", help="write it to FILE (0600)")
+    recovery_key.set_defaults(func=cmd_device_recovery_key)
+
+    protect = device_commands.add_parser("protect", help="encrypt the keys of a home made by an older client")
+    if keyring_available():
+        protect.add_argument("--keyring", action="store_true", help="keep the key in the OS keyring, no passphrase")
+    protect.set_defaults(func=cmd_device_protect)
+
+
+# -- output helpers ------------------------------------------------------------------------------
+
+
+def show_recovery_key(text: str, path: str | None, *, stdout: bool = False) -> None:
+    """Show a new recovery key once: on stderr (stdout with ``stdout``) or into ``path`` (0600, new file)."""
+    if path:
+        target = Path(path).expanduser()
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(f"{target} exists; refusing to overwrite a recovery key") from None
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(text + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        print(f"recovery key written to {target}: print it, keep it offline, then delete the file", file=sys.stderr)
+        return
+    out = sys.stdout if stdout else sys.stderr
+    print(text, file=out, flush=True)
+    print(
+        "write this recovery key down and keep it away from your devices: it is shown only once, and it can add "
+        "a device and revoke the others when you have none left",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _policy_text(dl: DeviceList) -> str:
+    if dl.format != device_list.FORMAT_2:
+        return "any one device (format 1)"
+    policy = dl.policy
+    text = "any one device" if policy.threshold == 1 else f"{policy.threshold} approvals"
+    if policy.require_webauthn:
+        text += ", a hardware key must co-sign"
+    if policy.require_user_verification:
+        text += ", with user verification"
+    return text
+
+
+@asynccontextmanager
+async def _device_client(keystore: Keystore, keys: DeviceKeys) -> AsyncIterator[RelayClient]:
+    db = keystore.local_db() if keystore.is_protected() else None
+    async with RelayClient.connect(keys.relay_url, keys=keys, local_db=db) as client:
+        yield client
+
+
+def _new_home(args: argparse.Namespace) -> Keystore:
+    """A keystore for a device about to join: the home must be free; the passphrase is asked now."""
+    home = resolve_home(getattr(args, "home", None))
+    if Keystore(home).exists():
+        raise AlreadyInitialisedError(f"a device already exists in {home}")
+    return Keystore(home, passphrase=passphrase_source(args, confirm=True)())
+
+
+def _read_recovery_key(args: argparse.Namespace) -> str:
+    if args.recovery_key_file:
+        try:
+            lines = Path(args.recovery_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --recovery-key-file: {exc}") from exc
+        return lines[0] if lines else ""
+    env = os.environ.get(RECOVERY_KEY_ENV)
+    if env:
+        return env
+    if sys.stdin.isatty():
+        return getpass.getpass("Recovery key (tlr-…): ")
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise UsageError("a recovery key is needed: --recovery-key-file FILE, $TETHERLESS_RECOVERY_KEY or stdin")
+    return line.strip()
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def cmd_device_link(args: argparse.Namespace) -> int:
+    """``device link``: join an account approved by a link code (or by its recovery key)."""
+    relay_url = str(args.relay).rstrip("/")
+    name = args.name if args.name is not None else socket.gethostname()
+
+    async def main() -> int:
+        try:
+            Origin.parse(relay_url)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        if args.account and not args.recovery_key:
+            raise UsageError("--account needs --recovery-key (hardware-key approval is in the SDK only; see README)")
+        if args.recovery_key and not args.account:
+            raise UsageError("--recovery-key needs --account ADDRESS (account@relay)")
+        if args.revoke and not args.recovery_key:
+            raise UsageError("--revoke goes with --recovery-key (a current device uses `device revoke`)")
+        if args.account:
+            try:
+                Address.parse(args.account)
+            except TetherlessError as exc:
+                raise UsageError(f"not an account address: {args.account!r} (expected account@relay)") from exc
+        keystore = _new_home(args)
+        async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
+            if args.recovery_key:
+                text = _read_recovery_key(args)
+                try:
+                    keys = await devices.join_with_recovery(
+                        client, args.account, text, keystore=keystore, name=name, revoke=args.revoke
+                    )
+                except ValueError as exc:
+                    raise UsageError(f"not a recovery key: {exc}") from exc
+            else:
+                pending = await devices.start_link(client)
+                print(pending.code, flush=True)  # the first line of stdout, for scripts
+                print(f"fingerprint: {pending.fingerprint}", flush=True)
+                print(
+                    f"on one of your devices run: tetherless device approve {pending.code}  (waiting until "
+                    f"{_iso(pending.expires_at_ms)})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                keys = await devices.finish_link(
+                    client, pending, keystore=keystore, name=name, timeout_seconds=args.timeout
+                )
+        await cli_sync.publish_prekeys(keystore, keys)
+        print(keys.address, flush=True)
+        return EXIT_OK
+
+    return _run(args, main, lambda: relay_url)
+
+
+def cmd_device_approve(args: argparse.Namespace) -> int:
+    """``device approve CODE [--yes]``: check the code's offer and propose the version adding that device."""
+    relay_url: str | None = None
+
+    def confirm(offer: EnrolmentOffer, fingerprint: str) -> bool:
+        if args.yes or not sys.stdin.isatty():
+            return True
+        answer = input(f"Add the device with fingerprint {fingerprint} to this account? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    async def main() -> int:
+        nonlocal relay_url
+        keystore, keys = _load(args)
+        relay_url = keys.relay_url
+        async with _device_client(keystore, keys) as client:
+            try:
+                approved = await devices.approve_link(client, args.code, confirm=confirm)
+            except ValueError as exc:
+                raise UsageError(f"not a link code: {exc}") from exc
+            except PermissionError:
+                print("not approved", file=sys.stderr)
+                return EXIT_FAILURE
+        print(
+            f"approved {approved.fingerprint}: {approved.address} joins (version {approved.version}) when it confirms"
+        )
+        return EXIT_OK
+
+    return _run(args, main, lambda: relay_url)
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    """``device list [--json]``: the verified chain's head."""
+    relay_url: str | None = None
+
+    async def main() -> int:
+        nonlocal relay_url
+        keystore, keys = _load(args)
+        relay_url = keys.relay_url
+        async with _device_client(keystore, keys) as client:
+            verified = await client.device_chain(keys.account_id)
+        head = verified.head
+        if args.json:
+            record = {
+                "account": keys.account_address,
+                "version": head.version,
+                "format": head.format,
+                "policy": {
+                    "threshold": head.policy.threshold,
+                    "require_webauthn": head.policy.require_webauthn,
+                    "require_user_verification": head.policy.require_user_verification,
+                },
+                "recovery_key": bool(head.recovery_key),
+                "devices": [
+                    {
+                        "device_id": d.device_id,
+                        "address": str(
+                            Address(
+                                account=head.account_id, relay=Address.parse(keys.address).relay, device=d.device_id
+                            )
+                        ),
+                        "added_at_ms": d.added_at_ms,
+                        "this_device": d.device_id == keys.device_id,
+                    }
+                    for d in head.devices
+                ],
+                "credentials": [
+                    {"credential_id": c.credential_id.hex(), "rp_id": c.rp_id, "added_at_ms": c.added_at_ms}
+                    for c in head.credentials
+                ],
+            }
+            print(json.dumps(record))
+            return EXIT_OK
+        print(f"account {keys.account_address}  (device list version {head.version})")
+        print(f"policy: {_policy_text(head)};  recovery key: {'set' if head.recovery_key else 'not set'}")
+        for d in head.devices:
+            mark = "  (this device)" if d.device_id == keys.device_id else ""
+            print(f"device {d.device_id}  added {_iso(d.added_at_ms)}{mark}")
+        for c in head.credentials:
+            print(f"hardware key {c.credential_id.hex()[:16]}  rp {c.rp_id}  added {_iso(c.added_at_ms)}")
+        return EXIT_OK
+
+    return _run(args, main, lambda: relay_url)
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    """``device revoke ID``: sign and post the version that removes the device."""
+    relay_url: str | None = None
+
+    async def main() -> int:
+        nonlocal relay_url
+        keystore, keys = _load(args)
+        relay_url = keys.relay_url
+        async with _device_client(keystore, keys) as client:
+            try:
+                accepted = await devices.revoke_device(client, args.device)
+            except TetherlessError as exc:
+                if exc.code is ErrorCode.INVALID_FIELD and "@" in args.device:
+                    raise UsageError(str(exc.detail)) from exc
+                raise
+        target = args.device.split(".", 1)[0] if "@" in args.device else args.device
+        itself = " (this device: it stops working now)" if target == keys.device_id else ""
+        print(f"revoked {target}{itself}; device list version {accepted.version}")
+        return EXIT_OK
+
+    return _run(args, main, lambda: relay_url)
+
+
+def cmd_device_recovery_key(args: argparse.Namespace) -> int:
+    """``device recovery-key``: a new recovery key, set in the list, shown once on stdout (or into a file)."""
+    relay_url: str | None = None
+
+    async def main() -> int:
+        nonlocal relay_url
+        keystore, keys = _load(args)
+        relay_url = keys.relay_url
+        async with _device_client(keystore, keys) as client:
+            verified = await client.device_chain(keys.account_id)
+            if verified.head.format != device_list.FORMAT_2:
+                raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need a format-2 device list")
+            text = await devices.set_recovery_key(client)
+        show_recovery_key(text, args.recovery_key_file, stdout=True)
+        return EXIT_OK
+
+    return _run(args, main, lambda: relay_url)
+
+
+def cmd_device_protect(args: argparse.Namespace) -> int:
+    """``device protect [--keyring]``: encrypt a format-1 home (keystore.tlk + state.db), delete the plaintext."""
+
+    async def main() -> int:
+        use_keyring = bool(getattr(args, "keyring", False))
+        keystore = open_keystore(args, confirm=True)
+        if use_keyring:
+            keystore = Keystore(keystore.home)
+        keystore.protect(use_keyring=use_keyring)
+        with contextlib.suppress(Exception):
+            keystore.close()
+        print(f"protected {keystore.home}: the keys are encrypted in keystore.tlk; the plaintext files are deleted")
+        return EXIT_OK
+
+    return _run(args, main)
+
+
+__all__ = ["register", "show_recovery_key"]

@@ -1,0 +1,692 @@
+"""Device management for format-2 accounts: link, approve, list, revoke, recovery key, hardware keys.
+
+The SDK side of crypto.md §3-§6 (the CLI is :mod:`protocol.client.commands`).
+Every function takes a connected :class:`~protocol.client.sdk.RelayClient`;
+every chain it relies on is fetched and verified from the genesis (or from
+the stored high-water mark) by :meth:`RelayClient.device_chain`, so a relay
+that serves a doctored list gets
+:class:`~protocol.client.chains.DeviceListRejectedError`, never a signature.
+
+Enrolment with a link code (crypto.md §5.1-5.2)::
+
+    # the new device N
+    pending = await start_link(client_n)             # posts the offer; show pending.code to the user
+    keys = await finish_link(client_n, pending, keystore=ks)   # waits for the proposal, verifies, joins
+
+    # any current device A
+    approved = await approve_link(client_a, code)    # checks offer_mac, proposes the version adding N
+
+Without a current device: :func:`join_with_recovery` (crypto.md §5.4) and
+:func:`join_with_authenticator` (§5.3, an assertion provider callable, e.g. a
+software authenticator in tests). :func:`revoke_device`,
+:func:`set_recovery_key` and :func:`add_credential` change an account's list
+from one of its devices (threshold-1 policies: one approval is enough; a
+k-of-n policy needs approvals gathered elsewhere).
+
+Randomness comes from the client's ``random_bytes`` and time from its clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import msgspec
+import nacl.public
+import nacl.signing
+import trio
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+
+from .. import codec, device_list, enrolment, prekeys, recovery
+from ..errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
+from ..ids import Address, device_id_for
+from ..messages import (
+    DeviceEntry,
+    DeviceList,
+    DeviceListAccepted,
+    EnrolmentBundle,
+    EnrolmentOffer,
+    EnrolmentOfferAccepted,
+    EnrolmentProposal,
+    EnrolmentProposalAccepted,
+    PostDeviceListRequest,
+    SignedDeviceList,
+    SignedPrekey,
+    WebAuthnAssertion,
+    WebAuthnCredential,
+    WebAuthnRegistration,
+    WebAuthnRegistrationOptions,
+)
+from .chains import save_mark
+from .http import TransportError
+from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore
+from .localdb import DB_FILE
+from .sdk import _HEADERS, RelayClient, _media_type
+
+T = TypeVar("T")
+
+LINK_POLL_SECONDS: Final = 1.0
+LINK_TIMEOUT_SECONDS: Final = 600.0  # the relay keeps an offer for 10 minutes
+ENROLMENT_PREKEYS_TABLE: Final = "device_enrolment_prekeys"
+
+#: ``(challenge, credentials of the current list) -> assertion``: asks an authenticator to sign ``challenge``.
+AssertionProvider = Callable[[bytes, Sequence[WebAuthnCredential]], WebAuthnAssertion]
+#: ``(registration options) -> registration``: asks an authenticator to create a credential.
+CredentialMaker = Callable[[WebAuthnRegistrationOptions], WebAuthnRegistration]
+
+
+class EnrolmentPrekeys(msgspec.Struct, frozen=True):
+    """The prekeys a linking device offered (crypto.md §5.2 step 1), private halves included.
+
+    Kept sealed in the local database (table ``device_enrolment_prekeys``,
+    key ``"bundle"``) so that the session layer can answer the approver's
+    first message. ``pq_prekey_seed`` is the 64-byte ML-KEM-768 seed ``d‖z``.
+    """
+
+    signed_prekey: SignedPrekey
+    signed_prekey_private: bytes
+    pq_prekey: SignedPrekey
+    pq_prekey_seed: bytes
+
+
+def fingerprint(sign_key: bytes) -> str:
+    """A device's fingerprint as both screens show it: its device id in groups of four."""
+    device_id = device_id_for(sign_key)
+    return " ".join(device_id[i : i + 4] for i in range(0, len(device_id), 4))
+
+
+# -- the new device's keys ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _NewDevice:
+    signing_key: nacl.signing.SigningKey
+    box_private_key: bytes
+
+    @property
+    def sign_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def box_key(self) -> bytes:
+        return bytes(nacl.public.PrivateKey(self.box_private_key).public_key)
+
+    @property
+    def device_id(self) -> str:
+        return device_id_for(self.sign_key)
+
+    def entry(self, added_at_ms: int) -> DeviceEntry:
+        return device_list.device_entry(self.sign_key, self.box_key, added_at_ms=added_at_ms)
+
+    def __repr__(self) -> str:
+        return f"_NewDevice({self.device_id})"
+
+
+def _new_device(client: RelayClient) -> _NewDevice:
+    return _NewDevice(nacl.signing.SigningKey(client._random_bytes(32)), client._random_bytes(32))
+
+
+def _enrolment_prekeys(client: RelayClient, device: _NewDevice, now_ms: int) -> EnrolmentPrekeys:
+    x25519_private = client._random_bytes(32)
+    x25519_public = bytes(nacl.public.PrivateKey(x25519_private).public_key)
+    seed = client._random_bytes(64)
+    mlkem_public = MLKEM768PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
+    sign = device.signing_key
+    return EnrolmentPrekeys(
+        signed_prekey=prekeys.sign_prekey(sign, device.device_id, prekeys.X25519_SIGNED, 1, x25519_public, now_ms),
+        signed_prekey_private=x25519_private,
+        pq_prekey=prekeys.sign_prekey(sign, device.device_id, prekeys.MLKEM_LAST_RESORT, 1, mlkem_public, now_ms),
+        pq_prekey_seed=seed,
+    )
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+async def _get_optional(client: RelayClient, path: str, response_type: type[T]) -> T | None:
+    """``GET`` without a token where 204 means "nothing yet" (returns None)."""
+    conn = await client._conn()
+    response = await conn.request("GET", path, None, list(_HEADERS), timeout=client._timeout)
+    if response.status == 204:
+        return None
+    if 200 <= response.status < 300:
+        return codec.decode(response.body, response_type, _media_type(response))
+    raise error_from_problem(response.status, response.body)
+
+
+async def post_version(client: RelayClient, signed: SignedDeviceList) -> DeviceListAccepted:
+    """``POST /v1/accounts/{account_id}/devices`` (no token: the approvals authorize it).
+
+    Checks that the relay accepted exactly this version, then raises the
+    account's high-water mark. Raises relay errors (``device_list_conflict``
+    when another change won the race: rebuild on the new head).
+    """
+    dl = signed.device_list
+    accepted = await client._call(
+        "POST",
+        f"/v1/accounts/{dl.account_id}/devices",
+        PostDeviceListRequest(signed=signed),
+        DeviceListAccepted,
+        authenticated=False,
+        retry=False,
+    )
+    digest = device_list.list_hash(dl)
+    if accepted.version != dl.version or accepted.list_hash != digest:
+        raise TetherlessError(ErrorCode.INVALID_FIELD, "the relay accepted another device-list version than ours")
+    relay = Address.parse(client.keys.address).relay if client.keys else (await client.well_known()).relay
+    save_mark(client.local_db, dl.account_id, relay, (dl.version, digest))
+    client._device_lists.pop(dl.account_id, None)
+    return accepted
+
+
+def _own(client: RelayClient) -> DeviceKeys:
+    if client.keys is None:
+        raise RuntimeError("this client has no device keys")
+    return client.keys
+
+
+async def _own_head(client: RelayClient) -> device_list.VerifiedChain:
+    """Our account's verified chain; its head must be format 2 (changing a format-1 list would upgrade it,
+    which waits until every device has v2 prekeys, crypto.md §14)."""
+    keys = _own(client)
+    verified = await client.device_chain(keys.account_id)
+    _require_format_2(verified.head)
+    return verified
+
+
+def _require_format_2(head: DeviceList) -> None:
+    if head.format != device_list.FORMAT_2:
+        raise TetherlessError(
+            ErrorCode.INVALID_DEVICE_LIST, "this account's device list is format 1: device management needs format 2"
+        )
+
+
+def _save_new_home(
+    client: RelayClient,
+    keystore: Keystore,
+    device: _NewDevice,
+    *,
+    account_id: str,
+    relay: str,
+    name: str,
+    bundle: EnrolmentPrekeys | None,
+) -> DeviceKeys:
+    keys = DeviceKeys(
+        signing_seed=bytes(device.signing_key),
+        box_private_key=device.box_private_key,
+        relay_url=client.relay_url,
+        account_id=account_id,
+        device_id=device.device_id,
+        address=str(Address(account=account_id, relay=relay, device=device.device_id)),
+        device_name=name,
+        ca_file=client._ca_file,
+        list_format=device_list.FORMAT_2,
+    )
+    keystore.create(keys)
+    db = keystore.local_db()
+    if bundle is not None:
+        db.put_struct(ENROLMENT_PREKEYS_TABLE, "bundle", bundle)
+    client.keys = keys
+    client._cipher = client._make_cipher(keys)
+    client.local_db = db
+    return keys
+
+
+def _discard_new_home(keystore: Keystore) -> None:
+    """Remove the files a failed join created (the home was empty before)."""
+    keystore.close()
+    for name in (keystore.keystore_path.name, DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (keystore.home / name).unlink()
+
+
+async def _join(
+    client: RelayClient,
+    keystore: Keystore,
+    device: _NewDevice,
+    signed: SignedDeviceList,
+    *,
+    relay: str,
+    name: str,
+    bundle: EnrolmentPrekeys | None = None,
+) -> DeviceKeys:
+    """Store the new device's home, then post its version; undo the home if the relay refuses."""
+    keys = _save_new_home(
+        client, keystore, device, account_id=signed.device_list.account_id, relay=relay, name=name, bundle=bundle
+    )
+    try:
+        await post_version(client, signed)
+    except (RemoteError, TetherlessError):
+        _discard_new_home(keystore)
+        client.keys = None
+        client.local_db = None
+        raise
+    # Publish this device's prekeys now (a link-code join keeps the ones it offered), so others can
+    # start sessions with it while it is offline (crypto.md §7.2, §14). Best effort: sync retries.
+    with contextlib.suppress(RemoteError, TetherlessError, TransportError):
+        await client.enable_sessions()
+    return keys
+
+
+def _check_home_free(keystore: Keystore | None) -> None:
+    if keystore is not None and keystore.exists():
+        raise AlreadyInitialisedError(f"a device already exists in {keystore.home}")
+
+
+# -- enrolment with a link code: the new device -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLink:
+    """A posted enrolment offer. Show :attr:`code` (or :attr:`qr`) to the user; keep the rest private."""
+
+    code: str
+    qr: str
+    relay: str
+    lookup_id: bytes
+    device_id: str
+    fingerprint: str
+    expires_at_ms: int
+    _secret: bytes = field(repr=False)
+    _device: _NewDevice = field(repr=False)
+    _bundle: EnrolmentPrekeys = field(repr=False)
+
+
+async def start_link(client: RelayClient) -> PendingLink:
+    """Create this device's keys and prekeys and post an :class:`EnrolmentOffer` (crypto.md §5.2 step 1).
+
+    ``client`` is connected to the account's home relay and has no keys yet.
+    Raises relay errors (``rate_limited``, ``prekey_invalid`` …).
+    """
+    relay = (await client.well_known()).relay
+    device = _new_device(client)
+    now = client._now_ms()
+    bundle = _enrolment_prekeys(client, device, now)
+    secret = enrolment.new_link_secret(client._random_bytes(enrolment.LINK_SECRET_BYTES))
+    offer = enrolment.make_offer(
+        secret,
+        relay,
+        device.signing_key,
+        device.box_key,
+        EnrolmentBundle(signed_prekey=bundle.signed_prekey, pq_prekey=bundle.pq_prekey),
+        now,
+    )
+    accepted = await client._call(
+        "POST", "/v1/enrolments", offer, EnrolmentOfferAccepted, authenticated=False, retry=False
+    )
+    return PendingLink(
+        code=enrolment.link_code_text(secret),
+        qr=enrolment.link_qr(relay, secret),
+        relay=relay,
+        lookup_id=offer.lookup_id,
+        device_id=device.device_id,
+        fingerprint=fingerprint(device.sign_key),
+        expires_at_ms=accepted.expires_at_ms,
+        _secret=secret,
+        _device=device,
+        _bundle=bundle,
+    )
+
+
+async def wait_for_proposal(
+    client: RelayClient,
+    pending: PendingLink,
+    *,
+    poll_seconds: float = LINK_POLL_SECONDS,
+    timeout_seconds: float = LINK_TIMEOUT_SECONDS,
+) -> EnrolmentProposal:
+    """Poll ``GET /v1/enrolments/{lookup_id}/proposal`` until a proposal arrives.
+
+    Raises ``enrolment_expired`` (locally too, once the offer's time is up)
+    and relay errors; transport errors are retried.
+    """
+    path = f"/v1/enrolments/{enrolment.lookup_id_text(pending.lookup_id)}/proposal"
+    with trio.move_on_after(timeout_seconds):
+        while True:
+            delay = poll_seconds
+            try:
+                proposal = await _get_optional(client, path, EnrolmentProposal)
+            except TransportError:
+                proposal = None
+            except RemoteError as exc:
+                if exc.code is not ErrorCode.RATE_LIMITED:
+                    raise
+                proposal, delay = None, max(poll_seconds, float(exc.retry_after_seconds or 1))
+            if proposal is not None:
+                return proposal
+            if client._now_ms() > pending.expires_at_ms:
+                break
+            await trio.sleep(delay)
+    raise TetherlessError(ErrorCode.ENROLMENT_EXPIRED, "no device approved the link code in time; start again")
+
+
+async def verify_proposal(
+    client: RelayClient, pending: PendingLink, proposal: EnrolmentProposal
+) -> tuple[SignedDeviceList, device_list.VerifiedChain]:
+    """Check a proposal as crypto.md §5.2 step 4 demands and return it self-signed.
+
+    The account's chain from its genesis up to L-1; that L adds exactly this
+    device and changes nothing else; the approvals (§3.2, with this device's
+    self-signature); the ``approval_tag`` (made by a holder of the link code).
+    Raises ``bad_signature`` for a wrong tag, ``invalid_device_list`` for a
+    version that changes more, ``device_list_conflict`` for a stale one, and
+    :class:`~protocol.client.chains.DeviceListRejectedError` for the chain.
+    """
+    signed = proposal.signed
+    dl = signed.device_list
+    try:
+        enrolment.verify_approval_tag(
+            pending._secret, pending.relay, dl.account_id, dl.version, device_list.list_hash(dl), proposal.approval_tag
+        )
+    except enrolment.LinkCodeMismatchError as exc:
+        raise TetherlessError(ErrorCode.BAD_SIGNATURE, f"proposal rejected: {exc}") from exc
+    verified = await client.device_chain(dl.account_id)
+    head = verified.head
+    if dl.version != head.version + 1 or dl.prev_hash != device_list.list_hash(head):
+        raise TetherlessError(
+            ErrorCode.DEVICE_LIST_CONFLICT, "the account's device list changed since the approval; approve again"
+        )
+    device = pending._device
+    mine = [d for d in dl.devices if d.device_id == device.device_id]
+    if not mine or (mine[0].sign_key, mine[0].box_key) != (device.sign_key, device.box_key):
+        raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "proposal rejected: it does not add this device's keys")
+    expected = device_list.next_version(head, add_devices=[mine[0]], now_ms=dl.created_at_ms)
+    if expected != dl:
+        raise TetherlessError(
+            ErrorCode.INVALID_DEVICE_LIST, "proposal rejected: it changes more than adding this device"
+        )
+    self_signed = device_list.signed_list(
+        dl,
+        [*signed.signatures, device_list.approve(dl, device.signing_key)],
+        recovery_signatures=signed.recovery_signatures,
+        webauthn_assertions=signed.webauthn_assertions,
+    )
+    try:
+        device_list.evaluate_version(head, self_signed, removed_ids=verified.removed_ids)
+    except TetherlessError as exc:
+        raise TetherlessError(exc.code, f"proposal rejected: {exc.detail}") from exc
+    return self_signed, verified
+
+
+async def finish_link(
+    client: RelayClient,
+    pending: PendingLink,
+    *,
+    keystore: Keystore,
+    name: str = "",
+    poll_seconds: float = LINK_POLL_SECONDS,
+    timeout_seconds: float = LINK_TIMEOUT_SECONDS,
+) -> DeviceKeys:
+    """Wait for the approval, verify it, self-sign, post the version and store this device's home.
+
+    Raises what :func:`wait_for_proposal`, :func:`verify_proposal` and
+    :func:`post_version` raise (``device_list_conflict``: approve again).
+    """
+    _check_home_free(keystore)
+    proposal = await wait_for_proposal(client, pending, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
+    signed, _ = await verify_proposal(client, pending, proposal)
+    return await _join(
+        client, keystore, pending._device, signed, relay=pending.relay, name=name, bundle=pending._bundle
+    )
+
+
+# -- enrolment with a link code: the approving device -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovedLink:
+    """What :func:`approve_link` proposed: the new device and the version that adds it."""
+
+    device_id: str
+    address: str
+    fingerprint: str
+    version: int
+
+
+async def fetch_offer(client: RelayClient, code: str) -> tuple[bytes, EnrolmentOffer]:
+    """The offer behind a link code, checked against the code: ``(link secret, offer)``.
+
+    Raises ``ValueError`` for a malformed code; ``enrolment_unknown`` ("code
+    does not match") when no offer is stored under the code's lookup id;
+    ``bad_signature`` ("code does not match") when the offer's MAC does not;
+    ``prekey_invalid``; relay errors (``enrolment_expired``, ``enrolment_used`` …).
+    """
+    secret = enrolment.parse_link_code(code)
+    keys = _own(client)
+    relay = Address.parse(keys.address).relay
+    lookup = enrolment.lookup_id(secret, relay)
+    try:
+        offer = await client._call("GET", f"/v1/enrolments/{enrolment.lookup_id_text(lookup)}", None, EnrolmentOffer)
+    except RemoteError as exc:
+        if exc.code is ErrorCode.ENROLMENT_UNKNOWN:
+            raise TetherlessError(
+                ErrorCode.ENROLMENT_UNKNOWN,
+                "code does not match: no device is waiting to join with it on this relay (mistyped, or expired)",
+            ) from exc
+        raise
+    try:
+        enrolment.verify_offer_mac(secret, offer)
+    except enrolment.LinkCodeMismatchError as exc:
+        raise TetherlessError(ErrorCode.BAD_SIGNATURE, f"code does not match: {exc}") from exc
+    if offer.relay != relay:
+        raise TetherlessError(ErrorCode.BAD_SIGNATURE, "code does not match: the offer names another relay")
+    enrolment.verify_offer_prekeys(offer)
+    return secret, offer
+
+
+async def approve_link(
+    client: RelayClient, code: str, *, confirm: Callable[[EnrolmentOffer, str], bool] | None = None
+) -> ApprovedLink:
+    """Approve the device showing ``code``: propose the version of our list that adds it (crypto.md §5.2 steps 2-3).
+
+    ``confirm(offer, fingerprint)`` may refuse (then ``PermissionError``).
+    Raises what :func:`fetch_offer` raises, :class:`DeviceRevokedError`,
+    :class:`DeviceListRejectedError` and relay errors.
+    """
+    keys = _own(client)
+    secret, offer = await fetch_offer(client, code)
+    shown = fingerprint(offer.sign_key)
+    if confirm is not None and not confirm(offer, shown):
+        raise PermissionError("not approved")
+    verified = await _own_head(client)
+    now = client._now_ms()
+    entry = device_list.device_entry(offer.sign_key, offer.box_key, added_at_ms=max(now, verified.head.created_at_ms))
+    dl = device_list.next_version(verified.head, add_devices=[entry], now_ms=now)
+    signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
+    relay = Address.parse(keys.address).relay
+    tag = enrolment.approval_tag(secret, relay, dl.account_id, dl.version, device_list.list_hash(dl))
+    await client._call(
+        "POST",
+        f"/v1/enrolments/{enrolment.lookup_id_text(offer.lookup_id)}/proposal",
+        EnrolmentProposal(signed=signed, approval_tag=tag),
+        EnrolmentProposalAccepted,
+        retry=False,
+    )
+    return ApprovedLink(
+        device_id=entry.device_id,
+        address=str(Address(account=dl.account_id, relay=relay, device=entry.device_id)),
+        fingerprint=shown,
+        version=dl.version,
+    )
+
+
+# -- joining without a current device -------------------------------------------------------------
+
+
+async def _account_head(client: RelayClient, account_address: str) -> tuple[Address, device_list.VerifiedChain]:
+    address = Address.parse(account_address)
+    if address.device:
+        address = Address(account=address.account, relay=address.relay)
+    well_known = await client.well_known()
+    if address.relay != well_known.relay.lower():
+        raise TetherlessError(
+            ErrorCode.INVALID_FIELD, f"connect to the account's home relay {address.relay} (this is {well_known.relay})"
+        )
+    verified = await client.device_chain(address.account)
+    _require_format_2(verified.head)
+    return address, verified
+
+
+async def join_with_recovery(
+    client: RelayClient,
+    account_address: str,
+    recovery_text: str,
+    *,
+    keystore: Keystore,
+    name: str = "",
+    revoke: Sequence[str] = (),
+) -> DeviceKeys:
+    """Join ``account_address`` approved by its recovery key (crypto.md §5.4), optionally revoking lost devices.
+
+    Raises ``ValueError`` for a malformed recovery key, ``policy_not_met``
+    when it is not the account's recovery key, and the errors of the chain
+    and of ``POST /v1/accounts/{id}/devices``.
+    """
+    _check_home_free(keystore)
+    secret = recovery.parse_recovery_secret(recovery_text)
+    address, verified = await _account_head(client, account_address)
+    head = verified.head
+    rk = recovery.recovery_keys(secret, address.account)
+    if not head.recovery_key or head.recovery_key != rk.public_key:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "this is not the account's current recovery key")
+    device = _new_device(client)
+    now = client._now_ms()
+    dl = device_list.next_version(
+        head, add_devices=[device.entry(max(now, head.created_at_ms))], remove_device_ids=revoke, now_ms=now
+    )
+    signed = device_list.signed_list(
+        dl,
+        [device_list.approve(dl, device.signing_key)],
+        recovery_signatures=[device_list.sign_recovery(dl, rk.signing_key)],
+    )
+    return await _join(client, keystore, device, signed, relay=address.relay, name=name)
+
+
+async def join_with_authenticator(
+    client: RelayClient,
+    account_address: str,
+    get_assertion: AssertionProvider,
+    *,
+    keystore: Keystore,
+    name: str = "",
+) -> DeviceKeys:
+    """Join ``account_address`` approved by a hardware key registered in its list (crypto.md §5.3).
+
+    The user typed the self-certifying account address, so the chain verified
+    from its genesis is the right account. ``get_assertion(list_hash(L),
+    credentials)`` returns the authenticator's assertion over the new version.
+    Raises the errors of the chain and of ``POST /v1/accounts/{id}/devices``
+    (``webauthn_invalid``, ``webauthn_replayed``, ``policy_not_met``).
+    """
+    _check_home_free(keystore)
+    address, verified = await _account_head(client, account_address)
+    head = verified.head
+    if not head.credentials:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the account has no hardware key in its device list")
+    device = _new_device(client)
+    now = client._now_ms()
+    dl = device_list.next_version(head, add_devices=[device.entry(max(now, head.created_at_ms))], now_ms=now)
+    assertion = get_assertion(device_list.list_hash(dl), list(head.credentials))
+    signed = device_list.signed_list(dl, [device_list.approve(dl, device.signing_key)], webauthn_assertions=[assertion])
+    return await _join(client, keystore, device, signed, relay=address.relay, name=name)
+
+
+# -- changes made by a current device ---------------------------------------------------------------
+
+
+def resolve_device_id(target: str, head: DeviceList) -> str:
+    """A device id from an id or a full device address; raises ``unknown_device`` when it is not in the list."""
+    device_id = target.strip()
+    if "@" in device_id:
+        address = Address.parse(device_id)
+        if not address.device or address.account != head.account_id:
+            raise TetherlessError(ErrorCode.INVALID_FIELD, "not a device address of this account")
+        device_id = address.device
+    if all(d.device_id != device_id for d in head.devices):
+        raise TetherlessError(ErrorCode.UNKNOWN_DEVICE, f"no device {device_id} in the account's device list")
+    return device_id
+
+
+async def revoke_device(client: RelayClient, target: str) -> DeviceListAccepted:
+    """Remove a device (id or device address; may be this device) from the account's list (crypto.md §4).
+
+    Raises ``unknown_device``, ``invalid_device_list`` (the last device
+    cannot go), the chain errors and those of ``POST …/devices``.
+    """
+    keys = _own(client)
+    verified = await _own_head(client)
+    device_id = resolve_device_id(target, verified.head)
+    if len(verified.head.devices) == 1 and not verified.head.credentials:
+        raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "the account's only device cannot be revoked")
+    dl = device_list.next_version(verified.head, remove_device_ids=[device_id], now_ms=client._now_ms())
+    if dl.policy.threshold > len(dl.devices) + len(dl.credentials):
+        dl = msgspec.structs.replace(dl, policy=msgspec.structs.replace(dl.policy, threshold=len(dl.devices)))
+    signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
+    return await post_version(client, signed)
+
+
+async def set_recovery_key(client: RelayClient) -> str:
+    """Create a new recovery key, put it in the list (signed by itself and this device), return its text.
+
+    The text is shown once: no device keeps it (crypto.md §3.4).
+    """
+    keys = _own(client)
+    verified = await _own_head(client)
+    text = recovery.new_recovery_secret(client._random_bytes(recovery.SECRET_BYTES))
+    rk = recovery.recovery_keys(recovery.parse_recovery_secret(text), keys.account_id)
+    dl = device_list.next_version(verified.head, recovery_key=rk.public_key, now_ms=client._now_ms())
+    signed = device_list.signed_list(
+        dl,
+        [device_list.approve(dl, keys.signing_key)],
+        recovery_signatures=[device_list.sign_recovery(dl, rk.signing_key)],
+    )
+    await post_version(client, signed)
+    return text
+
+
+async def add_credential(
+    client: RelayClient, make_credential: CredentialMaker, get_assertion: AssertionProvider
+) -> WebAuthnCredential:
+    """Register a WebAuthn credential (``POST /v1/webauthn/register/*``) and add it to the account's list.
+
+    The new version carries this device's approval and the credential's
+    proof of possession (an assertion over its ``list_hash``, crypto.md §3.2
+    step 4). Raises ``webauthn_invalid``, challenge errors and those of ``POST …/devices``.
+    """
+    keys = _own(client)
+    options = await client._call("POST", "/v1/webauthn/register/begin", None, WebAuthnRegistrationOptions)
+    registration = make_credential(options)
+    credential = await client._call(
+        "POST", "/v1/webauthn/register/complete", registration, WebAuthnCredential, retry=False
+    )
+    verified = await _own_head(client)
+    dl = device_list.next_version(verified.head, add_credentials=[credential], now_ms=client._now_ms())
+    assertion = get_assertion(device_list.list_hash(dl), [credential])
+    signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)], webauthn_assertions=[assertion])
+    await post_version(client, signed)
+    return credential
+
+
+__all__ = [
+    "ApprovedLink",
+    "AssertionProvider",
+    "CredentialMaker",
+    "EnrolmentPrekeys",
+    "PendingLink",
+    "add_credential",
+    "approve_link",
+    "fetch_offer",
+    "fingerprint",
+    "finish_link",
+    "join_with_authenticator",
+    "join_with_recovery",
+    "post_version",
+    "resolve_device_id",
+    "revoke_device",
+    "set_recovery_key",
+    "start_link",
+    "verify_proposal",
+    "wait_for_proposal",
+]

@@ -1,0 +1,301 @@
+"""The client's local database: ``<home>/state.db``, secrets sealed row by row (crypto.md §13).
+
+Usage::
+
+    db = LocalDB.open(home, dek)                  # dek: 32 bytes from the keystore
+    with db.transaction():
+        db.put("session_state", peer_address, codec.encode(state))
+    blob = db.get("session_state", peer_address)  # bytes | None
+
+Every client module keeps its tables here (names prefixed by topic:
+``session_*``, ``log_*``, ``history_*``, ``outbox_*``, ``device_*``). Two
+ways to use it:
+
+- the **sealed key-value tables** (:meth:`put`, :meth:`get`, :meth:`delete`,
+  :meth:`keys`, :meth:`items`, and :meth:`put_struct` / :meth:`get_struct` for
+  msgspec structs): table ``T`` has columns ``key`` (the primary key, kept as
+  the given ``str``/``bytes``/``int``) and ``value`` (the sealed blob);
+- **own tables** through :attr:`db` (a ``sqlite_utils.Database``) or
+  :meth:`execute`, sealing each secret column with :meth:`seal` and opening it
+  with :meth:`open` (alias :meth:`unseal`).
+
+Sealing is ``XAEAD(DEK, random 24-byte nonce, value, aad = layout("local-row",
+table, *pk))`` stored as ``nonce ‖ ciphertext`` (crypto.md §13): a blob only
+opens under its own table and primary key, so a row copied or moved to another
+key, a changed byte or a different DEK fails with :class:`TamperedRowError`
+(never silently wrong data).
+
+Durability: WAL with ``synchronous=FULL``, so a committed transaction survives
+a power cut. :meth:`transaction` is ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled
+back on an exception) and nests (inner ones are savepoints); outside one,
+each write commits on its own. The file is created 0600 in a 0700 home
+directory, and opening refuses a database that other users can read.
+
+Blocking (small local writes); call from trio directly or via
+``trio.to_thread.run_sync``. One ``LocalDB`` per process and home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final, TypeVar, overload
+
+import msgspec
+import nacl.bindings
+import nacl.exceptions
+import sqlite_utils
+
+from ..signing import layout
+
+DB_FILE: Final = "state.db"
+DEK_BYTES: Final = 32
+NONCE_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
+TAG_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES  # 16
+ROW_DOMAIN: Final = "local-row"
+
+PkField = str | bytes | int
+Pk = PkField | tuple[PkField, ...]
+S = TypeVar("S", bound=msgspec.Struct)
+
+_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class LocalDBError(Exception):
+    """Base of local database problems; the message is meant for the user."""
+
+
+class TamperedRowError(LocalDBError):
+    """A sealed value does not open: changed bytes, moved to another row, or another key (DEK)."""
+
+
+def row_ad(table: str, pk: Pk) -> bytes:
+    """The associated data binding a sealed value to its row: ``layout("local-row", table, *pk)``."""
+    fields = pk if isinstance(pk, tuple) else (pk,)
+    return layout(ROW_DOMAIN, table, *fields)
+
+
+def seal_value(dek: bytes, table: str, pk: Pk, value: bytes, nonce: bytes) -> bytes:
+    """``nonce ‖ XChaCha20-Poly1305(dek, nonce, value, row_ad(table, pk))`` (pure: the nonce is passed in)."""
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+    ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(value, row_ad(table, pk), nonce, dek)
+    return nonce + ciphertext
+
+
+def open_value(dek: bytes, table: str, pk: Pk, blob: bytes) -> bytes:
+    """Inverse of :func:`seal_value`; raises :class:`TamperedRowError`."""
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise TamperedRowError(f"local row {table}/{_pk_text(pk)} is truncated")
+    nonce, ciphertext = blob[:NONCE_BYTES], blob[NONCE_BYTES:]
+    try:
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, row_ad(table, pk), nonce, dek)
+    except nacl.exceptions.CryptoError:
+        raise TamperedRowError(
+            f"local row {table}/{_pk_text(pk)} does not decrypt: it was changed, moved from another row, "
+            "or the database belongs to another key"
+        ) from None
+
+
+def _pk_text(pk: Pk) -> str:
+    fields = pk if isinstance(pk, tuple) else (pk,)
+    return ",".join(f.hex()[:16] if isinstance(f, bytes) else str(f)[:40] for f in fields)
+
+
+def _check_table(table: str) -> str:
+    if not _TABLE_NAME.match(table):
+        raise ValueError(f"bad local table name {table!r} (lowercase letters, digits, _)")
+    return table
+
+
+def _check_private(path: Path, what: str) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise LocalDBError(
+            f"{what} {path} is accessible by other users (mode {mode:04o}); "
+            f"run: chmod {'700' if path.is_dir() else '600'} {path}"
+        )
+
+
+class _OpenMethod:
+    """``LocalDB.open(home, dek)`` opens a database; ``db.open(table, pk, blob)`` opens a sealed value."""
+
+    @overload
+    def __get__(self, obj: None, owner: type[LocalDB]) -> Callable[[str | os.PathLike[str], bytes], LocalDB]: ...
+
+    @overload
+    def __get__(self, obj: LocalDB, owner: type[LocalDB]) -> Callable[[str, Pk, bytes], bytes]: ...
+
+    def __get__(self, obj: LocalDB | None, owner: type[LocalDB]) -> Callable[..., Any]:
+        if obj is None:
+            return owner.connect
+        return obj.unseal
+
+
+class LocalDB:
+    """One home's ``state.db``, opened with its DEK. See the module doc."""
+
+    open = _OpenMethod()
+
+    def __init__(self, conn: sqlite3.Connection, dek: bytes, path: Path) -> None:
+        if len(dek) != DEK_BYTES:
+            raise ValueError(f"the DEK must be {DEK_BYTES} bytes")
+        self._conn = conn
+        self._dek = bytes(dek)
+        self.path = path
+        self.db = sqlite_utils.Database(conn)
+        self._depth = 0
+        self._kv_tables: set[str] = set()
+
+    @classmethod
+    def connect(cls, home: str | os.PathLike[str], dek: bytes) -> LocalDB:
+        """Open (creating if needed) ``<home>/state.db`` with ``dek``. Raises :class:`LocalDBError` on bad modes."""
+        if len(dek) != DEK_BYTES:
+            raise ValueError(f"the DEK must be {DEK_BYTES} bytes")
+        home_path = Path(home)
+        home_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(home_path, "home directory")
+        path = home_path / DB_FILE
+        if not path.exists():
+            # Create it private before SQLite does (SQLite gives -wal/-shm the same mode).
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.close(fd)
+        _check_private(path, "local database")
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, dek, path)
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        with contextlib.suppress(sqlite3.ProgrammingError):
+            self._conn.close()
+
+    def __enter__(self) -> LocalDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalDB(path={str(self.path)!r})"  # never the DEK
+
+    # -- sealing ------------------------------------------------------------------------
+
+    def seal(self, table: str, pk: Pk, value: bytes) -> bytes:
+        """Seal ``value`` for row ``pk`` of ``table`` (fresh random nonce)."""
+        return seal_value(self._dek, table, pk, bytes(value), os.urandom(NONCE_BYTES))
+
+    def unseal(self, table: str, pk: Pk, blob: bytes) -> bytes:
+        """Open a blob sealed for row ``pk`` of ``table``; raises :class:`TamperedRowError`."""
+        return open_value(self._dek, table, pk, bytes(blob))
+
+    # -- transactions and raw SQL ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[LocalDB]:
+        """All writes inside commit together (durably) or not at all. Nests (savepoints)."""
+        if self._depth == 0:
+            self._conn.execute("BEGIN IMMEDIATE")
+        else:
+            self._conn.execute(f"SAVEPOINT sp{self._depth}")
+        self._depth += 1
+        try:
+            yield self
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._conn.execute("ROLLBACK")
+            else:
+                self._conn.execute(f"ROLLBACK TO sp{self._depth}")
+                self._conn.execute(f"RELEASE sp{self._depth}")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._conn.execute("COMMIT")
+        else:
+            self._conn.execute(f"RELEASE sp{self._depth}")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
+    def execute(self, sql: str, parameters: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        """Run one SQL statement on the connection (for modules with their own tables)."""
+        return self._conn.execute(sql, parameters)
+
+    # -- sealed key-value tables -------------------------------------------------------------
+
+    def _kv(self, table: str) -> str:
+        if table not in self._kv_tables:
+            _check_table(table)
+            # An untyped key column keeps str, bytes and int keys apart (no affinity conversions).
+            self._conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (key PRIMARY KEY NOT NULL, value BLOB NOT NULL)')
+            self._kv_tables.add(table)
+        return table
+
+    def put(self, table: str, key: PkField, value: bytes) -> None:
+        """Insert or replace ``key`` → ``value`` (sealed) in the key-value table ``table``."""
+        self._kv(table)
+        self._conn.execute(
+            f'INSERT OR REPLACE INTO "{table}" (key, value) VALUES (?, ?)', (key, self.seal(table, key, value))
+        )
+
+    def get(self, table: str, key: PkField) -> bytes | None:
+        """The opened value of ``key`` (None if absent); raises :class:`TamperedRowError`."""
+        self._kv(table)
+        row = self._conn.execute(f'SELECT value FROM "{table}" WHERE key = ?', (key,)).fetchone()
+        return None if row is None else self.unseal(table, key, row[0])
+
+    def delete(self, table: str, key: PkField) -> bool:
+        """Delete ``key``; True if it existed."""
+        self._kv(table)
+        return self._conn.execute(f'DELETE FROM "{table}" WHERE key = ?', (key,)).rowcount > 0
+
+    def keys(self, table: str) -> list[PkField]:
+        """Every key of ``table``, in key order."""
+        self._kv(table)
+        return [row[0] for row in self._conn.execute(f'SELECT key FROM "{table}" ORDER BY key')]
+
+    def items(self, table: str) -> Iterator[tuple[PkField, bytes]]:
+        """``(key, opened value)`` for every row, in key order; raises :class:`TamperedRowError`."""
+        self._kv(table)
+        rows = self._conn.execute(f'SELECT key, value FROM "{table}" ORDER BY key').fetchall()
+        for key, blob in rows:
+            yield key, self.unseal(table, key, blob)
+
+    def put_struct(self, table: str, key: PkField, value: msgspec.Struct) -> None:
+        """:meth:`put` of a msgspec struct encoded as MessagePack."""
+        self.put(table, key, msgspec.msgpack.encode(value))
+
+    def get_struct(self, table: str, key: PkField, type_: type[S]) -> S | None:
+        """:meth:`get` decoded as ``type_``; raises :class:`LocalDBError` if it does not decode."""
+        data = self.get(table, key)
+        if data is None:
+            return None
+        try:
+            return msgspec.msgpack.decode(data, type=type_)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise LocalDBError(f"local row {table}/{_pk_text(key)} is not a {type_.__name__}: {exc}") from exc
+
+
+__all__ = [
+    "DB_FILE",
+    "DEK_BYTES",
+    "LocalDB",
+    "LocalDBError",
+    "TamperedRowError",
+    "open_value",
+    "row_ad",
+    "seal_value",
+]

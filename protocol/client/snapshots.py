@@ -1,0 +1,834 @@
+"""Snapshots and retention on the client (docs/account-log.md §6, §3.3, §13).
+
+**Writing** (:func:`write_snapshot`, ``tetherless log snapshot``): the local
+history up to the log cursor (``covers`` = the cursor) is serialised as a
+:class:`~protocol.log.SnapshotState`, cut into ``snapshot_part`` records
+(at most :data:`~protocol.log.SNAPSHOT_PART_BYTES` of plaintext each, sealed
+under the newest epoch key like every other record), appended in batches, then
+the ``snapshot`` manifest (SHA-256 of every part) is appended. The snapshot id
+and every record id are derived from ``(account, writer device, covers)``,
+and the plan (``covers``, the retention floor) is stored in
+``log_snapshot_writes`` before the first part goes out, so a retry after a
+crash resumes the same snapshot with the same ids and bytes of plaintext: the
+relay answers ``duplicate`` for what it has (L3) and exactly one complete
+snapshot results. The manifest goes without ``expected_head`` (§4.5: ``covers``
+makes it self-describing; §3.2's "manifests send expected_head" is not followed,
+it would only make a busy account's snapshot retry forever).
+
+**Reading** (:func:`before_read` / :func:`after_read`, called by
+:meth:`SyncEngine.read_log`): once per connection the engine asks for the
+log's ``head``, ``horizon`` and newest snapshot (``GET /v1/log?limit=0``,
+no records). A device whose cursor is below the snapshot's ``covers`` and
+that is new (cursor 0), below the horizon, or more than
+:data:`SNAPSHOT_THRESHOLD` records behind, records the snapshot as a pending
+load and moves its cursor to ``covers`` in one transaction. It then pages the
+records after ``covers`` once (parts stubbed), opens the parts
+(``GET /v1/log/snapshot/{id}``) with the epoch key it holds or the one its own
+grant after ``covers`` gives (signature, list and commitment checked), applies
+the copies of the ``key`` records ``<= covers`` that the snapshot carries and
+then those after ``covers`` through the engine's own key checks (which accept
+a grant-only record only after the record that created its epoch), and loads
+the history in one transaction only if the key those checks accepted is the
+one that opened the parts. Parts are checked (indexes, ``total``, ``covers``,
+all inside the AEAD), so the manifest is not fetched. When no grant after
+``covers`` helps (it predates the snapshot), the key records up to ``covers``
+are scanned from the log instead (slow path). So a new device fetches the
+parts plus the records after ``covers``. Positions ``(cursor, horizon]`` that
+no snapshot covers are recorded as a retention gap (``history_gaps``) and
+shown by ``tetherless history``.
+
+The writer copies the ``key`` records up to ``covers`` into the snapshot
+(:func:`collect_key_records`, incremental: ``log_snapshot_keys`` and the
+``snapshot_keys`` cursor; a device that loaded a snapshot keeps its copies).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import sys
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from .. import log
+from ..errors import ErrorCode, RemoteError, TetherlessError
+from ..ids import Address
+from ..messages import AppendRequest, AppendResponse, LogPage, LogRecord, LogRecordIn, LogRetention
+from .http import TransportError
+from .keystore import DeviceKeys, Keystore
+from .store import ClientStore, HistoryMessage
+
+if TYPE_CHECKING:
+    from .sync import SyncEngine
+
+#: §6.3: a device more than this many records behind a snapshot loads it rather than replaying.
+SNAPSHOT_THRESHOLD: Final = 20_000
+_APPEND_BYTES: Final = 6 * 1024 * 1024  # ciphertext per append request (max_body_bytes is 8 MiB)
+_APPEND_RECORDS: Final = 200
+_PAGE: Final = 500
+_DAY_MS: Final = 86_400_000
+_KEYS_CURSOR: Final = "snapshot_keys"  # log_cursors: key records up to here are copied in log_snapshot_keys
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS log_snapshot_writes (
+  snapshot_id BLOB PRIMARY KEY, covers INTEGER NOT NULL, since_ms INTEGER NOT NULL, created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_loads (
+  snapshot_id BLOB PRIMARY KEY, position INTEGER NOT NULL, covers INTEGER NOT NULL, parts INTEGER NOT NULL,
+  epoch INTEGER NOT NULL, loaded_at_ms INTEGER, messages INTEGER
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_keys (
+  position INTEGER PRIMARY KEY, record_id BLOB NOT NULL, epoch INTEGER NOT NULL,
+  device_list_version INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL, ciphertext BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history_gaps (
+  after INTEGER PRIMARY KEY, upto INTEGER NOT NULL, noted_at_ms INTEGER NOT NULL
+);
+"""
+
+_checked: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # engine -> client last checked
+_scanned: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()  # engine -> snapshot keys scanned for
+_attempted: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # engine -> (client, snapshot) tried
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be written now (nothing to snapshot, no account key yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPlan:
+    """A snapshot being written: stored before the first part is appended, deleted after the manifest."""
+
+    snapshot_id: bytes
+    covers: int
+    since_ms: int
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotWritten:
+    snapshot_id: bytes
+    covers: int
+    parts: int
+    messages: int
+    position: int  # of the manifest
+    duplicate: bool  # the manifest was already stored (an earlier attempt completed)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLoad:
+    snapshot_id: bytes
+    position: int
+    covers: int
+    parts: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Log positions ``(after, upto]`` deleted by retention that no snapshot covers. ``positions`` is an upper
+    bound of the records lost: key records and the newest snapshot's own parts in that range survive."""
+
+    after: int
+    upto: int
+
+    @property
+    def positions(self) -> int:
+        return self.upto - self.after
+
+
+_ready: weakref.WeakSet[Any] = weakref.WeakSet()  # LocalDBs whose tables exist
+
+
+def ensure_schema(store: ClientStore) -> None:
+    if store.db in _ready:
+        return
+    with store.transaction():
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                store.db.execute(statement)
+    _ready.add(store.db)
+
+
+def gaps(store: ClientStore) -> list[Gap]:
+    ensure_schema(store)
+    return [Gap(r[0], r[1]) for r in store.db.execute("SELECT after, upto FROM history_gaps ORDER BY after")]
+
+
+def loaded_snapshots(store: ClientStore) -> list[tuple[bytes, int, int]]:
+    """``(snapshot_id, covers, messages)`` of every snapshot this device bootstrapped from."""
+    ensure_schema(store)
+    return [
+        (r[0], r[1], r[2])
+        for r in store.db.execute(
+            "SELECT snapshot_id, covers, messages FROM log_snapshot_loads WHERE loaded_at_ms IS NOT NULL "
+            "ORDER BY covers"
+        )
+    ]
+
+
+def _note_gap(store: ClientStore, after: int, upto: int) -> None:
+    if upto > after:
+        store.db.execute(
+            "INSERT OR IGNORE INTO history_gaps (after, upto, noted_at_ms) VALUES (?, ?, ?)",
+            (after, upto, store.now_ms()),
+        )
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def _current_key(engine: SyncEngine) -> tuple[int, bytes]:
+    epoch = engine.store.newest_epoch()
+    key = engine.store.epoch_key(epoch) if epoch else None
+    if key is None:
+        raise SnapshotError("this device holds no account key yet: run `tetherless sync` first")
+    return epoch, key
+
+
+async def retention(engine: SyncEngine) -> LogRetention:
+    """``GET /v1/log/retention``."""
+    answer: LogRetention = await engine._call("GET", "/v1/log/retention", None, LogRetention)
+    return answer
+
+
+async def set_retention(engine: SyncEngine, days: int | None) -> LogRetention:
+    """``PUT /v1/log/retention``: ``None`` = forever, else days (1 … ``max_retention_days``)."""
+    body = LogRetention(mode="forever") if days is None else LogRetention(mode="days", days=days)
+    answer: LogRetention = await engine._call("PUT", "/v1/log/retention", body, LogRetention)
+    return answer
+
+
+async def begin_snapshot(engine: SyncEngine) -> SnapshotPlan:
+    """The snapshot to write: the stored unfinished one (a retry after a crash), else a new one at the cursor.
+
+    A new plan leaves out messages older than the retention period (§6.2). Raises :class:`SnapshotError`
+    when the cursor is 0.
+    """
+    store = engine.store
+    ensure_schema(store)
+    row = store.db.execute(
+        "SELECT snapshot_id, covers, since_ms, created_at_ms FROM log_snapshot_writes ORDER BY covers DESC LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        return SnapshotPlan(row[0], row[1], row[2], row[3])
+    covers = store.cursor("log")
+    if covers == 0:
+        raise SnapshotError("nothing to snapshot: this device has not read the account log yet")
+    policy = await retention(engine)
+    now = store.now_ms()
+    since_ms = now - policy.days * _DAY_MS if policy.mode == "days" and policy.days else 0
+    plan = SnapshotPlan(log.snapshot_id(engine.keys.account_id, engine.keys.device_id, covers), covers, since_ms, now)
+    with store.transaction():
+        store.db.execute(
+            "INSERT OR IGNORE INTO log_snapshot_writes (snapshot_id, covers, since_ms, created_at_ms) "
+            "VALUES (?, ?, ?, ?)",
+            (plan.snapshot_id, plan.covers, plan.since_ms, plan.created_at_ms),
+        )
+    return plan
+
+
+def _keep_key_records(store: ClientStore, records: list[log.SnapshotKeyRecord]) -> None:
+    for r in records:
+        store.db.execute(
+            "INSERT OR IGNORE INTO log_snapshot_keys (position, record_id, epoch, device_list_version, "
+            "committed_at_ms, ciphertext) VALUES (?, ?, ?, ?, ?, ?)",
+            (r.position, r.record_id, r.epoch, r.device_list_version, r.committed_at_ms, r.ciphertext),
+        )
+
+
+async def collect_key_records(engine: SyncEngine, upto: int) -> None:
+    """Copy the ``key`` records up to ``upto`` into ``log_snapshot_keys`` (incremental: only what was not
+    scanned before, and nothing below a snapshot this device loaded, whose copies it kept)."""
+    store = engine.store
+    after = store.cursor(_KEYS_CURSOR)
+    while after < upto:
+        page: LogPage = await engine._call("GET", f"/v1/log?after={after}&limit={_PAGE}", None, LogPage)
+        found = [
+            log.SnapshotKeyRecord(
+                position=r.position,
+                record_id=r.record_id,
+                epoch=r.epoch,
+                device_list_version=r.device_list_version or 0,
+                committed_at_ms=r.committed_at_ms,
+                ciphertext=r.ciphertext,
+            )
+            for r in page.records
+            if r.kind == "key" and r.position <= upto
+        ]
+        after = min(upto, page.next_after) if page.records else upto
+        with store.transaction():
+            _keep_key_records(store, found)
+            store.set_cursor(_KEYS_CURSOR, after)
+        if not page.more:
+            break
+
+
+def _key_records(store: ClientStore, upto: int) -> list[log.SnapshotKeyRecord]:
+    return [
+        log.SnapshotKeyRecord(
+            position=r[0], record_id=r[1], epoch=r[2], device_list_version=r[3], committed_at_ms=r[4], ciphertext=r[5]
+        )
+        for r in store.db.execute(
+            "SELECT position, record_id, epoch, device_list_version, committed_at_ms, ciphertext "
+            "FROM log_snapshot_keys WHERE position <= ? ORDER BY position",
+            (upto,),
+        )
+    ]
+
+
+async def prepare_chunks(engine: SyncEngine, plan: SnapshotPlan, part_bytes: int) -> list[bytes]:
+    """The plaintext chunks of a plan's parts (collects the key record copies first)."""
+    await collect_key_records(engine, plan.covers)
+    return log.split_snapshot(build_state(engine.store, plan), part_bytes)
+
+
+def build_state(store: ClientStore, plan: SnapshotPlan) -> log.SnapshotState:
+    """Every logged message at a position ``<= covers`` (and not older than the plan's retention floor), in
+    log order, and the retention gaps below ``covers``. Deterministic: the same plan gives the same bytes."""
+    messages = [
+        log.SnapshotMessage(
+            position=m.log_position,
+            record_id=m.msg_key,
+            message_uid=m.message_uid,
+            sender=m.sender,
+            direction="sent" if m.direction == "sent" else "received",
+            recipients=m.recipients,
+            pair_seq=m.pair_seq,
+            sent_at_ms=m.sent_at_ms,
+            relay_sent_at_ms=m.relay_sent_at_ms,
+            content_type=m.content_type,
+            body=m.body,
+            late=m.late,
+        )
+        for m in store.history()
+        if m.log_position is not None and m.log_position <= plan.covers and m.sent_at_ms >= plan.since_ms
+    ]
+    below = [log.SnapshotGap(after=g.after, upto=g.upto) for g in gaps(store) if g.upto <= plan.covers]
+    return log.SnapshotState(
+        covers=plan.covers, messages=messages, gaps=below, key_records=_key_records(store, plan.covers)
+    )
+
+
+async def _append(engine: SyncEngine, records: list[LogRecordIn]) -> AppendResponse:
+    response: AppendResponse = await engine._call("POST", "/v1/log", AppendRequest(records=records), AppendResponse)
+    return response
+
+
+async def append_parts(engine: SyncEngine, plan: SnapshotPlan, chunks: list[bytes]) -> None:
+    """Append the parts (unconditionally, in batches bounded by count and bytes); idempotent per part id."""
+    epoch, key = _current_key(engine)
+    batch: list[LogRecordIn] = []
+    size = 0
+    for index, chunk in enumerate(chunks):
+        part = log.SnapshotPart(index=index, total=len(chunks), covers=plan.covers, data=chunk)
+        ciphertext = log.seal_snapshot_part(
+            key,
+            part,
+            account_id=engine.keys.account_id,
+            snapshot=plan.snapshot_id,
+            epoch=epoch,
+            nonce=engine.random_bytes(log.NONCE_BYTES),
+        )
+        if batch and (len(batch) >= _APPEND_RECORDS or size + len(ciphertext) > _APPEND_BYTES):
+            await _append(engine, batch)
+            batch, size = [], 0
+        batch.append(
+            LogRecordIn(
+                record_id=log.snapshot_part_id(plan.snapshot_id, index),
+                kind="snapshot_part",
+                epoch=epoch,
+                ciphertext=ciphertext,
+                snapshot_id=plan.snapshot_id,
+            )
+        )
+        size += len(ciphertext)
+    if batch:
+        await _append(engine, batch)
+
+
+async def append_manifest(engine: SyncEngine, plan: SnapshotPlan, chunks: list[bytes]) -> tuple[int, bool]:
+    """Append the manifest (after every part); returns (its position, duplicate). ``snapshot_incomplete`` if a
+    part is missing."""
+    epoch, key = _current_key(engine)
+    manifest = log.SnapshotManifest(
+        writer_device=engine.keys.device_id,
+        created_at_ms=plan.created_at_ms,
+        covers=plan.covers,
+        part_hashes=[log.sha256(chunk) for chunk in chunks],
+    )
+    ciphertext = log.seal_snapshot_manifest(
+        key,
+        manifest,
+        account_id=engine.keys.account_id,
+        snapshot=plan.snapshot_id,
+        epoch=epoch,
+        nonce=engine.random_bytes(log.NONCE_BYTES),
+    )
+    record = LogRecordIn(
+        record_id=log.snapshot_manifest_id(plan.snapshot_id),
+        kind="snapshot",
+        epoch=epoch,
+        ciphertext=ciphertext,
+        snapshot_id=plan.snapshot_id,
+        covers=plan.covers,
+        parts=len(chunks),
+    )
+    response = await _append(engine, [record])
+    return response.results[0].position, response.results[0].duplicate
+
+
+async def write_snapshot(engine: SyncEngine, *, part_bytes: int = log.SNAPSHOT_PART_BYTES) -> SnapshotWritten:
+    """Write (or finish writing) a snapshot of the local history at the log cursor. The engine must be
+    connected (``engine.client``) and should have drained first, so the cursor is at the head.
+
+    Raises :class:`SnapshotError`, and the engine's ``RetryError`` / ``RevokedError`` / ``RemoteError``; the
+    plan stays stored on failure, so calling again resumes the same snapshot.
+    """
+    plan = await begin_snapshot(engine)
+    await collect_key_records(engine, plan.covers)
+    state = build_state(engine.store, plan)
+    chunks = log.split_snapshot(state, part_bytes)
+    await append_parts(engine, plan, chunks)
+    position, duplicate = await append_manifest(engine, plan, chunks)
+    with engine.store.transaction():
+        engine.store.db.execute("DELETE FROM log_snapshot_writes WHERE snapshot_id = ?", (plan.snapshot_id,))
+    return SnapshotWritten(plan.snapshot_id, plan.covers, len(chunks), len(state.messages), position, duplicate)
+
+
+# -- reading (hooks of SyncEngine.read_log) --------------------------------------------------------------
+
+
+def _pending_load(store: ClientStore) -> PendingLoad | None:
+    row = store.db.execute(
+        "SELECT snapshot_id, position, covers, parts, epoch FROM log_snapshot_loads WHERE loaded_at_ms IS NULL "
+        "ORDER BY covers DESC LIMIT 1"
+    ).fetchone()
+    return PendingLoad(row[0], row[1], row[2], row[3], row[4]) if row else None
+
+
+async def before_read(engine: SyncEngine) -> bool:
+    """§6.3, before the reader pages from the cursor: start from the newest snapshot, or note a retention gap.
+    True if the cursor moved or history changed."""
+    store = engine.store
+    ensure_schema(store)
+    moved = False
+    if _checked.get(engine) is not engine.client:
+        cursor = store.cursor("log")
+        page: LogPage = await engine._call("GET", "/v1/log?after=0&limit=0", None, LogPage)
+        _checked[engine] = engine.client
+        snapshot = page.snapshot
+        if (
+            snapshot is not None
+            and snapshot.covers > cursor
+            and _pending_load(store) is None
+            and (cursor == 0 or cursor < page.horizon or snapshot.covers - cursor > SNAPSHOT_THRESHOLD)
+        ):
+            with store.transaction():
+                store.db.execute(
+                    "INSERT OR IGNORE INTO log_snapshot_loads (snapshot_id, position, covers, parts, epoch) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (snapshot.snapshot_id, snapshot.position, snapshot.covers, snapshot.parts, snapshot.epoch),
+                )
+                _note_gap(store, max(cursor, snapshot.covers), page.horizon)
+                store.set_cursor("log", snapshot.covers)
+            moved = True
+        elif cursor < page.horizon:
+            with store.transaction():  # deleted by retention, and no snapshot covers them (§6.3)
+                _note_gap(store, cursor, page.horizon)
+            moved = True
+    pending = _pending_load(store)
+    if pending is not None:
+        # Without the epoch key, try once per connection (then the reader waits for a grant like any record).
+        attempt = (engine.client, pending.snapshot_id)
+        if store.epoch_key(pending.epoch) is not None or _attempted.get(engine) != attempt:
+            _attempted[engine] = attempt
+            moved |= await _bootstrap(engine, pending)
+    return moved
+
+
+async def after_read(engine: SyncEngine) -> bool:
+    """After the reader reached the head: while a snapshot still waits for its epoch key, the engine counts
+    as blocked on a key (so it waits for a grant rather than deciding about epochs on a partial view)."""
+    pending = _pending_load(engine.store)
+    if pending is not None and engine.store.epoch_key(pending.epoch) is None:
+        engine.blocked_on_key = True
+    return False
+
+
+async def _page_from(engine: SyncEngine, after: int, upto: int | None = None) -> list[LogRecord]:
+    """Every record after ``after`` (up to ``upto``), parts stubbed."""
+    records: list[LogRecord] = []
+    while upto is None or after < upto:
+        page: LogPage = await engine._call("GET", f"/v1/log?after={after}&limit={_PAGE}", None, LogPage)
+        engine.log_head = page.head
+        records += [r for r in page.records if upto is None or r.position <= upto]
+        after = max(after, page.next_after)
+        if not page.more or not page.records:
+            break
+    return records
+
+
+async def _tentative_key(engine: SyncEngine, record: LogRecord) -> bytes | None:
+    """This device's key from a grant record, checked (signature, list, commitment) but not yet applied."""
+    try:
+        key_record = log.decode_key_record(record.ciphertext)
+        devices = await engine._list_at(key_record.body.device_list_version)
+        if devices is None:
+            return None
+        log.verify_key_record(
+            key_record, account_id=engine.keys.account_id, epoch=record.epoch, devices=devices, grant_only=True
+        )
+        return log.unwrap_grant(
+            key_record, device_id=engine.keys.device_id, box_private_key=engine.keys.box_private_key
+        )
+    except TetherlessError:
+        return None
+
+
+def _as_log_record(copy: log.SnapshotKeyRecord) -> LogRecord:
+    return LogRecord(
+        position=copy.position,
+        record_id=copy.record_id,
+        kind="key",
+        epoch=copy.epoch,
+        committed_at_ms=copy.committed_at_ms,
+        ciphertext=copy.ciphertext,
+        size=len(copy.ciphertext),
+        device_list_version=copy.device_list_version,
+    )
+
+
+async def _bootstrap(engine: SyncEngine, pending: PendingLoad) -> bool:
+    """Load a pending snapshot: page the records after ``covers`` (once; the engine's reader then finds
+    nothing new), open the parts with the epoch key (held, or this device's grant after ``covers``), apply the
+    key records the snapshot carries (positions ``<= covers``) and those after it through the engine's own
+    checks, and load the history only if the key the checks accepted is the one that opened the parts."""
+    store = engine.store
+    records = await _page_from(engine, store.cursor("log"))
+    keys_after = [r for r in records if r.kind == "key"]
+    tentative: dict[int, bytes] = {}
+    for record in keys_after:
+        if store.epoch_key(record.epoch) is None and record.epoch not in tentative:
+            key = await _tentative_key(engine, record)
+            if key is not None:
+                tentative[record.epoch] = key
+    fetched = await _fetch_state(engine, pending, tentative)
+    if fetched is _SUPERSEDED:
+        return True
+    if fetched is None and store.epoch_key(pending.epoch) is None and _scanned.get(engine) != pending.snapshot_id:
+        _scanned[engine] = pending.snapshot_id
+        # No usable grant after covers (e.g. it predates the snapshot): the key records up to covers, then retry.
+        await engine._apply_keys([r for r in await _page_from(engine, 0, pending.covers) if r.kind == "key"])
+        await engine._apply_keys(keys_after)
+        fetched = await _fetch_state(engine, pending, {})
+        if fetched is _SUPERSEDED:
+            return True
+    state = fetched if isinstance(fetched, log.SnapshotState) else None
+    if state is not None:
+        await engine._apply_keys([_as_log_record(k) for k in sorted(state.key_records, key=lambda k: k.position)])
+    await engine._apply_keys(keys_after)
+    if state is not None and all(store.epoch_key(epoch) == key for epoch, key in tentative.items()):
+        _load_state(engine, pending, state)
+    left = engine._apply_records(records)
+    engine.blocked_on_key = bool(left)
+    return True
+
+
+class _Superseded:
+    pass
+
+
+_SUPERSEDED: Final = _Superseded()
+
+
+async def _fetch_state(
+    engine: SyncEngine, pending: PendingLoad, tentative: dict[int, bytes]
+) -> log.SnapshotState | _Superseded | None:
+    """Fetch and open the parts; None when an epoch key is missing, ``_SUPERSEDED`` (and the load is reset)
+    when the relay no longer serves this snapshot. Raises :class:`~protocol.log.InvalidRecordError`."""
+    store = engine.store
+    if store.epoch_key(pending.epoch) is None and pending.epoch not in tentative:
+        return None
+    records: list[LogRecord] = []
+    after = 0
+    try:
+        while True:
+            page: LogPage = await engine._call(
+                "GET", f"/v1/log/snapshot/{pending.snapshot_id.hex()}?after={after}&limit={_PAGE}", None, LogPage
+            )
+            records += page.records
+            after = page.next_after
+            if not page.more or not page.records:
+                break
+    except RemoteError as exc:
+        if exc.code is not ErrorCode.NO_SNAPSHOT:
+            raise
+        # Superseded since we chose it: start over from the newest snapshot (loading is idempotent).
+        with store.transaction():
+            store.db.execute("DELETE FROM log_snapshot_loads WHERE snapshot_id = ?", (pending.snapshot_id,))
+            store.set_cursor("log", 0)
+        _checked.pop(engine, None)
+        return _SUPERSEDED
+    parts: list[log.SnapshotPart] = []
+    for record in records:
+        key = store.epoch_key(record.epoch) or tentative.get(record.epoch)
+        if key is None:
+            return None
+        parts.append(
+            log.open_snapshot_part(
+                key,
+                record.ciphertext,
+                account_id=engine.keys.account_id,
+                record_id=record.record_id,
+                snapshot=pending.snapshot_id,
+                epoch=record.epoch,
+            )
+        )
+    if len(parts) != pending.parts:
+        raise log.InvalidRecordError(ErrorCode.MALFORMED_BODY, "the relay served another number of parts")
+    return log.join_snapshot(parts, pending.covers)
+
+
+def _load_state(engine: SyncEngine, pending: PendingLoad, state: log.SnapshotState) -> None:
+    """The snapshot's history, gaps and key record copies, in one transaction with the load's completion."""
+    store = engine.store
+    new: list[HistoryMessage] = []
+    with store.transaction():
+        for m in state.messages:
+            fields: dict[str, Any] = {
+                "msg_key": m.record_id,
+                "message_uid": m.message_uid,
+                "sender_device": Address.parse(m.sender).device,
+                "direction": m.direction,
+                "pair_seq": m.pair_seq,
+                "sent_at_ms": m.sent_at_ms,
+                "relay_sent_at_ms": m.relay_sent_at_ms,
+                "via": "log",
+                "sender": m.sender,
+                "recipients": m.recipients,
+                "content_type": m.content_type,
+                "body": m.body,
+                "log_position": m.position,
+                "late": m.late,
+            }
+            if store.upsert_message(**fields):
+                new.append(HistoryMessage(**fields))
+            if store.is_pending(m.record_id):
+                engine._mark_logged(m.record_id, m.position)
+        for gap in state.gaps:
+            _note_gap(store, gap.after, gap.upto)
+        _keep_key_records(store, state.key_records)
+        if store.cursor(_KEYS_CURSOR) < state.covers:
+            store.set_cursor(_KEYS_CURSOR, state.covers)
+        store.db.execute(
+            "UPDATE log_snapshot_loads SET loaded_at_ms = ?, messages = ? WHERE snapshot_id = ?",
+            (store.now_ms(), len(state.messages), pending.snapshot_id),
+        )
+        engine._release_held()
+    for message in new:
+        if engine.on_message is not None and message.direction == "received":
+            engine.on_message(message, None, None)
+
+
+# -- history with retention gaps (``tetherless history``) -----------------------------------------------
+
+
+def gap_line(gap: Gap) -> str:
+    return (
+        f"---- up to {gap.positions} older records removed by retention (log positions {gap.after + 1}-{gap.upto};"
+        " no snapshot covers them) ----"
+    )
+
+
+def gap_json(gap: Gap) -> dict[str, Any]:
+    return {"gap": "retention", "after": gap.after, "upto": gap.upto, "positions": gap.positions}
+
+
+def print_history(store: ClientStore, *, as_json: bool, since: str | None, peer: str | None, limit: int | None) -> None:
+    """``cli_sync.print_history`` plus the retention gaps, each where it falls in log order."""
+    from .cli_sync import history_json, parse_since
+
+    position, since_ms = parse_since(since, store.now_ms()) if since else (0, 0)
+    pending_gaps = [g for g in gaps(store) if g.upto > position]
+
+    def emit_gaps(before: int | None) -> None:
+        while pending_gaps and (before is None or pending_gaps[0].upto < before):
+            gap = pending_gaps.pop(0)
+            print(json.dumps(gap_json(gap)) if as_json else gap_line(gap))
+
+    for message in store.history(since_position=position, since_ms=since_ms, limit=limit):
+        if (
+            peer
+            and peer not in message.recipients
+            and message.sender != peer
+            and not message.sender.endswith("." + peer)
+            and not any(r.endswith("." + peer) for r in message.recipients)
+        ):
+            continue
+        emit_gaps(message.log_position)
+        if as_json:
+            print(json.dumps(history_json(message), ensure_ascii=False))
+            continue
+        stamp = dt.datetime.fromtimestamp(message.sent_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        shown = message.text if message.text is not None else f"<{len(message.body)} bytes of {message.content_type}>"
+        if message.direction == "sent":
+            print(f"{stamp}  → {', '.join(message.recipients):<40} {shown}")
+        else:
+            print(f"{stamp}  ← {message.sender:<40} {shown}")
+    emit_gaps(None)
+    sys.stdout.flush()
+
+
+# -- CLI: tetherless log snapshot | log retention --------------------------------------------------------
+
+
+async def run_log_command(
+    keystore: Keystore, keys: DeviceKeys, action: Callable[[SyncEngine], Awaitable[int]], *, drain: bool
+) -> int:
+    """Connect an engine for one command (after a drain when ``drain``), run ``action``; exit 3 when the relay
+    stays unreachable, 4 when this device was revoked."""
+    from .cli_sync import make_engine, open_store
+    from .sdk import RelayClient
+    from .sync import EXIT_REVOKED, EXIT_UNREACHABLE, RetryError, RevokedError
+
+    store = open_store(keystore, keys)
+    engine = make_engine(keys, store)
+    try:
+        async with RelayClient.connect(
+            keys.relay_url, keys=keys, max_attempts=2, request_timeout_seconds=60, local_db=store.db
+        ) as client:
+            engine.client = client
+            await engine._guard(client.authenticate())
+            if drain:
+                await engine.enable_sessions()
+                await engine.drain()
+            return await action(engine)
+    except (RetryError, TransportError) as exc:
+        print(f"tetherless: error: cannot reach the relay at {keys.relay_url} ({exc})", file=sys.stderr, flush=True)
+        return EXIT_UNREACHABLE
+    except RevokedError:
+        print("tetherless: error: device_revoked: this device was removed from its account", file=sys.stderr)
+        return EXIT_REVOKED
+    except SnapshotError as exc:
+        print(f"tetherless: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        engine.client = None
+        store.db.close()
+
+
+async def run_log_snapshot(keystore: Keystore, keys: DeviceKeys, *, as_json: bool, part_bytes: int | None) -> int:
+    """``log snapshot [--json]``: sync to the head, then write (or finish) a snapshot at the cursor."""
+
+    async def action(engine: SyncEngine) -> int:
+        written = await write_snapshot(engine, part_bytes=part_bytes or log.SNAPSHOT_PART_BYTES)
+        print(json.dumps(snapshot_json(written)) if as_json else describe_snapshot(written), flush=True)
+        return 0
+
+    return await run_log_command(keystore, keys, action, drain=True)
+
+
+async def run_log_retention(keystore: Keystore, keys: DeviceKeys, value: str | None, *, as_json: bool) -> int:
+    """``log retention [forever|DAYS] [--json]``: print, or set and print, the account log's retention.
+    ``value`` must already be validated by :func:`parse_retention`."""
+    days = parse_retention(value) if value is not None else None
+
+    async def action(engine: SyncEngine) -> int:
+        policy = await (retention(engine) if value is None else set_retention(engine, days))
+        if as_json:
+            print(json.dumps(retention_json(policy)), flush=True)
+        else:
+            text = describe_retention(policy)
+            print(text if value is None else text.replace("retention:", "retention set to", 1), flush=True)
+        return 0
+
+    return await run_log_command(keystore, keys, action, drain=False)
+
+
+def parse_retention(value: str) -> int | None:
+    """``forever`` → None, ``DAYS`` (a positive integer, ``30`` or ``30d``) → days; raises ValueError."""
+    text = value.strip().lower()
+    if text == "forever":
+        return None
+    if text.endswith("d"):
+        text = text[:-1]
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"retention: expected `forever` or a number of days (1 or more), not {value!r}")
+    return int(text)
+
+
+def describe_retention(policy: LogRetention) -> str:
+    if policy.mode == "forever":
+        what = "forever (the relay deletes nothing but superseded snapshots)"
+    else:
+        days = f"{policy.days} day" + ("" if policy.days == 1 else "s")
+        what = (
+            f"{days} (the relay deletes records committed more than {days} ago,"
+            " except the newest snapshot and key records)"
+        )
+    changed = ""
+    if policy.updated_at_ms:
+        stamp = dt.datetime.fromtimestamp(policy.updated_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        changed = f"; last changed {stamp} UTC"
+    return f"retention: {what}; horizon: log position {policy.horizon}{changed}"
+
+
+def retention_json(policy: LogRetention) -> dict[str, Any]:
+    return {"mode": policy.mode, "days": policy.days, "horizon": policy.horizon, "updated_at_ms": policy.updated_at_ms}
+
+
+def snapshot_json(written: SnapshotWritten) -> dict[str, Any]:
+    return {
+        "snapshot_id": written.snapshot_id.hex(),
+        "covers": written.covers,
+        "parts": written.parts,
+        "messages": written.messages,
+        "position": written.position,
+        "duplicate": written.duplicate,
+    }
+
+
+def describe_snapshot(written: SnapshotWritten) -> str:
+    again = " (already stored)" if written.duplicate else ""
+    return (
+        f"snapshot {base64.b32encode(written.snapshot_id).decode().rstrip('=').lower()} covers log positions"
+        f" 1-{written.covers}: {written.messages} messages in {written.parts} parts, manifest at position"
+        f" {written.position}{again}"
+    )
+
+
+__all__ = [
+    "SNAPSHOT_THRESHOLD",
+    "Gap",
+    "PendingLoad",
+    "SnapshotError",
+    "SnapshotPlan",
+    "SnapshotWritten",
+    "after_read",
+    "append_manifest",
+    "append_parts",
+    "before_read",
+    "begin_snapshot",
+    "build_state",
+    "collect_key_records",
+    "describe_retention",
+    "describe_snapshot",
+    "gap_json",
+    "gap_line",
+    "gaps",
+    "loaded_snapshots",
+    "parse_retention",
+    "prepare_chunks",
+    "print_history",
+    "retention",
+    "retention_json",
+    "run_log_retention",
+    "run_log_snapshot",
+    "set_retention",
+    "snapshot_json",
+    "write_snapshot",
+]

@@ -1,0 +1,1124 @@
+"""The sync engine of the offline-first client (docs/account-log.md §10-§11).
+
+One :class:`SyncEngine` per device and process. :meth:`SyncEngine.run` is the
+supervisor: ``Connecting → CatchingUp → Live`` (with ``follow``) or
+``Stopped`` once quiescent (without), and ``Backoff`` on any transport error,
+5xx or 429, with "full jitter" ``uniform(0, min(max_backoff, 0.5 s · 2^attempt))``
+(``Retry-After`` a floor; ``attempt`` resets after 30 s live). 403
+``device_revoked`` ends in ``RevokedError`` (exit 4).
+
+One *drain* step (``CatchingUp``; repeated until nothing changes):
+
+1. **log reader**: page ``GET /v1/log`` from the ``log`` cursor; key records
+   are applied first (epoch keys from grants), then records in position
+   order, each page in one local transaction with the cursor (§10 "Read").
+   A record whose epoch key this device does not hold yet stops the cursor;
+   the reader keeps paging for key records and resumes once the key arrives.
+2. **epochs**: no key record in the whole log → create epoch 1 (``expected_head``
+   = cursor); current devices without a grant → a grant-only record.
+3. **inbox reader**: page the inbox; each page in one transaction: upsert the
+   messages, enqueue their ``message-received`` records in ``log_pending``,
+   advance ``inbox_received``.
+4. **outbox flusher**: ``queued → sealed`` (envelopes sealed once and stored),
+   ``sealed → posted`` (``POST /v1/messages`` with the stored idempotency keys
+   and bytes; the ``message-sent`` record and the local message row in the same
+   transaction as the receipts).
+5. **log appender**: ``log_pending`` in ``seq`` order, in batches, encrypted
+   under the newest epoch key; on 201 one transaction drops them, sets the
+   messages' positions and marks the outbox rows ``logged``.
+6. **acker**: ``POST /v1/inbox/ack up_to`` the highest cursor whose messages
+   are all logged (custody rule D5), then ``inbox_acked``.
+
+``Live`` runs the inbox stream (items are applied as they arrive), the log
+stream (a record wakes the drain step) and a pump that runs the drain step
+on every wake-up and at least every ``poll_seconds`` (which also picks up
+messages another process, e.g. ``tetherless send``, put in the outbox).
+
+Every cursor and queue is in ``state.db``; after any interruption, including
+``kill -9``, the engine resumes from the last committed transaction: sealed
+envelopes are re-posted with the same keys (the relay answers ``duplicate``),
+pending records are re-appended (same record ids: ``duplicate``), un-acked
+envelopes are redelivered and deduplicated by ``(sender_device, message_uid)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from .. import codec, device_list, log
+from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
+from ..ids import Address
+from ..messages import (
+    AppendRequest,
+    AppendResponse,
+    DeviceEntry,
+    LogHeartbeat,
+    LogPage,
+    LogRecord,
+    LogRecordIn,
+    OutboundEnvelope,
+    SendRequest,
+    SendResponse,
+)
+from . import snapshots  # log-snapshots hook (read_log)
+from .chains import DeviceRevokedError
+from .http import TransportError
+from .keystore import DeviceKeys
+from .sdk import Outgoing, ReceivedMessage, RejectedMessage, RelayClient
+from .sessions import PrekeysUnavailableError
+from .store import ClientStore, HistoryMessage, OutboxEntry, decode_plaintext, encode_plaintext
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK: Final = 0
+EXIT_UNREACHABLE: Final = 3
+EXIT_REVOKED: Final = 4
+LIVE_RESET_SECONDS: Final = 30.0
+DEVICE_LIST_REFRESH_SECONDS: Final = 30.0
+_RETRY_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
+_LOG_PAGE: Final = 500
+_APPEND_BATCH: Final = 200
+_POST_BATCH: Final = 100
+_MAX_WAIT_SECONDS: Final = 300.0
+
+States = ("stopped", "connecting", "catching_up", "live", "backoff", "revoked")
+
+#: The supervisor's transition table (§11). Anything else is a bug.
+TRANSITIONS: Final[dict[tuple[str, str], str]] = {
+    ("stopped", "start"): "connecting",
+    ("connecting", "connected"): "catching_up",
+    ("connecting", "failed"): "backoff",
+    ("catching_up", "caught_up"): "live",
+    ("catching_up", "failed"): "backoff",
+    ("live", "failed"): "backoff",
+    ("live", "quiescent"): "stopped",
+    ("backoff", "timer"): "connecting",
+    **{(s, "cancel"): "stopped" for s in ("connecting", "catching_up", "live", "backoff")},
+    **{(s, "revoked"): "revoked" for s in ("connecting", "catching_up", "live", "backoff")},
+}
+
+
+class RevokedError(Exception):
+    """403 ``device_revoked``: stop syncing for good."""
+
+
+class RetryError(Exception):
+    """A failure that a reconnect may fix (transport, 5xx, 429); ``retry_after`` is a floor in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def backoff_delay(attempt: int, rng: random.Random, max_backoff: float = 60.0, floor: float | None = None) -> float:
+    """Full jitter: ``uniform(0, min(max_backoff, 0.5 · 2^attempt))``, at least ``floor``."""
+    delay = rng.uniform(0, min(max_backoff, 0.5 * 2 ** min(attempt, 30)))
+    return max(delay, floor or 0.0)
+
+
+@dataclass
+class Status:
+    state: str = "stopped"
+    attempt: int = 0
+    delay_s: float = 0.0
+    reason: str = ""
+    log_cursor: int = 0
+    log_head: int = 0
+    inbox: int = 0
+    outbox: int = 0
+    pending: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SyncEngine:
+    """See the module doc. ``on_message`` is called (after the commit) for each newly stored received message."""
+
+    def __init__(
+        self,
+        keys: DeviceKeys,
+        store: ClientStore,
+        *,
+        on_message: Callable[[HistoryMessage, int | None, bytes | None], None] | None = None,
+        on_status: Callable[[Status], None] | None = None,
+        rng: random.Random | None = None,
+        max_backoff: float = 60.0,
+        poll_seconds: float = 1.0,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        wall_clock: Callable[[], float] = time.time,
+        request_timeout_seconds: float = 20.0,
+        holdback_seconds: float = 6 * 3600.0,
+    ) -> None:
+        self.keys = keys
+        self.store = store
+        self.on_message = on_message
+        self.on_status = on_status
+        self.rng = rng or random.Random()
+        self.max_backoff = max_backoff
+        self.poll_seconds = poll_seconds
+        self.random_bytes = random_bytes
+        self.wall_clock = wall_clock
+        self.request_timeout = request_timeout_seconds
+        self.holdback_seconds = holdback_seconds
+        self.status = Status()
+        self.client: RelayClient | None = None
+        self.log_head = 0
+        self.blocked_on_key = False
+        self.rejected = 0
+        self._kick = trio.Event()
+        self._chain: tuple[int, list[DeviceEntry]] | None = None
+        self._chain_at = 0.0
+        self._rekey_needed = False
+        self._stale_appends = 0
+        self._stale_epochs = 0
+        self._waited: set[int] = set()  # outbox entries that waited in this run: their backoff applies
+
+    # -- supervisor ----------------------------------------------------------------------------
+
+    def _transition(self, event: str, **info: Any) -> None:
+        state = TRANSITIONS.get((self.status.state, event))
+        if state is None:
+            raise AssertionError(f"no transition from {self.status.state} on {event}")
+        self.status.state = state
+        self.status.reason = str(info.get("reason", ""))
+        self.status.delay_s = float(info.get("delay_s", 0.0))
+        self._report()
+        if self.on_status is not None:
+            self.on_status(self.status)
+
+    def _report(self) -> None:
+        s = self.status
+        s.log_cursor = self.store.cursor("log")
+        s.log_head = max(self.log_head, s.log_cursor)
+        s.inbox = self.store.cursor("inbox_received")
+        s.outbox = len(self.store.outbox(("queued", "sealed", "posted")))
+        s.pending = self.store.pending_count()
+
+    async def run(self, *, follow: bool, timeout: float | None = None) -> int:
+        """Run until quiescent (``follow`` False) or cancelled. Returns the exit code (0, 3 or 4)."""
+        started = trio.current_time()
+        self._transition("start")
+        attempt = 0
+        try:
+            while True:
+                live_since: float | None = None
+                try:
+                    async with RelayClient.connect(
+                        self.keys.relay_url,
+                        keys=self.keys,
+                        max_attempts=1,
+                        request_timeout_seconds=self.request_timeout,
+                        local_db=self.store.db,
+                    ) as client:
+                        self.client = client
+                        await self._guard(client.authenticate())
+                        await self.enable_sessions()
+                        self._transition("connected")
+                        await self.drain()
+                        self._transition("caught_up")
+                        live_since = trio.current_time()
+                        if not follow:
+                            self._transition("quiescent")
+                            return EXIT_OK
+                        await self._live()
+                except RetryError as exc:
+                    if live_since is not None and trio.current_time() - live_since >= LIVE_RESET_SECONDS:
+                        attempt = 0
+                    attempt += 1
+                    delay = backoff_delay(attempt, self.rng, self.max_backoff, exc.retry_after)
+                    self.status.attempt = attempt
+                    self._transition("failed", reason=str(exc), delay_s=round(delay, 3))
+                    if not follow and timeout is not None and trio.current_time() - started + delay > timeout:
+                        self._transition("cancel", reason="relay unreachable")
+                        return EXIT_UNREACHABLE
+                    await trio.sleep(delay)
+                    self._transition("timer")
+                finally:
+                    self.client = None
+        except RevokedError:
+            self._transition("revoked", reason="device revoked")
+            return EXIT_REVOKED
+        except trio.Cancelled:
+            if self.status.state not in ("stopped", "revoked"):
+                self.status.state = "stopped"
+                self.status.reason = "cancelled"
+                self._report()
+            raise
+
+    async def _guard(self, awaitable: Any) -> Any:
+        """Await a relay call, turning transport errors, 5xx and 429 into :class:`RetryError`."""
+        try:
+            return await awaitable
+        except TransportError as exc:
+            raise RetryError(str(exc) or type(exc).__name__) from exc
+        except RemoteError as exc:
+            if exc.code is ErrorCode.DEVICE_REVOKED:
+                raise RevokedError() from exc
+            if exc.code in _RETRY_CODES or exc.http_status >= 500:
+                raise RetryError(exc.code.value, exc.retry_after_seconds) from exc
+            raise
+        except DeviceRevokedError as exc:  # our own verified device list no longer has this device
+            raise RevokedError() from exc
+        except UnknownRemoteError as exc:
+            if exc.http_status >= 500 or exc.http_status == 429:
+                raise RetryError(f"HTTP {exc.http_status}") from exc
+            raise
+
+    async def _call(self, method: str, path: str, body: Any, response_type: type[Any]) -> Any:
+        assert self.client is not None
+        return await self._guard(self.client._call(method, path, body, response_type))
+
+    # -- live ------------------------------------------------------------------------------------
+
+    async def _live(self) -> None:
+        failure: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def worker(fn: Callable[[], Any]) -> None:
+                try:
+                    await fn()
+                except (RetryError, RevokedError) as exc:
+                    failure.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(worker, self._inbox_stream)
+            nursery.start_soon(worker, self._log_stream)
+            nursery.start_soon(worker, self._pump)
+        if failure:
+            raise failure[0]
+
+    async def _pump(self) -> None:
+        last = trio.current_time()
+        while True:
+            with trio.move_on_after(self.poll_seconds) as waited:
+                await self._kick.wait()
+            self._kick = trio.Event()
+            if waited.cancelled_caught and not self._local_work() and trio.current_time() - last < 30:
+                continue  # idle: the streams wake us for remote changes
+            last = trio.current_time()
+            await self.drain(inbox=False)  # the inbox stream delivers; paging it too would only poll
+
+    def _local_work(self) -> bool:
+        """Whether something queued locally (perhaps by another process) waits for the relay."""
+        return bool(
+            self.store.outbox(("queued", "sealed", "posted"))
+            or self.store.pending_count()
+            or self.store.ack_point() > self.store.cursor("inbox_acked")
+        )
+
+    async def _inbox_stream(self) -> None:
+        assert self.client is not None
+        async with self.client.stream(after=self.store.cursor("inbox_received"), idle_timeout_seconds=30) as inbox:
+            while True:
+                try:
+                    item = await inbox.__anext__()
+                except (RemoteError, UnknownRemoteError) as exc:
+                    await self._guard(_raise(exc))
+                    raise
+                self._apply_inbox([item], item.cursor)
+                self._kick.set()
+
+    async def _log_stream(self) -> None:
+        client = self.client
+        assert client is not None
+        conn = await self._guard(client._conn())
+        token = await self._guard(client._token())
+        after = self.store.cursor("log")
+        try:
+            async with conn.stream(
+                "GET",
+                f"/v1/log/stream?after={after}",
+                [("accept", codec.MSGPACK), ("authorization", f"Bearer {token}")],
+                timeout=self.request_timeout,
+                chunk_timeout=90,
+            ) as response:
+                if response.status != 200:
+                    body = await response.read(1024 * 1024)
+                    await self._guard(_raise(error_from_problem(response.status, body)))
+                    return
+                decoder = codec.StreamDecoder(LogRecord | LogHeartbeat, codec.MSGPACK)
+                async for chunk in response:
+                    for item in decoder.feed(chunk):
+                        if isinstance(item, LogRecord):
+                            self.log_head = max(self.log_head, item.position)
+                            if item.position > self.store.cursor("log"):
+                                self._kick.set()
+                        elif item.head > self.store.cursor("log"):
+                            self.log_head = max(self.log_head, item.head)
+                            self._kick.set()
+        except TransportError as exc:
+            raise RetryError(f"log stream: {exc}") from exc
+        raise RetryError("the relay ended the log stream")
+
+    # -- one drain step --------------------------------------------------------------------------
+
+    async def enable_sessions(self) -> None:
+        """Format-2 accounts use v2 sessions (crypto.md §7-§9): state in this home's LocalDB, prekeys
+        published or topped up now. Format-1 accounts keep v1 sealed boxes."""
+        client = self.client
+        assert client is not None
+        if self.keys.list_format >= device_list.FORMAT_2 and client.sessions is None:
+            await self._guard(client.enable_sessions(self.store.db))
+
+    async def drain(self, *, inbox: bool = True) -> None:
+        """Repeat read-log / epochs / inbox / outbox / append / ack until nothing changes."""
+        client = self.client
+        if client is not None and client.sessions is not None and client.sessions.prekeys_dirty:
+            await self._guard(client.maintain_prekeys())  # one-time prekeys were used (crypto.md §7.2)
+        while True:
+            changed = await self.read_log()
+            changed |= await self.ensure_epoch()
+            if inbox:
+                changed |= await self.read_inbox()
+            changed |= await self.flush_outbox()
+            changed |= await self.append_pending()
+            await self.ack()
+            self._report()
+            if not changed:
+                return
+
+    async def device_list(self, fresh: bool = False) -> tuple[int, list[DeviceEntry]]:
+        """(version, verified devices) of this account's latest device list."""
+        if self._chain is None or fresh or trio.current_time() - self._chain_at > DEVICE_LIST_REFRESH_SECONDS:
+            assert self.client is not None
+            verified = await self._guard(self.client.device_chain(self.keys.account_id))
+            self._chain = (verified.head.version, verified.devices)
+            self._chain_at = trio.current_time()
+        return self._chain
+
+    async def _list_at(self, version: int) -> list[DeviceEntry] | None:
+        """The verified devices of version ``version`` of this account's list (None: no such version)."""
+        assert self.client is not None
+        devices: list[DeviceEntry] | None = await self._guard(self.client.list_at(self.keys.account_id, version))
+        return devices
+
+    # -- log reading ---------------------------------------------------------------------------------
+
+    async def read_log(self) -> bool:
+        """Page the log from the cursor to the head and apply it. True if the cursor moved."""
+        # log-snapshots hook (protocol/client/snapshots.py, §6.3): start from the newest snapshot, note retention gaps.
+        moved = await snapshots.before_read(self)
+        start = self.store.cursor("log")
+        buffered: list[LogRecord] = []
+        after = start
+        while True:
+            page: LogPage = await self._call("GET", f"/v1/log?after={after}&limit={_LOG_PAGE}", None, LogPage)
+            self.log_head = page.head
+            if page.records:
+                await self._apply_keys([r for r in page.records if r.kind == "key"])
+                buffered += page.records
+                buffered = self._apply_records(buffered)
+            after = max(after, page.next_after)
+            if not page.more:
+                break
+        self.blocked_on_key = bool(buffered)
+        moved |= await snapshots.after_read(self)  # log-snapshots hook: load a pending snapshot once its key is here
+        return moved or self.store.cursor("log") != start
+
+    async def _apply_keys(self, records: list[LogRecord]) -> None:
+        if not records:
+            return
+        for record in records:
+            try:
+                key_record = log.decode_key_record(record.ciphertext)
+                # Judged against the list in force when it was written (§5.1): its creator may be revoked since.
+                version = key_record.body.device_list_version
+                if record.device_list_version is not None and record.device_list_version != version:
+                    raise log.InvalidRecordError(
+                        ErrorCode.BAD_SIGNATURE, "key record names another device list version than its header"
+                    )
+                devices = await self._list_at(version)
+                if devices is None:
+                    raise log.InvalidRecordError(
+                        ErrorCode.BAD_SIGNATURE, f"key record names device list version {version}, which does not exist"
+                    )
+                # A rotation (it wraps the previous key) creates its epoch and must grant exactly that list's
+                # devices; epoch 1 and grant-only records must grant a subset (read order may differ after a
+                # snapshot, so "the first record of an epoch seen here" cannot decide it).
+                grant_only = not key_record.body.prev_key_wrap
+                log.verify_key_record(
+                    key_record,
+                    account_id=self.keys.account_id,
+                    epoch=record.epoch,
+                    devices=devices,
+                    grant_only=grant_only,
+                )
+                key = log.unwrap_grant(
+                    key_record, device_id=self.keys.device_id, box_private_key=self.keys.box_private_key
+                )
+            except TetherlessError as exc:
+                logger.warning("ignoring key record at %d: %s", record.position, exc)
+                self.rejected += 1
+                continue
+            with self.store.transaction():
+                self.store.add_grants(record.epoch, [g.device_id for g in key_record.body.grants])
+                self.store.put_commitment(record.epoch, key_record.body.key_commitment)
+                offered = self.store.session_key(record.epoch)
+                if offered is not None:  # a key that came through a session, checked against the record now
+                    self.store.drop_session_key(record.epoch)
+                    matches = log.key_commitment(self.keys.account_id, record.epoch, offered)
+                    if key is None and matches == key_record.body.key_commitment:
+                        key = offered
+                if key is not None:
+                    self.store.put_epoch_key(record.epoch, key, record.record_id)
+                    epoch, wrap = record.epoch, key_record.body.prev_key_wrap
+                    current = key
+                    while wrap and epoch > 1 and self.store.epoch_key(epoch - 1) is None:
+                        current = log.unwrap_previous_key(current, wrap, account_id=self.keys.account_id, epoch=epoch)
+                        epoch -= 1
+                        self.store.put_epoch_key(epoch, current, record.record_id)
+                        wrap = b""  # older wraps are in older key records, applied as they are read
+
+    def _apply_records(self, records: list[LogRecord]) -> list[LogRecord]:
+        """Apply records in order, in one transaction; return the ones waiting for an epoch key."""
+        new_messages: list[HistoryMessage] = []
+        with self.store.transaction():
+            for index, record in enumerate(records):
+                if record.kind in ("event", "state"):
+                    key = self.store.epoch_key(record.epoch)
+                    if key is None:
+                        return records[index:]  # the cursor stays before this record
+                    try:
+                        plaintext = log.open_record(
+                            key,
+                            record.ciphertext,
+                            account_id=self.keys.account_id,
+                            record_id=record.record_id,
+                            epoch=record.epoch,
+                            kind=record.kind,
+                        )
+                    except TetherlessError as exc:
+                        logger.warning("ignoring log record at %d: %s", record.position, exc)
+                        self.rejected += 1
+                    else:
+                        self._apply_plaintext(record, plaintext, new_messages)
+                self.store.set_cursor("log", record.position)
+            self._release_held()
+        for message in new_messages:
+            if self.on_message is not None and message.direction == "received":
+                self.on_message(message, None, None)
+        return []
+
+    def _apply_plaintext(self, record: LogRecord, plaintext: log.LogPlaintext, new: list[HistoryMessage]) -> None:
+        body = plaintext.body
+        if isinstance(body, log.MessageSent):
+            sender, direction, recipients, relay_ms = body.sender, "sent", body.recipients, body.relay_sent_at_ms
+        elif isinstance(body, log.MessageReceived):
+            sender, direction, recipients, relay_ms = body.sender, "received", [body.recipient], body.relay_sent_at_ms
+        else:
+            return
+        sender_device = Address.parse(sender).device
+        fields: dict[str, Any] = {
+            "msg_key": record.record_id,
+            "message_uid": body.message_uid,
+            "sender_device": sender_device,
+            "direction": direction,
+            "pair_seq": body.pair_seq,
+            "sent_at_ms": body.sent_at_ms,
+            "relay_sent_at_ms": relay_ms,
+            "via": "log",
+            "sender": sender,
+            "recipients": recipients,
+            "content_type": body.content_type,
+            "body": body.body,
+            "log_position": record.position,
+            "late": bool(getattr(body, "late", False)),
+        }
+        if self.store.upsert_message(**fields):
+            new.append(HistoryMessage(**{k: v for k, v in fields.items()}))
+        if self.store.is_pending(record.record_id):
+            # Another device logged it first (or our own append whose answer we lost): done here.
+            self._mark_logged(record.record_id, record.position)
+
+    def _mark_logged(self, record_id: bytes, position: int) -> None:
+        row = self.store.db.execute(
+            "SELECT outbox_local_id FROM log_pending WHERE record_id = ?", (record_id,)
+        ).fetchone()
+        self.store.drop_pending(record_id)
+        self.store.set_position(record_id, position)
+        if row and row[0] is not None:
+            self.store.set_outbox_state(int(row[0]), "logged")
+
+    # -- epochs ------------------------------------------------------------------------------------
+
+    async def ensure_epoch(self) -> bool:
+        """Create epoch 1 when the log has no key record; grant the current epoch to devices without one;
+        rotate to a new epoch when a device that holds the current one left the device list (§5.3).
+        """
+        if self.blocked_on_key and self.store.key_epochs_seen() > 0:
+            return False  # waiting for a device that holds the key to grant it
+        epoch = self.store.key_epochs_seen()
+        version, devices = await self.device_list(fresh=epoch == 0 or self._rekey_needed)
+        self._rekey_needed = False
+        previous: bytes | None = None
+        if epoch == 0:
+            key = self.random_bytes(log.KEY_BYTES)
+            missing = devices
+            epoch = 1
+        else:
+            held = self.store.epoch_key(epoch)
+            granted = self.store.granted(epoch)
+            if held is None:
+                return False
+            if granted - {d.device_id for d in devices}:
+                # A revoked device holds K[epoch]: nothing new is written under it. New epoch for everyone left.
+                key, previous, missing, epoch = self.random_bytes(log.KEY_BYTES), held, devices, epoch + 1
+            else:
+                missing = [d for d in devices if d.device_id not in granted]
+                if not missing:
+                    return False
+                key = held
+        ciphertext = log.make_key_record(
+            self.keys.signing_key,
+            account_id=self.keys.account_id,
+            creator_device=self.keys.device_id,
+            epoch=epoch,
+            key=key,
+            device_list_version=version,
+            devices=missing,
+            created_at_ms=int(self.wall_clock() * 1000),
+            ephemeral_keys=[self.random_bytes(32) for _ in missing],
+            previous_key=previous,
+            wrap_nonce=self.random_bytes(log.NONCE_BYTES) if previous is not None else b"",
+        )
+        request = AppendRequest(
+            records=[
+                LogRecordIn(
+                    record_id=self.random_bytes(16),
+                    kind="key",
+                    epoch=epoch,
+                    ciphertext=ciphertext,
+                    device_list_version=version,
+                )
+            ],
+            expected_head=self.store.cursor("log"),
+        )
+        try:
+            await self._call("POST", "/v1/log", request, AppendResponse)
+        except RemoteError as exc:
+            if exc.code in (ErrorCode.LOG_CONFLICT, ErrorCode.LOG_EPOCH_STALE, ErrorCode.LOG_REKEY_REQUIRED):
+                # Someone else wrote first, or a revocation we have not seen yet needs a new epoch:
+                # read the log and the device list again, then decide again; never spin on it.
+                self._rekey_needed = True
+                self._stale_epochs += 1
+                if self._stale_epochs > 3:
+                    self._stale_epochs = 0
+                    raise RetryError(exc.code.value) from exc
+                return True
+            raise
+        self._stale_epochs = 0
+        if self.store.epoch_key(epoch) is None:  # a new epoch we created; the record grants it to us too
+            with self.store.transaction():
+                self.store.put_epoch_key(epoch, key, b"")
+        await self._send_account_key(epoch, key, version, missing)
+        return True
+
+    # -- inbox ----------------------------------------------------------------------------------------
+
+    async def read_inbox(self) -> bool:
+        assert self.client is not None
+        changed = False
+        while True:
+            batch = await self._guard(self.client.fetch(after=self.store.cursor("inbox_received")))
+            if batch.items or batch.next_cursor > self.store.cursor("inbox_received"):
+                self._apply_inbox(batch.items, batch.next_cursor)
+                changed = True
+            if not batch.more:
+                return changed
+
+    def _apply_inbox(self, items: list[Any], next_cursor: int) -> None:
+        new: list[tuple[HistoryMessage, int, bytes]] = []
+        with self.store.transaction():
+            for item in items:
+                if isinstance(item, RejectedMessage):
+                    self.rejected += 1
+                    continue
+                assert isinstance(item, ReceivedMessage)
+                if item.content_type == log.ACCOUNT_KEY_CONTENT_TYPE:
+                    self._account_key_received(item)
+                    continue
+                message = self._received(item)
+                is_new = self.store.upsert_message(
+                    msg_key=message.msg_key,
+                    message_uid=message.message_uid,
+                    sender_device=message.sender_device,
+                    direction="received",
+                    pair_seq=message.pair_seq,
+                    sent_at_ms=message.sent_at_ms,
+                    relay_sent_at_ms=message.relay_sent_at_ms,
+                    via="inbox",
+                    sender=message.sender,
+                    recipients=message.recipients,
+                    content_type=message.content_type,
+                    body=message.body,
+                    inbox_seen=True,
+                )
+                row = self.store.db.execute(
+                    "SELECT log_position FROM history_messages WHERE msg_key = ?", (message.msg_key,)
+                ).fetchone()
+                if row is not None and row[0] is None and not self.store.is_pending(message.msg_key):
+                    # Logged only in pair_seq order (§9): held back until its predecessors are here.
+                    self.store.hold(message.msg_key, item.cursor)
+                if is_new:
+                    new.append((message, item.cursor, item.id))
+            self.store.set_cursor("inbox_received", max(next_cursor, self.store.cursor("inbox_received")))
+            self._release_held()
+        for message, cursor, envelope_id in new:
+            if self.on_message is not None:
+                self.on_message(message, cursor, envelope_id)
+
+    def _account_key_received(self, item: ReceivedMessage) -> None:
+        """A ``tetherless/account-key`` session message (crypto.md §12): an epoch key from a sibling device.
+
+        Accepted only from a current device of this account (the SDK verified the sender against the
+        verified list) and only if it matches the ``key_commitment`` of that epoch's verified key record;
+        when the record is not read yet, the key waits in ``log_session_keys`` for it (``_apply_keys``).
+        Never shown, never logged; acknowledged with the rest of the page.
+        """
+        try:
+            if Address.parse(item.sender).account != self.keys.account_id:
+                raise ValueError("from another account")
+            grant = codec.decode(item.body, AccountKeyMessage)
+            if grant.epoch < 1 or len(grant.key) != log.KEY_BYTES:
+                raise ValueError("malformed")
+        except (ValueError, TetherlessError) as exc:
+            logger.warning("ignoring an account-key message from %s: %s", item.sender, exc)
+            self.rejected += 1
+            return
+        commitment = self.store.commitment(grant.epoch)
+        if commitment is None:
+            self.store.offer_session_key(grant.epoch, grant.key)
+        elif log.key_commitment(self.keys.account_id, grant.epoch, grant.key) == commitment:
+            self.store.put_epoch_key(grant.epoch, grant.key, b"session")
+        else:
+            logger.warning("ignoring an account-key message from %s: key does not match its commitment", item.sender)
+            self.rejected += 1
+
+    async def _send_account_key(self, epoch: int, key: bytes, version: int, devices: list[DeviceEntry]) -> None:
+        """Send ``K[epoch]`` to the account's other ``devices`` through their sessions (crypto.md §12).
+
+        Best effort: the key record's grants in the log stay the durable path (account-log.md §17), so a
+        device without prekeys, an unreachable relay or an expired envelope loses nothing.
+        """
+        client = self.client
+        if client is None or client.sessions is None:
+            return
+        body = codec.encode(AccountKeyMessage(epoch=epoch, key=key, list_version=version))
+        relay = Address.parse(self.keys.address).relay
+        for device in devices:
+            if device.device_id == self.keys.device_id:
+                continue
+            address = str(Address(account=self.keys.account_id, relay=relay, device=device.device_id))
+            try:
+                await client.send_many([Outgoing(address, body, log.ACCOUNT_KEY_CONTENT_TYPE)])
+            except (TetherlessError, TransportError, PrekeysUnavailableError) as exc:
+                logger.info("account key %d not sent to %s through a session: %s", epoch, address, exc)
+
+    def _release_held(self) -> None:
+        """Queue the ``message-received`` record of every held message whose predecessors are all here.
+
+        A message held longer than ``holdback_seconds`` is released with ``late``
+        (a gap that never filled, e.g. a message its sender gave up on).
+        """
+        now = self.store.now_ms()
+        for msg_key, sender_device, pair_seq, cursor, since in self.store.held():
+            ready = pair_seq <= 0 or self.store.has_predecessors(sender_device, pair_seq)
+            late = not ready and now - (since or now) >= self.holdback_seconds * 1000
+            if not (ready or late):
+                continue
+            message = self.store.message(msg_key)
+            assert message is not None
+            plaintext = log.LogPlaintext(
+                writer_device=self.keys.device_id,
+                writer_seq=self.store.next_counter("writer_seq"),
+                created_at_ms=now,
+                body=log.MessageReceived(
+                    message_uid=message.message_uid,
+                    sender=message.sender,
+                    sender_sign_key=b"",
+                    recipient=self.keys.address,
+                    pair_seq=message.pair_seq,
+                    sent_at_ms=message.sent_at_ms,
+                    relay_sent_at_ms=message.relay_sent_at_ms,
+                    content_type=message.content_type,
+                    body=message.body,
+                    late=late,
+                ),
+            )
+            self.store.release(msg_key, late=late)
+            self.store.add_pending(msg_key, "event", encode_plaintext(plaintext), inbox_cursor=cursor)
+
+    def _received(self, item: ReceivedMessage) -> HistoryMessage:
+        pair_seq, content_type, body = 0, item.content_type, item.body
+        if item.content_type == log.FRAME_CONTENT_TYPE:
+            try:
+                frame = log.unframe_message(item.body)
+                pair_seq, content_type, body = frame.pair_seq, frame.content_type, frame.body
+            except TetherlessError:
+                pass
+        return HistoryMessage(
+            msg_key=log.message_record_id(self.keys.account_id, item.sender, item.message_id),
+            message_uid=item.message_id,
+            sender_device=Address.parse(item.sender).device,
+            direction="received",
+            pair_seq=pair_seq,
+            sent_at_ms=item.sent_at_ms,
+            relay_sent_at_ms=item.relay_sent_at_ms,
+            log_position=None,
+            via="inbox",
+            late=False,
+            sender=item.sender,
+            recipients=[self.keys.address],
+            content_type=content_type,
+            body=body,
+        )
+
+    async def ack(self) -> None:
+        point = self.store.ack_point()
+        if point > self.store.cursor("inbox_acked"):
+            assert self.client is not None
+            await self._guard(self.client.ack(up_to=point))
+            with self.store.transaction():
+                self.store.set_cursor("inbox_acked", point)
+
+    # -- outbox ---------------------------------------------------------------------------------------
+
+    async def flush_outbox(self, only: int | None = None) -> bool:
+        """Seal queued entries, post sealed ones (in outbox order, batched). True if anything moved.
+
+        Sealing follows crypto.md §8.5: the recipients and sessions are resolved first (network), then
+        one local transaction re-checks that the entry is still ``queued``, advances the ratchets (v2)
+        or seals the boxes (v1), and stores the finished envelopes with ``state = sealed``; only then
+        are they posted, and every retry posts those identical bytes. An entry whose recipient has no
+        prekeys left stays ``queued`` with the reason in ``last_error`` and is retried after a backoff
+        (``next_attempt_at_ms``; a new engine, e.g. the next ``tetherless sync``, and ``only`` try it
+        once at once) — never sent as v1 instead.
+        """
+        changed = False
+        now = self.store.now_ms()
+        queued = [
+            e
+            for e in self.store.outbox(("queued",))
+            if e.local_id == only or (only is None and (e.local_id not in self._waited or e.next_attempt_at_ms <= now))
+        ]
+        for start in range(0, len(queued), _POST_BATCH):
+            chunk = queued[start : start + _POST_BATCH]
+            prepared = [(entry, await self._prepare(entry)) for entry in chunk]
+            with self.store.transaction():
+                for entry, outcome in prepared:
+                    current = self.store.outbox_entry(entry.local_id)
+                    if current is None or current.state != "queued":
+                        continue  # another process sealed it first: its envelopes win
+                    if isinstance(outcome, _Wait):
+                        self._waited.add(entry.local_id)
+                        delay_ms = int(min(_MAX_WAIT_SECONDS, 2 ** min(current.attempts, 16)) * 1000)
+                        self.store.note_attempt(entry.local_id, outcome.reason, self.store.now_ms() + delay_ms)
+                        continue
+                    if isinstance(outcome, str):
+                        self.store.set_outbox_state(entry.local_id, "failed", error=outcome)
+                    else:
+                        self.store.put_envelopes(entry.local_id, self._seal(entry, outcome))
+                        self.store.set_outbox_state(entry.local_id, "sealed")
+                    changed = True
+        sealed = [e for e in self.store.outbox(("sealed",)) if only is None or e.local_id == only]
+        for start in range(0, len(sealed), _POST_BATCH):
+            chunk = sealed[start : start + _POST_BATCH]
+            batch: list[tuple[int, int, OutboundEnvelope]] = []
+            for entry in chunk:
+                for n, recipient, key, ciphertext, accepted, _ in self.store.envelopes(entry.local_id):
+                    if accepted is None:
+                        envelope = OutboundEnvelope(recipient=recipient, idempotency_key=key, ciphertext=ciphertext)
+                        batch.append((entry.local_id, n, envelope))
+            for i in range(0, len(batch), _POST_BATCH):
+                await self._post(batch[i : i + _POST_BATCH])
+            with self.store.transaction():
+                for entry in chunk:
+                    self._posted(entry.local_id)
+            changed = True
+        return changed
+
+    async def _prepare(self, entry: OutboxEntry) -> _Recipients | _Wait | str:
+        """Who gets an entry and how (network only, nothing sealed yet), or why it waits or fails for good.
+
+        v2 (sessions, crypto.md §9) when this device has sessions and the recipient's account has a
+        format-2 list: sessions are started from claimed prekey bundles where missing (through this
+        relay, also for remote addresses). Otherwise v1 sealed boxes to the devices' box keys.
+        """
+        client = self.client
+        assert client is not None
+        try:
+            if client.sessions is not None:
+                address = Address.parse(entry.recipient)
+                head, entries = await self._guard(client._verified_head(address.account, address.relay))
+                if head.format == device_list.FORMAT_2:
+                    targets = [
+                        (str(Address(account=address.account, relay=address.relay, device=e.device_id)), e)
+                        for e in entries
+                        if e.device_id == address.device or (not address.device and e.device_id != self.keys.device_id)
+                    ]
+                    if address.device and not targets:
+                        return "unknown_recipient: the device is not in its account's current device list"
+                    if not targets:
+                        return "unknown_recipient: that account has no other device to send to"
+                    await self._guard(client._ensure_sessions(targets))
+                    version, _ = await self.device_list()
+                    return _Recipients(v2=[a for a, _ in targets], sender_list_version=version)
+            devices = await self._guard(client._recipient_devices(entry.recipient))
+        except PrekeysUnavailableError as exc:
+            return _Wait(f"waiting for prekeys: {exc}")
+        except RemoteError as exc:
+            if exc.code in _RETRY_CODES:
+                raise
+            if exc.code is ErrorCode.PREKEY_INVALID:
+                return _Wait(_describe(exc))
+            return _describe(exc)
+        except TetherlessError as exc:
+            if exc.code is ErrorCode.PREKEY_INVALID:
+                return _Wait(_describe(exc))
+            return _describe(exc)
+        if not devices:
+            return "unknown_recipient: that account has no other device to send to"
+        return _Recipients(v1=devices)
+
+    def _seal(self, entry: OutboxEntry, recipients: _Recipients) -> list[tuple[str, bytes, bytes]]:
+        """The envelopes of one entry (one per recipient device). Called inside the outbox transaction:
+        a v2 seal stores the advanced session state in that same transaction (crypto.md §8.5)."""
+        assert self.client is not None
+        framed = log.frame_message(entry.pair_seq, entry.content_type, entry.body)
+        if recipients.v2 is not None:
+            sessions = self.client.sessions
+            assert sessions is not None
+            return [
+                (
+                    address,
+                    log.envelope_key(entry.message_uid, address),
+                    sessions.seal(
+                        address,
+                        sender_list_version=recipients.sender_list_version,
+                        sent_at_ms=entry.sent_at_ms,
+                        message_id=entry.message_uid,
+                        content_type=log.FRAME_CONTENT_TYPE,
+                        body=framed,
+                    ),
+                )
+                for address in recipients.v2
+            ]
+        cipher = self.client._cipher
+        assert cipher is not None
+        return [
+            (
+                address,
+                log.envelope_key(entry.message_uid, address),
+                cipher.seal(
+                    recipient=address,
+                    recipient_box_key=box_key,
+                    sent_at_ms=entry.sent_at_ms,
+                    message_id=entry.message_uid,
+                    content_type=log.FRAME_CONTENT_TYPE,
+                    body=framed,
+                    entropy=self.random_bytes(cipher.entropy_bytes),
+                ),
+            )
+            for address, box_key in recipients.v1 or []
+        ]
+
+    async def _post(self, batch: list[tuple[int, int, OutboundEnvelope]]) -> None:
+        try:
+            response: SendResponse = await self._call(
+                "POST", "/v1/messages", SendRequest(envelopes=[b[2] for b in batch]), SendResponse
+            )
+        except RemoteError as exc:
+            if exc.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.RECIPIENT_REVOKED, ErrorCode.IDEMPOTENCY_CONFLICT):
+                with self.store.transaction():
+                    for local_id in {b[0] for b in batch}:
+                        self.store.set_outbox_state(local_id, "failed", error=_describe(exc))
+                return
+            raise
+        with self.store.transaction():
+            for (local_id, n, _), accepted in zip(batch, response.accepted, strict=True):
+                self.store.set_receipt(local_id, n, accepted.id, accepted.sent_at_ms)
+
+    def _posted(self, local_id: int) -> None:
+        """Step 4 of §10: the ``message-sent`` record and the local message, with ``state = posted``."""
+        entry = self.store.outbox_entry(local_id)
+        if entry is None or entry.state != "sealed":
+            return
+        envelopes = self.store.envelopes(local_id)
+        if any(e[4] is None for e in envelopes):
+            return
+        relay_ms = max((e[5] or 0) for e in envelopes)
+        record_id = log.message_record_id(self.keys.account_id, self.keys.address, entry.message_uid)
+        recipients = [e[1] for e in envelopes]
+        plaintext = log.LogPlaintext(
+            writer_device=self.keys.device_id,
+            writer_seq=0,
+            created_at_ms=self.store.now_ms(),
+            body=log.MessageSent(
+                message_uid=entry.message_uid,
+                sender=self.keys.address,
+                recipients=recipients,
+                pair_seq=entry.pair_seq,
+                sent_at_ms=entry.sent_at_ms,
+                content_type=entry.content_type,
+                body=entry.body,
+                envelope_ids=[e[4] for e in envelopes if e[4] is not None],
+                relay_sent_at_ms=relay_ms,
+            ),
+        )
+        with self.store.transaction():
+            plaintext = log.LogPlaintext(
+                writer_device=plaintext.writer_device,
+                writer_seq=self.store.next_counter("writer_seq"),
+                created_at_ms=plaintext.created_at_ms,
+                body=plaintext.body,
+            )
+            self.store.upsert_message(
+                msg_key=record_id,
+                message_uid=entry.message_uid,
+                sender_device=self.keys.device_id,
+                direction="sent",
+                pair_seq=entry.pair_seq,
+                sent_at_ms=entry.sent_at_ms,
+                relay_sent_at_ms=relay_ms,
+                via="local",
+                sender=self.keys.address,
+                recipients=recipients,
+                content_type=entry.content_type,
+                body=entry.body,
+            )
+            self.store.add_pending(record_id, "event", encode_plaintext(plaintext), outbox_local_id=local_id)
+            self.store.set_outbox_state(local_id, "posted")
+
+    # -- appending ------------------------------------------------------------------------------------
+
+    async def append_pending(self) -> bool:
+        """Append ``log_pending`` in order, batched, under the newest epoch. True if anything was appended."""
+        epoch = self.store.newest_epoch()
+        key = self.store.epoch_key(epoch) if epoch else None
+        if key is None:
+            return False
+        changed = False
+        while True:
+            pending = self.store.pending(_APPEND_BATCH)
+            if not pending:
+                return changed
+            records = [
+                LogRecordIn(
+                    record_id=p.record_id,
+                    kind="event",
+                    epoch=epoch,
+                    ciphertext=log.seal_record(
+                        key,
+                        decode_plaintext(p.plaintext),
+                        account_id=self.keys.account_id,
+                        record_id=p.record_id,
+                        epoch=epoch,
+                        nonce=self.random_bytes(log.NONCE_BYTES),
+                    ),
+                )
+                for p in pending
+            ]
+            try:
+                response: AppendResponse = await self._call(
+                    "POST", "/v1/log", AppendRequest(records=records), AppendResponse
+                )
+            except RemoteError as exc:
+                if exc.code in (ErrorCode.LOG_EPOCH_STALE, ErrorCode.LOG_REKEY_REQUIRED):
+                    # Read the log (new key records) or rotate, then try again; never spin on it.
+                    self._rekey_needed = True
+                    self._stale_appends += 1
+                    if self._stale_appends > 3:
+                        self._stale_appends = 0
+                        raise RetryError(exc.code.value) from exc
+                    return True
+                raise
+            self._stale_appends = 0
+            with self.store.transaction():
+                for result in response.results:
+                    self._mark_logged(result.record_id, result.position)
+            changed = True
+
+
+class AccountKeyMessage(msgspec.Struct, frozen=True):
+    """The body of a ``tetherless/account-key`` session message (crypto.md §12): ``K[epoch]`` and the
+    device-list version its key record names."""
+
+    epoch: int
+    key: bytes
+    list_version: int
+
+
+@dataclass(frozen=True)
+class _Recipients:
+    """How to seal one outbox entry: v1 ``(device address, box key)`` pairs, or v2 device addresses."""
+
+    v1: list[tuple[str, bytes]] | None = None
+    v2: list[str] | None = None
+    sender_list_version: int = 0
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The entry stays ``queued`` (e.g. the recipient has no prekeys now) and is retried later."""
+
+    reason: str
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, TetherlessError):
+        return f"{exc.code.value}: {exc.detail}" if exc.detail else exc.code.value
+    return str(exc)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def format_status(status: Status) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    line = (
+        f"{stamp} {status.state}  log={status.log_cursor}/{status.log_head}  inbox={status.inbox}  "
+        f"outbox={status.outbox}  pending={status.pending}"
+    )
+    if status.state == "backoff":
+        line += f"  attempt={status.attempt} delay={status.delay_s}s ({status.reason})"
+    return line
+
+
+def status_json(status: Status) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "at_ms": int(time.time() * 1000),
+        "state": status.state,
+        "log": status.log_cursor,
+        "head": status.log_head,
+        "inbox": status.inbox,
+        "outbox": status.outbox,
+        "pending": status.pending,
+    }
+    if status.state == "backoff":
+        doc.update(attempt=status.attempt, delay_s=status.delay_s, reason=status.reason)
+    return doc
+
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REVOKED",
+    "EXIT_UNREACHABLE",
+    "TRANSITIONS",
+    "AccountKeyMessage",
+    "RetryError",
+    "RevokedError",
+    "Status",
+    "SyncEngine",
+    "backoff_delay",
+    "format_status",
+    "status_json",
+]

@@ -1,0 +1,618 @@
+"""The account log's record format, ids and account keys (docs/account-log.md §4, §5, §9).
+
+Pure: no I/O, no clock, no randomness. Nonces, keys and ephemeral keys are
+passed in, so the vectors in ``protocol/vectors/log-record.json`` are exact.
+
+Records (§4.2)::
+
+    ciphertext = nonce(24) ‖ XChaCha20-Poly1305(K[epoch], nonce, pad(msgpack(LogPlaintext)), ad)
+    ad         = layout("log-record", account_id, record_id, epoch, kind,
+                        snapshot_id or b"", covers or 0, parts or 0)
+
+The associated data binds every header field the relay can see, so the relay
+cannot move a record to another account, relabel it or swap snapshot parts
+without :func:`open_record` failing with ``malformed_body``.
+
+Key records (kind ``key``, §5.1) are not sealed under the account key: they
+are a signed :class:`KeyEpochRecord`, padded, with per-device grants
+(libsodium sealed boxes of ``K[epoch] ‖ u64(epoch)`` to each device's X25519
+box key) and a commitment to the key. :func:`verify_key_record` checks the
+signature, the creator, the grants against the device list and the
+commitment; :func:`unwrap_grant` opens this device's grant.
+
+Ids (§4.4, §9): :func:`message_record_id` is deterministic from
+``(account_id, sender device address, message_uid)``, so two devices of one
+account that log the same message write the same record (the relay keeps the
+first, L3); :func:`envelope_key` is the per-recipient-device idempotency key
+of an envelope, so a restarted client recomputes the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Final, Literal
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+from msgspec import Meta
+
+from . import codec, padding, signing
+from .errors import ErrorCode, TetherlessError
+from .messages import DeviceEntry, Message
+
+KEY_BYTES: Final = 32
+NONCE_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
+TAG_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES  # 16
+RECORD_ID_BYTES: Final = 16
+MESSAGE_UID_BYTES: Final = 16
+RECORD_DOMAIN: Final = "log-record"
+RECORD_ID_DOMAIN: Final = "log-record-id"
+ENVELOPE_KEY_DOMAIN: Final = "envelope-key"
+KEY_EPOCH_DOMAIN: Final = "log-key-epoch"
+KEY_CHAIN_DOMAIN: Final = "log-key-chain"
+KEY_COMMIT_DOMAIN: Final = "log-key-commit"
+FRAME_CONTENT_TYPE: Final = "application/vnd.tetherless.message+msgpack"
+ACCOUNT_KEY_CONTENT_TYPE: Final = "tetherless/account-key"
+
+Kind = Literal["event", "state", "key", "snapshot_part", "snapshot"]
+
+
+class InvalidRecordError(TetherlessError):
+    """A record that must not be trusted: ``malformed_body`` (does not open/decode) or ``bad_signature``."""
+
+
+# -- plaintexts (inside the ciphertext; never on the wire in the clear) ----------------------
+
+
+class MessageFrame(Message, frozen=True):
+    """The signed body of a v1 envelope sent by the offline-first client (§9, interim).
+
+    v1 ``SealedContent`` has no ``pair_seq``; the client carries it here, inside
+    the signed ``body``, with the application's content type and body.
+    ``SealedContent.message_id`` is the logical ``message_uid``.
+    """
+
+    pair_seq: Annotated[int, Meta(ge=1)]
+    content_type: str
+    body: bytes
+
+
+class MessageSent(Message, frozen=True, tag="message-sent", tag_field="type"):
+    message_uid: bytes
+    sender: str
+    recipients: list[str]
+    pair_seq: int
+    sent_at_ms: int
+    content_type: str
+    body: bytes
+    envelope_ids: list[bytes] = []
+    relay_sent_at_ms: int = 0
+
+
+class MessageReceived(Message, frozen=True, tag="message-received", tag_field="type"):
+    message_uid: bytes
+    sender: str
+    sender_sign_key: bytes
+    recipient: str
+    pair_seq: int
+    sent_at_ms: int
+    relay_sent_at_ms: int
+    content_type: str
+    body: bytes
+    late: bool = False
+
+
+class DeviceState(Message, frozen=True, tag="device-state", tag_field="type"):
+    registers: dict[str, bytes] = {}
+
+
+LogBody = MessageSent | MessageReceived | DeviceState
+
+
+class LogPlaintext(Message, frozen=True):
+    """What an ``event``/``state`` record encrypts (§4.5)."""
+
+    writer_device: str
+    writer_seq: int
+    created_at_ms: int
+    body: LogBody
+
+
+class KeyGrant(Message, frozen=True):
+    device_id: str
+    sealed: bytes
+
+
+class KeyEpochBody(Message, frozen=True):
+    account_id: str
+    epoch: int
+    device_list_version: int
+    creator_device: str
+    created_at_ms: int
+    grants: list[KeyGrant]
+    prev_key_wrap: bytes
+    key_commitment: bytes
+
+
+class KeyEpochRecord(Message, frozen=True):
+    body: KeyEpochBody
+    signature: bytes
+
+
+# -- ids ------------------------------------------------------------------------------------------
+
+
+def message_record_id(account_id: str, sender_device_address: str, message_uid: bytes) -> bytes:
+    """``SHA-256(layout("log-record-id", account_id, "message", sender, message_uid))[:16]`` (§4.4)."""
+    return signing.digest(RECORD_ID_DOMAIN, account_id, "message", sender_device_address, message_uid)[:RECORD_ID_BYTES]
+
+
+def envelope_key(message_uid: bytes, recipient_device_address: str) -> bytes:
+    """``SHA-256(layout("envelope-key", message_uid, recipient))[:16]``: an envelope's idempotency key (§9)."""
+    return signing.digest(ENVELOPE_KEY_DOMAIN, message_uid, recipient_device_address)[:16]
+
+
+# -- records --------------------------------------------------------------------------------------
+
+
+def record_ad(
+    account_id: str,
+    record_id: bytes,
+    epoch: int,
+    kind: str,
+    snapshot_id: bytes | None = None,
+    covers: int | None = None,
+    parts: int | None = None,
+) -> bytes:
+    """The associated data of a record: every header field the relay sees (§4.2)."""
+    return signing.layout(
+        RECORD_DOMAIN, account_id, record_id, epoch, kind, snapshot_id or b"", covers or 0, parts or 0
+    )
+
+
+def seal_record(
+    key: bytes,
+    plaintext: LogPlaintext,
+    *,
+    account_id: str,
+    record_id: bytes,
+    epoch: int,
+    kind: str = "event",
+    nonce: bytes,
+    snapshot_id: bytes | None = None,
+    covers: int | None = None,
+    parts: int | None = None,
+) -> bytes:
+    """Encrypt ``plaintext`` under the account key of ``epoch``. ``nonce``: 24 fresh random bytes."""
+    if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES or len(record_id) != RECORD_ID_BYTES:
+        raise ValueError("key 32, nonce 24 and record id 16 bytes")
+    ad = record_ad(account_id, record_id, epoch, kind, snapshot_id, covers, parts)
+    padded = padding.pad(codec.encode(plaintext))
+    return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(padded, ad, nonce, key)
+
+
+def open_record(
+    key: bytes,
+    ciphertext: bytes,
+    *,
+    account_id: str,
+    record_id: bytes,
+    epoch: int,
+    kind: str = "event",
+    snapshot_id: bytes | None = None,
+    covers: int | None = None,
+    parts: int | None = None,
+) -> LogPlaintext:
+    """Inverse of :func:`seal_record`; raises :class:`InvalidRecordError` (``malformed_body``)."""
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record is truncated")
+    ad = record_ad(account_id, record_id, epoch, kind, snapshot_id, covers, parts)
+    try:
+        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ciphertext[NONCE_BYTES:], ad, ciphertext[:NONCE_BYTES], key
+        )
+    except nacl.exceptions.CryptoError:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record does not decrypt") from None
+    try:
+        return codec.decode(padding.unpad(padded), LogPlaintext)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"log record plaintext: {exc.detail}") from exc
+
+
+# -- account keys (§5.1) --------------------------------------------------------------------------
+
+
+def key_commitment(account_id: str, epoch: int, key: bytes) -> bytes:
+    return signing.digest(KEY_COMMIT_DOMAIN, account_id, epoch, key)
+
+
+def _chain_ad(account_id: str, epoch: int) -> bytes:
+    return signing.layout(KEY_CHAIN_DOMAIN, account_id, epoch)
+
+
+def wrap_previous_key(key: bytes, previous_key: bytes, *, account_id: str, epoch: int, nonce: bytes) -> bytes:
+    """``nonce ‖ XChaCha20-Poly1305(K[epoch], nonce, K[epoch-1], layout("log-key-chain", account, epoch))``."""
+    return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        previous_key, _chain_ad(account_id, epoch), nonce, key
+    )
+
+
+def unwrap_previous_key(key: bytes, wrap: bytes, *, account_id: str, epoch: int) -> bytes:
+    """``K[epoch-1]`` from a key record's ``prev_key_wrap``; raises :class:`InvalidRecordError`."""
+    try:
+        return bytes(
+            nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                wrap[NONCE_BYTES:], _chain_ad(account_id, epoch), wrap[:NONCE_BYTES], key
+            )
+        )
+    except (nacl.exceptions.CryptoError, ValueError):
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "previous epoch key does not unwrap") from None
+
+
+def _grant_plaintext(key: bytes, epoch: int) -> bytes:
+    return key + epoch.to_bytes(8, "big")
+
+
+def seal_grant(key: bytes, epoch: int, box_key: bytes, ephemeral_private_key: bytes) -> bytes:
+    """libsodium ``crypto_box_seal`` of ``K ‖ u64(epoch)`` to ``box_key``, with the ephemeral key passed in."""
+    if len(ephemeral_private_key) != 32 or len(box_key) != 32:
+        raise ValueError("X25519 keys are 32 bytes")
+    epk = nacl.bindings.crypto_scalarmult_base(ephemeral_private_key)
+    nonce = nacl.bindings.crypto_generichash_blake2b_salt_personal(epk + box_key, digest_size=24)
+    boxed = nacl.bindings.crypto_box(_grant_plaintext(key, epoch), nonce, box_key, ephemeral_private_key)
+    return bytes(epk) + bytes(boxed)
+
+
+def key_epoch_layout(body: KeyEpochBody) -> bytes:
+    fields: list[signing.Field] = [
+        body.account_id,
+        body.epoch,
+        body.device_list_version,
+        body.creator_device,
+        body.created_at_ms,
+        len(body.grants),
+    ]
+    for grant in body.grants:
+        fields += [grant.device_id, grant.sealed]
+    fields += [body.prev_key_wrap, body.key_commitment]
+    return signing.layout(KEY_EPOCH_DOMAIN, *fields)
+
+
+def make_key_record(
+    signing_key: nacl.signing.SigningKey,
+    *,
+    account_id: str,
+    creator_device: str,
+    epoch: int,
+    key: bytes,
+    device_list_version: int,
+    devices: list[DeviceEntry],
+    created_at_ms: int,
+    ephemeral_keys: list[bytes],
+    previous_key: bytes | None = None,
+    wrap_nonce: bytes = b"",
+) -> bytes:
+    """The ``ciphertext`` of a key record granting ``key`` (epoch ``epoch``) to ``devices``.
+
+    ``ephemeral_keys``: one fresh 32-byte X25519 private key per device.
+    ``previous_key`` (with ``wrap_nonce``) for a new epoch > 1; None for epoch 1
+    and for grant-only records.
+    """
+    if len(ephemeral_keys) != len(devices):
+        raise ValueError("one ephemeral key per device")
+    grants = [
+        KeyGrant(device_id=d.device_id, sealed=seal_grant(key, epoch, d.box_key, esk))
+        for d, esk in zip(devices, ephemeral_keys, strict=True)
+    ]
+    wrap = b""
+    if previous_key is not None:
+        wrap = wrap_previous_key(key, previous_key, account_id=account_id, epoch=epoch, nonce=wrap_nonce)
+    body = KeyEpochBody(
+        account_id=account_id,
+        epoch=epoch,
+        device_list_version=device_list_version,
+        creator_device=creator_device,
+        created_at_ms=created_at_ms,
+        grants=grants,
+        prev_key_wrap=wrap,
+        key_commitment=key_commitment(account_id, epoch, key),
+    )
+    signature = signing.sign(signing_key, key_epoch_layout(body))
+    return padding.pad(codec.encode(KeyEpochRecord(body=body, signature=signature)))
+
+
+def decode_key_record(ciphertext: bytes) -> KeyEpochRecord:
+    try:
+        return codec.decode(padding.unpad(ciphertext), KeyEpochRecord)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"key record: {exc.detail}") from exc
+
+
+def verify_key_record(
+    record: KeyEpochRecord, *, account_id: str, epoch: int, devices: list[DeviceEntry], grant_only: bool = False
+) -> None:
+    """Check a key record against the verified device list of its ``device_list_version`` (§5.1).
+
+    The creator must be in ``devices`` and have signed it; the record must be
+    for ``account_id`` and ``epoch``; every grant must name a device of the
+    list, at most once, and a full (non-grant-only) record must grant exactly
+    the list's devices. Raises :class:`InvalidRecordError` (``bad_signature``).
+    """
+    body = record.body
+    if body.account_id != account_id or body.epoch != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record for another account or epoch")
+    by_id = {d.device_id: d for d in devices}
+    creator = by_id.get(body.creator_device)
+    if creator is None:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record creator is not in the device list")
+    try:
+        signing.verify(creator.sign_key, key_epoch_layout(body), record.signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
+    granted = [g.device_id for g in body.grants]
+    if len(set(granted)) != len(granted) or not set(granted) <= set(by_id):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
+    if not grant_only and set(granted) != set(by_id):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record does not grant exactly the list's devices")
+
+
+def unwrap_grant(record: KeyEpochRecord, *, device_id: str, box_private_key: bytes) -> bytes | None:
+    """This device's ``K[epoch]`` from a verified key record, checked against the commitment; None if not granted."""
+    body = record.body
+    for grant in body.grants:
+        if grant.device_id != device_id:
+            continue
+        public_key = nacl.bindings.crypto_scalarmult_base(box_private_key)
+        try:
+            plain = nacl.bindings.crypto_box_seal_open(grant.sealed, public_key, box_private_key)
+        except (nacl.exceptions.CryptoError, ValueError) as exc:
+            raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "key grant does not open") from exc
+        key, epoch = plain[:KEY_BYTES], int.from_bytes(plain[KEY_BYTES:], "big")
+        if len(plain) != KEY_BYTES + 8 or epoch != body.epoch:
+            raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "key grant names another epoch")
+        if key_commitment(body.account_id, body.epoch, key) != body.key_commitment:
+            raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key grant does not match the key commitment")
+        return bytes(key)
+    return None
+
+
+def frame_message(pair_seq: int, content_type: str, body: bytes) -> bytes:
+    return codec.encode(MessageFrame(pair_seq=pair_seq, content_type=content_type, body=body))
+
+
+def unframe_message(body: bytes) -> MessageFrame:
+    try:
+        return codec.decode(body, MessageFrame)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"message frame: {exc.detail}") from exc
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+# -- snapshots (§6.1; added by helper "log-snapshots", client side in protocol/client/snapshots.py) --------
+
+SNAPSHOT_ID_DOMAIN: Final = "log-snapshot-id"
+SNAPSHOT_PART_ID_DOMAIN: Final = "log-snapshot-part-id"
+SNAPSHOT_MANIFEST_ID_DOMAIN: Final = "log-snapshot-manifest-id"
+#: Plaintext bytes of one part: with its msgpack frame it pads to exactly the 1 MiB bucket, so a full part's
+#: ciphertext is ``max_log_record_bytes`` (1 MiB + 40).
+SNAPSHOT_PART_BYTES: Final = 1024 * 1024 - 256
+
+
+class SnapshotMessage(Message, frozen=True):
+    """One message of the history a snapshot carries, with its original log position and record id."""
+
+    position: int
+    record_id: bytes
+    message_uid: bytes
+    sender: str
+    direction: Literal["sent", "received"]
+    recipients: list[str]
+    pair_seq: int
+    sent_at_ms: int
+    relay_sent_at_ms: int
+    content_type: str
+    body: bytes
+    late: bool = False
+
+
+class SnapshotGap(Message, frozen=True):
+    """Log positions ``(after, upto]`` removed by retention that no snapshot covered (§6.3)."""
+
+    after: int
+    upto: int
+
+
+class SnapshotKeyRecord(Message, frozen=True):
+    """A copy of a ``key`` record at a position ``<= covers`` (signed, verified by readers like the original):
+    a device that starts from the snapshot needs the epoch-creating records it does not page."""
+
+    position: int
+    record_id: bytes
+    epoch: int
+    device_list_version: int
+    committed_at_ms: int
+    ciphertext: bytes
+
+
+class SnapshotState(Message, frozen=True):
+    """The materialised history after applying every record ``<= covers`` (§6.1), split over the parts."""
+
+    covers: int
+    messages: list[SnapshotMessage]
+    gaps: list[SnapshotGap] = []
+    key_records: list[SnapshotKeyRecord] = []
+
+
+class SnapshotPart(Message, frozen=True):
+    """The plaintext of one ``snapshot_part`` record: chunk ``index`` of ``total`` of the encoded state.
+
+    ``covers`` and ``total`` are inside the AEAD, so a relay cannot make a reader accept a snapshot for another
+    position or a truncated one even without the manifest."""
+
+    index: int
+    total: int
+    covers: int
+    data: bytes
+
+
+class SnapshotManifest(Message, frozen=True):
+    """The plaintext of a ``snapshot`` manifest: SHA-256 of every part's ``data``, in order (§4.5)."""
+
+    writer_device: str
+    created_at_ms: int
+    covers: int
+    part_hashes: list[bytes]
+
+
+def snapshot_id(account_id: str, writer_device: str, covers: int) -> bytes:
+    """Deterministic per (writer, covers): a retried write after a crash reuses every record id (L3)."""
+    return signing.digest(SNAPSHOT_ID_DOMAIN, account_id, writer_device, covers)[:RECORD_ID_BYTES]
+
+
+def snapshot_part_id(snapshot: bytes, index: int) -> bytes:
+    return signing.digest(SNAPSHOT_PART_ID_DOMAIN, snapshot, index)[:RECORD_ID_BYTES]
+
+
+def snapshot_manifest_id(snapshot: bytes) -> bytes:
+    return signing.digest(SNAPSHOT_MANIFEST_ID_DOMAIN, snapshot)[:RECORD_ID_BYTES]
+
+
+def split_snapshot(state: SnapshotState, part_bytes: int = SNAPSHOT_PART_BYTES) -> list[bytes]:
+    """The encoded state cut into chunks of at most ``part_bytes`` (deterministic for a given state)."""
+    if not 1 <= part_bytes <= SNAPSHOT_PART_BYTES:
+        raise ValueError(f"part_bytes must be between 1 and {SNAPSHOT_PART_BYTES}")
+    data = codec.encode(state)
+    return [data[i : i + part_bytes] for i in range(0, len(data), part_bytes)] or [b""]
+
+
+def join_snapshot(parts: list[SnapshotPart], covers: int) -> SnapshotState:
+    """Reassemble parts (any order); raises :class:`InvalidRecordError` unless they are exactly parts
+    ``0 … total-1`` of one snapshot at ``covers``."""
+    ordered = sorted(parts, key=lambda p: p.index)
+    total = len(ordered)
+    if [p.index for p in ordered] != list(range(total)) or any(p.total != total for p in ordered):
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot parts are missing or repeated")
+    if any(p.covers != covers for p in ordered):
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot parts are for another position")
+    try:
+        state = codec.decode(b"".join(p.data for p in ordered), SnapshotState)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"snapshot state: {exc.detail}") from exc
+    if state.covers != covers:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot state is for another position")
+    return state
+
+
+def _seal_plain(key: bytes, payload: bytes, ad: bytes, nonce: bytes) -> bytes:
+    if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES:
+        raise ValueError("key 32 and nonce 24 bytes")
+    return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(padding.pad(payload), ad, nonce, key)
+
+
+def _open_plain(key: bytes, ciphertext: bytes, ad: bytes, what: str) -> bytes:
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"{what} is truncated")
+    try:
+        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ciphertext[NONCE_BYTES:], ad, ciphertext[:NONCE_BYTES], key
+        )
+        return padding.unpad(padded)
+    except (nacl.exceptions.CryptoError, TetherlessError):
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"{what} does not decrypt") from None
+
+
+def seal_snapshot_part(
+    key: bytes, part: SnapshotPart, *, account_id: str, snapshot: bytes, epoch: int, nonce: bytes
+) -> bytes:
+    """A ``snapshot_part`` ciphertext: the §4.2 layout with ``pad(msgpack(SnapshotPart))`` as plaintext."""
+    ad = record_ad(account_id, snapshot_part_id(snapshot, part.index), epoch, "snapshot_part", snapshot)
+    return _seal_plain(key, codec.encode(part), ad, nonce)
+
+
+def open_snapshot_part(
+    key: bytes, ciphertext: bytes, *, account_id: str, record_id: bytes, snapshot: bytes, epoch: int
+) -> SnapshotPart:
+    """Inverse of :func:`seal_snapshot_part`; also checks that ``record_id`` is the part's own id."""
+    ad = record_ad(account_id, record_id, epoch, "snapshot_part", snapshot)
+    plain = _open_plain(key, ciphertext, ad, "snapshot part")
+    try:
+        part = codec.decode(plain, SnapshotPart)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"snapshot part: {exc.detail}") from exc
+    if snapshot_part_id(snapshot, part.index) != record_id:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot part is stored under another record id")
+    return part
+
+
+def seal_snapshot_manifest(
+    key: bytes, manifest: SnapshotManifest, *, account_id: str, snapshot: bytes, epoch: int, nonce: bytes
+) -> bytes:
+    """A ``snapshot`` manifest ciphertext; ``covers`` and the part count are bound into the AD (§4.2)."""
+    parts = len(manifest.part_hashes)
+    ad = record_ad(account_id, snapshot_manifest_id(snapshot), epoch, "snapshot", snapshot, manifest.covers, parts)
+    return _seal_plain(key, codec.encode(manifest), ad, nonce)
+
+
+def open_snapshot_manifest(
+    key: bytes, ciphertext: bytes, *, account_id: str, snapshot: bytes, epoch: int, covers: int, parts: int
+) -> SnapshotManifest:
+    """Inverse of :func:`seal_snapshot_manifest`; raises :class:`InvalidRecordError`."""
+    ad = record_ad(account_id, snapshot_manifest_id(snapshot), epoch, "snapshot", snapshot, covers, parts)
+    plain = _open_plain(key, ciphertext, ad, "snapshot manifest")
+    try:
+        manifest = codec.decode(plain, SnapshotManifest)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"snapshot manifest: {exc.detail}") from exc
+    if manifest.covers != covers or len(manifest.part_hashes) != parts:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot manifest disagrees with its header")
+    return manifest
+
+
+__all__ = [
+    "ACCOUNT_KEY_CONTENT_TYPE",
+    "FRAME_CONTENT_TYPE",
+    "DeviceState",
+    "InvalidRecordError",
+    "KeyEpochBody",
+    "KeyEpochRecord",
+    "KeyGrant",
+    "LogBody",
+    "LogPlaintext",
+    "MessageFrame",
+    "MessageReceived",
+    "MessageSent",
+    "SnapshotGap",
+    "SnapshotKeyRecord",
+    "SnapshotManifest",
+    "SnapshotMessage",
+    "SnapshotPart",
+    "SnapshotState",
+    "decode_key_record",
+    "envelope_key",
+    "frame_message",
+    "join_snapshot",
+    "key_commitment",
+    "make_key_record",
+    "message_record_id",
+    "open_record",
+    "open_snapshot_manifest",
+    "open_snapshot_part",
+    "record_ad",
+    "seal_grant",
+    "seal_record",
+    "seal_snapshot_manifest",
+    "seal_snapshot_part",
+    "snapshot_id",
+    "snapshot_manifest_id",
+    "snapshot_part_id",
+    "split_snapshot",
+    "unframe_message",
+    "unwrap_grant",
+    "unwrap_previous_key",
+    "verify_key_record",
+    "wrap_previous_key",
+]

@@ -1,0 +1,122 @@
+"""The offline-first client's pure parts: the engine's transition table, backoff, and the local store's sealing."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from protocol.client.localdb import LocalDB, TamperedRowError
+from protocol.client.store import ClientStore
+from protocol.client.sync import TRANSITIONS, backoff_delay
+
+STATES = {s for s, _ in TRANSITIONS} | set(TRANSITIONS.values())
+EVENTS = {e for _, e in TRANSITIONS}
+
+
+def test_transition_table_is_closed_and_every_state_can_stop() -> None:
+    assert {"stopped", "connecting", "catching_up", "live", "backoff", "revoked"} == STATES
+    for state in STATES - {"stopped", "revoked"}:
+        assert TRANSITIONS[(state, "cancel")] == "stopped"
+        assert TRANSITIONS[(state, "revoked")] == "revoked"
+    # revoked is terminal; stopped only starts
+    assert [e for (s, e) in TRANSITIONS if s == "revoked"] == []
+    assert [e for (s, e) in TRANSITIONS if s == "stopped"] == ["start"]
+    assert TRANSITIONS[("backoff", "timer")] == "connecting"
+    assert TRANSITIONS[("live", "failed")] == "backoff"
+    assert {(s, e) for s in STATES for e in EVENTS} - set(TRANSITIONS)  # the rest is refused
+
+
+def test_backoff_is_full_jitter_within_bounds() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 40):
+        cap = min(60.0, 0.5 * 2**attempt)
+        delays = [backoff_delay(attempt, rng) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap / 2  # jitter spreads over the whole window
+    assert backoff_delay(1, rng, floor=5.0) >= 5.0  # Retry-After is a floor
+    assert all(backoff_delay(30, rng, max_backoff=1.0) <= 1.0 for _ in range(100))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ClientStore:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    return ClientStore(LocalDB.open(home, os.urandom(32)))
+
+
+def test_secret_columns_are_sealed_per_row(store: ClientStore, tmp_path: Path) -> None:
+    first = store.enqueue("bob@relay.example", "text/plain", b"canary-one", peer="bob@relay.example")
+    second = store.enqueue("bob@relay.example", "text/plain", b"canary-two", peer="bob@relay.example")
+    assert (first.pair_seq, second.pair_seq) == (1, 2)
+    raw = (tmp_path / "home" / "state.db").read_bytes() + (tmp_path / "home" / "state.db-wal").read_bytes()
+    assert b"canary-one" not in raw
+    assert b"bob@relay.example" not in raw
+    # A sealed body moved to another row does not open there.
+    store.db.execute(
+        "UPDATE outbox_entries SET body = (SELECT body FROM outbox_entries WHERE local_id = ?) WHERE local_id = ?",
+        (first.local_id, second.local_id),
+    )
+    with pytest.raises(TamperedRowError):
+        store.outbox_entry(second.local_id)
+
+
+def test_messages_are_unique_per_sender_and_uid(store: ClientStore) -> None:
+    fields = {
+        "message_uid": b"u" * 16,
+        "sender_device": "dev",
+        "direction": "received",
+        "pair_seq": 1,
+        "sent_at_ms": 1,
+        "relay_sent_at_ms": 2,
+        "via": "inbox",
+        "sender": "dev.acct@relay",
+        "recipients": ["me.acct2@relay"],
+        "content_type": "text/plain",
+        "body": b"hi",
+    }
+    assert store.upsert_message(msg_key=b"k" * 16, **fields)
+    assert not store.upsert_message(msg_key=b"k" * 16, log_position=5, **fields)  # merged: now logged
+    # The same (sender device, message uid) under another key is the same message: merged, not added.
+    assert not store.upsert_message(msg_key=b"j" * 16, **fields)
+    assert store.message_count() == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        store.db.execute(
+            "INSERT INTO history_messages SELECT ?, message_uid, sender_device, direction, pair_seq, sent_at_ms, "
+            "relay_sent_at_ms, log_position, via, late, local_seq, inbox_seen, held, held_cursor, held_since_ms, "
+            "sender, recipients, content_type, body FROM history_messages",
+            (b"z" * 16,),
+        )
+    [message] = [m for m in store.history() if m.msg_key == b"k" * 16]
+    assert message.log_position == 5
+
+
+def test_ack_point_waits_for_pending_and_held_messages(store: ClientStore) -> None:
+    with store.transaction():
+        store.set_cursor("inbox_received", 10)
+    assert store.ack_point() == 10
+    store.add_pending(b"r" * 16, "event", b"x", inbox_cursor=7)
+    assert store.ack_point() == 6
+    store.drop_pending(b"r" * 16)
+    store.upsert_message(
+        msg_key=b"h" * 16,
+        message_uid=b"h" * 16,
+        sender_device="s",
+        direction="received",
+        pair_seq=3,
+        sent_at_ms=1,
+        relay_sent_at_ms=1,
+        via="inbox",
+        sender="s.a@r",
+        recipients=[],
+        content_type="text/plain",
+        body=b"",
+    )
+    store.hold(b"h" * 16, 4)
+    assert store.ack_point() == 3
+    assert not store.has_predecessors("s", 3)
+    store.release(b"h" * 16, late=False)
+    assert store.ack_point() == 10

@@ -1,6 +1,6 @@
 """Hypothesis drives two accounts through sends, client and relay crashes and network faults (account-log.md §14.2).
 
-Two accounts, A (A1, A2) and B (B1, B2), on one real relay process. Every
+Two accounts, A (A1, A2, A3) and B (B1, B2, B3), on one real relay process. Every
 device runs ``tetherless sync --follow`` as a child process, talking to the
 relay through its own fault proxy (tests/support/faultproxy.py). Rules:
 send (enqueued in the device's local outbox, as ``tetherless send`` does
@@ -37,7 +37,8 @@ from tests.e2e.offline_client import Follower, init_device, link_device, load, w
 from tests.relay_process import RelayProcess
 from tests.support.faultproxy import Blackhole, Cut, Delay, PassPlan, Refuse, ScriptedPlan, ThreadedFaultProxy
 
-DEVICES = ("a1", "a2", "b1", "b2")
+# Three devices per account: the first creates it, the others are linked by it (link code + approval).
+DEVICES = ("a1", "a2", "a3", "b1", "b2", "b3")
 SETTLE_SECONDS = 90.0
 
 
@@ -65,7 +66,7 @@ class SyncMachine(RuleBasedStateMachine):
             self.proxies[device] = ThreadedFaultProxy("127.0.0.1", self.relay.port).start()
         for first in ("a1", "b1"):
             self.addresses[first] = init_device(self.proxies[first].url, self.work / first, first)
-        for second, first in (("a2", "a1"), ("b2", "b1")):
+        for second, first in (("a2", "a1"), ("a3", "a1"), ("b2", "b1"), ("b3", "b1")):
             self.addresses[second] = trio.run(
                 link_device, self.proxies[second].url, self.work / first, self.work / second, second
             )

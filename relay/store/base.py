@@ -154,7 +154,7 @@ class ReceivedOutcome(enum.Enum):
     RECIPIENT_REVOKED = "recipient_revoked"
 
 
-# -- device lists v2, revocation, WebAuthn (docs/crypto.md §3.3, §4, §6; SQL in *_devices.py) ----
+# -- device lists v2, revocation, WebAuthn (docs/crypto.md §3.3, §4, §6; SQL in devices_sql.py) -----
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,7 +480,7 @@ class Store(Protocol):
         Ids are remembered until ``forget_at_ms``.
         """
 
-    # -- device lists v2, revocation, WebAuthn (SQL in sqlite_devices.py / postgres_devices.py) --------
+    # -- device lists v2, revocation, WebAuthn (SQL in devices_sql.py, both backends) -----------------
 
     async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
         """The account's newest device-list version, or None for an unknown account."""

@@ -45,8 +45,8 @@ import trio
 
 from protocol.errors import ErrorCode, TetherlessError
 
+from . import devices_sql as devsql
 from . import log_sql
-from . import postgres_devices as devsql
 from . import postgres_federation as fed
 from . import postgres_prekeys as pk
 from .base import (
@@ -536,7 +536,9 @@ class PostgresStore:
             sessions = conn.execute("DELETE FROM sessions WHERE expires_at_ms <= %s", (_clamp(now_ms),)).rowcount
             keys = conn.execute("DELETE FROM idempotency WHERE forget_at_ms <= %s", (_clamp(now_ms),)).rowcount
             federation = fed.expire_federation(conn, _clamp(now_ms))
-            challenges += devsql.expire_devices(conn, _clamp(now_ms))  # WebAuthn registration ceremonies
+            challenges += devsql.expire_devices(
+                conn, log_sql.POSTGRES, _clamp(now_ms)
+            )  # WebAuthn registration ceremonies
             enrolments = pk.expire_prekeys_and_enrolments(conn, _clamp(now_ms))
             return ExpiryReport(
                 sum(n for (n,) in per_device), challenges, sessions, keys, federation, enrolments=enrolments
@@ -582,16 +584,16 @@ class PostgresStore:
 
         return await self._run(op)
 
-    # -- device lists v2, revocation, WebAuthn (SQL in postgres_devices.py) -----------------------
+    # -- device lists v2, revocation, WebAuthn (SQL in devices_sql.py) -----------------------
 
     async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
         if "\x00" in account_id:
             return None
-        return await self._run(lambda conn: devsql.device_list_head(conn, account_id))
+        return await self._run(lambda conn: devsql.device_list_head(conn, log_sql.POSTGRES, account_id=account_id))
 
     async def append_device_list(self, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
         def op(conn: psycopg.Connection[Any]) -> DeviceListCommitted:
-            committed = devsql.append_device_list(conn, update, now_ms)
+            committed = devsql.append_device_list(conn, log_sql.POSTGRES, update=update, now_ms=now_ms)
             # Every device of the account (revoked ones too) wakes on every replica, on commit only.
             conn.execute(
                 "SELECT pg_notify(%s, d) FROM unnest(%s::text[]) AS d", (NOTIFY_CHANNEL, committed.devices)
@@ -601,25 +603,52 @@ class PostgresStore:
         return await self._run(op)
 
     async def device_stream_state(self, device_id: str) -> DeviceStreamState | None:
-        return await self._run(lambda conn: devsql.device_stream_state(conn, device_id), transaction=False)
+        return await self._run(
+            lambda conn: devsql.device_stream_state(conn, log_sql.POSTGRES, device_id=device_id), transaction=False
+        )
 
     async def put_webauthn_registration(
         self, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
     ) -> None:
-        await self._run(lambda conn: devsql.put_registration(conn, challenge, account_id, device_id, expires_at_ms))
+        await self._run(
+            lambda conn: devsql.put_registration(
+                conn,
+                log_sql.POSTGRES,
+                challenge=challenge,
+                account_id=account_id,
+                device_id=device_id,
+                expires_at_ms=expires_at_ms,
+            )
+        )
 
     async def consume_webauthn_registration(
         self, challenge: bytes, account_id: str, device_id: str, now_ms: int
     ) -> ChallengeOutcome:
-        return await self._run(lambda conn: devsql.consume_registration(conn, challenge, account_id, device_id, now_ms))
+        return await self._run(
+            lambda conn: devsql.consume_registration(
+                conn, log_sql.POSTGRES, challenge=challenge, account_id=account_id, device_id=device_id, now_ms=now_ms
+            )
+        )
 
     async def put_webauthn_credential(
         self, account_id: str, device_id: str, credential: NewCredential, sign_count: int, now_ms: int
     ) -> None:
-        await self._run(lambda conn: devsql.put_credential(conn, account_id, device_id, credential, sign_count, now_ms))
+        await self._run(
+            lambda conn: devsql.put_credential(
+                conn,
+                log_sql.POSTGRES,
+                account_id=account_id,
+                device_id=device_id,
+                credential=credential,
+                sign_count=sign_count,
+                now_ms=now_ms,
+            )
+        )
 
     async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
-        return await self._run(lambda conn: devsql.credentials(conn, account_id), transaction=False)
+        return await self._run(
+            lambda conn: devsql.credentials(conn, log_sql.POSTGRES, account_id=account_id), transaction=False
+        )
 
     # -- account log (SQL in log_sql.py) ----------------------------------------------------
 

@@ -28,8 +28,8 @@ import trio
 from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
 
+from . import devices_sql as devsql
 from . import log_sql
-from . import sqlite_devices as devsql
 from . import sqlite_federation as fed
 from . import sqlite_prekeys as pk
 from .base import (
@@ -507,7 +507,7 @@ class SQLiteStore:
             sessions = conn.execute("DELETE FROM sessions WHERE expires_at_ms <= ?", (now_ms,)).rowcount
             keys = conn.execute("DELETE FROM idempotency WHERE forget_at_ms <= ?", (now_ms,)).rowcount
             federation = _expire_federation(conn, now_ms)
-            challenges += devsql.expire_devices(conn, now_ms)  # WebAuthn registration ceremonies
+            challenges += devsql.expire_devices(conn, log_sql.SQLITE, now_ms)  # WebAuthn registration ceremonies
             enrolments = pk.expire_prekeys_and_enrolments(conn, now_ms)
             return ExpiryReport(envelopes, challenges, sessions, keys, federation, enrolments=enrolments)
 
@@ -581,16 +581,16 @@ class SQLiteStore:
         task_status.started()
         await trio.sleep_forever()
 
-    # -- device lists v2, revocation, WebAuthn (SQL in sqlite_devices.py) ------------------------
+    # -- device lists v2, revocation, WebAuthn (SQL in devices_sql.py) ---------------------------
 
     async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
-        return await self._read(partial(devsql.device_list_head, account_id=account_id))
+        return await self._read(partial(devsql.device_list_head, d=log_sql.SQLITE, account_id=account_id))
 
     async def append_device_list(self, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
-        return await self._write(partial(devsql.append_device_list, update=update, now_ms=now_ms))
+        return await self._write(partial(devsql.append_device_list, d=log_sql.SQLITE, update=update, now_ms=now_ms))
 
     async def device_stream_state(self, device_id: str) -> DeviceStreamState | None:
-        return await self._read(partial(devsql.device_stream_state, device_id=device_id))
+        return await self._read(partial(devsql.device_stream_state, d=log_sql.SQLITE, device_id=device_id))
 
     async def put_webauthn_registration(
         self, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
@@ -598,6 +598,7 @@ class SQLiteStore:
         await self._write(
             partial(
                 devsql.put_registration,
+                d=log_sql.SQLITE,
                 challenge=challenge,
                 account_id=account_id,
                 device_id=device_id,
@@ -611,6 +612,7 @@ class SQLiteStore:
         return await self._write(
             partial(
                 devsql.consume_registration,
+                d=log_sql.SQLITE,
                 challenge=challenge,
                 account_id=account_id,
                 device_id=device_id,
@@ -624,6 +626,7 @@ class SQLiteStore:
         await self._write(
             partial(
                 devsql.put_credential,
+                d=log_sql.SQLITE,
                 account_id=account_id,
                 device_id=device_id,
                 credential=credential,
@@ -633,7 +636,7 @@ class SQLiteStore:
         )
 
     async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
-        return await self._read(partial(devsql.credentials, account_id=account_id))
+        return await self._read(partial(devsql.credentials, d=log_sql.SQLITE, account_id=account_id))
 
     # -- account log (SQL in log_sql.py) ----------------------------------------------------
 

@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -140,6 +140,20 @@ async def _device_client(keystore: Keystore, keys: DeviceKeys) -> AsyncIterator[
         yield client
 
 
+def _with_device(args: argparse.Namespace, body: Callable[[DeviceKeys, RelayClient], Awaitable[int]]) -> int:
+    """Unlock this home's device, connect it to its relay and run ``body``; failures become one line + exit code."""
+    relay_url: str | None = None
+
+    async def main() -> int:
+        nonlocal relay_url
+        keystore, keys = _load(args)
+        relay_url = keys.relay_url
+        async with _device_client(keystore, keys) as client:
+            return await body(keys, client)
+
+    return _run(args, main, lambda: relay_url)
+
+
 def _new_home(args: argparse.Namespace) -> Keystore:
     """A keystore for a device about to join: the home must be free; the passphrase is asked now."""
     home = resolve_home(getattr(args, "home", None))
@@ -222,7 +236,6 @@ def cmd_device_link(args: argparse.Namespace) -> int:
 
 def cmd_device_approve(args: argparse.Namespace) -> int:
     """``device approve CODE [--yes]``: check the code's offer and propose the version adding that device."""
-    relay_url: str | None = None
 
     def confirm(offer: EnrolmentOffer, fingerprint: str) -> bool:
         if args.yes or not sys.stdin.isatty():
@@ -230,37 +243,27 @@ def cmd_device_approve(args: argparse.Namespace) -> int:
         answer = input(f"Add the device with fingerprint {fingerprint} to this account? [y/N] ")
         return answer.strip().lower() in ("y", "yes")
 
-    async def main() -> int:
-        nonlocal relay_url
-        keystore, keys = _load(args)
-        relay_url = keys.relay_url
-        async with _device_client(keystore, keys) as client:
-            try:
-                approved = await devices.approve_link(client, args.code, confirm=confirm)
-            except ValueError as exc:
-                raise UsageError(f"not a link code: {exc}") from exc
-            except PermissionError:
-                print("not approved", file=sys.stderr)
-                return EXIT_FAILURE
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        try:
+            approved = await devices.approve_link(client, args.code, confirm=confirm)
+        except ValueError as exc:
+            raise UsageError(f"not a link code: {exc}") from exc
+        except PermissionError:
+            print("not approved", file=sys.stderr)
+            return EXIT_FAILURE
         print(
             f"approved {approved.fingerprint}: {approved.address} joins (version {approved.version}) when it confirms"
         )
         return EXIT_OK
 
-    return _run(args, main, lambda: relay_url)
+    return _with_device(args, body)
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
     """``device list [--json]``: the verified chain's head."""
-    relay_url: str | None = None
 
-    async def main() -> int:
-        nonlocal relay_url
-        keystore, keys = _load(args)
-        relay_url = keys.relay_url
-        async with _device_client(keystore, keys) as client:
-            verified = await client.device_chain(keys.account_id)
-        head = verified.head
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        head = (await client.device_chain(keys.account_id)).head
         if args.json:
             record = {
                 "account": keys.account_address,
@@ -301,49 +304,39 @@ def cmd_device_list(args: argparse.Namespace) -> int:
             print(f"hardware key {c.credential_id.hex()[:16]}  rp {c.rp_id}  added {_iso(c.added_at_ms)}")
         return EXIT_OK
 
-    return _run(args, main, lambda: relay_url)
+    return _with_device(args, body)
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
     """``device revoke ID``: sign and post the version that removes the device."""
-    relay_url: str | None = None
 
-    async def main() -> int:
-        nonlocal relay_url
-        keystore, keys = _load(args)
-        relay_url = keys.relay_url
-        async with _device_client(keystore, keys) as client:
-            try:
-                accepted = await devices.revoke_device(client, args.device)
-            except TetherlessError as exc:
-                if exc.code is ErrorCode.INVALID_FIELD and "@" in args.device:
-                    raise UsageError(str(exc.detail)) from exc
-                raise
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        try:
+            accepted = await devices.revoke_device(client, args.device)
+        except TetherlessError as exc:
+            if exc.code is ErrorCode.INVALID_FIELD and "@" in args.device:
+                raise UsageError(str(exc.detail)) from exc
+            raise
         target = args.device.split(".", 1)[0] if "@" in args.device else args.device
         itself = " (this device: it stops working now)" if target == keys.device_id else ""
         print(f"revoked {target}{itself}; device list version {accepted.version}")
         return EXIT_OK
 
-    return _run(args, main, lambda: relay_url)
+    return _with_device(args, body)
 
 
 def cmd_device_recovery_key(args: argparse.Namespace) -> int:
     """``device recovery-key``: a new recovery key, set in the list, shown once on stdout (or into a file)."""
-    relay_url: str | None = None
 
-    async def main() -> int:
-        nonlocal relay_url
-        keystore, keys = _load(args)
-        relay_url = keys.relay_url
-        async with _device_client(keystore, keys) as client:
-            verified = await client.device_chain(keys.account_id)
-            if verified.head.format != device_list.FORMAT_2:
-                raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need a format-2 device list")
-            text = await devices.set_recovery_key(client)
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        verified = await client.device_chain(keys.account_id)
+        if verified.head.format != device_list.FORMAT_2:
+            raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need a format-2 device list")
+        text = await devices.set_recovery_key(client)
         show_recovery_key(text, args.recovery_key_file, stdout=True)
         return EXIT_OK
 
-    return _run(args, main, lambda: relay_url)
+    return _with_device(args, body)
 
 
 def cmd_device_protect(args: argparse.Namespace) -> int:

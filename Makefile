@@ -1,42 +1,68 @@
-# Tetherless — developer entry points. Each target refreshes .venv when pyproject.toml changes.
+# Tetherless — developer entry points.
+#
+# Dependencies are installed from the hash-pinned lock files in requirements/
+# (docs/decisions/0007-lock-files.md): `make run` installs only what the relay
+# and the client need, `make test` adds the development tools. A stamp file
+# per layer re-installs when its lock file or pyproject.toml changes;
+# `make lock` refreshes the lock files after pyproject.toml changed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ./data
 LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP     := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy fuzz crash-test
+.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy fuzz crash-test lock
 
-$(BIN)/activate: pyproject.toml
+$(BIN)/python:
+	@echo "make: creating the virtual environment $(VENV) ($(PYTHON))"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(BIN)/activate
 
-run: $(BIN)/activate
+$(RUNTIME_STAMP): requirements/runtime.txt requirements/build.txt pyproject.toml | $(BIN)/python
+	@echo "make: installing the locked runtime dependencies (requirements/runtime.txt) into $(VENV)"
+	$(PIP) install --quiet --require-hashes --no-deps -r requirements/runtime.txt -r requirements/build.txt
+	@echo "make: installing tetherless itself (editable)"
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
+	@echo "make: installing the locked development tools (requirements/dev.txt) into $(VENV)"
+	$(PIP) install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(PIP) check
+	@touch $@
+
+run: $(RUNTIME_STAMP)
 	$(BIN)/tetherless serve --data $(DATA) --listen $(LISTEN)
 
-test: $(BIN)/activate
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(BIN)/activate
+# Refresh the lock files (universal: every platform's wheels, CPython 3.11 and later).
+lock: $(DEV_STAMP)
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -q -o requirements/runtime.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes -q -o requirements/dev.txt
+	$(BIN)/uv pip compile requirements/build.in --universal --python-version 3.11 --generate-hashes -q -o requirements/build.txt
+
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(BIN)/activate
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-contracts: $(BIN)/activate
+contracts: $(DEV_STAMP)
 	$(BIN)/lint-imports
 
 check: lint typecheck contracts test
 
-openapi: $(BIN)/activate
+openapi: $(DEV_STAMP)
 	$(BIN)/tetherless admin openapi > docs/openapi.json
 
 # Render every chart scenario and kustomize overlay into build/deploy/ (lint + strict schema checks).
-chart: $(BIN)/activate
+chart: $(DEV_STAMP)
 	$(BIN)/python -m deploy.render --out build/deploy
 
 # All offline deployment checks: the above, the kubernetes-validate CLI on its output, then tests/deploy.
@@ -44,20 +70,20 @@ validate-deploy: chart
 	$(BIN)/kubernetes-validate --strict --quiet --no-warn build/deploy/*.yaml
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
-bench: $(BIN)/activate
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench
 
 # Long fuzzing runs: hypothesis decoders + schemathesis with FUZZ_EXAMPLES each, then atheris if installed.
 FUZZ_EXAMPLES ?= 2000
 FUZZ_SECONDS ?= 300
-fuzz: $(BIN)/activate
+fuzz: $(DEV_STAMP)
 	TETHERLESS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -o timeout=0 -q
 	if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
 		$(BIN)/python -m tests.fuzz.atheris_decoders -max_total_time=$(FUZZ_SECONDS); fi
 
 # Jepsen-style crash checker: CRASH_CYCLES SIGKILL/restart cycles under concurrent sends.
 CRASH_CYCLES ?= 100
-crash-test: $(BIN)/activate
+crash-test: $(DEV_STAMP)
 	$(BIN)/python -m tests.jepsen.crash_checker --cycles $(CRASH_CYCLES)
 
 clean:

@@ -6,6 +6,7 @@ fails when the two differ (run ``tetherless admin openapi > docs/openapi.json``)
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -22,6 +23,24 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Every ``description`` as ``inspect.cleandoc`` renders it.
+
+    msgspec copies docstrings into schemas, and how it keeps their indentation
+    changed between releases (0.23 dedents, earlier ones did not): normalising
+    here keeps the committed document independent of the msgspec version.
+    """
+    if isinstance(node, dict):
+        cleaned: dict[Any, Any] = {}
+        for key, value in node.items():
+            is_text = key == "description" and isinstance(value, str)
+            cleaned[key] = inspect.cleandoc(value) if is_text else _clean_descriptions(value)
+        return cleaned
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
+
+
 def openapi_document(routes: list[Route]) -> dict[str, Any]:
     types: list[Any] = [Problem]
     for route in routes:
@@ -30,6 +49,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         if route.response is not None:
             types.append(route.response)
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    components = _clean_descriptions(components)
     schema_of = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:

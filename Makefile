@@ -86,5 +86,13 @@ CRASH_CYCLES ?= 100
 crash-test: $(DEV_STAMP)
 	$(BIN)/python -m tests.jepsen.crash_checker --cycles $(CRASH_CYCLES)
 
+# The browser client (web/README.md): install the locked npm packages when web/package-lock.json is newer
+# than the installed tree, then rebuild web/dist/ (committed; tests/web checks it matches a fresh build).
+.PHONY: web
+web: web/node_modules/.package-lock.json
+	cd web && npm run build
+web/node_modules/.package-lock.json: web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+var e=document.getElementById("version");e&&(e.textContent="Tetherless web 0.1.0");var t=document.getElementById("status");t&&(t.textContent=globalThis.isSecureContext?"This browser can run the Tetherless client.":"Open this page over https (or on 127.0.0.1): the browser only offers its cryptography to secure pages.");

@@ -1,0 +1,21 @@
+// Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file).
+import { build } from "esbuild";
+import { readdir, rm } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { esbuildBase } from "./common.mjs";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const out = join(root, "build", "test");
+const tests = (await readdir(join(root, "test"))).filter((name) => name.endsWith(".test.ts")).sort();
+
+await rm(out, { recursive: true, force: true });
+await build({
+  ...esbuildBase,
+  absWorkingDir: root,
+  entryPoints: tests.map((name) => `test/${name}`),
+  outdir: out,
+  outExtension: { ".js": ".mjs" },
+  platform: "node",
+  packages: "external",
+});

@@ -57,6 +57,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_RELAY_KEY = "unknown_relay_key"  # keyid not among the origin's published, unexpired keys
     PEER_FORBIDDEN = "peer_forbidden"  # federation with that relay is not allowed by policy
     PEER_UNAVAILABLE = "peer_unavailable"  # the other relay cannot be reached or answered garbage
+    PEER_ADDRESS_REFUSED = "peer_address_refused"  # relay name is an IP literal or resolves to a non-public address
     # -- device lists v2, revocation, WebAuthn (docs/crypto.md) ---------------------
     DEVICE_LIST_CONFLICT = "device_list_conflict"  # version is not head + 1 / prev_hash is not the head's hash
     POLICY_NOT_MET = "policy_not_met"  # the approvals do not satisfy the previous version's policy
@@ -122,6 +123,7 @@ STATUS: Final[dict[ErrorCode, int]] = {
     E.UNKNOWN_RELAY_KEY: 401,
     E.PEER_FORBIDDEN: 403,
     E.PEER_UNAVAILABLE: 502,
+    E.PEER_ADDRESS_REFUSED: 403,
     E.DEVICE_LIST_CONFLICT: 409,
     E.POLICY_NOT_MET: 403,
     E.DEVICE_REVOKED: 401,

@@ -17,10 +17,12 @@ import nacl.signing
 import trio
 
 from protocol.errors import ErrorCode, TetherlessError
-from relay.api.application import Application, problem_response
-from relay.api.http import Request, Response
-from relay.api.routes import Endpoints, well_known
-from relay.config import Config
+from relay.api.application import Application
+from relay.api.context import Api
+from relay.api.http import Request, Response, problem_response
+from relay.api.ops import metrics_listener, well_known
+from relay.api.routes import all_routes
+from relay.config import Config, replace
 from relay.relay_keys import load_keyring, load_or_create_signing_key
 from relay.services import (
     FederationSettings,
@@ -94,9 +96,15 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     store = await open_store(config, data_dir)
     switchboard = Switchboard()
     server = Server(config, switchboard)
+    # Plain HTTP whatever the client port does: scrapers reach it inside the cluster, clients never.
+    metrics_config = replace(config, listen=config.metrics_listen, tls_cert="", tls_key="")
+    metrics_server = Server(metrics_config, metrics_listener) if config.metrics_listen else None
     try:
         async with trio.open_nursery() as nursery:
             port: int = await nursery.start(server.serve)
+            if metrics_server is not None:
+                metrics_port: int = await nursery.start(metrics_server.serve)
+                log.info("metrics listener at %s/metrics", base_url(metrics_config, metrics_port))
             relay_name = config.name.lower() if config.name else f"{config.listen_host}:{port}"
             limits = limits_from(config)
             services = Services.build(
@@ -116,8 +124,10 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 relay_keys=keyring.published,
                 federation_endpoint=FEDERATION_PREFIX if services.federation.enabled else None,
             )
-            endpoints = Endpoints(services, discovery, config.stream_heartbeat_seconds)
-            application = Application(services, endpoints)
+            application = Application(
+                Api(services, discovery, config.stream_heartbeat_seconds),
+                all_routes(metrics=config.metrics_on_main_port),
+            )
             switchboard.application = application
             nursery.start_soon(services.inbox.run_expiry, config.expiry_interval_seconds)
             # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).

@@ -24,6 +24,7 @@ from relay.federation_admin import register_federation_admin
 SERVE_FLAGS = {
     "data": ("--data", "directory for the database and relay key (default ./data)"),
     "listen": ("--listen", "HOST:PORT to listen on (default 127.0.0.1:8080; port 0 picks one)"),
+    "metrics_listen": ("--metrics-listen", "HOST:PORT of a separate plain-HTTP listener serving only /metrics"),
     "name": ("--name", "relay name used in addresses (default: HOST:PORT of --listen)"),
     "tls_cert": ("--tls-cert", "PEM certificate chain: serve HTTPS (ALPN h2, http/1.1)"),
     "tls_key": ("--tls-key", "PEM private key for --tls-cert"),
@@ -175,10 +176,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_openapi(args: argparse.Namespace) -> int:
     from relay.api.openapi import openapi_bytes
-    from relay.api.routes import Endpoints, build_routes
+    from relay.api.routes import all_routes
 
-    routes = build_routes(Endpoints.unbound())
-    sys.stdout.write(openapi_bytes(routes).decode())
+    sys.stdout.write(openapi_bytes(all_routes()).decode())
     return 0
 
 

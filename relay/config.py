@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -35,6 +36,10 @@ class Config:
     tls_key: str = ""
     log_format: str = "text"  # "text" or "json"
     log_level: str = "info"
+    # A second, plain-HTTP listener that serves only GET /metrics (empty: none), so the client port need not
+    # expose metrics; metrics_on_main_port = false then removes /metrics from the client port (docs/operations.md).
+    metrics_listen: str = ""
+    metrics_on_main_port: bool = True
     # -- application limits (published in /.well-known/tetherless) --------------
     max_body_bytes: int = 8 * MiB
     max_batch_envelopes: int = 1000
@@ -88,6 +93,7 @@ class Config:
     federation_allow: str = ""  # comma-separated relay names (used when federation = "allowlist")
     federation_deny: str = ""  # comma-separated relay names never federated with
     peers: str = ""  # static resolver: "NAME=URL,NAME=URL" (flag --peer, repeatable; file: [peers] table)
+    peer_keys: str = ""  # pinned relay key ids of static peers: "NAME=KEYID KEYID,…" (file: [peer_keys] table)
     federation_window_seconds: int = 300  # signature freshness window (and replay memory)
     federation_timeout_seconds: float = 10.0  # one outbound request, connect to last byte
     federation_max_body_bytes: int = 4 * MiB  # inbound request and outbound response cap
@@ -106,6 +112,8 @@ class Config:
     rate_prekey_claims_per_second: float = 5.0  # POST /v1/prekeys/claim per device
     rate_prekey_claims_burst: int = 100
     prekey_one_time_per_pair_per_hour: int = 3  # one-time keys of each kind per (claiming account, device) per hour
+    prekey_one_time_per_origin_per_hour: int = 1000  # claims served one-time keys, per other relay (0: no limit)
+    prekey_one_time_per_device_per_hour: int = 100  # claims served one-time keys, per target device (0: no limit)
     enrolment_ttl_seconds: int = 600  # an enrolment offer (link code) is usable this long
     rate_enrolment_lookups_per_minute: float = 10.0  # GET offer / POST proposal per device (burst the same)
 
@@ -130,8 +138,17 @@ class Config:
 FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     want = FIELD_TYPES[name]
+    if want is bool:  # bool("false") is True: words are read, not cast
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
+        raise ConfigError(f"{name} from {source}: expected true or false, got {value!r}")
     try:
         if isinstance(value, str) and want is not str:
             value = want(value)
@@ -171,6 +188,10 @@ def load(
             name = key.replace("-", "_")
             if name == "peers" and isinstance(value, dict):  # a [peers] table: NAME = "URL"
                 value = ",".join(f"{peer}={url}" for peer, url in value.items())
+            if name == "peer_keys" and isinstance(value, dict):  # a [peer_keys] table: NAME = ["KEYID", …]
+                value = ",".join(
+                    f"{peer}={' '.join(ids) if isinstance(ids, list) else ids}" for peer, ids in value.items()
+                )
             if name not in FIELD_TYPES:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
             values[name] = _coerce(name, value, f"file {path}")
@@ -189,10 +210,18 @@ def load(
     return config, sources
 
 
-def _validate(config: Config) -> None:
-    host, sep, port = config.listen.rpartition(":")
+def _check_host_port(name: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}")
+        raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+
+
+def _validate(config: Config) -> None:
+    _check_host_port("listen", config.listen)
+    if config.metrics_listen:
+        _check_host_port("metrics_listen", config.metrics_listen)
+        if config.metrics_listen == config.listen and config.listen_port != 0:
+            raise ConfigError("metrics_listen must differ from listen")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.log_format not in ("text", "json"):
@@ -217,6 +246,13 @@ def _validate(config: Config) -> None:
         peer, sep, url = entry.partition("=")
         if not sep or not peer.strip() or not url.strip().startswith(("http://", "https://")):
             raise ConfigError(f"peers: expected NAME=http(s)://HOST[:PORT], got {entry!r}")
+    static_peers = {e.partition("=")[0].strip().lower() for e in config.peers.split(",") if e.strip()}
+    for entry in filter(None, (e.strip() for e in config.peer_keys.split(","))):
+        peer, sep, ids = entry.partition("=")
+        if not sep or peer.strip().lower() not in static_peers:
+            raise ConfigError(f"peer_keys: expected NAME=KEYID … for a peer configured in peers, got {entry!r}")
+        if not ids.split() or not all(re.fullmatch(r"[a-z2-7]{16}", key_id) for key_id in ids.split()):
+            raise ConfigError(f"peer_keys: {peer.strip()}: key ids are 16 characters of a-z2-7, got {ids.strip()!r}")
     if config.default_ttl_seconds > config.max_ttl_seconds:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
     if config.database and not config.database.startswith(("postgresql://", "postgres://")):

@@ -178,6 +178,13 @@ prekeys_exhausted_total = Counter(
 prekey_claims_missing_total = Counter(
     "relay_prekey_claims_missing_total", "Claimed devices answered as missing", registry=REGISTRY
 )
+prekey_one_time_withheld_total = Counter(
+    "relay_prekey_one_time_withheld_total",
+    "Bundles served with the last-resort key only because a one-time claim limit was reached, by limit"
+    " (origin: one other relay, all its claimers; device: one target device, all claimers)",
+    ["limit"],
+    registry=REGISTRY,
+)
 enrolments_created_total = Counter("relay_enrolments_created_total", "Enrolment offers stored", registry=REGISTRY)
 enrolments_used_total = Counter(
     "relay_enrolments_used_total", "Enrolment offers answered with a proposal", registry=REGISTRY

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
+from protocol.errors import PROBLEM_CONTENT_TYPE, TetherlessError
+from relay import metrics
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -54,3 +59,22 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def problem_response(error: TetherlessError, *, status: int | None = None) -> Response:
+    """The RFC 9457 problem response for ``error``: the one place an error becomes HTTP.
+
+    The status is the code's one status in ``protocol.errors.STATUS``;
+    ``status`` overrides it only where HTTP itself prescribes another (the
+    transport's 431 for oversized headers), and the body's ``status`` member
+    follows. Adds ``Retry-After`` when the error carries one and counts the
+    code in ``relay_problems_total``. Never raises.
+    """
+    problem = error.to_problem()
+    if status is not None:
+        problem = msgspec.structs.replace(problem, status=status)
+    headers = [("content-type", PROBLEM_CONTENT_TYPE), ("cache-control", "no-store")]
+    if error.retry_after_seconds is not None:
+        headers.append(("retry-after", str(error.retry_after_seconds)))
+    metrics.problems_total.labels(error.code.value).inc()
+    return Response(problem.status, headers, msgspec.json.encode(problem))

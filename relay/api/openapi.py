@@ -13,10 +13,18 @@ from typing import Any
 import msgspec
 
 from protocol import codec
-from protocol.errors import PROBLEM_CONTENT_TYPE, STATUS, ErrorCode, Problem
+from protocol.errors import PROBLEM_CONTENT_TYPE, STATUS, Problem
 from protocol.messages import API_VERSION
 
 from .routing import PARAM_PATTERNS, Route
+
+# Not listed per operation: any request may meet them, whatever its route.
+GENERIC_ERRORS_NOTE = (
+    "Each operation lists the problem codes it can answer with. Any request may also be answered "
+    "400 bad_request or 413 body_too_large by the HTTP layer, 404 not_found or 405 method_not_allowed "
+    "for a path or method no operation has, 503 unavailable (starting, draining, storage unavailable) "
+    "and 500 internal (a bug; always logged)."
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -55,8 +63,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
     for route in routes:
         op: dict[str, Any] = {
             "summary": route.summary,
-            "operationId": route.endpoint.__name__
-            + ("_" + route.template.split("/")[2] if "{device_id}" in route.template else ""),
+            "operationId": route.operation_id,
             "tags": [route.tag],
             "responses": {},
         }
@@ -105,11 +112,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         if route.no_content:
             op["responses"]["204"] = {"description": route.no_content}
         by_status: dict[int, list[str]] = {}
-        errors = list(route.errors)
-        if "{" in route.template:
-            # A path parameter that does not match its pattern matches no route.
-            errors.append(ErrorCode.NOT_FOUND)
-        for code in errors:
+        for code in route.errors:
             by_status.setdefault(STATUS[code], []).append(code.value)
         for status, codes in sorted(by_status.items()):
             op["responses"][str(status)] = {
@@ -119,7 +122,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         paths.setdefault(route.template, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Tetherless relay", "version": API_VERSION},
+        "info": {"title": "Tetherless relay", "version": API_VERSION, "description": GENERIC_ERRORS_NOTE},
         "paths": paths,
         "components": {
             "schemas": components,

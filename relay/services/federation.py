@@ -7,6 +7,12 @@ Decided here (no HTTP, no SQL):
 - **inbound authentication** — RFC 9421 signature checks in a fixed order
   (size, signature present, freshness, destination, digest, policy, key,
   signature, rate, replay) so a rejected request never writes to the store;
+  key discovery is capped (concurrency, one fetch per origin at a time,
+  failures cached) and honours operator key pins;
+- **peer addresses** — outside the static peer table, a relay never connects
+  to an IP-literal name (open mode) or to a loopback, private, link-local,
+  multicast or reserved address; names are resolved once and the connection
+  goes to the address that was checked (:meth:`FederationService.endpoint`);
 - **receiving** — per-envelope outcomes, deduplicated by (origin, envelope id);
 - **sending** — a worker drains each peer's durable outbox in batches, with
   exponential backoff and jitter per peer after failures;
@@ -20,9 +26,12 @@ The network is behind :class:`PeerTransport` (implemented by
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import math
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
@@ -31,7 +40,7 @@ import trio
 
 from protocol import codec, federation
 from protocol.errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
-from protocol.ids import Address
+from protocol.ids import RELAY_PATTERN, Address
 from protocol.messages import (
     DeliverRequest,
     DeliverResponse,
@@ -58,6 +67,9 @@ PREFIX: Final = "/federation/v1"
 DELIVER_PATH: Final = PREFIX + "/deliver"
 KEY_CACHE_SECONDS: Final = 300.0
 KEY_REFETCH_SECONDS: Final = 10.0  # at most one re-fetch per origin this often (unknown key ids)
+KEY_FAILURE_CACHE_SECONDS: Final = 30.0  # a failed key fetch is answered from memory this long
+KEY_FETCH_CONCURRENCY: Final = 16  # key fetches in flight at once, all origins together
+MAX_KEY_CACHE_ORIGINS: Final = 10_000  # origins remembered (keys or failures); least recently used dropped
 DEFERRED_RETRY_SECONDS: Final = 30.0
 MAX_ERROR_CHARS: Final = 300
 T = TypeVar("T")
@@ -81,6 +93,13 @@ class PeerUnreachableError(Exception):
 
 
 class PeerTransport(Protocol):
+    async def resolve(self, host: str, port: int, *, timeout_seconds: float) -> list[str]:
+        """Every address ``host`` resolves to (IP strings, no duplicates), within ``timeout_seconds``.
+
+        Raises :class:`PeerUnreachableError` when the name does not resolve.
+        Cancellation abandons the lookup.
+        """
+
     async def request(
         self,
         base_url: str,
@@ -91,10 +110,16 @@ class PeerTransport(Protocol):
         *,
         timeout_seconds: float,
         max_response_bytes: int,
+        connect_to: Sequence[str] = (),
     ) -> PeerResponse:
         """One HTTP request to ``base_url`` + ``path``; the whole exchange within ``timeout_seconds``.
 
-        Raises :class:`PeerUnreachableError` on any failure to get a complete
+        ``connect_to``, when not empty, are the only addresses a new
+        connection may go to (in order; the caller checked them), instead of
+        resolving the URL's host again — so DNS cannot change between the
+        check and the connection. Host header, TLS server name and
+        certificate checks still use the URL's host. Raises
+        :class:`PeerUnreachableError` on any failure to get a complete
         response of at most ``max_response_bytes``. Cancellation abandons
         the request (the connection is closed).
         """
@@ -116,6 +141,63 @@ def parse_peers(text: str) -> dict[str, str]:
     return peers
 
 
+def parse_peer_keys(text: str) -> dict[str, frozenset[str]]:
+    """``"NAME=KEYID KEYID,NAME=KEYID"`` (config ``peer_keys``) → {name: pinned relay key ids}."""
+    pins: dict[str, frozenset[str]] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, _, ids = entry.partition("=")
+        pins[name.strip().lower()] = pins.get(name.strip().lower(), frozenset()) | frozenset(ids.split())
+    return pins
+
+
+# -- peer addresses: where a relay may connect (docs/federation.md §1.1) ----------------------------
+
+_RELAY_NAME = re.compile(RELAY_PATTERN)
+_NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+
+
+def split_relay_name(name: str) -> tuple[str, int | None]:
+    """``host[:port]`` → (host without IPv6 brackets, port or None). Raises ``invalid_field``."""
+    if not _RELAY_NAME.match(name):
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"not a relay name: {name[:100]!r}")
+    host, port = name, None
+    if ":" in name and not name.endswith("]"):
+        host, _, digits = name.rpartition(":")
+        port = int(digits)
+        if not 0 < port < 65536:
+            raise TetherlessError(ErrorCode.INVALID_FIELD, f"not a relay name: {name[:100]!r}")
+    return host.strip("[]").lower(), port
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells in standard form, or None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def numeric_host(host: str) -> bool:
+    """Whether ``host`` is an address in any spelling: standard, or one whose last label is numeric
+    (``127.1``, ``2130706433``, ``0x7f.1``), which resolvers read as IPv4 — no DNS top-level label is."""
+    return ip_literal(host) is not None or bool(_NUMERIC_LABEL.match(host.rstrip(".").rpartition(".")[2]))
+
+
+def public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """False for loopback, private, shared, link-local, multicast, unspecified, reserved and documentation
+    addresses — also when an IPv6 address embeds one (IPv4-mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not public_address(embedded):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 @dataclass(frozen=True, slots=True)
 class FederationSettings:
     mode: str = "off"  # "open", "allowlist", "off"
@@ -131,6 +213,7 @@ class FederationSettings:
     poll_seconds: float = 2.0
     peer_requests_per_second: float = 0.0
     peer_requests_burst: float = 0.0
+    pinned_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> FederationSettings:
@@ -148,6 +231,7 @@ class FederationSettings:
             poll_seconds=config.federation_poll_seconds,
             peer_requests_per_second=config.rate_peer_requests_per_second,
             peer_requests_burst=config.rate_peer_requests_burst,
+            pinned_keys=parse_peer_keys(config.peer_keys),
         )
 
 
@@ -159,6 +243,10 @@ class Resolver:
 
     def url_for(self, relay: str) -> str:
         return self._static.get(relay.lower()) or f"https://{relay.lower()}"
+
+    def is_static(self, relay: str) -> bool:
+        """Whether the operator configured ``relay``'s URL (then no address rule applies to it)."""
+        return relay.lower() in self._static
 
     @property
     def configured(self) -> frozenset[str]:
@@ -175,6 +263,13 @@ def backoff_seconds(failures: int, minimum: float, maximum: float, unit_random: 
 class _OriginKeys:
     keys: list[RelayKey]
     fetched_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyFailure:
+    code: ErrorCode
+    message: str
+    until: float
 
 
 class _DeliveryFailedError(Exception):
@@ -206,7 +301,10 @@ class FederationService:
         self._accounts = accounts
         self.resolver = Resolver(settings.peers)
         self._labelled = self.resolver.configured | settings.allow
-        self._keys: dict[str, _OriginKeys] = {}
+        self._keys: OrderedDict[str, _OriginKeys] = OrderedDict()
+        self._key_failures: OrderedDict[str, _KeyFailure] = OrderedDict()
+        self._key_fetches = trio.CapacityLimiter(KEY_FETCH_CONCURRENCY)
+        self._key_fetching: dict[str, trio.Event] = {}
         self._peer_limiter = KeyedLimiter(settings.peer_requests_per_second, settings.peer_requests_burst)
         self._wake = trio.Event()
         self._active: set[str] = set()
@@ -219,7 +317,13 @@ class FederationService:
         return self.settings.mode != "off" and self._keyring is not None
 
     def check_peer(self, relay: str) -> None:
-        """Raises ``remote_recipient`` when federation is off, ``peer_forbidden`` when policy refuses ``relay``."""
+        """Whether this relay federates with ``relay``, judged from its name alone (no I/O).
+
+        Raises ``remote_recipient`` when federation is off, ``peer_forbidden``
+        when policy refuses ``relay``, ``invalid_field`` for a name that is
+        not ``host[:port]``, and ``peer_address_refused`` for an address
+        rule that needs no DNS (:meth:`check_peer_name`). Idempotent.
+        """
         if not self.enabled:
             raise TetherlessError(ErrorCode.REMOTE_RECIPIENT, f"{relay} is not this relay; federation is off")
         name = relay.lower()
@@ -227,6 +331,66 @@ class FederationService:
             return
         if name in self.settings.deny or (self.settings.mode == "allowlist" and name not in self.settings.allow):
             raise TetherlessError(ErrorCode.PEER_FORBIDDEN, f"this relay does not federate with {relay}")
+        self.check_peer_name(name)
+
+    def check_peer_name(self, relay: str) -> None:
+        """The address rules that need no DNS; static peers (``peers``) are exempt from all of them.
+
+        Raises ``invalid_field`` (not ``host[:port]``) and
+        ``peer_address_refused``: in ``open`` mode for any IP-literal name
+        (an unauthenticated request could otherwise aim this relay at any
+        address), in ``allowlist`` mode for an allow-listed literal that is
+        not a public address.
+        """
+        if self.resolver.is_static(relay):
+            return
+        host, _ = split_relay_name(relay)
+        if not numeric_host(host):
+            return
+        literal = ip_literal(host)
+        if self.settings.mode == "open" or literal is None or not public_address(literal):
+            raise TetherlessError(
+                ErrorCode.PEER_ADDRESS_REFUSED,
+                f"{relay} is an IP address; this relay federates with it only as a configured peer",
+            )
+
+    async def endpoint(self, relay: str) -> tuple[str, tuple[str, ...]]:
+        """Where to reach ``relay``: its base URL and the addresses a new connection may use.
+
+        A static peer's URL is the operator's: the addresses are empty (the
+        transport resolves it). Any other name is resolved here, once, and
+        refused if any address is not public (:func:`public_address`); the
+        caller passes the checked addresses to the transport, so a DNS answer
+        that changes in between (rebinding) cannot redirect the connection.
+        Raises ``invalid_field`` / ``peer_address_refused`` and
+        :class:`PeerUnreachableError` (no transport, the name does not
+        resolve). Cancellation abandons the lookup.
+        """
+        base_url = self.resolver.url_for(relay)
+        if self.resolver.is_static(relay):
+            return base_url, ()
+        if self._transport is None:
+            raise PeerUnreachableError("this relay has no outbound transport")
+        self.check_peer_name(relay)
+        host, port = split_relay_name(relay)
+        literal = ip_literal(host)
+        if literal is not None:
+            return base_url, (str(literal),)
+        addresses = await self._transport.resolve(host, port or 443, timeout_seconds=self.settings.timeout_seconds)
+        for text in addresses:
+            try:
+                public = public_address(ipaddress.ip_address(text))
+            except ValueError:  # a scoped IPv6 address (fe80::1%eth0) is link-local anyway
+                public = False
+            if not public:
+                log.info("not connecting to %s: it resolves to the non-public address %s", relay, text)
+                raise TetherlessError(
+                    ErrorCode.PEER_ADDRESS_REFUSED,
+                    f"{relay} resolves to a loopback, private, link-local, multicast or reserved address",
+                )
+        if not addresses:
+            raise PeerUnreachableError(f"{host} has no address")
+        return base_url, tuple(addresses)
 
     def peer_label(self, relay: str) -> str:
         """The metrics label for ``relay``: its name if configured, else "other" (bounded label set)."""
@@ -261,13 +425,20 @@ class FederationService:
         )
 
     async def _signed_request(self, peer: str, method: str, path: str, body: bytes, kind: str) -> PeerResponse:
-        """A signed request to ``peer``; raises ``PeerUnreachableError``. Counts metrics."""
-        if self._transport is None:
-            raise PeerUnreachableError("this relay has no outbound transport")
-        base_url = self.resolver.url_for(peer)
+        """A signed request to ``peer``; raises ``PeerUnreachableError`` and ``peer_address_refused``
+        (:meth:`endpoint`: nothing is sent). Counts metrics."""
+        label = self.peer_label(peer)
+        try:
+            base_url, addresses = await self.endpoint(peer)
+        except TetherlessError:
+            metrics.federation_requests_total.labels(label, "out", kind, "refused").inc()
+            raise
+        except PeerUnreachableError:
+            metrics.federation_requests_total.labels(label, "out", kind, "unreachable").inc()
+            raise
+        assert self._transport is not None  # endpoint() raised otherwise
         headers = self._signed_headers(base_url, method, path, body, peer)
         headers += [("content-type", codec.MSGPACK), ("accept", codec.MSGPACK)]
-        label = self.peer_label(peer)
         started = time.perf_counter()
         try:
             response = await self._transport.request(
@@ -278,6 +449,7 @@ class FederationService:
                 body,
                 timeout_seconds=self.settings.timeout_seconds,
                 max_response_bytes=self.settings.max_body_bytes,
+                connect_to=addresses,
             )
         except PeerUnreachableError:
             metrics.federation_requests_total.labels(label, "out", kind, "unreachable").inc()
@@ -295,12 +467,15 @@ class FederationService:
         """Check a federation request's signature; returns the origin relay's name.
 
         Raises, in this order: ``body_too_large``, ``signature_missing``,
-        ``bad_signature`` (malformed), ``signature_expired``,
-        ``wrong_destination``, ``digest_mismatch``, ``remote_recipient`` /
-        ``peer_forbidden`` (policy), ``unknown_relay_key`` /
-        ``peer_unavailable`` (key lookup), ``bad_signature``,
+        ``bad_signature`` (malformed, or an origin that is not a relay name),
+        ``signature_expired``, ``wrong_destination``, ``digest_mismatch``,
+        ``remote_recipient`` / ``peer_forbidden`` / ``peer_address_refused``
+        (policy and address rules, before any connection),
+        ``unknown_relay_key`` / ``peer_address_refused`` / ``peer_unavailable``
+        (key lookup: pins, resolved addresses, fetch), ``bad_signature``,
         ``rate_limited``, ``signature_replayed``. Only a request that passes
-        every check writes anything (its nonce).
+        every check writes anything (its nonce). Cancellation may abandon a
+        key fetch; nothing is written then.
         """
         try:
             origin = await self._authenticate(method, path, authority, headers, body)
@@ -328,6 +503,8 @@ class FederationService:
         )
         if not self.enabled:
             raise TetherlessError(ErrorCode.PEER_FORBIDDEN, "federation is off on this relay")
+        if not _RELAY_NAME.match(signed.origin):
+            raise TetherlessError(ErrorCode.BAD_SIGNATURE, "Tetherless-Origin is not a relay name")
         self.check_peer(signed.origin)
         if signed.origin == self._ctx.relay_name:
             raise TetherlessError(ErrorCode.PEER_FORBIDDEN, "a relay does not federate with itself")
@@ -344,36 +521,85 @@ class FederationService:
         return signed.origin
 
     async def _origin_key(self, origin: str, key_id: str) -> bytes:
-        now = trio.current_time()
-        cached = self._keys.get(origin)
-        if cached is not None and now - cached.fetched_at < KEY_CACHE_SECONDS:
-            try:
-                return federation.select_relay_key(cached.keys, key_id, self._ctx.clock_ms())
-            except TetherlessError:
-                if now - cached.fetched_at < KEY_REFETCH_SECONDS:
-                    raise
-        keys = await self._fetch_keys(origin)
-        self._keys[origin] = _OriginKeys(keys, now)
+        """``origin``'s public key ``key_id``, from the cache or its discovery document.
+
+        Pinned origins (``peer_keys``) are refused any other key id before
+        anything is fetched. Fetches are capped: one per origin at a time
+        (concurrent requests wait for it), :data:`KEY_FETCH_CONCURRENCY` in
+        all (beyond: ``peer_unavailable`` at once), at most one re-fetch per
+        :data:`KEY_REFETCH_SECONDS` for unknown key ids, and a failure is
+        answered from memory for :data:`KEY_FAILURE_CACHE_SECONDS` — so
+        requests naming unreachable or refused origins cost no connections.
+        """
+        pins = self.settings.pinned_keys.get(origin)
+        if pins is not None and key_id not in pins:
+            raise TetherlessError(ErrorCode.UNKNOWN_RELAY_KEY, f"relay key {key_id} is not pinned for {origin}")
+        while True:
+            now = trio.current_time()
+            failure = self._key_failures.get(origin)
+            if failure is not None and now < failure.until:
+                raise TetherlessError(failure.code, failure.message)
+            cached = self._keys.get(origin)
+            if cached is not None and now - cached.fetched_at < KEY_CACHE_SECONDS:
+                try:
+                    return federation.select_relay_key(cached.keys, key_id, self._ctx.clock_ms())
+                except TetherlessError:
+                    if now - cached.fetched_at < KEY_REFETCH_SECONDS:
+                        raise
+            pending = self._key_fetching.get(origin)
+            if pending is None:
+                break
+            await pending.wait()  # the fetch in flight decides (keys, or a remembered failure)
+        borrower = object()  # the limiter refuses a borrower twice; a fresh one per fetch
+        try:
+            self._key_fetches.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            raise TetherlessError(
+                ErrorCode.PEER_UNAVAILABLE, "too many relay key fetches in progress", retry_after_seconds=1
+            ) from None
+        done = self._key_fetching[origin] = trio.Event()
+        try:
+            keys = await self._fetch_keys(origin)
+        except TetherlessError as exc:
+            _remember(self._key_failures, origin, _KeyFailure(exc.code, exc.detail, now + KEY_FAILURE_CACHE_SECONDS))
+            raise
+        finally:
+            self._key_fetches.release_on_behalf_of(borrower)
+            del self._key_fetching[origin]
+            done.set()
+        if pins is not None:
+            keys = [key for key in keys if key.key_id in pins]
+        self._key_failures.pop(origin, None)
+        _remember(self._keys, origin, _OriginKeys(keys, now))
         return federation.select_relay_key(keys, key_id, self._ctx.clock_ms())
 
     async def _fetch_keys(self, origin: str) -> list[RelayKey]:
-        if self._transport is None:
-            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, "no outbound transport to fetch relay keys")
+        """``origin``'s published keys. Raises ``peer_address_refused``, ``peer_unavailable`` and
+        ``unknown_relay_key`` (the document names another relay)."""
         label = self.peer_label(origin)
         try:
+            base_url, addresses = await self.endpoint(origin)
+            assert self._transport is not None  # endpoint() raised otherwise
             response = await self._transport.request(
-                self.resolver.url_for(origin),
+                base_url,
                 "GET",
                 "/.well-known/tetherless",
                 [("accept", codec.MSGPACK)],
                 b"",
                 timeout_seconds=self.settings.timeout_seconds,
                 max_response_bytes=256 * 1024,
+                connect_to=addresses,
             )
             if response.status != 200:
                 raise PeerUnreachableError(f"HTTP {response.status}")
             doc = codec.decode(response.body, WellKnown, _media_type(response))
-        except (PeerUnreachableError, TetherlessError) as exc:
+        except TetherlessError as exc:
+            if exc.code is ErrorCode.PEER_ADDRESS_REFUSED:
+                metrics.federation_requests_total.labels(label, "out", "keys", "refused").inc()
+                raise
+            metrics.federation_requests_total.labels(label, "out", "keys", "failed").inc()
+            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"cannot fetch the keys of {origin}") from exc
+        except PeerUnreachableError as exc:
             metrics.federation_requests_total.labels(label, "out", "keys", "failed").inc()
             raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"cannot fetch the keys of {origin}") from exc
         metrics.federation_requests_total.labels(label, "out", "keys", "200").inc()
@@ -454,8 +680,9 @@ class FederationService:
 
         The chain is not trusted here: clients verify it from the genesis list
         (the account id is derived from the genesis key). Raises
-        ``unknown_account``, ``remote_recipient`` / ``peer_forbidden`` (policy)
-        and ``peer_unavailable``.
+        ``unknown_account``, ``remote_recipient`` / ``peer_forbidden`` (policy),
+        ``invalid_field`` / ``peer_address_refused`` (address rules: nothing
+        is sent) and ``peer_unavailable``. Idempotent (a read).
         """
         relay = relay.lower()
         if relay == self._ctx.relay_name:
@@ -484,9 +711,10 @@ class FederationService:
         """POST ``message`` to ``relay``'s federation API (``PREFIX + path``), signed; decode its 200 answer.
 
         For request/response calls of other services (prekey claims). Raises
-        ``remote_recipient`` / ``peer_forbidden`` (policy) and
-        ``peer_unavailable`` (unreachable, any other status, or garbage).
-        Not retried; nothing is stored.
+        ``remote_recipient`` / ``peer_forbidden`` (policy),
+        ``invalid_field`` / ``peer_address_refused`` (address rules: nothing
+        is sent) and ``peer_unavailable`` (unreachable, any other status, or
+        garbage). Not retried; nothing is stored.
         """
         relay = relay.lower()
         self.check_peer(relay)
@@ -606,6 +834,8 @@ class FederationService:
             response = await self._signed_request(peer, "POST", DELIVER_PATH, codec.encode(request), "deliver")
         except PeerUnreachableError as exc:
             raise _DeliveryFailedError(f"unreachable: {exc}") from exc
+        except TetherlessError as exc:  # an address rule: nothing was sent; DNS may change, so retried later
+            raise _DeliveryFailedError(f"{exc.code.value}: {exc.detail}") from exc
         if response.status != 200:
             error = error_from_problem(response.status, response.body)
             code = error.code.value if isinstance(error, RemoteError) else "no problem document"
@@ -615,6 +845,17 @@ class FederationService:
         except TetherlessError as exc:
             raise _DeliveryFailedError(f"garbage answer: {exc.code.value}") from exc
         return {r.id: r.outcome for r in answer.results}
+
+
+V = TypeVar("V")
+
+
+def _remember(cache: OrderedDict[str, V], key: str, value: V) -> None:
+    """Store ``value`` as the most recent entry; drop the least recent beyond :data:`MAX_KEY_CACHE_ORIGINS`."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > MAX_KEY_CACHE_ORIGINS:
+        cache.popitem(last=False)
 
 
 def _fit(batch: list[OutboxRecord], max_bytes: int) -> list[OutboxRecord]:

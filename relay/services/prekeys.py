@@ -12,6 +12,13 @@ Rules decided here (the store applies them atomically):
   at most ``one_time_per_pair`` keys of each one-time kind per (claiming
   account, device) per window, so one sender cannot drain a device; claims
   are rate-limited per claiming device;
+- the per-pair limit trusts the claiming account a peer relay names, so two
+  more budgets (token buckets in memory, per process) bound one-time claims
+  whatever the names: per origin relay (all its claimers together) and per
+  target device (all claimers, local and remote, together). A claim past
+  either is still answered, with the signed prekey and the last-resort key
+  only (docs/security.md, "Federation: internal addresses and prekey
+  draining") — a drainer gets nothing more, and a sender is never blocked;
 - devices of other relays are claimed from their home relay with one signed
   federation request per relay (``POST /federation/v1/prekeys/claim``, which
   counts the per-pair limit under (claiming account, origin relay)); an
@@ -45,7 +52,7 @@ from relay import metrics
 from relay.config import Config
 from relay.ratelimit import KeyedLimiter
 from relay.store import Store
-from relay.store.base import PrekeyState, StoredPrekey
+from relay.store.base import ClaimedBundle, PrekeyState, StoredPrekey
 
 from .abuse import check_limit
 from .auth import Principal
@@ -69,6 +76,8 @@ class PrekeySettings:
     claims_burst: float = 100.0
     one_time_per_pair: int = 3
     one_time_window_seconds: int = 3600
+    one_time_per_origin: int = 1000  # per one_time_window_seconds; 0: no limit
+    one_time_per_device: int = 100  # per one_time_window_seconds; 0: no limit
     enrolment_ttl_seconds: int = 600
     enrolment_lookups_per_minute: float = 10.0
 
@@ -78,6 +87,8 @@ class PrekeySettings:
             claims_per_second=config.rate_prekey_claims_per_second,
             claims_burst=config.rate_prekey_claims_burst,
             one_time_per_pair=config.prekey_one_time_per_pair_per_hour,
+            one_time_per_origin=config.prekey_one_time_per_origin_per_hour,
+            one_time_per_device=config.prekey_one_time_per_device_per_hour,
             enrolment_ttl_seconds=config.enrolment_ttl_seconds,
             enrolment_lookups_per_minute=config.rate_enrolment_lookups_per_minute,
         )
@@ -115,6 +126,9 @@ class PrekeyService:
         self.settings = settings
         self._federation = federation
         self._claims = KeyedLimiter(settings.claims_per_second, settings.claims_burst)
+        window = settings.one_time_window_seconds
+        self._origin_one_time = KeyedLimiter(settings.one_time_per_origin / window, settings.one_time_per_origin)
+        self._device_one_time = KeyedLimiter(settings.one_time_per_device / window, settings.one_time_per_device)
 
     async def _sign_key(self, principal: Principal) -> bytes:
         device = await self._store.get_device(principal.device_id)
@@ -161,8 +175,10 @@ class PrekeyService:
         """``POST /v1/prekeys/claim``: one bundle per named device; the rest ``missing``.
 
         Local bundles come first in request order, then those of other relays
-        (match them by ``address``). Raises ``rate_limited`` (per claiming
-        device) and ``invalid_field`` (a name that is not a device address).
+        (match them by ``address``); past a target device's one-time budget
+        its bundle has the last-resort key only. Raises ``rate_limited`` (per
+        claiming device) and ``invalid_field`` (a name that is not a device
+        address).
         Not idempotent: served one-time keys are gone (deleted in the claim's
         transaction); on cancellation they may or may not have been served.
         """
@@ -185,26 +201,53 @@ class PrekeyService:
         """``POST /federation/v1/prekeys/claim``: bundles of this relay's devices for a user of ``origin``.
 
         The per-pair limit counts under (``claimer_account``, ``origin``), so
-        a relay can only spend allowances in its own name. Addresses of other
-        relays are ``missing``. Raises ``invalid_field``.
+        a relay can only spend allowances in its own name; the per-origin
+        and per-device budgets hold however it names its claimers. Addresses
+        of other relays are ``missing``. Raises ``invalid_field``. Not
+        idempotent, like :meth:`claim`.
         """
         addresses = _device_addresses(request.devices)
         local = [a for a in addresses if a.relay == self._ctx.relay_name]
-        bundles, missing = await self._claim_local(f"{request.claimer_account}@{origin}", local)
+        bundles, missing = await self._claim_local(f"{request.claimer_account}@{origin}", local, origin)
         missing += [str(a) for a in addresses if a.relay != self._ctx.relay_name]
         metrics.prekey_claims_missing_total.inc(len(missing))
         return ClaimPrekeysResponse(bundles=bundles, missing=missing)
 
-    async def _claim_local(self, claimer: str, local: list[Address]) -> tuple[list[PrekeyBundle], list[str]]:
+    def _one_time_allowed(self, device_id: str, origin: str | None) -> bool:
+        """Spend one claim of ``origin``'s (if a peer asks) and ``device_id``'s budgets; False when one is empty.
+
+        A claim spends whether or not a one-time key is left to serve: the
+        budgets bound what could be taken, which is what draining is about.
+        """
+        if origin is not None and self._origin_one_time.take(origin) > 0:
+            metrics.prekey_one_time_withheld_total.labels("origin").inc()
+            return False
+        if self._device_one_time.take(device_id) > 0:
+            metrics.prekey_one_time_withheld_total.labels("device").inc()
+            return False
+        return True
+
+    async def _claim_local(
+        self, claimer: str, local: list[Address], origin: str | None = None
+    ) -> tuple[list[PrekeyBundle], list[str]]:
         if not local:
             return [], []
-        claimed = await self._store.claim_prekeys(
-            claimer,
-            [(a.account, a.device) for a in local],
-            self._ctx.clock_ms(),
-            self.settings.one_time_per_pair,
-            self.settings.one_time_window_seconds * 1000,
-        )
+        allowed = [self._one_time_allowed(a.device, origin) for a in local]
+        claimed: list[ClaimedBundle | None] = [None] * len(local)
+        # Past a budget the store is asked with a per-pair limit of 0: signed and last-resort keys only.
+        for may, limit in ((True, self.settings.one_time_per_pair), (False, 0)):
+            indexes = [i for i, a in enumerate(allowed) if a is may]
+            if not indexes:
+                continue
+            answer = await self._store.claim_prekeys(
+                claimer,
+                [(local[i].account, local[i].device) for i in indexes],
+                self._ctx.clock_ms(),
+                limit,
+                self.settings.one_time_window_seconds * 1000,
+            )
+            for index, bundle in zip(indexes, answer, strict=True):
+                claimed[index] = bundle
         bundles: list[PrekeyBundle] = []
         missing: list[str] = []
         for address, bundle in zip(local, claimed, strict=True):

@@ -6,11 +6,15 @@ request, response), the response body is capped, and any protocol
 violation, timeout or oversize answer becomes
 :class:`~relay.services.PeerUnreachableError`. Idle keep-alive connections
 are reused per base URL (a few at most); a connection that misbehaves once
-is closed.
+is closed. Which addresses may be connected to is decided by the federation
+service: it resolves names with :meth:`OutboundClient.resolve`, checks the
+answer, and passes the checked addresses back as ``connect_to``, which is
+all a new connection then uses (no second lookup for DNS to change).
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Final
@@ -54,6 +58,16 @@ class OutboundClient:
             for conn in conns:
                 await conn.aclose()
 
+    async def resolve(self, host: str, port: int, *, timeout_seconds: float) -> list[str]:
+        """Every TCP address of ``host`` (system resolver); see :class:`relay.services.PeerTransport`."""
+        with trio.move_on_after(timeout_seconds):
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError; IDNA failures are UnicodeError
+                raise PeerUnreachableError(f"cannot resolve {host}: {exc}") from exc
+            return list(dict.fromkeys(str(info[4][0]) for info in infos))
+        raise PeerUnreachableError(f"cannot resolve {host} within {timeout_seconds}s")
+
     async def request(
         self,
         base_url: str,
@@ -64,17 +78,19 @@ class OutboundClient:
         *,
         timeout_seconds: float,
         max_response_bytes: int,
+        connect_to: Sequence[str] = (),
     ) -> PeerResponse:
         """One request; see :class:`relay.services.PeerTransport`. Raises ``PeerUnreachableError``."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise PeerUnreachableError(f"unusable peer URL {base_url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         with trio.move_on_after(timeout_seconds) as scope:
             conn = self._take_idle(base_url)
             reused = conn is not None
             try:
                 if conn is None:
-                    conn = await self._connect(parts.scheme, parts.hostname, parts.port)
+                    conn = await self._connect(parts.scheme, parts.hostname, port, connect_to)
                 try:
                     response, reusable = await self._exchange(
                         conn, parts.netloc, method, path, headers, body, max_response_bytes
@@ -84,7 +100,7 @@ class OutboundClient:
                     if not reused:
                         raise
                     # A kept-alive connection the peer had closed: try once on a fresh one.
-                    conn = await self._connect(parts.scheme, parts.hostname, parts.port)
+                    conn = await self._connect(parts.scheme, parts.hostname, port, connect_to)
                     response, reusable = await self._exchange(
                         conn, parts.netloc, method, path, headers, body, max_response_bytes
                     )
@@ -114,11 +130,19 @@ class OutboundClient:
         conns.append(conn)
         return True
 
-    async def _connect(self, scheme: str, host: str, port: int | None) -> _Connection:
-        try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port or (443 if scheme == "https" else 80))
-        except OSError as exc:
-            raise PeerUnreachableError(f"cannot connect to {host}: {exc.strerror or exc}") from exc
+    async def _connect(self, scheme: str, host: str, port: int, connect_to: Sequence[str]) -> _Connection:
+        """A connection to ``host`` — to the first of ``connect_to`` that answers, when given (no DNS then)."""
+        stream: trio.abc.Stream | None = None
+        error: OSError | None = None
+        for target in connect_to or (host,):
+            try:
+                stream = await trio.open_tcp_stream(target, port)
+                break
+            except OSError as exc:
+                error = exc
+        if stream is None:
+            assert error is not None
+            raise PeerUnreachableError(f"cannot connect to {host}: {error.strerror or error}") from error
         if scheme == "https":
             tls = trio.SSLStream(stream, self._ssl_context, server_hostname=host, https_compatible=True)
             await tls.do_handshake()

@@ -21,6 +21,7 @@ WORKLOAD_KINDS = ("StatefulSet", "Deployment")
 SELECTOR = {"app.kubernetes.io/name": "tetherless", "app.kubernetes.io/instance": "tetherless"}
 SECRET_LOOKING = re.compile(r"DATABASE|PASSWORD|SECRET|TOKEN|TLS_KEY|RELAY_KEY|PRIVATE", re.IGNORECASE)
 SCENARIO_NAMES = [path.name for path in render.SCENARIOS]
+METRICS_LABEL = "tetherless.dev/metrics"
 OVERLAY_NAMES = [path.name for path in render.OVERLAYS]
 
 
@@ -229,6 +230,47 @@ def test_optional_objects_are_off_by_default(rendered_scenarios: dict[str, list[
     assert kinds == {"ConfigMap", "Service", "ServiceAccount", "StatefulSet"}
 
 
+# -- metrics on their own listener ----------------------------------------------------------
+
+
+def test_metrics_have_their_own_port_and_service(everything: list[tuple[str, list[Manifest]]]) -> None:
+    """Chart defaults and both overlays: /metrics on port 9090 only, behind tetherless-metrics."""
+    for what, manifests in everything:
+        env = config_env(manifests)
+        assert env["TETHERLESS_METRICS_LISTEN"] == "0.0.0.0:9090", what
+        assert env["TETHERLESS_METRICS_ON_MAIN_PORT"] == "false", what
+        pod = workload(manifests)["spec"]["template"]["spec"]
+        ports = {p["name"]: p["containerPort"] for p in relay_container(pod)["ports"]}
+        assert ports == {"http": 8080, "metrics": 9090}, what
+        services = {s["metadata"]["name"]: s for s in of_kind(manifests, "Service")}
+        metrics = services["tetherless-metrics"]
+        assert metrics["metadata"]["labels"][METRICS_LABEL] == "true", what
+        assert [p["port"] for p in metrics["spec"]["ports"]] == [9090], what
+        others = [s for name, s in services.items() if name != "tetherless-metrics"]
+        assert all(p["name"] == "http" for s in others for p in s["spec"]["ports"]), what
+
+
+def test_metrics_port_zero_serves_metrics_on_the_client_port(require: Callable[[str], str]) -> None:
+    require("helm_python")
+    values = render.load_values(render.CHART / "ci" / "postgres-ha-values.yaml")
+    values["metrics"]["port"] = 0
+    manifests, _ = render.render_chart(values)
+    assert "TETHERLESS_METRICS_LISTEN" not in config_env(manifests)
+    assert "tetherless-metrics" not in {s["metadata"]["name"] for s in of_kind(manifests, "Service")}
+    monitor = only(manifests, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == SELECTOR
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    (ingress,) = only(manifests, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+def test_metrics_port_must_differ_from_the_relay_port(require: Callable[[str], str]) -> None:
+    helm_python = pytest.importorskip(require("helm_python"))
+    values = {"relay": {"name": "r.example.org"}, "metrics": {"port": 8080}}
+    with pytest.raises(helm_python.HelmRenderError, match=r"metrics\.port must differ from containerPort"):
+        render.render_chart(values)
+
+
 # -- secrets, services, labels --------------------------------------------------------
 
 
@@ -250,6 +292,11 @@ def test_services_speak_h2c_to_the_named_port(everything: list[tuple[str, list[M
         for service in of_kind(manifests, "Service"):
             assert service["spec"]["selector"] == SELECTOR, what
             for port in service["spec"]["ports"]:
+                if port["name"] == "metrics":  # the separate /metrics listener: plain HTTP, never public
+                    assert (port["appProtocol"], port["targetPort"]) == ("http", "metrics"), what
+                    assert service["spec"]["type"] == "ClusterIP", what
+                    assert len(service["spec"]["ports"]) == 1, f"{what}: the metrics Service exposes only metrics"
+                    continue
                 assert port["appProtocol"] == "kubernetes.io/h2c", what
                 assert port["targetPort"] == "http", what
 
@@ -263,9 +310,10 @@ def test_labels_and_selectors_agree(everything: list[tuple[str, list[Manifest]]]
         spec = workload(manifests)["spec"]
         assert spec["selector"]["matchLabels"] == SELECTOR, what
         assert spec["template"]["metadata"]["labels"].items() >= SELECTOR.items(), what
-        for kind in ("PodDisruptionBudget", "ServiceMonitor"):
-            for manifest in of_kind(manifests, kind):
-                assert manifest["spec"]["selector"]["matchLabels"] == SELECTOR, f"{what}: {kind}"
+        for manifest in of_kind(manifests, "PodDisruptionBudget"):
+            assert manifest["spec"]["selector"]["matchLabels"] == SELECTOR, what
+        for manifest in of_kind(manifests, "ServiceMonitor"):  # selects the metrics Service
+            assert manifest["spec"]["selector"]["matchLabels"] == {**SELECTOR, METRICS_LABEL: "true"}, what
         for policy in of_kind(manifests, "NetworkPolicy"):
             assert policy["spec"]["podSelector"]["matchLabels"] == SELECTOR, what
 
@@ -310,7 +358,7 @@ def test_servicemonitor_scrapes_metrics(rendered_scenarios: dict[str, list[Manif
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert (endpoint["port"], endpoint["path"], endpoint["scheme"]) == ("metrics", "/metrics", "http")
 
 
 def test_networkpolicy_opens_the_relay_port_and_the_database_only(
@@ -318,9 +366,11 @@ def test_networkpolicy_opens_the_relay_port_and_the_database_only(
 ) -> None:
     policy = only(rendered_scenarios["postgres-ha-values.yaml"], "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    (ingress,) = policy["spec"]["ingress"]
-    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
-    assert len(ingress["from"]) == 2
+    clients, scrapers = policy["spec"]["ingress"]
+    assert clients["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert clients["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert scrapers["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert scrapers["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
     assert sorted(egress_ports) == [53, 53, 5432]
     open_policy = only(rendered_scenarios["sqlite-relay-key-values.yaml"], "NetworkPolicy")

@@ -19,10 +19,11 @@ import trio
 from protocol.errors import ErrorCode, TetherlessError
 from relay.api.application import Application
 from relay.api.context import Api
-from relay.api.http import Request, Response, problem_response
+from relay.api.http import Handler, Request, Response, problem_response
 from relay.api.ops import metrics_listener, well_known
 from relay.api.routes import all_routes
-from relay.config import Config, replace
+from relay.api.web import CHECKOUT_DIST, CorsGate, WebClient, WebClientError
+from relay.config import Config, origin_list, replace
 from relay.relay_keys import load_keyring, load_or_create_signing_key
 from relay.services import (
     FederationSettings,
@@ -46,7 +47,7 @@ class Switchboard:
     """The transport's handler: answers 503 ``unavailable`` until the application is installed."""
 
     def __init__(self) -> None:
-        self.application: Application | None = None
+        self.application: Handler | None = None
 
     async def __call__(self, request: Request) -> Response:
         if self.application is None:
@@ -65,6 +66,29 @@ def base_url(config: Config, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if config.tls else 'http'}://{host}:{port}"
+
+
+def load_web_client(config: Config, api_paths: set[str]) -> WebClient | None:
+    """The browser client to serve at ``/``, or None (turned off, or no build where the default looks).
+
+    An explicit ``web_dist`` that cannot be served stops the relay (SystemExit
+    with the reason); the default place may be empty (an installed wheel has
+    no web/dist), which is logged. Blocking file I/O: call it from a thread.
+    """
+    if not config.web_client:
+        log.info("web client: off (web_client = false)")
+        return None
+    directory = Path(config.web_dist) if config.web_dist else CHECKOUT_DIST
+    if not config.web_dist and not directory.is_dir():
+        log.warning("web client: no build at %s, so / is not served (set web_dist)", directory)
+        return None
+    connect = origin_list(config.web_connect_origins)
+    try:
+        client = WebClient.load(directory, connect_origins=connect, reserved_paths=api_paths)
+    except WebClientError as exc:
+        raise SystemExit(f"tetherless: error: web_dist {directory}: {exc}") from None
+    log.info("web client: serving %d files from %s at /", len(client.assets) - 1, directory)
+    return client
 
 
 async def open_store(config: Config, data_dir: Path) -> Store:
@@ -92,8 +116,10 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     data_dir = Path(config.data)
     relay_key = await trio.to_thread.run_sync(prepare_data_dir, data_dir)
     keyring = await trio.to_thread.run_sync(load_keyring, data_dir, wall_clock_ms())
-    outbound = OutboundClient()
+    api_routes = all_routes(metrics=config.metrics_on_main_port)
+    web_client = await trio.to_thread.run_sync(load_web_client, config, {route.template for route in api_routes})
     store = await open_store(config, data_dir)
+    outbound = OutboundClient()
     switchboard = Switchboard()
     server = Server(config, switchboard)
     # Plain HTTP whatever the client port does: scrapers reach it inside the cluster, clients never.
@@ -126,9 +152,15 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             )
             application = Application(
                 Api(services, discovery, config.stream_heartbeat_seconds),
-                all_routes(metrics=config.metrics_on_main_port),
+                api_routes,
+                unlisted=web_client.routes if web_client else (),
             )
-            switchboard.application = application
+            cors_origins = origin_list(config.cors_allowed_origins)
+            switchboard.application = (
+                CorsGate(application, cors_origins, {route.method for route in api_routes})
+                if cors_origins
+                else application
+            )
             nursery.start_soon(services.inbox.run_expiry, config.expiry_interval_seconds)
             # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).
             await nursery.start(store.watch_inbox_commits, services.inbox.notifier.notify)

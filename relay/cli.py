@@ -32,6 +32,7 @@ SERVE_FLAGS = {
     "log_level": ("--log-level", "debug, info, warning or error"),
     "federation": ("--federation", "open, allowlist or off (default open)"),
     "database": ("--database", "postgresql://USER:PASSWORD@HOST/DB: serve from PostgreSQL (default: SQLite in --data)"),
+    "web_dist": ("--web-dist", "directory of the built browser client served at / (default: web/dist of the checkout)"),
 }
 
 
@@ -46,11 +47,20 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=URL",
         help="static federation resolver entry, e.g. relay-b.example=https://10.0.0.7:8443 (repeatable)",
     )
+    parser.add_argument(
+        "--no-web-client",
+        dest="web_client",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not serve the browser client at / (also web_client = false)",
+    )
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, object]:
     flags: dict[str, object] = {dest: getattr(args, dest) for dest in SERVE_FLAGS}
     flags["peers"] = ",".join(args.peers) if args.peers else None
+    flags["web_client"] = args.web_client
     return flags
 
 

@@ -116,6 +116,11 @@ class Config:
     prekey_one_time_per_device_per_hour: int = 100  # claims served one-time keys, per target device (0: no limit)
     enrolment_ttl_seconds: int = 600  # an enrolment offer (link code) is usable this long
     rate_enrolment_lookups_per_minute: float = 10.0  # GET offer / POST proposal per device (burst the same)
+    # -- the browser client (docs/operations.md "Web client") ------------------------------------------------
+    web_client: bool = True  # serve the built browser client at / (flag --no-web-client turns it off)
+    web_dist: str = ""  # its directory; empty: web/dist of the checkout, and nothing served when there is none
+    web_connect_origins: str = ""  # comma-separated origins the served client may call besides this relay (CSP)
+    cors_allowed_origins: str = ""  # comma-separated origins whose web apps may call this relay's API (CORS)
 
     @property
     def relay_name(self) -> str:
@@ -192,6 +197,8 @@ def load(
                 value = ",".join(
                     f"{peer}={' '.join(ids) if isinstance(ids, list) else ids}" for peer, ids in value.items()
                 )
+            if name in ORIGIN_LISTS and isinstance(value, list):  # a TOML array of origins
+                value = ",".join(str(origin) for origin in value)
             if name not in FIELD_TYPES:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
             values[name] = _coerce(name, value, f"file {path}")
@@ -257,6 +264,25 @@ def _validate(config: Config) -> None:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
     if config.database and not config.database.startswith(("postgresql://", "postgres://")):
         raise ConfigError("database: expected empty (SQLite in data) or a postgresql:// URL")
+    for name in ORIGIN_LISTS:
+        for origin in origin_list(getattr(config, name)):
+            match = _ORIGIN.fullmatch(origin)
+            default_port = ":443" if origin.startswith("https:") else ":80"  # browsers leave it out
+            if not match or int(match["port"] or 1) > 65535 or origin.endswith(default_port):
+                raise ConfigError(
+                    f"{name}: expected origins as browsers send them, scheme://host[:port] in lower case without "
+                    f"a path or a default port (e.g. https://app.example.org), got {origin!r}"
+                )
+
+
+# Settings that hold origins (a comma-separated string; a TOML array in the file).
+ORIGIN_LISTS = ("web_connect_origins", "cors_allowed_origins")
+_ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:(?P<port>[1-9][0-9]{0,4}))?")
+
+
+def origin_list(value: str) -> tuple[str, ...]:
+    """The origins in a comma-separated setting, in order, without blanks."""
+    return tuple(origin for origin in (part.strip() for part in value.split(",")) if origin)
 
 
 def replace(config: Config, **changes: Any) -> Config:

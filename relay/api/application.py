@@ -33,12 +33,16 @@ log = logging.getLogger("relay.api")
 
 
 class Application:
-    """Dispatches requests over the route table of :mod:`relay.api.routes` (or ``routes``, in tests)."""
+    """Dispatches requests over the route table of :mod:`relay.api.routes` (or ``routes``, in tests).
 
-    def __init__(self, api: Api, routes: Sequence[Route] | None = None) -> None:
+    ``unlisted`` routes are served like the others but left out of the API
+    document: the browser client's files (:mod:`relay.api.web`).
+    """
+
+    def __init__(self, api: Api, routes: Sequence[Route] | None = None, *, unlisted: Sequence[Route] = ()) -> None:
         self.api = api
         self.routes = list(routes) if routes is not None else all_routes()
-        self.router = Router(self.routes)
+        self.router = Router([*self.routes, *unlisted])
         api.openapi_document = openapi_bytes(self.routes)
 
     @property

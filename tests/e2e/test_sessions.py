@@ -316,19 +316,56 @@ async def test_fan_out_reaches_every_device_of_both_accounts_in_one_batch(relay:
 async def test_replayed_prekey_message_is_rejected(relay: RelayProcess) -> None:
     async with v2_device(relay, "alice") as alice, v2_device(relay, "bob") as bob:
         bob_keys = keys_of(bob)
+        # A malicious relay (A1) hands out no one-time prekeys: the session starts on the signed and the
+        # last-resort keys only, so no private key is deleted on first use and a replay of this session
+        # start would open again — only the transcript replay cache (crypto.md §7.3 step 5) stops it.
+        with sqlite3.connect(relay.data_dir / "relay.sqlite3") as db:
+            db.execute(
+                "DELETE FROM prekeys WHERE device_id = ? AND kind IN (?, ?)",
+                (bob_keys.device_id, prekeys.X25519_ONE_TIME, prekeys.MLKEM_ONE_TIME),
+            )
         await alice.send(bob_keys.address, "only once")
         ((_, envelope_id, ciphertext),) = [r for r in relay_rows(relay) if r[0] == bob_keys.device_id]
+        sealed = sealed_v2.parse_inner(sealed_v2.open_outer(ciphertext, bob_keys.box_private_key))
+        assert sealed is not None
+        start = sealed_v2.prekey_message(sealed)
+        assert (start.one_time_prekey_id, start.pq_last_resort) == (None, True)
         (item,) = (await bob.fetch()).items
         assert isinstance(item, ReceivedMessage)
         await bob.ack(up_to=item.cursor)
-        # A malicious relay (A1) stores the captured session start again, as a new envelope.
-        with sqlite3.connect(relay.data_dir / "relay.sqlite3") as db:
-            db.execute(
-                "INSERT INTO envelopes (recipient, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
-                " VALUES (?, ?, 1, 4102444800000, ?)",
-                (bob_keys.device_id, os.urandom(16), ciphertext),
-            )
-        assert envelope_id not in [r[1] for r in relay_rows(relay)]
-        (replayed,) = (await bob.fetch()).items
-        assert isinstance(replayed, RejectedMessage)
+
+        async def replay() -> RejectedMessage:
+            # The relay stores the captured session start again, as a new envelope (a new id, so the
+            # processed-envelope cache does not apply).
+            with sqlite3.connect(relay.data_dir / "relay.sqlite3") as db:
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "inbox" in tables:  # schema 8: rows name their recipient by devices.device_no
+                    db.execute(
+                        "INSERT INTO inbox (recipient_no, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
+                        " SELECT device_no, ?, 1, 4102444800000, ? FROM devices WHERE device_id = ?",
+                        (os.urandom(16), ciphertext, bob_keys.device_id),
+                    )
+                else:
+                    db.execute(
+                        "INSERT INTO envelopes (recipient, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
+                        " VALUES (?, ?, 1, 4102444800000, ?)",
+                        (bob_keys.device_id, os.urandom(16), ciphertext),
+                    )
+            assert envelope_id not in [r[1] for r in relay_rows(relay)]  # the original was acknowledged
+            (replayed,) = (await bob.fetch()).items
+            assert isinstance(replayed, RejectedMessage)
+            await bob.ack(up_to=replayed.cursor)
+            return replayed
+
+        # While Bob still has the session, the replay lands on it and its message key is gone.
+        replayed = await replay()
         assert replayed.code is ErrorCode.MALFORMED_BODY
+        # Once the session is gone (evicted by newer sessions with Alice, MAX_SESSIONS_PER_PEER, or
+        # deleted), the replay runs the responder's handshake again, which succeeds: the replay cache of
+        # transcript hashes is what refuses it.
+        assert manager(bob).store.delete(T_STATE, sealed.session_id)
+        assert not manager(bob).has_session(keys_of(alice).address)
+        replayed = await replay()
+        assert replayed.code is ErrorCode.MALFORMED_BODY
+        assert "replayed session start" in replayed.detail
+        assert not manager(bob).has_session(keys_of(alice).address)

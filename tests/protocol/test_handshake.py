@@ -158,6 +158,9 @@ def test_wrong_kem_ciphertext_gives_a_different_key_on_the_responder() -> None:
     assert bob.session_id != alice.session_id
 
 
+LOW_ORDER = "X25519 output is all zero (low-order key)"
+
+
 @pytest.mark.parametrize(
     "low_order",
     [
@@ -169,7 +172,7 @@ def test_wrong_kem_ciphertext_gives_a_different_key_on_the_responder() -> None:
 def test_low_order_keys_are_refused(low_order: bytes) -> None:
     with pytest.raises(TetherlessError) as err:
         handshake.dh(IK_A, low_order)
-    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, LOW_ORDER)
     prekeys = PeerPrekeys(
         signed_prekey_id=1,
         signed_prekey=low_order,
@@ -188,19 +191,19 @@ def test_low_order_keys_are_refused(low_order: bytes) -> None:
             kem_ciphertext=bytes(1088),
             kem_shared_secret=bytes(32),
         )
-    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, LOW_ORDER)
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "detail"),
     [
-        {"signed_prekey": b"x" * 31},
-        {"one_time_prekey": b"x" * 33},
-        {"one_time_prekey_id": None},
-        {"pq_prekey": b"x" * 1183},
+        ({"signed_prekey": b"x" * 31}, "a signed prekey is 32 bytes"),
+        ({"one_time_prekey": b"x" * 33}, "a one-time prekey is 32 bytes"),
+        ({"one_time_prekey_id": None}, "a one-time prekey needs its id and vice versa"),
+        ({"pq_prekey": b"x" * 1183}, "an ML-KEM-768 public key is 1184 bytes"),
     ],
 )
-def test_bad_prekey_shapes_are_prekey_invalid(change: dict[str, object]) -> None:
+def test_bad_prekey_shapes_are_prekey_invalid(change: dict[str, object], detail: str) -> None:
     base = _prekeys()
     fields = {f: getattr(base, f) for f in base.__slots__}
     fields.update(change)
@@ -215,13 +218,77 @@ def test_bad_prekey_shapes_are_prekey_invalid(change: dict[str, object]) -> None
             kem_ciphertext=bytes(1088),
             kem_shared_secret=bytes(32),
         )
-    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, detail)
 
 
 def test_short_kem_ciphertext_and_bad_public_key_are_prekey_invalid() -> None:
     with pytest.raises(TetherlessError) as err:
         handshake.mlkem_decapsulate(PQ_SEED, bytes(1087))
-    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, "an ML-KEM-768 ciphertext is 1088 bytes")
     with pytest.raises(TetherlessError) as err:
         handshake.mlkem_check_public(b"\xff" * 1184)  # coefficients >= q: FIPS 203 modulus check
-    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, "ML-KEM-768 public key is not valid")
+
+
+def test_a_kem_shared_secret_is_32_bytes() -> None:
+    with pytest.raises(ValueError, match=r"^an ML-KEM-768 shared secret is 32 bytes$"):
+        handshake.initiate(
+            own_device_id=A_DEV,
+            identity_private_key=IK_A,
+            peer_device_id=B_DEV,
+            peer_identity_key=handshake.x25519_public(IK_B),
+            prekeys=_prekeys(),
+            ephemeral_private_key=EK,
+            kem_ciphertext=bytes(1088),
+            kem_shared_secret=bytes(31),
+        )
+
+
+@pytest.mark.parametrize(("key_id", "private"), [(11, None), (None, OPK)])
+def test_responder_one_time_prekey_needs_its_id_and_vice_versa(key_id: int | None, private: bytes | None) -> None:
+    with pytest.raises(TetherlessError) as err:
+        handshake.respond(
+            own_device_id=B_DEV,
+            identity_private_key=IK_B,
+            peer_device_id=A_DEV,
+            peer_identity_key=handshake.x25519_public(IK_A),
+            signed_prekey_id=7,
+            signed_prekey_private=SPK,
+            pq_prekey_id=9,
+            pq_last_resort=False,
+            pq_seed=PQ_SEED,
+            one_time_prekey_id=key_id,
+            one_time_prekey_private=private,
+            ephemeral_key=handshake.x25519_public(EK),
+            kem_ciphertext=bytes(1088),
+        )
+    assert (err.value.code, err.value.detail) == (
+        ErrorCode.PREKEY_INVALID,
+        "a one-time prekey needs its id and vice versa",
+    )
+
+
+def test_wrong_lengths_name_what_is_wrong() -> None:
+    with pytest.raises(TetherlessError) as err:
+        handshake.initiate(
+            own_device_id=A_DEV,
+            identity_private_key=IK_A,
+            peer_device_id=B_DEV,
+            peer_identity_key=handshake.x25519_public(IK_B),
+            prekeys=_prekeys(),
+            ephemeral_private_key=EK,
+            kem_ciphertext=bytes(1087),
+            kem_shared_secret=bytes(32),
+        )
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, "an ML-KEM-768 ciphertext is 1088 bytes")
+    with pytest.raises(TetherlessError) as err:
+        handshake.mlkem_check_public(bytes(1183))
+    assert (err.value.code, err.value.detail) == (ErrorCode.PREKEY_INVALID, "an ML-KEM-768 public key is 1184 bytes")
+    for short_seed in (handshake.mlkem_public, lambda seed: handshake.mlkem_decapsulate(seed, bytes(1088))):
+        with pytest.raises(ValueError, match=r"^an ML-KEM-768 seed is 64 bytes$"):
+            short_seed(PQ_SEED[:63])
+
+
+def test_x25519_private_key_is_32_bytes() -> None:
+    with pytest.raises(ValueError, match=r"^an X25519 private key is 32 bytes$"):
+        handshake.x25519_public(IK_A[:31])

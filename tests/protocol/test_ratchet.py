@@ -156,19 +156,67 @@ def test_out_of_order_and_skipped_messages_open() -> None:
     assert p == b"m2"
 
 
-def test_too_far_ahead_is_rejected_without_computing() -> None:
+def _chain(alice: RatchetState, count: int) -> tuple[RatchetState, list[RatchetMessage]]:
+    sent: list[RatchetMessage] = []
+    for i in range(count):
+        alice, m = ratchet.encrypt(alice, b"m%d" % i)
+        sent.append(m)
+    return alice, sent
+
+
+TOO_FAR = "message is too far ahead in its chain"
+USED = "message key already used or unknown"
+
+
+def test_too_far_ahead_is_rejected_and_changes_nothing() -> None:
     alice, bob = _pair()
-    alice, first = ratchet.encrypt(alice, b"x")
-    far = RatchetMessage(ratchet_key=first.ratchet_key, previous_chain_length=0, n=ratchet.MAX_SKIP + 1, ciphertext=b"")
-    with pytest.raises(InvalidPayloadError):
-        _dec(bob, far)
-    # Exactly MAX_SKIP ahead is fine (``first`` is n = 0, never delivered).
-    for _ in range(ratchet.MAX_SKIP - 1):
-        alice, _ = ratchet.encrypt(alice, b"skip")
-    alice, last = ratchet.encrypt(alice, b"last")
-    bob, p = _dec(bob, last)
-    assert p == b"last"
+    alice, sent = _chain(alice, ratchet.MAX_SKIP + 2)
+    # A genuine message MAX_SKIP + 1 keys ahead: it would decrypt, only the bound refuses it.
+    before = codec.encode(bob)
+    with pytest.raises(InvalidPayloadError) as err:
+        _dec(bob, sent[-1])
+    assert (err.value.code, err.value.detail) == (ErrorCode.MALFORMED_BODY, TOO_FAR)
+    assert codec.encode(bob) == before
+    # Exactly MAX_SKIP ahead is fine (n = 0 was never delivered).
+    bob, p = _dec(bob, sent[-2])
+    assert p == b"m%d" % ratchet.MAX_SKIP
     assert len(bob.skipped) == ratchet.MAX_SKIP
+
+
+def test_previous_chain_too_long_is_rejected_at_the_dh_step() -> None:
+    """The bound also applies to the keys left on the old chain (``previous_chain_length``)."""
+    alice, bob = _pair()
+    alice, sent = _chain(alice, ratchet.MAX_SKIP + 2)
+    bob, _ = _dec(bob, sent[0])
+    bob, reply = ratchet.encrypt(bob, b"r")
+    alice, _ = _dec(alice, reply)
+    alice, new_chain = ratchet.encrypt(alice, b"new chain")
+    assert new_chain.previous_chain_length == ratchet.MAX_SKIP + 2
+    # Bob has received 1 of them: MAX_SKIP + 1 keys to skip on the old chain.
+    with pytest.raises(InvalidPayloadError) as err:
+        _dec(bob, new_chain)
+    assert err.value.detail == TOO_FAR
+    # With one more received, exactly MAX_SKIP are left: the step goes through.
+    bob, _ = _dec(bob, sent[1])
+    bob, p = _dec(bob, new_chain)
+    assert p == b"new chain"
+    assert len(bob.skipped) == ratchet.MAX_SKIP
+    # The old chain's keys expire like any skipped key, and still open their messages.
+    assert {k.expires_at_ms for k in bob.skipped} == {TTL_MS}
+    bob, p = _dec(bob, sent[2])
+    assert p == b"m2"
+
+
+def test_first_reply_with_a_previous_chain_length_skips_nothing() -> None:
+    """Before Alice has a receiving chain there are no keys to skip, whatever ``previous_chain_length`` says."""
+    alice, bob = _pair()
+    alice, m = ratchet.encrypt(alice, b"x")
+    bob, _ = _dec(bob, m)
+    bob, reply = ratchet.encrypt(msgspec.structs.replace(bob, previous_sent=5), b"r")
+    assert reply.previous_chain_length == 5
+    alice, p = _dec(alice, reply)
+    assert p == b"r"
+    assert alice.skipped == []
 
 
 def test_skipped_keys_per_session_are_capped_oldest_first() -> None:
@@ -201,26 +249,59 @@ def test_skipped_keys_expire() -> None:
 
 def test_bob_cannot_send_first() -> None:
     _, bob = _pair()
-    with pytest.raises(ValueError, match="cannot send"):
+    with pytest.raises(ValueError, match=r"^this session cannot send before it has received a message$"):
         ratchet.encrypt(bob, b"x")
+
+
+def test_a_sending_chain_ends_at_2_to_the_32_minus_1() -> None:
+    alice, _ = _pair()
+    last = msgspec.structs.replace(alice, sent=ratchet.MAX_CHAIN_LENGTH - 1)
+    _, m = ratchet.encrypt(last, b"x")
+    assert m.n == ratchet.MAX_CHAIN_LENGTH - 1
+    with pytest.raises(ValueError, match=r"^sending chain exhausted: start a new session$"):
+        ratchet.encrypt(msgspec.structs.replace(alice, sent=ratchet.MAX_CHAIN_LENGTH), b"x")
 
 
 def test_low_order_ratchet_key_is_malformed_and_changes_nothing() -> None:
     alice, bob = _pair()
     alice, m = ratchet.encrypt(alice, b"x")
     bad = RatchetMessage(ratchet_key=bytes(32), previous_chain_length=0, n=0, ciphertext=m.ciphertext)
-    with pytest.raises(InvalidPayloadError):
+    with pytest.raises(InvalidPayloadError) as err:
         _dec(bob, bad)
+    assert (err.value.code, err.value.detail) == (ErrorCode.MALFORMED_BODY, "bad ratchet key")
     _, p = _dec(bob, m)
     assert p == b"x"
+
+
+def test_used_or_unknown_message_keys_are_named() -> None:
+    alice, bob = _pair()
+    alice, m = ratchet.encrypt(alice, b"x")
+    bob, _ = _dec(bob, m)
+    with pytest.raises(InvalidPayloadError) as err:
+        _dec(bob, m)  # the key of n = 0 was used and deleted
+    assert (err.value.code, err.value.detail) == (ErrorCode.MALFORMED_BODY, USED)
+    # A message on Bob's initial ratchet key (SPK_B), which Alice has no receiving chain for.
+    assert alice.receiving_chain_key is None
+    on_spk = RatchetMessage(ratchet_key=alice.receiving_key or b"", previous_chain_length=0, n=0, ciphertext=b"x" * 17)
+    with pytest.raises(InvalidPayloadError) as err:
+        _dec(alice, on_spk)
+    assert (err.value.code, err.value.detail) == (ErrorCode.MALFORMED_BODY, USED)
+
+
+def test_decrypt_needs_32_bytes_of_entropy() -> None:
+    alice, bob = _pair()
+    _, m = ratchet.encrypt(alice, b"x")
+    with pytest.raises(ValueError, match=r"^a ratchet key needs 32 bytes of entropy$"):
+        ratchet.decrypt(bob, m, entropy=bytes(31), now_ms=0, skipped_ttl_ms=TTL_MS)
 
 
 def test_associated_data_binds_the_session() -> None:
     alice, bob = _pair()
     alice, m = ratchet.encrypt(alice, b"x")
     other = msgspec.structs.replace(bob, associated_data=b"other")
-    with pytest.raises(InvalidPayloadError):
+    with pytest.raises(InvalidPayloadError) as err:
         _dec(other, m)
+    assert (err.value.code, err.value.detail) == (ErrorCode.MALFORMED_BODY, "ratchet message does not decrypt")
 
 
 def test_forward_secrecy_state_copied_later_cannot_open_earlier_ciphertexts() -> None:
@@ -263,3 +344,14 @@ def test_post_compromise_security_after_the_peers_next_dh_step() -> None:
         _dec(stolen, b3)
     alice, p = _dec(alice, b3)
     assert p == b"b3 after Bob's next DH step"
+
+
+def test_init_alice_needs_32_bytes_of_entropy() -> None:
+    with pytest.raises(ValueError, match=r"^a ratchet key needs 32 bytes of entropy$"):
+        ratchet.init_alice(
+            shared_key=b"k" * 32,
+            associated_data=b"ad",
+            session_id=b"s" * 16,
+            peer_ratchet_key=x25519_public(hashlib.sha256(b"spk").digest()),
+            entropy=bytes(31),
+        )

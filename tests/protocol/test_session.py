@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import codec, handshake, padding, payload, session
-from protocol.errors import ErrorCode
+from protocol import codec, handshake, padding, payload, ratchet, session
+from protocol.errors import ErrorCode, TetherlessError
 from protocol.ids import account_id_for, device_id_for
 from protocol.messages import PrekeyMessage, RatchetMessage, SealedV2
 from protocol.payload import InvalidPayloadError
@@ -114,6 +114,14 @@ def _decrypt(state: SessionState, ciphertext: bytes, me: Device) -> tuple[Sessio
     return session.decrypt(state, _open(ciphertext, me), entropy=_rand("r"), now_ms=3, skipped_ttl_ms=TTL)
 
 
+def refused(code: ErrorCode, detail: str, call: object, *args: object, **kwargs: object) -> None:
+    """``InvalidPayloadError`` with exactly this code and detail: the check that refused is the one named."""
+    assert callable(call)
+    with pytest.raises(InvalidPayloadError) as err:
+        call(*args, **kwargs)
+    assert (err.value.code, err.value.detail) == (code, detail)
+
+
 @pytest.mark.parametrize("opk", [True, False])
 def test_conversation_prekey_then_ratchet_messages(opk: bool) -> None:
     alice = _start(opk=opk)
@@ -169,16 +177,44 @@ def test_v1_payloads_still_open_through_the_dispatch() -> None:
 
 @pytest.mark.parametrize("first", [0x00, 0x01, 0x03, 0x7F, 0x90, 0xC0])
 def test_reserved_version_bytes_are_malformed(first: int) -> None:
-    with pytest.raises(InvalidPayloadError) as err:
-        session.parse_inner(bytes([first]) + b"\x80")
-    assert err.value.code is ErrorCode.MALFORMED_BODY
-    with pytest.raises(InvalidPayloadError):
-        session.parse_inner(b"")
-    with pytest.raises(InvalidPayloadError):
-        session.parse_inner(b"\x02garbage")
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        f"unknown payload version 0x{first:02x}",
+        session.parse_inner,
+        bytes([first]) + b"\x80",
+    )
+    refused(ErrorCode.MALFORMED_BODY, "empty plaintext", session.parse_inner, b"")
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        f"sealed v2: {_decode_error(b'garbage', SealedV2)}",
+        session.parse_inner,
+        b"\x02garbage",
+    )
 
 
-def test_message_for_another_recipient_is_bad_signature() -> None:
+@pytest.mark.parametrize("first", [0x80, 0x8F, 0xDE, 0xDF])
+def test_every_msgpack_map_header_is_a_v1_payload(first: int) -> None:
+    """fixmap 0x80-0x8f, map16 0xde, map32 0xdf: the bounds of the v1 dispatch (§14)."""
+    assert session.parse_inner(bytes([first]) + b"\x00" * 4) is None
+
+
+def test_content_for_another_recipient_is_bad_signature() -> None:
+    # A session correctly keyed with Bob whose Content names Mallory (a sender that re-used one session for
+    # another device, or a bug): the handshake and the ratchet both succeed, so only the recipient check
+    # inside the ciphertext can refuse it — on a new session and on an existing one.
+    alice = _start()
+    misaddressed = msgspec.structs.replace(alice, peer_address=MALLORY.address)
+    _, ct = _seal(misaddressed, BOB)
+    refused(ErrorCode.BAD_SIGNATURE, "message was encrypted for another recipient", _accept, ct)
+    alice, c1 = _seal(alice, BOB)
+    bob, _ = _accept(c1)
+    _, c2 = _seal(msgspec.structs.replace(alice, peer_address=MALLORY.address), BOB)
+    before = codec.encode(bob)
+    refused(ErrorCode.BAD_SIGNATURE, "message was encrypted for another recipient", _decrypt, bob, c2, BOB)
+    assert codec.encode(bob) == before
+
+
+def test_session_with_another_device_does_not_open() -> None:
     # Alice's session with Mallory, but the sealed box goes to Bob: it never opens as Bob's session.
     state = _start(ALICE, MALLORY)
     state, ct = session.seal(
@@ -209,18 +245,49 @@ def test_wrong_sender_identity_key_fails() -> None:
     alice = _start()
     alice, c1 = _seal(alice, BOB)
     sealed = _open(c1, BOB)
-    with pytest.raises(InvalidPayloadError) as err:
-        session.accept_prekey(
-            own_address=BOB.address,
-            identity_private_key=BOB.identity_private,
-            sealed=sealed,
-            sender_identity_key=MALLORY.identity_key,  # the sender claims Alice; the key is not hers
-            keys=BOB.responder_keys(session.prekey_message(sealed)),
-            entropy=_rand(),
-            now_ms=1,
-            skipped_ttl_ms=TTL,
-        )
-    assert err.value.code is ErrorCode.BAD_SIGNATURE  # the recomputed session id differs
+    refused(
+        ErrorCode.BAD_SIGNATURE,
+        "session id does not match the handshake",  # the recomputed session id differs
+        session.accept_prekey,
+        own_address=BOB.address,
+        identity_private_key=BOB.identity_private,
+        sealed=sealed,
+        sender_identity_key=MALLORY.identity_key,  # the sender claims Alice; the key is not hers
+        keys=BOB.responder_keys(session.prekey_message(sealed)),
+        entropy=_rand(),
+        now_ms=1,
+        skipped_ttl_ms=TTL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "detail"),
+    [
+        (
+            ResponderKeys(signed_prekey_private=BOB.spk, pq_seed=BOB.pq_seed),
+            "one-time prekey does not match the message",
+        ),
+        (
+            ResponderKeys(signed_prekey_private=BOB.spk[:31], pq_seed=BOB.pq_seed, one_time_prekey_private=BOB.opk),
+            "handshake: X25519 keys are 32 bytes",
+        ),
+    ],
+)
+def test_unusable_responder_keys_are_malformed(keys: ResponderKeys, detail: str) -> None:
+    _, c1 = _seal(_start(), BOB)
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        detail,
+        session.accept_prekey,
+        own_address=BOB.address,
+        identity_private_key=BOB.identity_private,
+        sealed=_open(c1, BOB),
+        sender_identity_key=ALICE.identity_key,
+        keys=keys,
+        entropy=_rand(),
+        now_ms=1,
+        skipped_ttl_ms=TTL,
+    )
 
 
 def test_forged_sender_address_on_a_session_is_rejected() -> None:
@@ -229,10 +296,20 @@ def test_forged_sender_address_on_a_session_is_rejected() -> None:
     bob, _ = _accept(c1)
     alice, c2 = _seal(alice, BOB)
     sealed = _open(c2, BOB)
-    forged = msgspec.structs.replace(sealed, sender=MALLORY.address)
-    with pytest.raises(InvalidPayloadError) as err:
-        session.decrypt(bob, forged, entropy=_rand(), now_ms=1, skipped_ttl_ms=TTL)
-    assert err.value.code is ErrorCode.BAD_SIGNATURE
+    for forged in (
+        msgspec.structs.replace(sealed, sender=MALLORY.address),
+        msgspec.structs.replace(sealed, session_id=bytes(16)),
+    ):
+        refused(
+            ErrorCode.BAD_SIGNATURE,
+            "message is not for this session",
+            session.decrypt,
+            bob,
+            forged,
+            entropy=_rand(),
+            now_ms=1,
+            skipped_ttl_ms=TTL,
+        )
     # The session still works for the real message.
     _, content = session.decrypt(bob, sealed, entropy=_rand(), now_ms=1, skipped_ttl_ms=TTL)
     assert content.body == b"hello"
@@ -293,3 +370,116 @@ def test_garbage_bodies_raise_only_documented_errors(body: bytes, kind: int) -> 
         session.decrypt(bob, sealed, entropy=_rand(), now_ms=1, skipped_ttl_ms=TTL)
     assert err.value.code in (ErrorCode.MALFORMED_BODY, ErrorCode.BAD_SIGNATURE)
     assert codec.encode(bob) == before
+
+
+def _decode_error(raw: bytes, kind: type) -> str:
+    """The detail the codec gives for ``raw`` as ``kind`` (what the session layer must pass on)."""
+    with pytest.raises(TetherlessError) as err:
+        codec.decode(raw, kind)
+    assert err.value.detail
+    return err.value.detail
+
+
+def test_undecodable_layers_name_the_layer_and_the_codec_error() -> None:
+    alice = _start()
+    alice, c1 = _seal(alice, BOB)
+    bob, _ = _accept(c1)
+    sealed = _open(c1, BOB)
+    garbage = b"\x93\x01"
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        f"prekey message: {_decode_error(garbage, PrekeyMessage)}",
+        session.prekey_message,
+        msgspec.structs.replace(sealed, body=garbage),
+    )
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        f"ratchet message: {_decode_error(garbage, RatchetMessage)}",
+        session.decrypt,
+        bob,
+        msgspec.structs.replace(sealed, kind=session.KIND_MESSAGE, body=garbage),
+        entropy=_rand(),
+        now_ms=1,
+        skipped_ttl_ms=TTL,
+    )
+    # A ratchet message that decrypts to something that is not a Content (a broken or hostile sender).
+    bob_ratchet, message = ratchet.encrypt(bob.ratchet, garbage)
+    del bob_ratchet
+    not_content = SealedV2(
+        sender=BOB.address,
+        sender_list_version=1,
+        kind=session.KIND_MESSAGE,
+        session_id=bob.session_id,
+        body=codec.encode(message),
+    )
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        f"content: {_decode_error(garbage, session.Content)}",
+        session.decrypt,
+        alice,
+        not_content,
+        entropy=_rand(),
+        now_ms=1,
+        skipped_ttl_ms=TTL,
+    )
+
+
+def test_a_ratchet_message_is_not_a_prekey_message() -> None:
+    alice = _start()
+    alice, c1 = _seal(alice, BOB)
+    bob, _ = _accept(c1)
+    _, reply = _seal(bob, ALICE)
+    refused(ErrorCode.MALFORMED_BODY, "not a prekey message", session.prekey_message, _open(reply, ALICE))
+
+
+@pytest.mark.parametrize("which", ["own", "peer"])
+def test_sessions_are_between_device_addresses(which: str) -> None:
+    account_address = BOB.address.split(".", 1)[1]  # the account's address, no device
+    own, peer = (account_address, BOB.address) if which == "own" else (ALICE.address, account_address)
+    prekeys = BOB.prekeys()
+    ct, ss = handshake.encapsulate(prekeys.pq_prekey)
+    with pytest.raises(ValueError, match=r"^sessions are between device addresses$"):
+        session.start(
+            own_address=own,
+            identity_private_key=ALICE.identity_private,
+            peer_address=peer,
+            peer_identity_key=BOB.identity_key,
+            prekeys=prekeys,
+            ephemeral_private_key=_rand(),
+            ratchet_entropy=_rand(),
+            kem_ciphertext=ct,
+            kem_shared_secret=ss,
+            now_ms=1,
+        )
+    # The responder side refuses the same: a sealed sender or an own address without a device.
+    _, c1 = _seal(_start(), BOB)
+    sealed = _open(c1, BOB)
+    if which == "peer":
+        sealed = msgspec.structs.replace(sealed, sender=ALICE.address.split(".", 1)[1])
+    refused(
+        ErrorCode.MALFORMED_BODY,
+        "sessions are between device addresses",
+        session.accept_prekey,
+        own_address=account_address if which == "own" else BOB.address,
+        identity_private_key=BOB.identity_private,
+        sealed=sealed,
+        sender_identity_key=ALICE.identity_key,
+        keys=BOB.responder_keys(session.prekey_message(sealed)),
+        entropy=_rand(),
+        now_ms=1,
+        skipped_ttl_ms=TTL,
+    )
+
+
+def test_sealing_needs_64_bytes_of_entropy() -> None:
+    with pytest.raises(ValueError, match=r"^sealing needs 64 bytes of entropy$"):
+        session.seal(
+            _start(),
+            sender_list_version=1,
+            recipient_box_key=BOB.identity_key,
+            sent_at_ms=1,
+            message_id=b"m" * 16,
+            content_type="t",
+            body=b"x",
+            entropy=_rand(),
+        )

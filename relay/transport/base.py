@@ -1,4 +1,4 @@
-"""Pieces both protocol handlers share: statistics, header helpers, problem bodies, writes.
+"""Pieces both protocol handlers share: statistics, header helpers, writes.
 
 Header bytes are decoded and encoded as ISO-8859-1 (latin-1) in both
 protocols: it maps every byte to one character, so decoding never fails and
@@ -15,10 +15,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-import msgspec
 import trio
 
-from protocol.errors import PROBLEM_CONTENT_TYPE, ErrorCode, TetherlessError
 from relay.api.http import Response
 
 logger = logging.getLogger("relay.transport")
@@ -100,23 +98,24 @@ def http_date() -> bytes:
 
 
 def decode_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Received header pairs as text; names lower-cased (both parsers already lower-case them)."""
-    return [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in headers]
+    """Received header pairs as text.
 
-
-def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
-    """The application's headers, validated and encoded, with hop-by-hop headers removed.
-
-    Adds ``date`` and ``server`` unless the application set them. Raises
-    :class:`InvalidResponseError` for a status outside 200..599 or a header
-    that is not a token name / single-line value, so a bad response becomes a
-    500 before any byte of it is written.
+    Names are already lower case: h11 lower-cases them and h2 (with
+    ``validate_inbound_headers``) refuses upper-case names, so they are not
+    checked again here.
     """
-    if not 200 <= response.status <= 599:
-        raise InvalidResponseError(f"status {response.status} out of range")
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+def _encode_headers(headers: list[tuple[str, str]]) -> tuple[tuple[tuple[bytes, bytes], ...], bool, bool]:
+    """Validate and encode application headers: (encoded pairs, has date, has server).
+
+    Raises :class:`InvalidResponseError` for a header that is not a token
+    name / single-line latin-1 value.
+    """
     encoded: list[tuple[bytes, bytes]] = []
     have_date = have_server = False
-    for name, value in response.headers:
+    for name, value in headers:
         try:
             raw_name = name.lower().encode("latin-1")
             raw_value = value.strip().encode("latin-1")
@@ -129,27 +128,43 @@ def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
         have_date = have_date or raw_name == b"date"
         have_server = have_server or raw_name == b"server"
         encoded.append((raw_name, raw_value))
+    return tuple(encoded), have_date, have_server
+
+
+# Most responses carry one of a handful of header lists (content type, cache
+# control): each is validated and encoded once, then reused. Bounded by
+# clearing, so header values that vary per response (Location, Retry-After)
+# cost one encode each and can never grow the cache without limit.
+_ENCODED_HEADERS_MAX: Final = 256
+_encoded_headers: dict[tuple[tuple[str, str], ...], tuple[tuple[tuple[bytes, bytes], ...], bool, bool]] = {}
+
+
+def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
+    """The application's headers, validated and encoded, with hop-by-hop headers removed.
+
+    Adds ``date`` and ``server`` unless the application set them. Raises
+    :class:`InvalidResponseError` for a status outside 200..599 or a header
+    that is not a token name / single-line value, so a bad response becomes a
+    500 before any byte of it is written. This is the only validation of
+    outbound headers (``HTTP2Connection`` switches h2's off), and an invalid
+    list is never cached, so it is refused every time.
+    """
+    if not 200 <= response.status <= 599:
+        raise InvalidResponseError(f"status {response.status} out of range")
+    key = tuple(response.headers)
+    entry = _encoded_headers.get(key)
+    if entry is None:
+        entry = _encode_headers(response.headers)
+        if len(_encoded_headers) >= _ENCODED_HEADERS_MAX:
+            _encoded_headers.clear()
+        _encoded_headers[key] = entry
+    pairs, have_date, have_server = entry
+    encoded = list(pairs)
     if not have_date:
         encoded.append((b"date", http_date()))
     if not have_server:
         encoded.append((b"server", SERVER_HEADER))
     return encoded
-
-
-def problem_response(code: ErrorCode, detail: str = "", *, status: int | None = None) -> Response:
-    """A problem+json response for a transport-level error.
-
-    ``status`` overrides the code's usual status (HTTP/1.1 parse errors carry
-    their own hint, e.g. 431); the body's ``status`` member follows it.
-    """
-    problem = TetherlessError(code, detail).to_problem()
-    if status is not None:
-        problem = msgspec.structs.replace(problem, status=status)
-    return Response(
-        status=problem.status,
-        headers=[("content-type", PROBLEM_CONTENT_TYPE), ("cache-control", "no-store")],
-        body=msgspec.json.encode(problem),
-    )
 
 
 def body_has_no_content(method: str, status: int) -> bool:

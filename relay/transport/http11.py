@@ -18,9 +18,9 @@ from typing import Final
 import h11
 import trio
 
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
-from relay.api.http import Handler, Request, Response
+from relay.api.http import Handler, Request, Response, problem_response
 from relay.config import Config
 from relay.transport.base import (
     HTTP11,
@@ -30,7 +30,6 @@ from relay.transport.base import (
     body_has_no_content,
     decode_headers,
     logger,
-    problem_response,
     response_headers,
     send_with_stall_timeout,
     split_target,
@@ -250,7 +249,7 @@ class HTTP11Connection:
             response = await self._handler(request)
         except Exception:
             logger.exception("handler raised on %s %s", method, path)
-            response = problem_response(ErrorCode.INTERNAL)
+            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
         return await self._send(method, response)
 
     def _reject_head(self, method: str, head: h11.Request, headers: list[tuple[str, str]]) -> Response | None:
@@ -260,18 +259,20 @@ class HTTP11Connection:
         # measures MAX_HEADER_LIST_SIZE (name + value + 32 per field).
         size = sum(len(name) + len(value) + 32 for name, value in head.headers)
         if size > self._config.max_header_list_bytes:
-            return problem_response(ErrorCode.BAD_REQUEST, "request header fields too large", status=431)
+            return problem_response(
+                TetherlessError(ErrorCode.BAD_REQUEST, "request header fields too large"), status=431
+            )
         if method == "CONNECT":
-            return problem_response(ErrorCode.BAD_REQUEST, "CONNECT is not supported")
+            return problem_response(TetherlessError(ErrorCode.BAD_REQUEST, "CONNECT is not supported"))
         names = {name for name, _ in headers}
         if "transfer-encoding" in names and "content-length" in names:
             # RFC 9112 §6.3: a smuggling vector; refuse rather than pick one.
-            return problem_response(ErrorCode.BAD_REQUEST, "both Transfer-Encoding and Content-Length")
+            return problem_response(TetherlessError(ErrorCode.BAD_REQUEST, "both Transfer-Encoding and Content-Length"))
         return None
 
     async def _answer_too_large(self, method: str) -> None:
         detail = f"request body larger than {self._config.max_body_bytes} bytes"
-        await self._send(method, problem_response(ErrorCode.BODY_TOO_LARGE, detail), close=True)
+        await self._send(method, problem_response(TetherlessError(ErrorCode.BODY_TOO_LARGE, detail)), close=True)
         await self._linger()
 
     async def _answer_protocol_error(self, exc: h11.RemoteProtocolError) -> None:
@@ -280,7 +281,7 @@ class HTTP11Connection:
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = exc.error_status_hint if 400 <= exc.error_status_hint <= 499 else 400
-        response = problem_response(ErrorCode.BAD_REQUEST, str(exc), status=status)
+        response = problem_response(TetherlessError(ErrorCode.BAD_REQUEST, str(exc)), status=status)
         try:
             await self._send("GET", response, close=True)
         except _PeerGoneError:
@@ -329,7 +330,7 @@ class HTTP11Connection:
             logger.error("invalid response to %s: %s", method, exc)
             if response.stream is not None:
                 await aclose_iterator(response.stream)
-            response = problem_response(ErrorCode.INTERNAL)
+            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
             headers = response_headers(response)
         if close or self._draining:
             headers.append((b"connection", b"close"))

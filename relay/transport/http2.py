@@ -29,11 +29,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
-from relay.api.http import Handler, Request, Response
+from relay.api.http import Handler, Request, Response, problem_response
 from relay.config import Config
 from relay.ratelimit import TokenBucket
 from relay.transport.base import (
@@ -46,7 +46,6 @@ from relay.transport.base import (
     content_lengths,
     decode_headers,
     logger,
-    problem_response,
     response_headers,
     send_with_stall_timeout,
     split_target,
@@ -70,6 +69,8 @@ _ERROR_KINDS: Final[tuple[tuple[type[Exception], str], ...]] = (
 )
 
 
+_STATUS_HEADERS: Final = {code: (b":status", str(code).encode("ascii")) for code in range(200, 600)}
+
 # Frames h2 writes by itself while it reads (RFC 9113 §4.1 header: length, type, flags, stream id).
 _FRAME_HEADER_BYTES: Final = 9
 _RST_STREAM: Final = 0x3
@@ -91,6 +92,41 @@ def _count_replies(data: bytes) -> tuple[int, int]:
             control += 1
         offset += _FRAME_HEADER_BYTES + length
     return control, resets
+
+
+# The body of h2 4.4.1's H2Connection._receive_frame, whose first line is
+# ``logger.trace("Received frame: %s", repr(frame))``: the repr is built for
+# every frame even though the logger drops it, and cost ~30 % of h2's CPU on
+# a single send (docs/performance.md, "P1 fast path"). This copy leaves only
+# that line out; tests/relay/transport/test_transport_fast_path.py pins the
+# original's source so an h2 upgrade makes someone compare again.
+class _H2Connection(h2.connection.H2Connection):
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # Closed by RST_STREAM: a stream error, answered with RST_STREAM; otherwise a connection error.
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
 
 class _StreamGoneError(Exception):
@@ -144,13 +180,18 @@ class HTTP2Connection:
         self._scheme = scheme
         self._initial = initial
         self._started_at = started_at
-        self._conn = h2.connection.H2Connection(
+        self._conn = _H2Connection(
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,  # bytes in, bytes out; decoded once by base.decode_headers
                 validate_inbound_headers=True,
-                validate_outbound_headers=True,
                 normalize_inbound_headers=True,
+                # Responses are validated and normalised once, by
+                # base.response_headers (token names, no CR/LF/NUL, lower
+                # case, hop-by-hop removed; the result is cached): h2 doing it
+                # again cost ~5 % of a single send's CPU.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self._streams: dict[int, _Stream] = {}
@@ -585,8 +626,11 @@ class HTTP2Connection:
             self._close_if_drained()
 
     async def _serve_stream(self, stream: _Stream, holder: list[Response]) -> None:
-        with trio.move_on_after(self._config.body_timeout_seconds):
-            await stream.body_complete.wait()
+        if not stream.body_complete.is_set():
+            # Only a body still in flight needs its own timeout; most requests
+            # arrive whole in one read and skip the cancel scope.
+            with trio.move_on_after(self._config.body_timeout_seconds):
+                await stream.body_complete.wait()
         if not stream.body_complete.is_set():
             metrics.protocol_errors_total.labels(kind="body_timeout").inc()
             stream.gone = True
@@ -594,7 +638,7 @@ class HTTP2Connection:
             return
         if stream.too_large:
             detail = f"request body larger than {self._config.max_body_bytes} bytes"
-            await self._send_response(stream, problem_response(ErrorCode.BODY_TOO_LARGE, detail))
+            await self._send_response(stream, problem_response(TetherlessError(ErrorCode.BODY_TOO_LARGE, detail)))
             if not stream.remote_ended:
                 # RFC 9113 §8.1: a complete response, then NO_ERROR to stop the upload.
                 stream.gone = True
@@ -616,7 +660,7 @@ class HTTP2Connection:
             response = await self._handler(request)
         except Exception:
             logger.exception("handler raised on %s %s", stream.method, path)
-            response = problem_response(ErrorCode.INTERNAL)
+            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
         holder.append(response)
         await self._send_response(stream, response)
 
@@ -633,10 +677,10 @@ class HTTP2Connection:
             headers = response_headers(response)
         except InvalidResponseError as exc:
             logger.error("invalid response to %s %s: %s", stream.method, split_target(stream.target)[0], exc)
-            response = problem_response(ErrorCode.INTERNAL)
+            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
             headers = response_headers(response)
         no_body = body_has_no_content(stream.method, response.status)
-        status = [(b":status", str(response.status).encode("ascii"))]
+        status = [_STATUS_HEADERS[response.status]]  # response_headers checked 200..599
         if response.stream is None or no_body:
             body = b"" if no_body else response.body
             if response.stream is None and response.status not in (204, 304):

@@ -275,8 +275,10 @@ def test_connect_method_resets_the_stream_only() -> None:
         [("connection", "keep-alive")],
         [("x-split", "a\r\nb")],
         [("x-nul", "a\x00b")],
+        # Names reach the application without another lower-casing: h2 must refuse these.
+        [("X-Upper", "v")],
     ],
-    ids=["conflicting-content-length", "transfer-encoding", "connection", "crlf", "nul"],
+    ids=["conflicting-content-length", "transfer-encoding", "connection", "crlf", "nul", "upper-case-name"],
 )
 def test_malformed_headers_end_the_connection(headers: list[tuple[str, str]]) -> None:
     async def main() -> None:

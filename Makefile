@@ -15,7 +15,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP     := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy fuzz crash-test lock mutation
+.PHONY: run test lint typecheck contracts check bench clean openapi chart validate-deploy fuzz crash-test crash-test-postgres lock mutation
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) ($(PYTHON))"

@@ -5,9 +5,11 @@ taskset) and its load generator in separate processes (core 1), warms up,
 and is reported next to a baseline measured in the same invocation:
 
 - P1 ``p1_send_single`` vs ``bare_post`` (bare trio+h2 POST) and ``synapse`` (to-device send);
+  ``transport_post``: the same POSTs to the relay's transport alone, vs ``bare_post``;
 - P2 ``p2_send_batch100`` vs ``raw_sqlite_batch100`` (plain executemany into the relay's schema);
 - P3 ``p3_delivery`` vs ``raw_stream`` (a raw trio writer of the same framed bytes);
-- P4 ``p4_latency`` vs ``synapse`` (to-device end-to-end latency);
+- P4 ``p4_latency`` (1,000 msg/s) and ``p4_latency_at_40pct`` (40 % of this run's P1 capacity)
+  vs ``synapse`` (to-device end-to-end latency);
 - P5/P9 ``p5_p9_backlog``: paged catch-up vs raw sqlite3 read-back of the same pages;
   restart-to-ready with the backlog vs start on an empty data directory;
 - P6 ``p6_idle_streams`` (RSS, idle CPU), P7 ``p7_mixed`` (sustained mixed load; runs only with
@@ -57,6 +59,7 @@ TARGETS = [
         minimum=2500,
         min_ratio=0.5,
     ),
+    Target("transport alone POST req/s", "transport_post", "requests_per_second", "bare_post", "requests_per_second"),
     Target(
         "P1 vs Synapse to-device",
         "p1_send_single",
@@ -84,6 +87,12 @@ TARGETS = [
     ),
     Target("P4 latency p50 ms", "p4_latency", "latency_p50_ms", "synapse", "todevice_e2e_p50_ms", maximum=2),
     Target("P4 latency p99 ms", "p4_latency", "latency_p99_ms", "synapse", "todevice_e2e_p99_ms", maximum=10),
+    Target(
+        "P4 p50 ms at 40 % of P1", "p4_latency_at_40pct", "latency_p50_ms", "synapse", "todevice_e2e_p50_ms", maximum=2
+    ),
+    Target(
+        "P4 p99 ms at 40 % of P1", "p4_latency_at_40pct", "latency_p99_ms", "synapse", "todevice_e2e_p99_ms", maximum=10
+    ),
     Target(
         "P5 catch-up env/s",
         "p5_p9_backlog",

@@ -4,12 +4,12 @@ It answers every request with a fixed 2-byte body after reading the request
 body; no routing, no store. The relay's request paths are reported as a
 ratio of this server's rate, measured in the same run on the same machine.
 
-Run: python -m bench.bare_h2 PORT
+Run: python -m bench.bare_h2  (prints "listening PORT" once bound to an ephemeral port)
 """
 
 from __future__ import annotations
 
-import sys
+from functools import partial
 
 import h2.config
 import h2.connection
@@ -60,9 +60,11 @@ async def handle(stream: trio.SocketStream) -> None:
         pass
 
 
-async def main(port: int) -> None:
-    await trio.serve_tcp(handle, port, host="127.0.0.1")
+async def main() -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        print(f"listening {listeners[0].socket.getsockname()[1]}", flush=True)
 
 
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]))
+    trio.run(main)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import trio
 from protocol import codec
 from protocol.client.http import open_connection
 
-from .common import LOAD_CPU, RELAY_CPU, ROOT, BenchDevice, Relay, make_device, pinned
+from .common import LOAD_CPU, RELAY_CPU, ROOT, BenchDevice, Relay, cpu_seconds, make_device, pinned
 
 PAYLOAD_BYTES = 200
 # Addresses name the relay; by default that is host:port, which changes on restart.
@@ -165,20 +166,36 @@ def fake_sessions(relay: Relay, count: int) -> list[str]:
 # -- baselines -------------------------------------------------------------------------------
 
 
-def bare_post() -> dict[str, Any]:
-    """h2load POSTing 1 KiB to a bare trio+h2 responder (the request-path baseline)."""
+def _h2load_post(module: str) -> dict[str, Any]:
+    """h2load POSTing 1 KiB to ``python -m MODULE`` (which prints "listening PORT"); rate and its CPU per request."""
     with tempfile.NamedTemporaryFile() as body:
         body.write(os.urandom(1024))
         body.flush()
-        port = 18000 + os.getpid() % 1000
-        proc = subprocess.Popen(pinned([sys.executable, "-m", "bench.bare_h2", str(port)], RELAY_CPU), cwd=ROOT)
+        cmd = pinned([sys.executable, "-m", module], RELAY_CPU)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.8)
-            rate = h2load(f"http://127.0.0.1:{port}/", n=SIZES.h2load_requests, c=4, m=16, data=Path(body.name))
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            assert line[:1] == ["listening"], line
+            cpu_before = cpu_seconds(proc.pid)
+            rate = h2load(f"http://127.0.0.1:{line[1]}/", n=SIZES.h2load_requests, c=4, m=16, data=Path(body.name))
+            cpu = cpu_seconds(proc.pid) - cpu_before
         finally:
             proc.terminate()
             proc.wait()
-    return {"requests_per_second": rate}
+            if proc.stdout:
+                proc.stdout.close()
+    return {"requests_per_second": rate, "server_cpu_us_per_request": 1e6 * cpu / SIZES.h2load_requests}
+
+
+def bare_post() -> dict[str, Any]:
+    """h2load POSTing 1 KiB to a bare trio+h2 responder (the request-path baseline)."""
+    return _h2load_post("bench.bare_h2")
+
+
+def transport_post() -> dict[str, Any]:
+    """The same POSTs to the relay's transport with an application that answers at once (no routing, no store)."""
+    return _h2load_post("bench.transport_only")
 
 
 def relay_livez() -> dict[str, Any]:
@@ -191,27 +208,29 @@ def relay_livez() -> dict[str, Any]:
 
 def raw_sqlite_batch100() -> dict[str, Any]:
     """The rows of P2 through plain sqlite3 executemany into the relay's schema and PRAGMAs, 100 per commit."""
+    from relay.store.inbox_rules import key_hash
     from relay.store.sqlite import _connect, migrate
 
     directory = Path(tempfile.mkdtemp(prefix="tetherless-raw-"))
     try:
         conn = _connect(directory / "raw.sqlite3", 64)
         migrate(conn)
-        recipients = [f"{i:032d}" for i in range(100)]
+        # The relay's rows (migration 0008): recipients by devices.device_no, (sender, key) by a 12-byte hash.
+        recipients = list(range(1, 101))
         rows = n = 0
         started = time.perf_counter()
         while time.perf_counter() - started < SIZES.raw_sqlite_seconds:
             conn.execute("BEGIN IMMEDIATE")
             batch = [(recipients[(n * 7 + i) % 100], os.urandom(16), 1, 2**40, os.urandom(200)) for i in range(100)]
             conn.executemany(
-                "INSERT INTO envelopes (recipient, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
+                "INSERT INTO inbox (recipient_no, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
                 " VALUES (?, ?, ?, ?, ?)",
                 batch,
             )
             conn.executemany(
-                "INSERT INTO idempotency (sender, idem_key, envelope_id, digest, sent_at_ms, forget_at_ms)"
-                " VALUES ('s', ?, ?, ?, 1, 2)",
-                [(b"%09d%03d" % (n, i), row[1], row[1]) for i, row in enumerate(batch)],
+                "INSERT INTO idempotency_keys (key_hash, envelope_id, digest, sent_at_ms, forget_hour)"
+                " VALUES (?, ?, ?, 1, 2)",
+                [(key_hash("s" * 32, b"%09d%03d" % (n, i)), row[1], row[1][:8]) for i, row in enumerate(batch)],
             )
             conn.execute("COMMIT")
             rows += 100
@@ -283,9 +302,15 @@ def _send(batch: int, recipients: int, concurrency: int, connections: int) -> di
         relay.close()
 
 
+# P1 rates measured so far in this invocation: P4 at a fraction of capacity offers a share of their median.
+P1_RATES: list[float] = []
+
+
 def p1_send_single() -> dict[str, Any]:
     """P1: durable single-envelope sends, one request each, 64 concurrent streams on 4 connections."""
-    return _send(batch=1, recipients=10, concurrency=64, connections=4)
+    result = _send(batch=1, recipients=10, concurrency=64, connections=4)
+    P1_RATES.append(result["envelopes_per_second"])
+    return result
 
 
 def p2_send_batch100() -> dict[str, Any]:
@@ -325,23 +350,66 @@ def p3_delivery() -> dict[str, Any]:
         relay.close()
 
 
+def _latency(relay: Relay, sender: BenchDevice, receiver: BenchDevice, rate: float) -> dict[str, Any]:
+    result = load(
+        "latency",
+        relay.url,
+        token=sender.token,
+        recipients=receiver.address,
+        receiver_token=receiver.token,
+        rate=rate,
+        seconds=SIZES.latency_seconds,
+    )
+    assert result["errors"] == 0, result
+    assert result["measured"] > 0, result
+    return result
+
+
 def p4_latency() -> dict[str, Any]:
     """P4: end-to-end latency, send start → arrival on the recipient's stream, at a fixed send rate."""
     relay = Relay()
     try:
         sender, receiver = devices(relay, 2)
-        result = load(
-            "latency",
-            relay.url,
-            token=sender.token,
-            recipients=receiver.address,
-            receiver_token=receiver.token,
-            rate=SIZES.latency_rate,
-            seconds=SIZES.latency_seconds,
-        )
-        assert result["errors"] == 0, result
-        assert result["measured"] > 0, result
-        return result
+        return _latency(relay, sender, receiver, SIZES.latency_rate)
+    finally:
+        relay.close()
+
+
+P4_CAPACITY_SHARE = 0.4
+
+
+def p4_latency_at_40pct() -> dict[str, Any]:
+    """P4 at 40 % of this run's P1 capacity (open loop), so a slow host measures latency, not a full queue.
+
+    The capacity is the median of the P1 runs of this invocation; without
+    one (``--only p4_latency_at_40pct``) it is measured here first, with
+    P1's load on this scenario's own relay.
+    """
+    relay = Relay()
+    try:
+        sender, receiver, *targets = devices(relay, 12)
+        if P1_RATES:
+            capacity, source = statistics.median(P1_RATES), "p1_send_single"
+        else:
+            measured = load(
+                "send",
+                relay.url,
+                token=sender.token,
+                recipients=",".join(d.address for d in targets),
+                batch=1,
+                concurrency=64,
+                connections=4,
+                seconds=SIZES.send_seconds,
+                prefix="cap",
+            )
+            assert measured["errors"] == 0, measured
+            capacity, source = measured["envelopes"] / measured["seconds"], "measured here"
+        rate = P4_CAPACITY_SHARE * capacity
+        cpu_before = relay.cpu()
+        result = _latency(relay, sender, receiver, rate)
+        # Sends and their delivery to the stream: what one envelope costs the relay at this load.
+        result["relay_cpu_us_per_envelope"] = 1e6 * (relay.cpu() - cpu_before) / result["sent"]
+        return {**result, "p1_capacity": capacity, "capacity_source": source, "capacity_share": P4_CAPACITY_SHARE}
     finally:
         relay.close()
 
@@ -351,8 +419,9 @@ def p4_latency() -> dict[str, Any]:
 
 def _page_query(conn: sqlite3.Connection, device: str, after: int, limit: int) -> list[Any]:
     return conn.execute(
-        "SELECT seq, envelope_id, sent_at_ms, expires_at_ms, ciphertext FROM envelopes"
-        " WHERE recipient = ? AND seq > ? AND expires_at_ms > ? ORDER BY seq LIMIT ?",
+        "SELECT seq, envelope_id, sent_at_ms, expires_at_ms, ciphertext FROM inbox"
+        " WHERE recipient_no = (SELECT device_no FROM devices WHERE device_id = ?) AND seq > ? AND expires_at_ms > ?"
+        " ORDER BY seq LIMIT ?",
         (device, after, int(time.time() * 1000), limit),
     ).fetchall()
 
@@ -379,8 +448,8 @@ def p5_p9_backlog() -> dict[str, Any]:
         with conn:
             for start in range(0, SIZES.backlog, 10_000):
                 conn.executemany(
-                    "INSERT INTO envelopes (recipient, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
-                    " VALUES (?, ?, 1, ?, ?)",
+                    "INSERT INTO inbox (recipient_no, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
+                    " VALUES ((SELECT device_no FROM devices WHERE device_id = ?), ?, 1, ?, ?)",
                     (
                         (receiver.device_id, os.urandom(16), expires, payload)
                         for _ in range(min(10_000, SIZES.backlog - start))
@@ -520,8 +589,8 @@ def p8_storage() -> dict[str, Any]:
         by_table = dict(conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall())
         conn.close()
         per = (size_after - size_before) / SIZES.overhead_envelopes
-        envelope_objects = ("envelopes", "envelopes_inbox", "envelopes_expiry")
-        idem_objects = ("idempotency", "idempotency_forget")
+        envelope_objects = ("inbox", "inbox_recipient", "inbox_expiry")
+        idem_objects = ("idempotency_keys", "idempotency_keys_forget")
         return {
             "envelopes": SIZES.overhead_envelopes,
             "bytes_per_envelope": per,
@@ -636,6 +705,7 @@ def synapse() -> dict[str, Any]:
 # name -> (function, headline key, unit)
 SCENARIOS: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "bare_post": (bare_post, "requests_per_second", "req/s"),
+    "transport_post": (transport_post, "requests_per_second", "req/s"),
     "relay_livez": (relay_livez, "requests_per_second", "req/s"),
     "p1_send_single": (p1_send_single, "envelopes_per_second", "env/s"),
     "raw_sqlite_batch100": (raw_sqlite_batch100, "envelopes_per_second", "env/s"),
@@ -643,6 +713,7 @@ SCENARIOS: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "raw_stream": (raw_stream, "envelopes_per_second", "env/s"),
     "p3_delivery": (p3_delivery, "envelopes_per_second", "env/s"),
     "p4_latency": (p4_latency, "latency_p99_ms", "ms p99"),
+    "p4_latency_at_40pct": (p4_latency_at_40pct, "latency_p99_ms", "ms p99"),
     "p5_p9_backlog": (p5_p9_backlog, "envelopes_per_second", "env/s"),
     "p6_idle_streams": (p6_idle_streams, "rss_mib", "MiB RSS"),
     "p7_mixed": (p7_mixed, "rss_growth_ratio", "RSS end/q2"),

@@ -24,7 +24,7 @@ from relay.api.ops import metrics_listener, well_known
 from relay.api.routes import all_routes
 from relay.api.web import CHECKOUT_DIST, CorsGate, WebClient, WebClientError
 from relay.config import Config, origin_list, replace
-from relay.relay_keys import load_keyring, load_or_create_signing_key
+from relay.relay_keys import RelayKeyring, load_keyring, load_or_create_signing_key, retired_keys
 from relay.services import (
     FederationSettings,
     PrekeySettings,
@@ -108,6 +108,20 @@ async def open_store(config: Config, data_dir: Path) -> Store:
     )
 
 
+async def check_identity(store: Store, config: Config, data_dir: Path, keyring: RelayKeyring) -> None:
+    """Refuse to serve another relay's database, or with another relay key (relay/store/sql/identity.py).
+
+    Raises :class:`StartupRefusedError` (one line for the operator). Without
+    an explicit name (SQLite only: PostgreSQL requires one) the name is not
+    bound, since the listen address may change between starts.
+    """
+    retired = await trio.to_thread.run_sync(retired_keys, data_dir)
+    for note in await store.bind_identity(
+        config.name.lower() or None, config.relay_name, keyring.key_id, [k.key_id for k in retired], wall_clock_ms()
+    ):
+        log.info("identity: %s", note)
+
+
 async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return.
 
@@ -119,6 +133,11 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     api_routes = all_routes(metrics=config.metrics_on_main_port)
     web_client = await trio.to_thread.run_sync(load_web_client, config, {route.template for route in api_routes})
     store = await open_store(config, data_dir)
+    try:
+        await check_identity(store, config, data_dir, keyring)
+    except BaseException:
+        await store.close()
+        raise
     outbound = OutboundClient()
     switchboard = Switchboard()
     server = Server(config, switchboard)
@@ -169,8 +188,9 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             if services.federation.enabled:
                 await nursery.start(services.federation.run_delivery)
             application.ready = True
-            on_ready(base_url(config, port), relay_name)
+            # Listen before announcing: a SIGTERM right after the ready line must drain, not kill.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                on_ready(base_url(config, port), relay_name)
                 async for signum in signals:
                     log.info("received %s: draining", signal.Signals(signum).name)
                     break

@@ -25,7 +25,10 @@ SERVE_FLAGS = {
     "data": ("--data", "directory for the database and relay key (default ./data)"),
     "listen": ("--listen", "HOST:PORT to listen on (default 127.0.0.1:8080; port 0 picks one)"),
     "metrics_listen": ("--metrics-listen", "HOST:PORT of a separate plain-HTTP listener serving only /metrics"),
-    "name": ("--name", "relay name used in addresses (default: HOST:PORT of --listen)"),
+    "name": (
+        "--name",
+        "relay name used in addresses (default: HOST:PORT of --listen; required with --database)",
+    ),
     "tls_cert": ("--tls-cert", "PEM certificate chain: serve HTTPS (ALPN h2, http/1.1)"),
     "tls_key": ("--tls-key", "PEM private key for --tls-cert"),
     "log_format": ("--log-format", "text or json"),
@@ -75,6 +78,7 @@ def _load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay import app
+    from relay.store.base import StartupRefusedError
 
     config = _load_config(args)
     logs.setup(config.log_format, config.log_level)
@@ -84,6 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: app.run(config, on_ready=ready))
+    except StartupRefusedError as exc:  # another relay's database, another key, or a schema too new
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"tetherless: error: cannot serve on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -131,6 +138,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _migrate_postgres(url: str) -> int:
     from relay.store import StoreUnavailableError, redact_url
+    from relay.store.base import StartupRefusedError
     from relay.store.postgres import migrate_url
 
     try:
@@ -138,6 +146,9 @@ def _migrate_postgres(url: str) -> int:
     except StoreUnavailableError as exc:
         print(f"tetherless: error: {exc}", file=sys.stderr)
         return 1
+    except StartupRefusedError as exc:  # the schema needs newer code
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{redact_url(url)}: " + (f"applied migrations {applied}" if applied else "schema is up to date"))
     return 0
 

@@ -101,6 +101,7 @@ class Config:
     federation_retry_min_seconds: float = 1.0  # backoff after the first failure (doubles, with jitter)
     federation_retry_max_seconds: float = 600.0
     federation_poll_seconds: float = 2.0  # outbox scan interval (new sends wake the worker at once)
+    federation_lease_seconds: float = 30.0  # a replica's hold on sending one peer's outbox (renewed per batch)
     rate_peer_requests_per_second: float = 100.0  # inbound federation requests per origin relay
     rate_peer_requests_burst: int = 1000
     # -- device lists and WebAuthn (docs/crypto.md §3.3, §6) -------------------------------------
@@ -264,6 +265,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
     if config.database and not config.database.startswith(("postgresql://", "postgres://")):
         raise ConfigError("database: expected empty (SQLite in data) or a postgresql:// URL")
+    if config.database and not config.name:
+        # Replicas named after their own listen addresses would each be another relay (issue 13).
+        raise ConfigError("name: required with a PostgreSQL database (every replica must serve one relay name)")
+    if config.federation_lease_seconds <= config.federation_timeout_seconds:
+        raise ConfigError("federation_lease_seconds must exceed federation_timeout_seconds")
     for name in ORIGIN_LISTS:
         for origin in origin_list(getattr(config, name)):
             match = _ORIGIN.fullmatch(origin)

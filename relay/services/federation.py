@@ -211,6 +211,7 @@ class FederationSettings:
     retry_min_seconds: float = 1.0
     retry_max_seconds: float = 600.0
     poll_seconds: float = 2.0
+    lease_seconds: float = 30.0
     peer_requests_per_second: float = 0.0
     peer_requests_burst: float = 0.0
     pinned_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -229,6 +230,7 @@ class FederationSettings:
             retry_min_seconds=config.federation_retry_min_seconds,
             retry_max_seconds=max(config.federation_retry_min_seconds, config.federation_retry_max_seconds),
             poll_seconds=config.federation_poll_seconds,
+            lease_seconds=config.federation_lease_seconds,
             peer_requests_per_second=config.rate_peer_requests_per_second,
             peer_requests_burst=config.rate_peer_requests_burst,
             pinned_keys=parse_peer_keys(config.peer_keys),
@@ -309,6 +311,8 @@ class FederationService:
         self._wake = trio.Event()
         self._active: set[str] = set()
         self._failures: dict[str, int] = {}
+        # This process's name on federation leases: replicas of one relay send disjoint peers' outboxes.
+        self._lease_holder = self._ctx.random_bytes(12).hex()
 
     # -- policy ---------------------------------------------------------------------------
 
@@ -737,19 +741,29 @@ class FederationService:
         Wakes when a send commits envelopes for another relay, and every
         ``poll_seconds`` (to pick up retries, other replicas' sends, and
         ``admin federation retry``). Each peer is drained by its own task, so a
-        slow or dead peer delays nobody else. Cancellation may interrupt a
+        slow or dead peer delays nobody else. A peer is drained only while this
+        replica holds its lease (renewed before every batch), so replicas of
+        one relay never send the same rows. Cancellation may interrupt a
         delivery: its envelopes stay in the outbox and are sent again (the
-        receiver deduplicates).
+        receiver deduplicates); the leases are released on the way out.
         """
         for state in await self._store.federation_peer_states():
             self._failures[state.peer] = state.failures
+        log.info("federation delivery: lease holder %s", self._lease_holder)
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                wake = self._wake = trio.Event()
-                await self._schedule(nursery)
-                with trio.move_on_after(self.settings.poll_seconds):
-                    await wake.wait()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    wake = self._wake = trio.Event()
+                    await self._schedule(nursery)
+                    with trio.move_on_after(self.settings.poll_seconds):
+                        await wake.wait()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.settings.timeout_seconds):
+                try:  # another replica takes over at once instead of after the lease expires
+                    await self._store.federation_release_leases(self._lease_holder)
+                except Exception:
+                    log.warning("cannot release federation leases; they expire by themselves", exc_info=True)
 
     async def _schedule(self, nursery: trio.Nursery) -> None:
         now = self._ctx.clock_ms()
@@ -774,6 +788,10 @@ class FederationService:
         try:
             while True:
                 now = self._ctx.clock_ms()
+                # The lease outlives this batch's delivery (lease_seconds > timeout_seconds, checked by config).
+                lease_ms = int(self.settings.lease_seconds * 1000)
+                if not await self._store.federation_take_lease(peer, self._lease_holder, now, lease_ms):
+                    return  # another replica sends to this peer; polled again, taken over when it expires
                 batch = await self._store.federation_outbox_batch(peer, now, self.settings.batch_envelopes)
                 batch = _fit(batch, self.settings.max_body_bytes // 2)
                 if not batch:

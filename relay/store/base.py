@@ -27,6 +27,11 @@ class StoreUnavailableError(Exception):
     """The store cannot serve the request now (closed, disk full, I/O error)."""
 
 
+class StartupRefusedError(Exception):
+    """This process must not serve from this store: it belongs to another relay name or relay key, or its
+    schema needs newer code. The message is one line for the operator (docs/operations.md "Replicas")."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     device_id: str
@@ -154,7 +159,7 @@ class ReceivedOutcome(enum.Enum):
     RECIPIENT_REVOKED = "recipient_revoked"
 
 
-# -- device lists v2, revocation, WebAuthn (docs/crypto.md §3.3, §4, §6; SQL in devices_sql.py) -----
+# -- device lists v2, revocation, WebAuthn (docs/crypto.md §3.3, §4, §6) -------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +233,7 @@ class StoredCredential:
     registered_by: str
 
 
-# -- prekeys and enrolment (docs/crypto.md §5, §7; SQL in sqlite_prekeys.py / postgres_prekeys.py) ----
+# -- prekeys and enrolment (docs/crypto.md §5, §7) -------------------------------------------------------
 
 PREKEY_SIGNED = "x25519-signed"
 PREKEY_LAST_RESORT = "mlkem768-last-resort"
@@ -372,8 +377,11 @@ class LogRetentionRecord:
     updated_at_ms: int
 
 
-class Store(Protocol):
-    """Relay storage. All methods are async and never block the trio loop."""
+# -- the Store protocols, by role (a service depends on the roles it uses; Store is their union) ------
+
+
+class AccountStore(Protocol):
+    """Accounts and their devices (SQL in sql/accounts.py). All methods are async and never block the trio loop."""
 
     async def create_account(
         self, account_id: str, device: DeviceRecord, signed_device_list: bytes, now_ms: int
@@ -388,6 +396,10 @@ class Store(Protocol):
 
     async def get_device_lists(self, account_id: str) -> list[bytes] | None:
         """Every stored signed device list version, oldest first; None for an unknown account."""
+
+
+class AuthStore(Protocol):
+    """Authentication challenges and sessions (SQL in sql/auth.py)."""
 
     async def put_challenge(self, nonce: bytes, device_id: str, expires_at_ms: int) -> None:
         """Remember an issued challenge."""
@@ -409,6 +421,10 @@ class Store(Protocol):
     async def revoke_sessions(self, device_id: str, token_hash: bytes | None, now_ms: int) -> int:
         """Revoke one session (``token_hash``) or, with None, all of the device's. Returns how many."""
 
+
+class InboxStore(Protocol):
+    """Inboxes: sending, reading and acknowledging envelopes (SQL in sql/inbox.py; rules in inbox_rules.py)."""
+
     async def store_envelopes(
         self, sender_device: str, envelopes: Sequence[NewEnvelope], now_ms: int, max_inbox: int, forget_at_ms: int
     ) -> list[StoredEnvelope]:
@@ -424,9 +440,6 @@ class Store(Protocol):
     async def acknowledge(self, device_id: str, up_to: int | None, envelope_ids: Sequence[bytes]) -> int:
         """Delete acknowledged envelopes of this device's inbox only; returns how many. Idempotent."""
 
-    async def expire(self, now_ms: int) -> ExpiryReport:
-        """Delete everything past its expiry."""
-
     async def watch_inbox_commits(
         self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -439,7 +452,11 @@ class Store(Protocol):
         Cancellation stops watching; raises ``StoreUnavailableError`` if closed.
         """
 
-    # -- federation: sending side (outbox rows are written by store_envelopes) ------------
+
+class FederationStore(Protocol):
+    """The federation outbox and envelopes received from other relays (SQL in sql/federation.py)."""
+
+    # -- sending side (outbox rows are written by store_envelopes) ------------------------
 
     async def federation_due_peers(self, now_ms: int) -> list[PeerState]:
         """Every peer with envelopes in its outbox, and whether due (``next_attempt_at_ms`` <= now)."""
@@ -464,7 +481,19 @@ class Store(Protocol):
     async def federation_retry_now(self, peer: str | None) -> int:
         """Make ``peer`` (None: every peer) and its held envelopes due at once; returns peers affected."""
 
-    # -- federation: receiving side -----------------------------------------------------
+    async def federation_take_lease(self, peer: str, holder: str, now_ms: int, lease_ms: int) -> bool:
+        """Take or renew the lease on sending ``peer``'s outbox for ``holder`` (one replica) until
+        ``now_ms + lease_ms``; False while another holder's lease has not expired.
+
+        One conditional upsert, so of replicas racing for a free lease exactly
+        one wins. Idempotent for the holder (renews). Cancellation: the
+        upsert commits or not; a lease taken but not known expires.
+        """
+
+    async def federation_release_leases(self, holder: str) -> None:
+        """Give up every lease of ``holder`` (at shutdown), so another replica sends at once. Idempotent."""
+
+    # -- receiving side -----------------------------------------------------------------
 
     async def federation_remember_nonce(self, origin: str, nonce: str, forget_at_ms: int) -> bool:
         """Remember a signature nonce of ``origin``; False if it was already remembered (a replay)."""
@@ -480,7 +509,9 @@ class Store(Protocol):
         Ids are remembered until ``forget_at_ms``.
         """
 
-    # -- device lists v2, revocation, WebAuthn (SQL in devices_sql.py, both backends) -----------------
+
+class DeviceStore(Protocol):
+    """Device lists v2, revocation and WebAuthn (SQL in sql/devices.py)."""
 
     async def get_device_list_head(self, account_id: str) -> DeviceListHead | None:
         """The account's newest device-list version, or None for an unknown account."""
@@ -523,7 +554,9 @@ class Store(Protocol):
     async def get_webauthn_credentials(self, account_id: str) -> list[StoredCredential]:
         """The account's credentials (pending and active), by id."""
 
-    # -- prekeys and enrolment (SQL in sqlite_prekeys.py / postgres_prekeys.py) ---------------------
+
+class PrekeyStore(Protocol):
+    """Prekeys and enrolment offers (SQL in sql/prekeys.py; rules in prekey_rules.py)."""
 
     async def put_prekeys(self, device_id: str, prekeys: Sequence[StoredPrekey], max_one_time: int) -> PrekeyState:
         """Store verified prekeys of ``device_id`` atomically and return what it then holds.
@@ -562,8 +595,8 @@ class Store(Protocol):
     async def delete_device_prekeys(self, device_id: str) -> int:
         """Delete every prekey of ``device_id`` (and its id high-water marks); returns the keys deleted.
 
-        Revocation does the same inside its own transaction with the SQL
-        modules' ``delete_device_prekeys(conn, device_id)``. Idempotent.
+        Revocation does the same inside its own transaction (``sql/prekeys.delete_device_prekeys``).
+        Idempotent.
         """
 
     async def create_enrolment(
@@ -588,7 +621,9 @@ class Store(Protocol):
         (idempotent retry).
         """
 
-    # -- account log (docs/account-log.md §7.4; SQL in sqlite_log.py / postgres_log.py) ----------
+
+class LogStore(Protocol):
+    """The account log (docs/account-log.md §7.4; SQL in sql/log.py; rules in log_rules.py)."""
 
     async def append_log(
         self,
@@ -648,6 +683,28 @@ class Store(Protocol):
         """Call ``notify(account_id)`` in the trio thread after log appends made by *any* process; until
         cancelled. Same contract as :meth:`watch_inbox_commits`."""
 
+
+class Store(AccountStore, AuthStore, InboxStore, FederationStore, DeviceStore, PrekeyStore, LogStore, Protocol):
+    """Relay storage: every role, and what spans them. All methods are async and never block the trio loop."""
+
+    async def expire(self, now_ms: int) -> ExpiryReport:
+        """Delete everything past its expiry (every topic, one transaction)."""
+
+    async def bind_identity(
+        self, relay_name: str | None, effective_name: str, key_id: str, retired_key_ids: Sequence[str], now_ms: int
+    ) -> list[str]:
+        """Check this process against the relay identity recorded in the store, recording it at first start.
+
+        ``relay_name`` None: the name is not bound (SQLite without an explicit
+        name) but a recorded one is still enforced against ``effective_name``
+        (the name served). ``key_id`` is the current
+        relay key's fingerprint; ``retired_key_ids`` those the mounted rotation
+        file lists. Returns what changed (lines to log). Raises
+        :class:`StartupRefusedError` on another name, or a key that is neither
+        the recorded one nor its rotation (relay/store/sql/identity.py).
+        Idempotent; one transaction, so replicas starting together agree.
+        """
+
     async def close(self) -> None:
         """Finish pending writes and close. Idempotent."""
 
@@ -658,6 +715,8 @@ __all__: Sequence[str] = (
     "PREKEY_MLKEM_ONE_TIME",
     "PREKEY_SIGNED",
     "PREKEY_X25519_ONE_TIME",
+    "AccountStore",
+    "AuthStore",
     "ChallengeOutcome",
     "ClaimedBundle",
     "ConsumedChallenge",
@@ -666,15 +725,19 @@ __all__: Sequence[str] = (
     "DeviceListHead",
     "DeviceListUpdate",
     "DeviceRecord",
+    "DeviceStore",
     "DeviceStreamState",
     "EnrolmentRecord",
     "ExpiryReport",
+    "FederationStore",
     "InboxRecord",
+    "InboxStore",
     "LogAppendOutcome",
     "LogAppended",
     "LogPageRecord",
     "LogRetentionRecord",
     "LogSnapshotInfo",
+    "LogStore",
     "LogSweepReport",
     "NewCredential",
     "NewEnvelope",
@@ -682,9 +745,11 @@ __all__: Sequence[str] = (
     "OutboxRecord",
     "PeerState",
     "PrekeyState",
+    "PrekeyStore",
     "ReceivedEnvelope",
     "ReceivedOutcome",
     "SessionRecord",
+    "StartupRefusedError",
     "Store",
     "StoreUnavailableError",
     "StoredCredential",

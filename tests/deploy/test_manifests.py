@@ -200,6 +200,12 @@ def test_postgresql_is_a_deployment_with_secrets_for_url_and_relay_key(
         assert "emptyDir" in volumes["data"], what
         assert volumes[key_mount["name"]]["secret"]["items"][0]["path"] == "relay.key", what
         assert not of_kind(manifests, "PersistentVolumeClaim"), what
+        # The rotation file comes from the same Secret, so every replica sees the same retired keys.
+        (rotation,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data/relay-keys.json"]
+        assert rotation["readOnly"] is True, what
+        assert rotation["name"] == key_mount["name"], what
+        items = {item["path"]: item["key"] for item in volumes[key_mount["name"]]["secret"]["items"]}
+        assert items == {"relay.key": "relay.key", "relay-keys.json": "relay-keys.json"}, what
 
 
 def test_replicas_follow_the_scenario(rendered_scenarios: dict[str, list[Manifest]]) -> None:
@@ -388,6 +394,8 @@ def test_sqlite_relay_key_from_a_secret_is_mounted_over_the_volume(
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "data" not in volumes, "the data volume is the StatefulSet's claim"
     assert volumes["relay-key"]["secret"]["secretName"] == "tetherless-relay-key"
+    # One process: a rotation writes relay-keys.json on the claim, so it is not taken from the Secret.
+    assert "/data/relay-keys.json" not in mounts
     default = workload(rendered_scenarios["sqlite-default-values.yaml"])["spec"]["template"]["spec"]
     assert "/data/relay.key" not in {m["mountPath"] for m in relay_container(default)["volumeMounts"]}
 

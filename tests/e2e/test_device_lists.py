@@ -366,6 +366,7 @@ def any_relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayP
         env = {}
         if request.param == "postgres":
             env["TETHERLESS_DATABASE"] = stack.enter_context(fresh_database("tl_e2e"))
+            env["TETHERLESS_NAME"] = "devices.test"  # a shared database needs a relay name (decision 0008)
         process = RelayProcess(tmp_path / "relay-data", env=env)
         process.start()
         try:

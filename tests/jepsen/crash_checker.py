@@ -1,6 +1,7 @@
 """A Jepsen-style crash checker: concurrent numbered sends while the relay is SIGKILLed and restarted.
 
     python -m tests.jepsen.crash_checker --cycles 100
+    python -m tests.jepsen.crash_checker --database postgresql://USER:PASSWORD@HOST/DB --cycles 100
 
 Several client threads send uniquely numbered envelopes (one per request,
 its number as both idempotency key and ciphertext) to a few recipients over
@@ -19,6 +20,14 @@ drained and each number is classified, Jepsen queue-checker style:
 
 Exits non-zero when lost, unexpected or duplicated is non-zero, or an
 integrity check failed.
+
+PostgreSQL mode (``--database``, a server URL whose role may create
+databases): a fresh database is created on that server for the run, and two
+replicas serve from it with one name and one relay key. Clients spread their
+sends over both; one replica is SIGKILLed and restarted every cycle while the
+other keeps serving (a kill is what a node failure or an OOM kill does to a
+pod). PostgreSQL's own crash safety is not what is tested (its server is not
+killed), so there is no integrity check; the queue check is the same.
 """
 
 from __future__ import annotations
@@ -32,10 +41,16 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
 
 from protocol import codec
 from protocol.messages import InboxPage
@@ -72,6 +87,8 @@ class Report:
     unknown: int
     integrity_failures: list[str]
     client_errors: list[str]
+    mode: str = "sqlite"
+    seconds: float = 0.0
 
     @property
     def valid(self) -> bool:
@@ -80,7 +97,9 @@ class Report:
     def render(self) -> str:
         summary = {
             "valid": self.valid,
+            "mode": self.mode,
             "cycles": self.cycles,
+            "seconds": round(self.seconds, 1),
             "sent": self.sent,
             "ok": self.ok,
             "lost": len(self.lost),
@@ -123,11 +142,12 @@ def integrity_check(data_dir: Path) -> str:
 
 
 def _client(
-    number: int, http: Http11, sender: Peer, recipients: list[Peer], history: History, stop: threading.Event
+    number: int, https: list[Http11], sender: Peer, recipients: list[Peer], history: History, stop: threading.Event
 ) -> None:
     sequence = 0
     while not stop.is_set():
         sequence += 1
+        http = https[(sequence + number) % len(https)]  # replicas in turn (PostgreSQL mode)
         value = b"c%02d-%08d" % (number, sequence)
         recipient = recipients[sequence % len(recipients)]
         body = {"envelopes": [{"recipient": recipient.address, "idempotency_key": value, "ciphertext": value}]}
@@ -160,11 +180,49 @@ def _drain(http: Http11, recipient: Peer) -> list[bytes]:
             return received
 
 
-def run(cycles: int, *, clients: int = 4, recipients: int = 2, seed: int | None = None, workdir: Path) -> Report:
+@contextmanager
+def scratch_database(server_url: str) -> Iterator[str]:
+    """A new database on ``server_url``'s server for one run (URL), dropped afterwards."""
+    name = f"tl_jepsen_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run(
+    cycles: int,
+    *,
+    clients: int = 4,
+    recipients: int = 2,
+    seed: int | None = None,
+    workdir: Path,
+    database: str | None = None,
+) -> Report:
+    """Run the checker (SQLite, or two replicas on PostgreSQL when ``database`` is a server URL)."""
+    if database is None:
+        return _run(cycles, clients, recipients, seed, workdir, None)
+    with scratch_database(database) as url:
+        return _run(cycles, clients, recipients, seed, workdir, url)
+
+
+def _run(cycles: int, clients: int, recipients: int, seed: int | None, workdir: Path, url: str | None) -> Report:
+    started = time.monotonic()
     rng = random.Random(seed)
-    relay = RelayProcess(workdir / "data", env=NO_RATE_LIMITS)
+    shared = ["--database", url, "--name", "jepsen.test"] if url else []
+    relay = RelayProcess(workdir / "data", env=NO_RATE_LIMITS, extra_args=shared)
     relay.start()
-    http = Http11(relay.url)
+    replicas = [relay]
+    if url:  # a second replica with the same relay key keeps serving while the first is killed
+        (workdir / "survivor").mkdir(mode=0o700)
+        shutil.copy2(relay.data_dir / "relay.key", workdir / "survivor" / "relay.key")
+        replicas.append(RelayProcess(workdir / "survivor", env=NO_RATE_LIMITS, extra_args=shared))
+        replicas[1].start()
+    https = [Http11(replica.url) for replica in replicas]
+    http = https[-1]  # set-up and the final drain go through the replica that is never killed
     senders = [register(http, f"sender{i}") for i in range(clients)]
     inboxes = [register(http, f"recipient{i}") for i in range(recipients)]
     for peer in senders + inboxes:
@@ -172,7 +230,7 @@ def run(cycles: int, *, clients: int = 4, recipients: int = 2, seed: int | None 
     history = History()
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_client, args=(i, http, sender, inboxes, history, stop), daemon=True)
+        threading.Thread(target=_client, args=(i, https, sender, inboxes, history, stop), daemon=True)
         for i, sender in enumerate(senders)
     ]
     for thread in threads:
@@ -182,10 +240,10 @@ def run(cycles: int, *, clients: int = 4, recipients: int = 2, seed: int | None 
         for cycle in range(cycles):
             time.sleep(rng.uniform(0.05, 0.4))
             relay.kill()
-            result = integrity_check(relay.data_dir)
+            result = "ok" if url else integrity_check(relay.data_dir)
             if result != "ok":
                 integrity_failures.append(f"cycle {cycle}: {result}")
-            relay.start()
+            relay.start()  # same port: the clients' URL stays valid
         time.sleep(0.3)
     finally:
         stop.set()
@@ -194,8 +252,9 @@ def run(cycles: int, *, clients: int = 4, recipients: int = 2, seed: int | None 
     delivered: Counter[bytes] = Counter()
     for inbox in inboxes:
         delivered.update(_drain(http, inbox))
-    assert relay.stop() == 0, relay.logs()[-3000:]
-    final = integrity_check(relay.data_dir)
+    for replica in replicas:
+        assert replica.stop() == 0, replica.logs()[-3000:]
+    final = "ok" if url else integrity_check(relay.data_dir)
     if final != "ok":
         integrity_failures.append(f"after clean stop: {final}")
 
@@ -211,6 +270,8 @@ def run(cycles: int, *, clients: int = 4, recipients: int = 2, seed: int | None 
         unknown=sum(1 for value in attempted - acknowledged if value not in delivered),
         integrity_failures=integrity_failures,
         client_errors=history.errors,
+        mode="postgresql (2 replicas, one killed per cycle)" if url else "sqlite",
+        seconds=time.monotonic() - started,
     )
 
 
@@ -220,10 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent sending clients (default 4)")
     parser.add_argument("--recipients", type=int, default=2, help="inboxes sent to (default 2)")
     parser.add_argument("--seed", type=int, default=None, help="seed for the kill timing")
+    parser.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL server (postgresql://…, a role that may create databases): two replicas on a scratch database",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tetherless-jepsen-") as workdir:
         report = run(
-            args.cycles, clients=args.clients, recipients=args.recipients, seed=args.seed, workdir=Path(workdir)
+            args.cycles,
+            clients=args.clients,
+            recipients=args.recipients,
+            seed=args.seed,
+            workdir=Path(workdir),
+            database=args.database,
         )
     print(report.render())
     return 0 if report.valid else 1

@@ -4,6 +4,9 @@ The pod template shared by the StatefulSet (SQLite) and the Deployment (PostgreS
 /data: the PVC "data" (SQLite) or an emptyDir (PostgreSQL). When relayKey.existingSecret
 is set, its key is mounted read-only over /data/relay.key (subPath), where the relay
 reads its Ed25519 key; the relay creates the key itself only when the file is absent.
+With PostgreSQL the same Secret's rotation file (relayKey.rotationFileKey) is mounted over
+/data/relay-keys.json too: every replica must see the same keys, current and retired, and
+the database refuses a replica whose key is neither the recorded one nor its rotation.
 */}}
 {{- define "tetherless.podTemplate" -}}
 {{- $postgresql := include "tetherless.postgresql" . -}}
@@ -107,6 +110,12 @@ spec:
           mountPath: /data/relay.key
           subPath: relay.key
           readOnly: true
+        {{- if $postgresql }}
+        - name: relay-key
+          mountPath: /data/relay-keys.json
+          subPath: relay-keys.json
+          readOnly: true
+        {{- end }}
         {{- end }}
   volumes:
     - name: tmp
@@ -124,6 +133,10 @@ spec:
         items:
           - key: {{ .Values.relayKey.existingSecretKey }}
             path: relay.key
+          {{- if $postgresql }}
+          - key: {{ .Values.relayKey.rotationFileKey }}
+            path: relay-keys.json
+          {{- end }}
     {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:

@@ -12,7 +12,15 @@ import pytest
 import trio
 
 from protocol.errors import ErrorCode, TetherlessError
-from relay.store import ChallengeOutcome, DeviceRecord, NewEnvelope, PostgresStore, SQLiteStore, Store
+from relay.store import (
+    ChallengeOutcome,
+    DeviceRecord,
+    NewEnvelope,
+    PostgresStore,
+    SQLiteStore,
+    Store,
+    StoredEnvelope,
+)
 from tests.relay.store.postgres_db import fresh_database
 
 MAX_INBOX = 100
@@ -163,6 +171,26 @@ async def test_idempotency_duplicate_and_conflict(backend: Backend, tmp_path: Pa
         with pytest.raises(TetherlessError) as info:
             await store.store_envelopes("s", [envelope(a, b"key12345", b"different")], 40, MAX_INBOX, FOREVER)
         assert info.value.code is ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+async def test_idempotency_keys_outlive_acknowledgement_and_are_never_forgotten_early(
+    backend: Backend, tmp_path: Path
+) -> None:
+    hour = 3_600_000
+    forget_at = 1_000 * hour + 123  # mid-bucket: keys are forgotten a whole hour bucket at a time
+    async with open_store(backend, tmp_path) as store:
+        a = device(1)
+        await with_devices(store, a)
+        first = await store.store_envelopes("s", [envelope(a, b"keep-key")], 10, MAX_INBOX, forget_at)
+        assert await store.acknowledge(a.device_id, 1, []) == 1  # the envelope is gone, its key is not
+        for now in (forget_at - 1, forget_at, 1_001 * hour - 1):
+            assert (await store.expire(now)).idempotency_keys == 0
+            retry = await store.store_envelopes("s", [envelope(a, b"keep-key")], now, MAX_INBOX, FOREVER)
+            assert retry == [StoredEnvelope(first[0].envelope_id, 10, True, a.device_id)]
+        assert (await store.expire(1_001 * hour)).idempotency_keys == 1
+        anew = await store.store_envelopes("s", [envelope(a, b"keep-key")], 1_001 * hour, MAX_INBOX, FOREVER)
+        assert not anew[0].duplicate
+        assert anew[0].envelope_id != first[0].envelope_id
 
 
 async def test_quota_and_ack_and_expiry(backend: Backend, tmp_path: Path) -> None:

@@ -1,16 +1,10 @@
-"""The SQL of device lists v2, revocation and WebAuthn, for both stores.
+"""Device lists v2, revocation and WebAuthn (schema: migrations/0003_device_lists_v2.sql, 0004_webauthn.sql).
 
-Schema: migrations/0003_device_lists_v2.sql and 0004_webauthn.sql (and the
-same numbers under migrations/postgres/). Plain functions over a connection
-and a :class:`~relay.store.log_sql.Dialect` (placeholders and row locks), like
-log_sql.py, so SQLite and PostgreSQL cannot disagree on the rules. SQLite runs
-writers inside the group-commit writer's transaction (each in its own
-SAVEPOINT, so an error rolls back everything the operation did). PostgreSQL
-runs each call in one transaction; concurrent appends to one account
-serialise on its ``accounts`` row (``FOR UPDATE``): the second sees the new
-head and gets ``device_list_conflict`` (the ``device_lists`` primary key backs
-this up), and WebAuthn counters are read and written under the same lock, so
-they never go back.
+Concurrent appends to one account serialise on its ``accounts`` row
+(:attr:`Engine.lock_rows` on PostgreSQL; SQLite's one writer): the second
+sees the new head and gets ``device_list_conflict`` (the ``device_lists``
+primary key backs this up), and WebAuthn counters are read and written under
+the same lock, so they never go back.
 """
 
 from __future__ import annotations
@@ -19,8 +13,7 @@ from typing import Any
 
 from protocol.errors import ErrorCode, TetherlessError
 
-from . import log_sql, postgres_prekeys, sqlite_prekeys
-from .base import (
+from ..base import (
     ChallengeOutcome,
     DeviceListCommitted,
     DeviceListHead,
@@ -29,20 +22,16 @@ from .base import (
     NewCredential,
     StoredCredential,
 )
-from .log_sql import Dialect
-
-PENDING = "pending"
-ACTIVE = "active"
-
-
-def counter_ok(stored: int, new: int) -> bool:
-    """docs/crypto.md §6: both zero (an authenticator without counters) or strictly increasing."""
-    return (stored == 0 and new == 0) or new > stored
+from ..device_rules import ACTIVE, PENDING, CredentialRow, check_append
+from ..engine import INBOX_CHANNEL, Engine
+from . import log, prekeys
 
 
-def device_list_head(conn: Any, d: Dialect, *, account_id: str) -> DeviceListHead | None:
+def device_list_head(conn: Any, e: Engine, *, account_id: str) -> DeviceListHead | None:
+    if not e.storable(account_id):
+        return None
     row = conn.execute(
-        d.q(
+        e.q(
             "SELECT d.version, d.signed FROM accounts a JOIN device_lists d"
             " ON d.account_id = a.account_id AND d.version = a.list_version WHERE a.account_id = ?"
         ),
@@ -51,69 +40,57 @@ def device_list_head(conn: Any, d: Dialect, *, account_id: str) -> DeviceListHea
     if row is None:
         return None
     removed = conn.execute(
-        d.q("SELECT device_id FROM devices WHERE account_id = ? AND revoked_at_ms IS NOT NULL"), (account_id,)
+        e.q("SELECT device_id FROM devices WHERE account_id = ? AND revoked_at_ms IS NOT NULL"), (account_id,)
     ).fetchall()
     return DeviceListHead(row[0], bytes(row[1]), frozenset(r[0] for r in removed))
 
 
-def revoke_device(conn: Any, d: Dialect, device_id: str, version: int, now_ms: int) -> int:
+def revoke_device(conn: Any, e: Engine, device_id: str, version: int, now_ms: int) -> int:
     """Revocation effects on the relay (crypto.md §4) inside the caller's transaction; returns envelopes deleted."""
     conn.execute(
-        d.q("UPDATE devices SET revoked_at_ms = ?, revoked_in_version = ?, queued = 0 WHERE device_id = ?"),
+        e.q("UPDATE devices SET revoked_at_ms = ?, revoked_in_version = ?, queued = 0 WHERE device_id = ?"),
         (now_ms, version, device_id),
     )
     # Sessions are marked revoked rather than deleted so that a surviving token is
     # answered device_revoked, not invalid_token; the expiry sweep deletes them.
     conn.execute(
-        d.q("UPDATE sessions SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms IS NULL"), (now_ms, device_id)
+        e.q("UPDATE sessions SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms IS NULL"), (now_ms, device_id)
     )
-    deleted: int = conn.execute(d.q("DELETE FROM envelopes WHERE recipient = ?"), (device_id,)).rowcount
-    conn.execute(d.q("DELETE FROM challenges WHERE device_id = ?"), (device_id,))
-    conn.execute(d.q("DELETE FROM webauthn_registrations WHERE device_id = ?"), (device_id,))
-    (postgres_prekeys if d.postgres else sqlite_prekeys).delete_device_prekeys(conn, device_id)  # migration 0005
+    deleted: int = conn.execute(
+        e.q("DELETE FROM inbox WHERE recipient_no = (SELECT device_no FROM devices WHERE device_id = ?)"), (device_id,)
+    ).rowcount
+    conn.execute(e.q("DELETE FROM challenges WHERE device_id = ?"), (device_id,))
+    conn.execute(e.q("DELETE FROM webauthn_registrations WHERE device_id = ?"), (device_id,))
+    prekeys.delete_device_prekeys(conn, e, device_id=device_id)  # migration 0005
     return deleted
 
 
-def append_device_list(conn: Any, d: Dialect, *, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
+def append_device_list(conn: Any, e: Engine, *, update: DeviceListUpdate, now_ms: int) -> DeviceListCommitted:
     row = conn.execute(
-        d.q("SELECT list_version FROM accounts WHERE account_id = ?" + d.for_update), (update.account_id,)
+        e.q("SELECT list_version FROM accounts WHERE account_id = ?" + e.lock_rows), (update.account_id,)
     ).fetchone()
-    if row is None:
-        raise TetherlessError(ErrorCode.UNKNOWN_ACCOUNT, "no such account on this relay")
-    if row[0] != update.version - 1:
-        raise TetherlessError(ErrorCode.DEVICE_LIST_CONFLICT, f"the head is version {row[0]}; rebuild the change on it")
     stored = {
-        bytes(r[0]): (bytes(r[1]), r[2], r[3], r[4])
+        bytes(r[0]): CredentialRow(bytes(r[1]), r[2], r[3], r[4])
         for r in conn.execute(
-            d.q(
+            e.q(
                 "SELECT credential_id, public_key, rp_id, sign_count, status FROM webauthn_credentials"
                 " WHERE account_id = ?"
             ),
             (update.account_id,),
         )
     }
-    for new in update.added_credentials:
-        have = stored.get(new.credential_id)
-        if have is None or have[3] != PENDING or have[0] != new.public_key or have[1] != new.rp_id:
-            raise TetherlessError(
-                ErrorCode.WEBAUTHN_INVALID, "an added credential was not registered for this account with this key"
-            )
-    for use in update.assertions:
-        have = stored.get(use.credential_id)
-        if not counter_ok(have[2] if have else 0, use.sign_count):
-            raise TetherlessError(
-                ErrorCode.WEBAUTHN_REPLAYED, "an assertion's sign counter is not above the stored one"
-            )
+    check_append(row[0] if row else None, stored, update)
     conn.execute(
-        d.q("INSERT INTO device_lists (account_id, version, signed, stored_at_ms) VALUES (?, ?, ?, ?)"),
+        e.q("INSERT INTO device_lists (account_id, version, signed, stored_at_ms) VALUES (?, ?, ?, ?)"),
         (update.account_id, update.version, update.signed, now_ms),
     )
-    conn.execute(d.q("UPDATE accounts SET list_version = ? WHERE account_id = ?"), (update.version, update.account_id))
+    conn.execute(e.q("UPDATE accounts SET list_version = ? WHERE account_id = ?"), (update.version, update.account_id))
     for dev in update.added:
         added = conn.execute(
-            d.q(
-                "INSERT INTO devices (device_id, account_id, sign_key, box_key, created_at_ms, added_in_version)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1"
+            e.q(
+                "INSERT INTO devices"
+                " (device_no, device_id, account_id, sign_key, box_key, created_at_ms, added_in_version)"
+                f" VALUES ({e.next_device_no}, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1"
             ),
             (dev.device_id, update.account_id, dev.sign_key, dev.box_key, now_ms, update.version),
         ).fetchall()
@@ -121,17 +98,17 @@ def append_device_list(conn: Any, d: Dialect, *, update: DeviceListUpdate, now_m
             raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, f"device {dev.device_id} is already known here")
     deleted = 0
     for device_id in sorted(update.removed):  # one lock order on PostgreSQL
-        deleted += revoke_device(conn, d, device_id, update.version, now_ms)
+        deleted += revoke_device(conn, e, device_id, update.version, now_ms)
     if update.removed:  # the account log's rekey rule commits with the revocation (docs/account-log.md §5)
-        log_sql.note_revocation(conn, d, update.account_id, update.version)
+        log.note_revocation(conn, e, update.account_id, update.version)
     for new in update.added_credentials:
         conn.execute(
-            d.q("UPDATE webauthn_credentials SET status = ? WHERE account_id = ? AND credential_id = ?"),
+            e.q("UPDATE webauthn_credentials SET status = ? WHERE account_id = ? AND credential_id = ?"),
             (ACTIVE, update.account_id, new.credential_id),
         )
     for use in update.assertions:
         conn.execute(
-            d.q(
+            e.q(
                 "INSERT INTO webauthn_credentials (account_id, credential_id, public_key, rp_id, sign_count, status,"
                 " registered_by, registered_at_ms) VALUES (?, ?, ?, ?, ?, ?, '', ?)"
                 " ON CONFLICT (account_id, credential_id) DO UPDATE SET sign_count = excluded.sign_count"
@@ -140,21 +117,23 @@ def append_device_list(conn: Any, d: Dialect, *, update: DeviceListUpdate, now_m
         )
     for credential_id in update.removed_credentials:
         conn.execute(
-            d.q("DELETE FROM webauthn_credentials WHERE account_id = ? AND credential_id = ?"),
+            e.q("DELETE FROM webauthn_credentials WHERE account_id = ? AND credential_id = ?"),
             (update.account_id, credential_id),
         )
     devices = [
         r[0]
         for r in conn.execute(
-            d.q("SELECT device_id FROM devices WHERE account_id = ? ORDER BY device_id"), (update.account_id,)
+            e.q("SELECT device_id FROM devices WHERE account_id = ? ORDER BY device_id"), (update.account_id,)
         )
     ]
+    # Every device of the account (revoked ones too) wakes, in every process, on commit only.
+    e.notify(conn, INBOX_CHANNEL, devices)
     return DeviceListCommitted(devices=devices, revoked=list(update.removed), envelopes_deleted=deleted)
 
 
-def device_stream_state(conn: Any, d: Dialect, *, device_id: str) -> DeviceStreamState | None:
+def device_stream_state(conn: Any, e: Engine, *, device_id: str) -> DeviceStreamState | None:
     row = conn.execute(
-        d.q(
+        e.q(
             "SELECT d.account_id, d.revoked_at_ms, a.list_version FROM devices d"
             " JOIN accounts a ON a.account_id = d.account_id WHERE d.device_id = ?"
         ),
@@ -164,21 +143,21 @@ def device_stream_state(conn: Any, d: Dialect, *, device_id: str) -> DeviceStrea
 
 
 def put_registration(
-    conn: Any, d: Dialect, *, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
+    conn: Any, e: Engine, *, challenge: bytes, account_id: str, device_id: str, expires_at_ms: int
 ) -> None:
     conn.execute(
-        d.q("INSERT INTO webauthn_registrations (challenge, account_id, device_id, expires_at_ms) VALUES (?, ?, ?, ?)"),
+        e.q("INSERT INTO webauthn_registrations (challenge, account_id, device_id, expires_at_ms) VALUES (?, ?, ?, ?)"),
         (challenge, account_id, device_id, expires_at_ms),
     )
 
 
 def consume_registration(
-    conn: Any, d: Dialect, *, challenge: bytes, account_id: str, device_id: str, now_ms: int
+    conn: Any, e: Engine, *, challenge: bytes, account_id: str, device_id: str, now_ms: int
 ) -> ChallengeOutcome:
     row = conn.execute(
-        d.q(
+        e.q(
             "SELECT account_id, device_id, expires_at_ms, used_at_ms FROM webauthn_registrations WHERE challenge = ?"
-            + d.for_update
+            + e.lock_rows
         ),
         (challenge,),
     ).fetchone()
@@ -186,13 +165,13 @@ def consume_registration(
         return ChallengeOutcome.UNKNOWN
     if row[3] is not None:
         return ChallengeOutcome.USED
-    conn.execute(d.q("UPDATE webauthn_registrations SET used_at_ms = ? WHERE challenge = ?"), (now_ms, challenge))
+    conn.execute(e.q("UPDATE webauthn_registrations SET used_at_ms = ? WHERE challenge = ?"), (now_ms, challenge))
     return ChallengeOutcome.EXPIRED if row[2] <= now_ms else ChallengeOutcome.OK
 
 
 def put_credential(
     conn: Any,
-    d: Dialect,
+    e: Engine,
     *,
     account_id: str,
     device_id: str,
@@ -201,13 +180,13 @@ def put_credential(
     now_ms: int,
 ) -> None:
     row = conn.execute(
-        d.q("SELECT status FROM webauthn_credentials WHERE account_id = ? AND credential_id = ?" + d.for_update),
+        e.q("SELECT status FROM webauthn_credentials WHERE account_id = ? AND credential_id = ?" + e.lock_rows),
         (account_id, credential.credential_id),
     ).fetchone()
     if row is not None and row[0] != PENDING:
         raise TetherlessError(ErrorCode.WEBAUTHN_INVALID, "this credential is already in the account's device list")
     conn.execute(
-        d.q(
+        e.q(
             "INSERT INTO webauthn_credentials (account_id, credential_id, public_key, rp_id, sign_count,"
             " status, registered_by, registered_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (account_id, credential_id) DO UPDATE SET public_key = excluded.public_key,"
@@ -227,9 +206,9 @@ def put_credential(
     )
 
 
-def credentials(conn: Any, d: Dialect, *, account_id: str) -> list[StoredCredential]:
+def credentials(conn: Any, e: Engine, *, account_id: str) -> list[StoredCredential]:
     rows = conn.execute(
-        d.q(
+        e.q(
             "SELECT credential_id, public_key, rp_id, sign_count, status, registered_by FROM webauthn_credentials"
             " WHERE account_id = ? ORDER BY credential_id"
         ),
@@ -238,7 +217,7 @@ def credentials(conn: Any, d: Dialect, *, account_id: str) -> list[StoredCredent
     return [StoredCredential(bytes(r[0]), bytes(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
 
 
-def expire_devices(conn: Any, d: Dialect, now_ms: int) -> int:
+def expire_devices(conn: Any, e: Engine, now_ms: int) -> int:
     """Delete expired WebAuthn registration ceremonies; returns how many."""
-    expired: int = conn.execute(d.q("DELETE FROM webauthn_registrations WHERE expires_at_ms <= ?"), (now_ms,)).rowcount
+    expired: int = conn.execute(e.q("DELETE FROM webauthn_registrations WHERE expires_at_ms <= ?"), (now_ms,)).rowcount
     return expired

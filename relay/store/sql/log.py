@@ -1,27 +1,20 @@
-"""The SQL of the account log for both backends (schema: migrations/0006_account_log.sql and postgres/0006).
-
-Plain functions over a DB-API connection, run by :class:`relay.store.sqlite.SQLiteStore`
-(writes inside the group-commit writer's transaction, each in its own
-SAVEPOINT; reads in one read transaction on a reader connection) and
-:class:`relay.store.postgres.PostgresStore` (one transaction per call). The
-SQL is the same on both apart from the placeholder style and the row lock,
-so the two backends cannot drift: :class:`Dialect` carries the difference.
+"""The account log (schema: migrations/0006_account_log.sql; decisions in ``log_rules``; docs/account-log.md).
 
 Serialisation of appends per account (docs/decisions/0005-account-log.md, D1):
 SQLite has one writer thread; PostgreSQL locks the account's ``log_heads``
-row (``SELECT … FOR UPDATE``), so appenders to one account commit in
-position order and a reader never sees position p+1 before p.
+row (``SELECT … FOR UPDATE``, :attr:`Engine.lock_rows`), so appenders to one
+account commit in position order and a reader never sees position p+1 before p.
+Reads run in one snapshot (the backend's read transaction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import ErrorCode, TetherlessError
 
-from .base import (
+from ..base import (
     LogAppendOutcome,
     LogPageRecord,
     LogRetentionRecord,
@@ -30,7 +23,8 @@ from .base import (
     NewLogRecord,
     StoredLogRecord,
 )
-from .log_rules import (
+from ..engine import LOG_CHANNEL, Engine, clamp
+from ..log_rules import (
     ABANDONED_PARTS_MS,
     KEY,
     KIND_CODES,
@@ -43,37 +37,19 @@ from .log_rules import (
     plan_append,
 )
 
-_CHUNK = 500
 _HEADER = "position, record_id, kind, epoch, committed_at_ms, size"
 _EXTRA = "snapshot_id, covers, parts, device_list_version"
-LOG_NOTIFY_CHANNEL = "tetherless_log"
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    postgres: bool
-
-    def q(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.postgres else sql
-
-    @property
-    def for_update(self) -> str:
-        return " FOR UPDATE" if self.postgres else ""
-
-
-SQLITE = Dialect(postgres=False)
-POSTGRES = Dialect(postgres=True)
 
 
 def _bytes(value: Any) -> bytes | None:
     return None if value is None else bytes(value)
 
 
-def _state(conn: Any, d: Dialect, account_id: str, *, lock: bool) -> LogState:
+def _state(conn: Any, e: Engine, account_id: str, *, lock: bool) -> LogState:
     row = conn.execute(
-        d.q(
+        e.q(
             "SELECT head, horizon, bytes, epoch, epoch_device_list_version, rekey_after_version, snapshot_position"
-            " FROM log_heads WHERE account_id = ?" + (d.for_update if lock else "")
+            " FROM log_heads WHERE account_id = ?" + (e.lock_rows if lock else "")
         ),
         (account_id,),
     ).fetchone()
@@ -82,20 +58,20 @@ def _state(conn: Any, d: Dialect, account_id: str, *, lock: bool) -> LogState:
     covers = -1
     if row[6] is not None:
         found = conn.execute(
-            d.q("SELECT covers FROM log_records WHERE account_id = ? AND position = ?"), (account_id, row[6])
+            e.q("SELECT covers FROM log_records WHERE account_id = ? AND position = ?"), (account_id, row[6])
         ).fetchone()
         covers = found[0] if found else -1
     head, horizon, used, epoch, list_version, rekey_after, snapshot_position = row
     return LogState(head, horizon, used, epoch, list_version, rekey_after, snapshot_position, covers)
 
 
-def _ensure_head(conn: Any, d: Dialect, account_id: str) -> None:
-    conn.execute(d.q("INSERT INTO log_heads (account_id) VALUES (?) ON CONFLICT DO NOTHING"), (account_id,))
+def _ensure_head(conn: Any, e: Engine, account_id: str) -> None:
+    conn.execute(e.q("INSERT INTO log_heads (account_id) VALUES (?) ON CONFLICT DO NOTHING"), (account_id,))
 
 
 def append(
     conn: Any,
-    d: Dialect,
+    e: Engine,
     account_id: str,
     records: Sequence[NewLogRecord],
     expected_head: int | None,
@@ -103,24 +79,23 @@ def append(
     max_bytes: int,
 ) -> LogAppendOutcome:
     """Append under the account's serialisation; see ``Store.append_log``."""
-    _ensure_head(conn, d, account_id)
-    state = _state(conn, d, account_id, lock=True)
+    _ensure_head(conn, e, account_id)
+    state = _state(conn, e, account_id, lock=True)
     existing: dict[bytes, int] = {}
     ids = [record.record_id for record in records]
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        rows = conn.execute(
-            d.q(
-                "SELECT record_id, position FROM log_records WHERE account_id = ?"
-                f" AND record_id IN ({','.join('?' * len(chunk))})"
-            ),
-            (account_id, *chunk),
-        ).fetchall()
-        existing.update((bytes(rid), pos) for rid, pos in rows)
+    rows = e.fetch_in(
+        conn,
+        "SELECT record_id, position FROM log_records WHERE account_id = ? AND {one_of}",
+        (account_id,),
+        "record_id",
+        ids,
+        "bytea",
+    )
+    existing.update((bytes(rid), pos) for rid, pos in rows)
 
     def stored_parts(snapshot_id: bytes) -> int:
         row = conn.execute(
-            d.q("SELECT count(*) FROM log_records WHERE account_id = ? AND snapshot_id = ? AND kind = ? AND size > 0"),
+            e.q("SELECT count(*) FROM log_records WHERE account_id = ? AND snapshot_id = ? AND kind = ? AND size > 0"),
             (account_id, snapshot_id, PART),
         ).fetchone()
         return int(row[0])
@@ -129,7 +104,7 @@ def append(
     if not plan.rows:
         return plan.outcome
     conn.cursor().executemany(
-        d.q(
+        e.q(
             "INSERT INTO log_records (account_id, position, record_id, kind, epoch, committed_at_ms,"
             " snapshot_id, covers, parts, device_list_version, size, ciphertext)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -154,14 +129,13 @@ def append(
     )
     after = plan.state
     conn.execute(
-        d.q(
+        e.q(
             "UPDATE log_heads SET head = ?, bytes = ?, epoch = ?, epoch_device_list_version = ?,"
             " snapshot_position = ? WHERE account_id = ?"
         ),
         (after.head, after.bytes, after.epoch, after.epoch_device_list_version, after.snapshot_position, account_id),
     )
-    if d.postgres:  # delivered to every listening replica when (and only if) this transaction commits
-        conn.execute("SELECT pg_notify(%s, %s)", (LOG_NOTIFY_CHANNEL, account_id)).fetchall()
+    e.notify(conn, LOG_CHANNEL, [account_id])
     return plan.outcome
 
 
@@ -181,11 +155,11 @@ def _record(row: Sequence[Any]) -> StoredLogRecord:
     )
 
 
-def _snapshot(conn: Any, d: Dialect, account_id: str, position: int | None) -> LogSnapshotInfo | None:
+def _snapshot(conn: Any, e: Engine, account_id: str, position: int | None) -> LogSnapshotInfo | None:
     if position is None:
         return None
     row = conn.execute(
-        d.q(
+        e.q(
             "SELECT snapshot_id, position, covers, parts, epoch, committed_at_ms FROM log_records"
             " WHERE account_id = ? AND position = ?"
         ),
@@ -197,7 +171,7 @@ def _snapshot(conn: Any, d: Dialect, account_id: str, position: int | None) -> L
 
 
 def _page(
-    conn: Any, d: Dialect, account_id: str, where: str, params: Sequence[Any], limit: int, max_bytes: int, stub: bool
+    conn: Any, e: Engine, account_id: str, where: str, params: Sequence[Any], limit: int, max_bytes: int, stub: bool
 ) -> list[StoredLogRecord]:
     """Records matching ``where`` (position order), at most ``limit`` and ``max_bytes`` (at least one).
 
@@ -208,7 +182,7 @@ def _page(
         return []
     returned = f"CASE WHEN kind = {PART} THEN 0 ELSE size END" if stub else "size"
     sizes = conn.execute(
-        d.q(f"SELECT position, {returned} FROM log_records WHERE {where} ORDER BY position LIMIT ?"),
+        e.q(f"SELECT position, {returned} FROM log_records WHERE {where} ORDER BY position LIMIT ?"),
         (*params, limit),
     ).fetchall()
     if not sizes:
@@ -217,71 +191,78 @@ def _page(
     body = "CASE WHEN kind = ? THEN ? ELSE ciphertext END" if stub else "ciphertext"
     body_params: tuple[Any, ...] = (PART, b"") if stub else ()
     rows = conn.execute(
-        d.q(f"SELECT {_HEADER}, {_EXTRA}, {body} FROM log_records WHERE {where} AND position <= ? ORDER BY position"),
+        e.q(f"SELECT {_HEADER}, {_EXTRA}, {body} FROM log_records WHERE {where} AND position <= ? ORDER BY position"),
         (*body_params, *params, last),
     ).fetchall()
     return [_record(row) for row in rows]
 
 
 def read(
-    conn: Any, d: Dialect, account_id: str, after: int, limit: int, max_bytes: int, full_parts: bool
+    conn: Any, e: Engine, account_id: str, after: int, limit: int, max_bytes: int, full_parts: bool
 ) -> LogPageRecord:
     """A page and the header, in one read transaction (the caller's)."""
-    state = _state(conn, d, account_id, lock=False)
+    state = _state(conn, e, account_id, lock=False)
     records = _page(
-        conn, d, account_id, "account_id = ? AND position > ?", (account_id, after), limit, max_bytes, not full_parts
+        conn,
+        e,
+        account_id,
+        "account_id = ? AND position > ?",
+        (account_id, clamp(after)),
+        limit,
+        max_bytes,
+        not full_parts,
     )
-    return LogPageRecord(records, state.head, state.horizon, _snapshot(conn, d, account_id, state.snapshot_position))
+    return LogPageRecord(records, state.head, state.horizon, _snapshot(conn, e, account_id, state.snapshot_position))
 
 
-def snapshot(conn: Any, d: Dialect, account_id: str) -> LogSnapshotInfo | None:
-    return _snapshot(conn, d, account_id, _state(conn, d, account_id, lock=False).snapshot_position)
+def snapshot(conn: Any, e: Engine, account_id: str) -> LogSnapshotInfo | None:
+    return _snapshot(conn, e, account_id, _state(conn, e, account_id, lock=False).snapshot_position)
 
 
 def snapshot_parts(
-    conn: Any, d: Dialect, account_id: str, snapshot_id: bytes, after: int, limit: int, max_bytes: int
+    conn: Any, e: Engine, account_id: str, snapshot_id: bytes, after: int, limit: int, max_bytes: int
 ) -> LogPageRecord:
     """The newest snapshot's parts after ``after``; ``no_snapshot`` when ``snapshot_id`` is not the newest."""
-    state = _state(conn, d, account_id, lock=False)
-    info = _snapshot(conn, d, account_id, state.snapshot_position)
+    state = _state(conn, e, account_id, lock=False)
+    info = _snapshot(conn, e, account_id, state.snapshot_position)
     if info is None or info.snapshot_id != snapshot_id:
         raise TetherlessError(ErrorCode.NO_SNAPSHOT, "no such snapshot, or it is not the newest complete one")
     where = f"account_id = ? AND snapshot_id = ? AND kind = {PART} AND position > ?"
-    records = _page(conn, d, account_id, where, (account_id, snapshot_id, after), limit, max_bytes, False)
+    records = _page(conn, e, account_id, where, (account_id, snapshot_id, clamp(after)), limit, max_bytes, False)
     return LogPageRecord(records, state.head, state.horizon, info)
 
 
-def _retention(conn: Any, d: Dialect, account_id: str) -> LogRetentionRecord:
+def _retention(conn: Any, e: Engine, account_id: str) -> LogRetentionRecord:
     row = conn.execute(
-        d.q("SELECT retention_days, horizon, retention_updated_at_ms FROM log_heads WHERE account_id = ?"),
+        e.q("SELECT retention_days, horizon, retention_updated_at_ms FROM log_heads WHERE account_id = ?"),
         (account_id,),
     ).fetchone()
     return LogRetentionRecord(*row) if row else LogRetentionRecord(None, 0, 0)
 
 
-def get_retention(conn: Any, d: Dialect, account_id: str) -> LogRetentionRecord:
-    return _retention(conn, d, account_id)
+def get_retention(conn: Any, e: Engine, account_id: str) -> LogRetentionRecord:
+    return _retention(conn, e, account_id)
 
 
-def set_retention(conn: Any, d: Dialect, account_id: str, days: int | None, now_ms: int) -> LogRetentionRecord:
-    _ensure_head(conn, d, account_id)
+def set_retention(conn: Any, e: Engine, account_id: str, days: int | None, now_ms: int) -> LogRetentionRecord:
+    _ensure_head(conn, e, account_id)
     conn.execute(
-        d.q("UPDATE log_heads SET retention_days = ?, retention_updated_at_ms = ? WHERE account_id = ?"),
+        e.q("UPDATE log_heads SET retention_days = ?, retention_updated_at_ms = ? WHERE account_id = ?"),
         (days, now_ms, account_id),
     )
-    return _retention(conn, d, account_id)
+    return _retention(conn, e, account_id)
 
 
-def note_revocation(conn: Any, d: Dialect, account_id: str, device_list_version: int) -> None:
+def note_revocation(conn: Any, e: Engine, account_id: str, device_list_version: int) -> None:
     """Raise the account's ``rekey_after_version`` (never lowers it); for the device-list transaction."""
-    _ensure_head(conn, d, account_id)
+    _ensure_head(conn, e, account_id)
     conn.execute(
-        d.q("UPDATE log_heads SET rekey_after_version = ? WHERE account_id = ? AND rekey_after_version < ?"),
+        e.q("UPDATE log_heads SET rekey_after_version = ? WHERE account_id = ? AND rekey_after_version < ?"),
         (device_list_version, account_id, device_list_version),
     )
 
 
-def sweep_accounts(conn: Any, d: Dialect) -> list[str]:
+def sweep_accounts(conn: Any, e: Engine) -> list[str]:
     """Accounts a sweep may have work for: retention in days, or snapshot records still holding bytes."""
     rows = conn.execute(
         "SELECT account_id FROM log_heads h WHERE retention_days IS NOT NULL OR EXISTS ("
@@ -292,22 +273,22 @@ def sweep_accounts(conn: Any, d: Dialect) -> list[str]:
     return [row[0] for row in rows]
 
 
-def sweep_account(conn: Any, d: Dialect, account_id: str, now_ms: int, batch: int) -> LogSweepReport:
+def sweep_account(conn: Any, e: Engine, account_id: str, now_ms: int, batch: int) -> LogSweepReport:
     """One retention step for one account, under its serialisation (see ``Store.sweep_log``)."""
     row = conn.execute(
-        d.q("SELECT retention_days, horizon, snapshot_position FROM log_heads WHERE account_id = ?" + d.for_update),
+        e.q("SELECT retention_days, horizon, snapshot_position FROM log_heads WHERE account_id = ?" + e.lock_rows),
         (account_id,),
     ).fetchone()
     if row is None:
         return LogSweepReport()
     days, horizon, snapshot_position = row
-    newest = _snapshot(conn, d, account_id, snapshot_position)
+    newest = _snapshot(conn, e, account_id, snapshot_position)
     keep_id = newest.snapshot_id if newest is not None else None
     deleted, emptied, more, freed = 0, 0, False, 0
     if days is not None:
         cutoff = now_ms - days * 86_400_000
         due = conn.execute(
-            d.q(
+            e.q(
                 "SELECT position, kind, snapshot_id, size FROM log_records"
                 " WHERE account_id = ? AND position > ? AND committed_at_ms < ? ORDER BY position LIMIT ?"
             ),
@@ -318,7 +299,7 @@ def sweep_account(conn: Any, d: Dialect, account_id: str, now_ms: int, batch: in
             for pos, kind, sid, size in due
             if kind != KEY and not (kind in (PART, MANIFEST) and keep_id is not None and _bytes(sid) == keep_id)
         ]
-        _delete(conn, d, account_id, [pos for pos, _ in doomed])
+        _delete(conn, e, account_id, [pos for pos, _ in doomed])
         deleted = len(doomed)
         freed += sum(size for _, size in doomed)
         if due:
@@ -328,11 +309,11 @@ def sweep_account(conn: Any, d: Dialect, account_id: str, now_ms: int, batch: in
     complete = {
         bytes(sid)
         for (sid,) in conn.execute(
-            d.q("SELECT snapshot_id FROM log_records WHERE account_id = ? AND kind = ?"), (account_id, MANIFEST)
+            e.q("SELECT snapshot_id FROM log_records WHERE account_id = ? AND kind = ?"), (account_id, MANIFEST)
         ).fetchall()
     }
     candidates = conn.execute(
-        d.q(
+        e.q(
             "SELECT position, snapshot_id, size, committed_at_ms FROM log_records WHERE account_id = ?"
             " AND snapshot_id IS NOT NULL AND size > 0 AND kind IN (?, ?) ORDER BY position"
         ),
@@ -349,28 +330,28 @@ def sweep_account(conn: Any, d: Dialect, account_id: str, now_ms: int, batch: in
             if len(empty) == batch:
                 more = True
                 break
-    for start in range(0, len(empty), _CHUNK):
-        chunk = [pos for pos, _ in empty[start : start + _CHUNK]]
-        conn.execute(
-            d.q(
-                f"UPDATE log_records SET ciphertext = ?, size = 0 WHERE account_id = ?"
-                f" AND position IN ({','.join('?' * len(chunk))})"
-            ),
-            (b"", account_id, *chunk),
-        )
+    e.execute_in(
+        conn,
+        "UPDATE log_records SET ciphertext = ?, size = 0 WHERE account_id = ? AND {one_of}",
+        (b"", account_id),
+        "position",
+        [pos for pos, _ in empty],
+        "bigint",
+    )
     emptied = len(empty)
     freed += sum(size for _, size in empty)
     conn.execute(
-        d.q("UPDATE log_heads SET horizon = ?, bytes = bytes - ? WHERE account_id = ?"), (horizon, freed, account_id)
+        e.q("UPDATE log_heads SET horizon = ?, bytes = bytes - ? WHERE account_id = ?"), (horizon, freed, account_id)
     )
     return LogSweepReport(deleted, emptied, more)
 
 
-def _delete(conn: Any, d: Dialect, account_id: str, positions: Iterable[int]) -> None:
-    positions = list(positions)
-    for start in range(0, len(positions), _CHUNK):
-        chunk = positions[start : start + _CHUNK]
-        conn.execute(
-            d.q(f"DELETE FROM log_records WHERE account_id = ? AND position IN ({','.join('?' * len(chunk))})"),
-            (account_id, *chunk),
-        )
+def _delete(conn: Any, e: Engine, account_id: str, positions: Iterable[int]) -> None:
+    e.execute_in(
+        conn,
+        "DELETE FROM log_records WHERE account_id = ? AND {one_of}",
+        (account_id,),
+        "position",
+        list(positions),
+        "bigint",
+    )

@@ -1,0 +1,210 @@
+"""The inbox's send and receive rules, shared by both engines (docs/protocol.md, DESIGN.md §5).
+
+The SQL in ``sql/inbox.py`` and ``sql/federation.py`` reads the recipients'
+``devices`` rows and the idempotency / dedup rows under the engine's
+serialisation (SQLite: the writer thread; PostgreSQL: the recipients' row
+locks), calls :func:`plan_send` or :func:`plan_received`, and writes what they
+return. Pure functions of what was read, like ``log_rules.plan_append``:
+the engines cannot disagree on a decision, and every rule is testable
+without a database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from protocol.errors import ErrorCode, TetherlessError
+
+from .base import NewEnvelope, ReceivedEnvelope, ReceivedOutcome, StoredEnvelope
+
+# Idempotency rows keep this much of the envelope digest (migration 0008): a key
+# reused for another envelope is told from a retry unless 64 bits collide, which
+# only the key's own sender could arrange, against itself.
+STORED_DIGEST_BYTES = 8
+# Idempotency rows are forgotten by the hour: one small integer to index, deleted a bucket at a time.
+FORGET_BUCKET_MS = 3_600_000
+
+
+KEY_HASH_BYTES = 12
+
+
+def key_hash(sender_device: str, idempotency_key: bytes) -> bytes:
+    """What an idempotency row is keyed by (migration 0008): the first 12 bytes of
+    SHA-256(sender device id, NUL, key); PostgreSQL computes the same in SQL when it migrates old rows.
+
+    12 bytes where the 32-character sender and the 8-64-byte key took 40-100, in the row and again
+    in the forget index, and no lookup of the sender's ``devices`` row on the hot path. Device ids
+    hold no NUL, so the input is unambiguous; two live (sender, key) pairs collide with probability
+    2**-96 per pair (a billion live keys: below 10**-11), and keys are secret to their sender, so
+    no one can aim a collision at another sender's key.
+    """
+    return hashlib.sha256(sender_device.encode() + b"\x00" + idempotency_key).digest()[:KEY_HASH_BYTES]
+
+
+def stored_digest(digest: bytes) -> bytes:
+    """The part of an envelope digest an idempotency row keeps."""
+    return digest[:STORED_DIGEST_BYTES]
+
+
+def forget_bucket(forget_at_ms: int) -> int:
+    """The bucket of a key to forget at ``forget_at_ms``: its end is at or after it (never forgotten early)."""
+    return -(-forget_at_ms // FORGET_BUCKET_MS)
+
+
+def forgettable_buckets(now_ms: int) -> int:
+    """Buckets up to this one have ended at ``now_ms``: their keys may be forgotten."""
+    return now_ms // FORGET_BUCKET_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """A recipient's ``devices`` row as read for a send: ``last_seq`` is 0 where the engine assigns cursors;
+    ``device_no`` is the inbox's integer key for the device (0: not read)."""
+
+    account_id: str
+    revoked: bool
+    queued: int
+    last_seq: int = 0
+    device_no: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierSend:
+    """The idempotency row stored for (sender, key) by an earlier send (``digest``: its :func:`stored_digest`)."""
+
+    envelope_id: bytes
+    digest: bytes
+    sent_at_ms: int
+
+
+@dataclass(slots=True)
+class InboxGrowth:
+    """What a plan adds to one inbox: the ``queued`` count and cursor counter after it."""
+
+    queued: int
+    last_seq: int
+    added: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    """What to write for a send, in request order.
+
+    ``local``: (cursor, envelope) for local inboxes (the cursor is meaningful
+    only where the engine takes cursors from ``devices``); ``outbox``:
+    envelopes for other relays; ``keys``: the envelopes whose idempotency
+    key this send claims (first use of each key); ``inboxes``: per device.
+    """
+
+    results: list[StoredEnvelope]
+    local: list[tuple[int, NewEnvelope]] = field(default_factory=list)
+    outbox: list[NewEnvelope] = field(default_factory=list)
+    keys: list[NewEnvelope] = field(default_factory=list)
+    inboxes: dict[str, InboxGrowth] = field(default_factory=dict)
+
+
+def plan_send(
+    envelopes: Sequence[NewEnvelope],
+    recipients: Mapping[str, Recipient],
+    earlier: Mapping[bytes, EarlierSend],
+    now_ms: int,
+    max_inbox: int,
+) -> SendPlan:
+    """Decide a batch of ``Store.store_envelopes``, envelope by envelope in order.
+
+    - a key stored before (or earlier in this batch) with the same digest:
+      the original result, ``duplicate=True``, nothing stored; with another
+      digest: raises ``idempotency_conflict``;
+    - an envelope for another relay: to the federation outbox;
+    - otherwise the recipient must be a known device of the named account
+      (else ``unknown_recipient``), not revoked (``recipient_revoked``), with
+      fewer than ``max_inbox`` envelopes queued, counting this batch's
+      (``inbox_full``).
+
+    Any error refuses the whole batch (the caller's transaction rolls back).
+    """
+    plan = SendPlan(results=[])
+    pending: dict[bytes, EarlierSend] = {}
+    for env in envelopes:
+        seen = pending.get(env.idempotency_key) or earlier.get(env.idempotency_key)
+        if seen is not None:
+            if seen.digest != stored_digest(env.digest):
+                raise TetherlessError(
+                    ErrorCode.IDEMPOTENCY_CONFLICT, "idempotency key already used for another envelope"
+                )
+            plan.results.append(StoredEnvelope(seen.envelope_id, seen.sent_at_ms, True, env.recipient_device))
+            continue
+        if env.remote_relay:
+            plan.outbox.append(env)
+        else:
+            inbox = plan.inboxes.get(env.recipient_device)
+            if inbox is None:
+                dev = recipients.get(env.recipient_device)
+                if dev is None or dev.account_id != env.recipient_account:
+                    raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "no such device on this relay")
+                if dev.revoked:
+                    raise TetherlessError(ErrorCode.RECIPIENT_REVOKED, "the recipient device was revoked")
+                inbox = plan.inboxes[env.recipient_device] = InboxGrowth(dev.queued, dev.last_seq)
+            if inbox.queued >= max_inbox:
+                raise TetherlessError(ErrorCode.INBOX_FULL, "the recipient's inbox is full")
+            inbox.queued += 1
+            inbox.last_seq += 1
+            inbox.added += 1
+            plan.local.append((inbox.last_seq, env))
+        plan.keys.append(env)
+        pending[env.idempotency_key] = EarlierSend(env.envelope_id, stored_digest(env.digest), now_ms)
+        plan.results.append(StoredEnvelope(env.envelope_id, now_ms, False, env.recipient_device))
+    return plan
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivePlan:
+    """What to store for a federated delivery: (outcome, recipient device) per envelope in order, and the
+    stored ones as (cursor, envelope) with the inboxes they grow."""
+
+    results: list[tuple[ReceivedOutcome, str]]
+    stored: list[tuple[int, ReceivedEnvelope]] = field(default_factory=list)
+    inboxes: dict[str, InboxGrowth] = field(default_factory=dict)
+
+
+def plan_received(
+    envelopes: Sequence[ReceivedEnvelope],
+    recipients: Mapping[str, Recipient],
+    seen: frozenset[bytes] | set[bytes],
+    max_inbox: int,
+) -> ReceivePlan:
+    """Decide ``Store.federation_store_received``: never raises, each envelope gets its own outcome.
+
+    In this order: an origin id stored before (``seen``) or earlier in this
+    delivery is ``DUPLICATE``; an unknown device, or one of another account,
+    ``UNKNOWN_RECIPIENT``; a revoked one ``RECIPIENT_REVOKED``; a full inbox
+    (counting this delivery) ``INBOX_FULL``; else ``STORED``.
+    """
+    plan = ReceivePlan(results=[])
+    ids = set(seen)
+    for env in envelopes:
+        device = env.recipient_device
+        if env.origin_envelope_id in ids:
+            plan.results.append((ReceivedOutcome.DUPLICATE, device))
+            continue
+        dev = recipients.get(device)
+        if dev is None or dev.account_id != env.recipient_account:
+            plan.results.append((ReceivedOutcome.UNKNOWN_RECIPIENT, device))
+            continue
+        if dev.revoked:
+            plan.results.append((ReceivedOutcome.RECIPIENT_REVOKED, device))
+            continue
+        inbox = plan.inboxes.get(device) or InboxGrowth(dev.queued, dev.last_seq)
+        if inbox.queued >= max_inbox:
+            plan.results.append((ReceivedOutcome.INBOX_FULL, device))
+            continue
+        plan.inboxes[device] = inbox
+        inbox.queued += 1
+        inbox.last_seq += 1
+        inbox.added += 1
+        ids.add(env.origin_envelope_id)
+        plan.stored.append((inbox.last_seq, env))
+        plan.results.append((ReceivedOutcome.STORED, device))
+    return plan

@@ -57,7 +57,7 @@ async def _raw_page_all(relay_url: str, home: Path) -> tuple[int, float, int]:
 
 def run(messages: int, work: Path) -> dict[str, Any]:
     os.environ.setdefault("TETHERLESS_PASSPHRASE", "correct horse battery staple")
-    os.environ.setdefault("TETHERLESS_KDF_PROFILE", "test")
+    os.environ.setdefault("TETHERLESS_INSECURE_KDF", "1")
     from tests.e2e.offline_client import (
         NO_RATE_LIMITS,
         cli,

@@ -247,8 +247,11 @@ def run(runs: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.crypto", description=__doc__.split("\n\n")[0])
+def bench_main(
+    argv: list[str] | None, *, module: str, doc: str, run_fn: Callable[[int, float], dict[str, Any]], prefix: str
+) -> int:
+    """The command line both ``bench.crypto`` and ``bench.log_grants`` share: options, pinning, output."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="per operation and run")
     parser.add_argument("--smoke", action="store_true", help="1 run of 0.02 s each (harness check only)")
@@ -256,20 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) > 1 and not args.smoke:
-        cmd = ["taskset", "-c", "1", sys.executable, "-m", "bench.crypto", "--no-pin", *(argv or sys.argv[1:])]
+        cmd = ["taskset", "-c", "1", sys.executable, "-m", module, "--no-pin", *(argv or sys.argv[1:])]
         return subprocess.run(cmd, check=False).returncode
     runs, seconds = (1, 0.02) if args.smoke else (args.runs, args.seconds)
-    report = run(runs, seconds)
+    report = run_fn(runs, seconds)
     out = args.out or Path(__file__).resolve().parent / "results" / time.strftime(
-        "crypto-%Y%m%dT%H%M%SZ.json", time.gmtime()
+        f"{prefix}-%Y%m%dT%H%M%SZ.json", time.gmtime()
     )
     path = write_results(report, out)
-    print(f"{'operation':<22} {'median µs':>10} {'ops/s':>10}")
+    print(f"{'operation':<28} {'median µs':>10} {'ops/s':>10}")
     for name, row in report["operations"].items():
-        print(f"{name:<22} {row['us_per_op']['median']:>10.1f} {row['ops_per_second']:>10.0f}")
+        print(f"{name:<28} {row['us_per_op']['median']:>10.1f} {row['ops_per_second']:>10.0f}")
+    if "sizes" in report:
+        print(f"sizes: {report['sizes']}")
     print(f"comparison: {report['comparison']}")
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, module="bench.crypto", doc=__doc__ or "", run_fn=run, prefix="crypto")
 
 
 if __name__ == "__main__":

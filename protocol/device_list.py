@@ -1,17 +1,18 @@
 """Device lists: building, hashing, approving and checking them.
 
-Two formats share one chain: format 1 (docs/protocol.md §4, "any one device
-of the previous version") and format 2 (docs/crypto.md §3: a policy,
-WebAuthn credentials, a recovery key and the account-key epoch). The relay
-and clients run the same checks:
+Three formats share one chain: format 1 (docs/protocol.md §4, "any one
+device of the previous version"), format 2 (docs/crypto.md §3: a policy,
+WebAuthn credentials, a recovery key and the account-key epoch) and format 3
+(docs/crypto.md §3.6: per device also an ML-KEM-768 key, a role and scopes;
+only role ``device`` approves). The relay and clients run the same checks:
 
-- :func:`verify_genesis` checks an account's first list (format 1 or 2);
+- :func:`verify_genesis` checks an account's first list (any format);
 - :func:`evaluate_version` checks one version against its predecessor
   (crypto.md §3.2) and says what changed;
 - :func:`verify_chain` checks a whole chain from the genesis, the WebAuthn
   sign counters along it, and the client's high-water mark (crypto.md §3.5).
 
-Builders for clients: :func:`genesis`, :func:`genesis_v2`,
+Builders for clients: :func:`genesis`, :func:`genesis_v2`, :func:`genesis_v3`,
 :func:`next_version`, :func:`approve`, :func:`sign_recovery`,
 :func:`self_sign`. Everything here is pure.
 """
@@ -19,14 +20,16 @@ Builders for clients: :func:`genesis`, :func:`genesis_v2`,
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 import nacl.signing
 
 from . import signing, webauthn
 from .errors import ErrorCode, TetherlessError
+from .handshake import mlkem_check_public
 from .ids import account_id_for, device_id_for
 from .messages import (
     DEFAULT_POLICY,
@@ -34,6 +37,8 @@ from .messages import (
     DeviceList,
     DeviceListChain,
     DeviceListSignature,
+    DeviceRole,
+    DeviceScope,
     Policy,
     SignedDeviceList,
     WebAuthnAssertion,
@@ -42,6 +47,19 @@ from .messages import (
 
 FORMAT_1 = 1
 FORMAT_2 = 2
+FORMAT_3 = 3
+
+ROLE_DEVICE: Final = "device"
+ROLE_INTEGRATION: Final = "integration"
+ROLE_ARCHIVER: Final = "archiver"
+# The scopes each role may carry (docs/crypto.md §3.6): a closed table, checked by check_structure.
+ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
+    ROLE_DEVICE: frozenset(),
+    ROLE_INTEGRATION: frozenset({"receive", "send"}),
+    ROLE_ARCHIVER: frozenset(),
+}
+# Which roles receive account-key grants, i.e. can read the account's history (docs/crypto.md §3.6).
+_HISTORY_ROLES: Final = frozenset({ROLE_DEVICE, ROLE_ARCHIVER})
 
 
 class DeviceListForkError(TetherlessError):
@@ -62,6 +80,22 @@ class DeviceListRollbackError(TetherlessError):
         super().__init__(ErrorCode.INVALID_DEVICE_LIST, detail)
 
 
+def receives_account_key_grants(entry: DeviceEntry) -> bool:
+    """Whether the account's devices grant ``entry`` the account key (so it reads the history).
+
+    Part of the role's definition (docs/crypto.md §3.6): ``device`` and
+    ``archiver`` do, ``integration`` never does (an integration sees only
+    the messages addressed to it). Format-1/2 entries are role ``device``.
+    Pure.
+    """
+    return entry.role in _HISTORY_ROLES
+
+
+def may_approve(entry: DeviceEntry) -> bool:
+    """Whether ``entry``'s signature counts as an approval of the next version: role ``device`` only."""
+    return entry.role == ROLE_DEVICE
+
+
 def _bad(why: str) -> TetherlessError:
     return TetherlessError(ErrorCode.INVALID_DEVICE_LIST, why)
 
@@ -74,7 +108,9 @@ def list_layout(device_list: DeviceList) -> bytes:
 
     Format 1: docs/protocol.md §4. Format 2: ``list_layout_v2`` of
     docs/crypto.md §3.1 (entries in the list's order, which
-    :func:`check_structure` requires to be sorted).
+    :func:`check_structure` requires to be sorted). Format 3: the format-2
+    fields under the domain ``device-list/3`` with each device's ``kem_key``,
+    ``role`` and counted ``scopes`` after its ``added_at_ms`` (crypto.md §3.6).
     """
     dl = device_list
     if dl.format == FORMAT_1:
@@ -98,10 +134,12 @@ def list_layout(device_list: DeviceList) -> bytes:
     ]
     for device in dl.devices:
         fields += [device.device_id, device.sign_key, device.box_key, device.added_at_ms]
+        if dl.format == FORMAT_3:
+            fields += [device.kem_key, device.role, len(device.scopes), *device.scopes]
     fields.append(len(dl.credentials))
     for credential in dl.credentials:
         fields += [credential.credential_id, credential.public_key, credential.rp_id, credential.added_at_ms]
-    return signing.layout("device-list/2", *fields)
+    return signing.layout("device-list/3" if dl.format == FORMAT_3 else "device-list/2", *fields)
 
 
 def list_hash(device_list: DeviceList) -> bytes:
@@ -121,7 +159,12 @@ def check_structure(device_list: DeviceList) -> None:
     devices sorted by id and credentials by credential id (so one list has
     one layout), unique credentials with allowed COSE keys, recovery key and
     backup-key hash of 0 or 32 bytes, ``threshold ≤ |devices| + |credentials|``,
-    and ``require_webauthn`` only with at least one credential.
+    and ``require_webauthn`` only with at least one credential. Formats 1
+    and 2: every device has role ``device``, no scopes and no ``kem_key``
+    (their layouts do not cover them). Format 3 (crypto.md §3.6): ``kem_key``
+    empty or a valid 1184-byte ML-KEM-768 key, unique; a known role with
+    sorted, unique scopes from its set (``integration`` at least one); the
+    threshold counts only role-``device`` entries and credentials.
     """
     dl = device_list
     if (dl.version == 1) != (not dl.prev_hash):
@@ -136,6 +179,10 @@ def check_structure(device_list: DeviceList) -> None:
         raise _bad("a device appears twice")
     if len({d.box_key for d in dl.devices}) != len(ids):
         raise _bad("two devices share a box_key")
+    if dl.format == FORMAT_3:
+        _check_roles_and_kem_keys(dl.devices)
+    elif any(d.kem_key or d.role != ROLE_DEVICE or d.scopes for d in dl.devices):
+        raise _bad(f"kem_key, role and scopes need format 3 (this list is format {dl.format})")
     if dl.format == FORMAT_1:
         if (
             dl.policy != DEFAULT_POLICY
@@ -147,7 +194,7 @@ def check_structure(device_list: DeviceList) -> None:
             raise _bad("a format-1 list has no policy, credentials, recovery key or epoch")
         return
     if any(d.name for d in dl.devices):
-        raise _bad("device names must be empty in format 2 (they live in the account log)")
+        raise _bad("device names must be empty from format 2 on (they live in the account log)")
     if ids != sorted(ids):
         raise _bad("devices must be sorted by device_id")
     credential_ids = [c.credential_id for c in dl.credentials]
@@ -160,23 +207,66 @@ def check_structure(device_list: DeviceList) -> None:
             raise _bad(f"credential public key: {exc.detail}") from exc
     if len(dl.recovery_key) not in (0, 32) or len(dl.recovery_backup_key_hash) not in (0, 32):
         raise _bad("recovery_key and recovery_backup_key_hash are empty or 32 bytes")
-    if dl.policy.threshold > len(dl.devices) + len(dl.credentials):
-        raise _bad("threshold is above the number of devices and credentials")
+    if dl.policy.threshold > sum(map(may_approve, dl.devices)) + len(dl.credentials):
+        raise _bad("threshold is above the number of devices (role device) and credentials")
     if dl.policy.require_webauthn and not dl.credentials:
         raise _bad("require_webauthn needs at least one credential")
 
 
+def _check_roles_and_kem_keys(devices: Sequence[DeviceEntry]) -> None:
+    kem_keys = [d.kem_key for d in devices if d.kem_key]
+    if len(set(kem_keys)) != len(kem_keys):
+        raise _bad("two devices share a kem_key")
+    for device in devices:
+        if device.kem_key:
+            try:
+                mlkem_check_public(device.kem_key)
+            except TetherlessError as exc:
+                raise _bad(f"device {device.device_id}: kem_key: {exc.detail}") from exc
+        allowed = ROLE_SCOPES.get(device.role)
+        if allowed is None:  # pragma: no cover - the message type admits only known roles
+            raise _bad(f"device {device.device_id}: unknown role {device.role!r}")
+        scopes = list(device.scopes)
+        if scopes != sorted(set(scopes)) or not set(scopes) <= allowed:
+            raise _bad(
+                f"device {device.device_id}: role {device.role} takes sorted, unique scopes from {sorted(allowed)}"
+            )
+        if device.role == ROLE_INTEGRATION and not scopes:
+            raise _bad(f"device {device.device_id}: an integration needs at least one scope")
+
+
 def _policy(dl: DeviceList) -> Policy:
     """The policy in force for approving the version after ``dl`` (format 1: threshold 1)."""
-    return dl.policy if dl.format == FORMAT_2 else DEFAULT_POLICY
+    return DEFAULT_POLICY if dl.format == FORMAT_1 else dl.policy
+
+
+def _epoch(dl: DeviceList) -> int:
+    return 0 if dl.format == FORMAT_1 else dl.account_key_epoch
 
 
 # -- genesis ---------------------------------------------------------------------------------------
 
 
-def device_entry(sign_key: bytes, box_key: bytes, *, name: str = "", added_at_ms: int) -> DeviceEntry:
+def device_entry(
+    sign_key: bytes,
+    box_key: bytes,
+    *,
+    name: str = "",
+    added_at_ms: int,
+    kem_key: bytes = b"",
+    role: DeviceRole = "device",
+    scopes: Iterable[DeviceScope] = (),
+) -> DeviceEntry:
+    """A device's entry (``kem_key``, ``role`` and ``scopes`` are format 3; scopes are sorted here)."""
     return DeviceEntry(
-        device_id=device_id_for(sign_key), sign_key=sign_key, box_key=box_key, name=name, added_at_ms=added_at_ms
+        device_id=device_id_for(sign_key),
+        sign_key=sign_key,
+        box_key=box_key,
+        name=name,
+        added_at_ms=added_at_ms,
+        kem_key=kem_key,
+        role=role,
+        scopes=sorted(set(scopes)),
     )
 
 
@@ -207,14 +297,60 @@ def genesis_v2(
     One device with its self-signature; optionally a policy (its threshold
     can only be 1 with one device) and a recovery key, which self-signs.
     """
+    return _genesis(
+        signing_key,
+        box_key,
+        b"",
+        now_ms=now_ms,
+        policy=policy,
+        recovery_key=recovery_key,
+        recovery_backup_key_hash=recovery_backup_key_hash,
+    )
+
+
+def genesis_v3(
+    signing_key: nacl.signing.SigningKey,
+    box_key: bytes,
+    kem_key: bytes,
+    *,
+    now_ms: int,
+    policy: Policy | None = None,
+    recovery_key: nacl.signing.SigningKey | None = None,
+    recovery_backup_key_hash: bytes = b"",
+) -> SignedDeviceList:
+    """A new account's first device list in format 3 (crypto.md §3.6): as :func:`genesis_v2`, and the
+    device, role ``device``, publishes its ML-KEM-768 encapsulation key ``kem_key`` (``ValueError`` if empty)."""
+    if not kem_key:
+        raise ValueError("a format-3 genesis device has a kem_key")
+    return _genesis(
+        signing_key,
+        box_key,
+        kem_key,
+        now_ms=now_ms,
+        policy=policy,
+        recovery_key=recovery_key,
+        recovery_backup_key_hash=recovery_backup_key_hash,
+    )
+
+
+def _genesis(
+    signing_key: nacl.signing.SigningKey,
+    box_key: bytes,
+    kem_key: bytes,
+    *,
+    now_ms: int,
+    policy: Policy | None,
+    recovery_key: nacl.signing.SigningKey | None,
+    recovery_backup_key_hash: bytes,
+) -> SignedDeviceList:
     sign_key = bytes(signing_key.verify_key)
     dl = DeviceList(
         account_id=account_id_for(sign_key),
         version=1,
         prev_hash=b"",
         created_at_ms=now_ms,
-        devices=[device_entry(sign_key, box_key, added_at_ms=now_ms)],
-        format=FORMAT_2,
+        devices=[device_entry(sign_key, box_key, added_at_ms=now_ms, kem_key=kem_key)],
+        format=FORMAT_3 if kem_key else FORMAT_2,
         policy=policy if policy is not None else DEFAULT_POLICY,
         recovery_key=bytes(recovery_key.verify_key) if recovery_key is not None else b"",
         recovery_backup_key_hash=recovery_backup_key_hash,
@@ -226,14 +362,15 @@ def genesis_v2(
 
 
 def verify_genesis(signed: SignedDeviceList) -> DeviceEntry:
-    """Check a genesis list (format 1 or 2) and return its device.
+    """Check a genesis list (any format) and return its device.
 
     Raises ``invalid_device_list`` when the list is not a well-formed genesis
     (version 1, no ``prev_hash``, one device whose id matches its key, account
     id derived from that key, one signature by that device; in format 2 also
     :func:`check_structure`, no credentials, no assertions, and a recovery
     signature exactly when a recovery key is set) and ``bad_signature`` when
-    a signature does not verify. Pure; idempotent.
+    a signature does not verify; in format 3 the device has role ``device``
+    and a ``kem_key``. Pure; idempotent.
     """
     dl = signed.device_list
     if dl.version != 1 or dl.prev_hash:
@@ -248,6 +385,8 @@ def verify_genesis(signed: SignedDeviceList) -> DeviceEntry:
     if len(signed.signatures) != 1 or signed.signatures[0].device_id != device.device_id:
         raise _bad("a genesis list is signed by its device, once")
     check_structure(dl)
+    if dl.format == FORMAT_3 and (not may_approve(device) or not device.kem_key):
+        raise _bad("a format-3 genesis device has role device and a kem_key")
     if dl.credentials or signed.webauthn_assertions:
         raise _bad("a genesis list has no WebAuthn credentials")
     if len(signed.recovery_signatures) != (1 if dl.recovery_key else 0):
@@ -301,7 +440,7 @@ def _check_continuation(prev: DeviceList, dl: DeviceList, removed_ids: Collectio
     if dl.prev_hash != list_hash(prev):
         raise _bad("prev_hash does not match the previous version")
     if dl.format < prev.format:
-        raise _bad("the format cannot go back from 2 to 1")
+        raise _bad(f"the format cannot go back from {prev.format} to {dl.format}")
     check_structure(dl)
     if dl.format == FORMAT_1:
         return  # format 1 keeps protocol v1's rules (docs/protocol.md §4)
@@ -312,13 +451,24 @@ def _check_continuation(prev: DeviceList, dl: DeviceList, removed_ids: Collectio
         if device.device_id in removed_ids and device.device_id not in before:
             raise _bad(f"device {device.device_id} was removed earlier and cannot come back")
         kept = before.get(device.device_id)
-        if kept is not None and (kept.box_key, kept.added_at_ms) != (device.box_key, device.added_at_ms):
+        if kept is None:
+            if dl.format == FORMAT_3 and not device.kem_key:
+                raise _bad(f"added device {device.device_id} has no kem_key (format 3)")
+            continue
+        # A kem_key may only go from empty (carried over from format 1/2) to set, by a version the device signs.
+        kem_ok = device.kem_key == kept.kem_key or not kept.kem_key
+        if not kem_ok or _fixed(kept) != _fixed(device):
             raise _bad(f"device {device.device_id} changed its entry")
     old_credentials = {c.credential_id: c for c in prev.credentials}
     for credential in dl.credentials:
         kept_credential = old_credentials.get(credential.credential_id)
         if kept_credential is not None and kept_credential != credential:
             raise _bad("a credential changed its entry")
+
+
+def _fixed(entry: DeviceEntry) -> tuple[bytes, int, str, list[str]]:
+    """The parts of an entry that no later version may change (a new role means a new device)."""
+    return entry.box_key, entry.added_at_ms, entry.role, list(entry.scopes)
 
 
 def evaluate_version(
@@ -350,7 +500,12 @@ def evaluate_version(
       credential, ``P.threshold`` for P's recovery key) below
       ``P.threshold``; no assertion by a credential of P while P requires
       WebAuthn; or a missing proof of possession (an added device, an added
-      credential or a new recovery key that has not signed L).
+      credential or a new recovery key that has not signed L; in format 3
+      also a device that sets its ``kem_key`` in L);
+    - ``policy_not_met`` also for any signature by a device of P whose role
+      is not ``device`` (crypto.md §3.6: integrations and archivers never
+      approve; they exist only from format 3, so their entry never lacks a
+      ``kem_key`` it would have to prove).
 
     Counters are returned in :attr:`VersionChange.assertion_counters`, not
     judged. Pure.
@@ -386,7 +541,7 @@ def evaluate_version(
             approving_devices=sorted(set(approvers)),
         )
 
-    prev_epoch = prev.account_key_epoch if prev.format == FORMAT_2 else 0
+    prev_epoch = _epoch(prev)
     if removed or removed_credentials:
         if dl.account_key_epoch != prev_epoch + 1:
             raise _bad("a version that removes a device or credential sets account_key_epoch to the previous + 1")
@@ -394,6 +549,8 @@ def evaluate_version(
         raise _bad("account_key_epoch cannot go down")
 
     policy = _policy(prev)
+    # Devices that must sign L as proof of possession: added ones, and (format 3) kept ones setting a kem_key.
+    must_sign = [d for d in dl.devices if d.device_id not in before or d.kem_key != before[d.device_id].kem_key]
     # Device signatures: approvals by devices of P, self-signatures of added devices.
     may_sign = {**before, **{d.device_id: d for d in added}}
     signers: set[str] = set()
@@ -405,6 +562,12 @@ def evaluate_version(
         if entry is None:
             raise TetherlessError(ErrorCode.BAD_SIGNATURE, f"signature by {s.device_id}, not a device of P or L")
         signing.verify(entry.sign_key, layout, s.signature)
+        # An integration or archiver of P never signs: its entry is complete from the version that added it
+        # (format 3 only), so it has no proof of possession to give, and its approval must not count.
+        if s.device_id in before and not may_approve(entry):
+            raise TetherlessError(
+                ErrorCode.POLICY_NOT_MET, f"device {s.device_id} has role {entry.role}: it cannot approve a version"
+            )
     approving_devices = sorted(signers & before.keys())
 
     # Recovery signatures: by P's recovery key (an approval) and/or L's new one (proof of possession).
@@ -446,9 +609,10 @@ def evaluate_version(
         )
     if policy.require_webauthn and not approving_credentials:
         raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the previous version requires a WebAuthn co-signature")
-    for device in added:
+    for device in must_sign:
         if device.device_id not in signers:
-            raise TetherlessError(ErrorCode.POLICY_NOT_MET, f"added device {device.device_id} has not signed L")
+            what = "added device" if device.device_id not in before else "device setting its kem_key"
+            raise TetherlessError(ErrorCode.POLICY_NOT_MET, f"{what} {device.device_id} has not signed L")
     for credential in added_credentials:
         if credential.credential_id not in counters:
             raise TetherlessError(ErrorCode.POLICY_NOT_MET, "an added credential has not asserted L")
@@ -565,9 +729,17 @@ def next_version(
     recovery_key: bytes | None = None,
     recovery_backup_key_hash: bytes | None = None,
     account_key_epoch: int | None = None,
+    set_kem_keys: Mapping[str, bytes] | None = None,
+    format: int | None = None,
     now_ms: int,
 ) -> DeviceList:
-    """Build the format-2 version after ``prev`` (unsigned; approve with :func:`approve` and friends).
+    """Build the version after ``prev`` (unsigned; approve with :func:`approve` and friends).
+
+    ``format`` defaults to P's, at least 2; ``FORMAT_3`` after a format-1/2
+    P is the upgrade of crypto.md §3.6 (kept entries keep an empty
+    ``kem_key`` until their device sets it). ``set_kem_keys`` maps device
+    ids of P to the ``kem_key`` they publish in this version (each such
+    device must sign it).
 
     Entries are sorted, names dropped (format 2), the epoch bumped when a
     device or credential is removed (unless given), ``created_at_ms`` is
@@ -585,12 +757,16 @@ def next_version(
     if not remove_credentials <= {c.credential_id for c in prev.credentials}:
         raise ValueError("no such credential in the list")
     kept = [msgspec.structs.replace(d, name="") for d in prev.devices if d.device_id not in remove]
-    devices = sorted([*kept, *(msgspec.structs.replace(d, name="") for d in add_devices)], key=lambda d: d.device_id)
     credentials = sorted(
         [*(c for c in prev.credentials if c.credential_id not in remove_credentials), *add_credentials],
         key=lambda c: c.credential_id,
     )
-    prev_epoch = prev.account_key_epoch if prev.format == FORMAT_2 else 0
+    kem_keys = dict(set_kem_keys or {})
+    if not kem_keys.keys() <= known - remove:
+        raise ValueError(f"no such device in the list: {sorted(kem_keys.keys() - (known - remove))}")
+    kept = [msgspec.structs.replace(d, kem_key=kem_keys.get(d.device_id, d.kem_key)) for d in kept]
+    devices = sorted([*kept, *(msgspec.structs.replace(d, name="") for d in add_devices)], key=lambda d: d.device_id)
+    prev_epoch = _epoch(prev)
     if account_key_epoch is None:
         account_key_epoch = prev_epoch + 1 if remove or remove_credentials else prev_epoch
     return DeviceList(
@@ -599,7 +775,7 @@ def next_version(
         prev_hash=list_hash(prev),
         created_at_ms=max(now_ms, prev.created_at_ms),
         devices=devices,
-        format=FORMAT_2,
+        format=format if format is not None else max(prev.format, FORMAT_2),
         policy=policy if policy is not None else _policy(prev),
         credentials=credentials,
         recovery_key=recovery_key if recovery_key is not None else prev.recovery_key,

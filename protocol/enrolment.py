@@ -9,6 +9,8 @@ account's home relay name::
     k_offer      = HKDF(0^32, K, info("link-offer", relay), 32)
     k_approve    = HKDF(0^32, K, info("link-approve", relay), 32)
     offer_mac    = HMAC(k_offer, layout("link-offer", relay, lookup_id, sign_key, box_key, created_at_ms))
+                   with a kem_key (format 3, crypto.md §3.6):
+                   HMAC(k_offer, layout("link-offer/2", relay, lookup_id, sign_key, box_key, kem_key, created_at_ms))
     approval_tag = HMAC(k_approve, layout("link-approval", relay, lookup_id, account_id, version, list_hash))
 
 The relay stores the offer under ``lookup_id`` and never learns ``K``, so it
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ErrorCode, TetherlessError
+from .handshake import mlkem_check_public
 from .ids import device_id_for
 from .messages import EnrolmentBundle, EnrolmentOffer, PrekeyBundle, SignedPrekey
 from .prekeys import MLKEM_LAST_RESORT, X25519_SIGNED, verify_prekey
@@ -143,9 +146,19 @@ def k_approve(secret: bytes, relay: str) -> bytes:
     return _derive(secret, "link-approve", relay, 32)
 
 
-def offer_mac(secret: bytes, relay: str, sign_key: bytes, box_key: bytes, created_at_ms: int) -> bytes:
-    """HMAC by ``k_offer`` over the offer's relay, lookup id, keys and time."""
-    message = layout("link-offer", relay, lookup_id(secret, relay), sign_key, box_key, created_at_ms)
+def offer_mac(
+    secret: bytes, relay: str, sign_key: bytes, box_key: bytes, created_at_ms: int, kem_key: bytes = b""
+) -> bytes:
+    """HMAC by ``k_offer`` over the offer's relay, lookup id, keys and time.
+
+    An offer with a ``kem_key`` uses the domain ``link-offer/2``, which covers
+    it: a relay that strips or swaps the key breaks the MAC either way.
+    """
+    lookup = lookup_id(secret, relay)
+    if kem_key:
+        message = layout("link-offer/2", relay, lookup, sign_key, box_key, kem_key, created_at_ms)
+    else:
+        message = layout("link-offer", relay, lookup, sign_key, box_key, created_at_ms)
     return hmac.new(k_offer(secret, relay), message, hashlib.sha256).digest()
 
 
@@ -163,7 +176,7 @@ def verify_offer_mac(secret: bytes, offer: EnrolmentOffer) -> None:
     showing the code). Pure.
     """
     expected_lookup = lookup_id(secret, offer.relay)
-    expected = offer_mac(secret, offer.relay, offer.sign_key, offer.box_key, offer.created_at_ms)
+    expected = offer_mac(secret, offer.relay, offer.sign_key, offer.box_key, offer.created_at_ms, offer.kem_key)
     lookup_ok = hmac.compare_digest(expected_lookup, offer.lookup_id)
     if not (hmac.compare_digest(expected, offer.offer_mac) and lookup_ok):
         raise LinkCodeMismatchError("the code does not match this device's offer")
@@ -185,8 +198,10 @@ def make_offer(
     box_key: bytes,
     bundle: EnrolmentBundle,
     created_at_ms: int,
+    kem_key: bytes = b"",
 ) -> EnrolmentOffer:
-    """N's offer for ``POST /v1/enrolments`` (``bundle`` signed with ``signing_key``)."""
+    """N's offer for ``POST /v1/enrolments`` (``bundle`` signed with ``signing_key``; ``kem_key``: N's
+    long-term ML-KEM-768 key for a format-3 entry, MAC-protected)."""
     sign_key = bytes(signing_key.verify_key)
     return EnrolmentOffer(
         relay=relay,
@@ -195,12 +210,14 @@ def make_offer(
         box_key=box_key,
         bundle=bundle,
         created_at_ms=created_at_ms,
-        offer_mac=offer_mac(secret, relay, sign_key, box_key, created_at_ms),
+        offer_mac=offer_mac(secret, relay, sign_key, box_key, created_at_ms, kem_key),
+        kem_key=kem_key,
     )
 
 
 def verify_offer_prekeys(offer: EnrolmentOffer) -> None:
-    """The offer's bundle: an ``x25519-signed`` and an ``mlkem768-last-resort`` key signed by ``sign_key``.
+    """The offer's bundle: an ``x25519-signed`` and an ``mlkem768-last-resort`` key signed by ``sign_key``,
+    and its ``kem_key``, if any, a valid ML-KEM-768 encapsulation key.
 
     Run by the relay on ``POST /v1/enrolments`` and by the approving device.
     Raises ``prekey_invalid``. Pure.
@@ -211,6 +228,8 @@ def verify_offer_prekeys(offer: EnrolmentOffer) -> None:
         raise TetherlessError(ErrorCode.PREKEY_INVALID, "sign_key is not an Ed25519 public key") from exc
     verify_prekey(offer.sign_key, device_id, offer.bundle.signed_prekey, kind=X25519_SIGNED)
     verify_prekey(offer.sign_key, device_id, offer.bundle.pq_prekey, kind=MLKEM_LAST_RESORT)
+    if offer.kem_key:
+        mlkem_check_public(offer.kem_key)
 
 
 def offer_bundle(offer: EnrolmentOffer, account_id: str, one_time_prekey: SignedPrekey | None = None) -> PrekeyBundle:

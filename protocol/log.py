@@ -20,6 +20,12 @@ box key) and a commitment to the key. :func:`verify_key_record` checks the
 signature, the creator, the grants against the device list and the
 commitment; :func:`unwrap_grant` opens this device's grant.
 
+Since issue 12 (§4.6, §5.5): v2 key records (:func:`make_key_record_v2`) grant
+independent epoch keys, several epochs per grant, through the post-quantum
+hybrid wrap of :mod:`protocol.hybrid`; records under v2 epochs are signed by
+their writer inside the AEAD (:func:`seal_signed_record`,
+:func:`open_signed_record`). The v1 functions stay for reading legacy logs.
+
 Ids (§4.4, §9): :func:`message_record_id` is deterministic from
 ``(account_id, sender device address, message_uid)``, so two devices of one
 account that log the same message write the same record (the relay keeps the
@@ -37,7 +43,7 @@ import nacl.exceptions
 import nacl.signing
 from msgspec import Meta
 
-from . import codec, padding, signing
+from . import codec, device_list, hybrid, padding, signing
 from .errors import ErrorCode, TetherlessError
 from .messages import DeviceEntry, Message
 
@@ -164,11 +170,11 @@ def record_ad(
     snapshot_id: bytes | None = None,
     covers: int | None = None,
     parts: int | None = None,
+    *,
+    domain: str = RECORD_DOMAIN,
 ) -> bytes:
-    """The associated data of a record: every header field the relay sees (§4.2)."""
-    return signing.layout(
-        RECORD_DOMAIN, account_id, record_id, epoch, kind, snapshot_id or b"", covers or 0, parts or 0
-    )
+    """The associated data of a record: every header field the relay sees (§4.2; ``domain`` v2: §4.6)."""
+    return signing.layout(domain, account_id, record_id, epoch, kind, snapshot_id or b"", covers or 0, parts or 0)
 
 
 def seal_record(
@@ -377,6 +383,308 @@ def unwrap_grant(record: KeyEpochRecord, *, device_id: str, box_private_key: byt
     return None
 
 
+# -- key records v2 and signed records (§5.1 v2, §4.6; crypto.md §12.1) -----------------------------------
+
+KEY_EPOCH_V2_DOMAIN: Final = "log-key-epoch/2"
+KEY_GRANT_V2_DOMAIN: Final = "log-key-grant/2"
+RECORD_V2_DOMAIN: Final = "log-record/2"
+RECORD_SIGNATURE_DOMAIN: Final = "log-record-sig/2"
+KEY_RECORD_V2: Final = 2
+
+
+class EpochKey(Message, frozen=True):
+    epoch: Annotated[int, Meta(ge=1)]
+    key: Annotated[bytes, Meta(min_length=32, max_length=32)]
+
+
+class GrantPayload(Message, frozen=True):
+    """What one hybrid grant wraps: the keys of one or more epochs (all of them for a new device)."""
+
+    keys: list[EpochKey]
+
+
+class HybridGrant(Message, frozen=True):
+    """One device's grant: a hybrid wrap (crypto.md §12.1) of a :class:`GrantPayload`, or ``b""`` when the
+    device has no ML-KEM key in its list entry (format 2): it gets the keys through a v2 session instead."""
+
+    device_id: str
+    wrapped: bytes
+
+
+class EpochCommitment(Message, frozen=True):
+    epoch: Annotated[int, Meta(ge=1)]
+    commitment: Annotated[bytes, Meta(min_length=32, max_length=32)]
+
+
+class KeyEpochBodyV2(Message, frozen=True):
+    """A v2 key record (§5.1 v2). ``rotation``: it creates ``epoch`` with a fresh, independent key and grants
+    exactly the list's grant-receiving devices; otherwise it hands the keys in ``commitments`` to new devices."""
+
+    account_id: str
+    epoch: Annotated[int, Meta(ge=1)]
+    device_list_version: Annotated[int, Meta(ge=1)]
+    creator_device: str
+    created_at_ms: int
+    rotation: bool
+    grants: list[HybridGrant]
+    commitments: list[EpochCommitment]
+
+
+class KeyEpochRecordV2(Message, frozen=True):
+    v: Literal[2]
+    body: KeyEpochBodyV2
+    signature: bytes
+
+
+class SignedRecordPayload(Message, frozen=True):
+    """What a v2 record's AEAD encrypts: the writer, its signature and the inner plaintext's bytes (§4.6)."""
+
+    writer_device: str
+    signature: bytes
+    payload: bytes
+
+
+AnyKeyRecord = KeyEpochRecord | KeyEpochRecordV2
+
+
+def key_epoch_v2_layout(body: KeyEpochBodyV2) -> bytes:
+    fields: list[signing.Field] = [
+        body.account_id,
+        body.epoch,
+        body.device_list_version,
+        body.creator_device,
+        body.created_at_ms,
+        int(body.rotation),
+        len(body.grants),
+    ]
+    for grant in body.grants:
+        fields += [grant.device_id, grant.wrapped]
+    fields.append(len(body.commitments))
+    for c in body.commitments:
+        fields += [c.epoch, c.commitment]
+    return signing.layout(KEY_EPOCH_V2_DOMAIN, *fields)
+
+
+def grant_context(account_id: str, epoch: int, device_list_version: int, creator_device: str, device_id: str) -> bytes:
+    """The hybrid wrap's context for one grant: the relay cannot move a wrap to another record, epoch or device."""
+    return signing.layout(KEY_GRANT_V2_DOMAIN, account_id, epoch, device_list_version, creator_device, device_id)
+
+
+def make_key_record_v2(
+    signing_key: nacl.signing.SigningKey,
+    *,
+    account_id: str,
+    creator_device: str,
+    epoch: int,
+    keys: dict[int, bytes],
+    rotation: bool,
+    device_list_version: int,
+    devices: list[DeviceEntry],
+    created_at_ms: int,
+    wrap_randomness: list[tuple[bytes, bytes, bytes]],
+) -> bytes:
+    """The ``ciphertext`` of a v2 key record granting every key in ``keys`` (which holds ``epoch``) to ``devices``.
+
+    ``wrap_randomness``: per device *with* a ``kem_key``, in order, ``(ephemeral X25519 private key, ML-KEM
+    ciphertext, ML-KEM shared secret)`` from a fresh encapsulation to that key. A device without one (format 2)
+    gets an empty grant: the caller sends it the keys through its v2 session, never as a classical sealed box.
+    Pure and deterministic. Raises ``ValueError`` on inconsistent inputs.
+    """
+    if epoch not in keys or any(len(k) != KEY_BYTES for k in keys.values()) or any(e > epoch for e in keys):
+        raise ValueError("keys must hold the record's epoch and no later one, 32 bytes each")
+    payload = codec.encode(GrantPayload(keys=[EpochKey(epoch=e, key=keys[e]) for e in sorted(keys)]))
+    randomness = iter(wrap_randomness)
+    grants: list[HybridGrant] = []
+    for device in devices:
+        wrapped = b""
+        if device.kem_key:
+            esk, kem_ct, kem_ss = next(randomness)
+            context = grant_context(account_id, epoch, device_list_version, creator_device, device.device_id)
+            recipient = hybrid.HybridRecipient(x25519_public=device.box_key, kem_public=device.kem_key)
+            wrapped = hybrid.seal(
+                recipient,
+                payload,
+                context=context,
+                ephemeral_private_key=esk,
+                kem_ciphertext=kem_ct,
+                kem_shared_secret=kem_ss,
+            )
+        grants.append(HybridGrant(device_id=device.device_id, wrapped=wrapped))
+    if next(randomness, None) is not None:
+        raise ValueError("one wrap randomness per device with a kem_key")
+    body = KeyEpochBodyV2(
+        account_id=account_id,
+        epoch=epoch,
+        device_list_version=device_list_version,
+        creator_device=creator_device,
+        created_at_ms=created_at_ms,
+        rotation=rotation,
+        grants=grants,
+        commitments=[EpochCommitment(epoch=e, commitment=key_commitment(account_id, e, keys[e])) for e in sorted(keys)],
+    )
+    signature = signing.sign(signing_key, key_epoch_v2_layout(body))
+    return padding.pad(codec.encode(KeyEpochRecordV2(v=KEY_RECORD_V2, body=body, signature=signature)))
+
+
+def decode_any_key_record(ciphertext: bytes) -> AnyKeyRecord:
+    """A v2 key record, else a v1 one; raises :class:`InvalidRecordError` (``malformed_body``)."""
+    try:
+        plain = padding.unpad(ciphertext)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"key record: {exc.detail}") from exc
+    try:
+        return codec.decode(plain, KeyEpochRecordV2)
+    except TetherlessError:
+        pass
+    try:
+        return codec.decode(plain, KeyEpochRecord)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"key record: {exc.detail}") from exc
+
+
+def verify_key_record_v2(record: KeyEpochRecordV2, *, account_id: str, epoch: int, devices: list[DeviceEntry]) -> None:
+    """Check a v2 key record against the verified devices of its ``device_list_version`` (§5.1 v2).
+
+    The creator must be a grant-receiving device of the list and have signed it;
+    every grant names a distinct grant-receiving device of the list; a device
+    with a ``kem_key`` gets a hybrid wrap, one without gets none; a rotation
+    grants exactly the list's grant-receiving devices (a removed device gets
+    nothing), a grant-only record a subset; the commitments name ``epoch`` and
+    only earlier epochs, once each. Raises :class:`InvalidRecordError` (``bad_signature``).
+    """
+    body = record.body
+    if body.account_id != account_id or body.epoch != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record for another account or epoch")
+    receiving = {d.device_id: d for d in devices if device_list.receives_account_key_grants(d)}
+    creator = receiving.get(body.creator_device)
+    if creator is None:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record creator is not a key-holding device of the list")
+    try:
+        signing.verify(creator.sign_key, key_epoch_v2_layout(body), record.signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
+    granted = [g.device_id for g in body.grants]
+    if len(set(granted)) != len(granted) or not set(granted) <= set(receiving):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
+    if body.rotation and set(granted) != set(receiving):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record does not grant exactly the list's devices")
+    if any(bool(g.wrapped) != bool(receiving[g.device_id].kem_key) for g in body.grants):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grant does not match the device's keys")
+    epochs = [c.epoch for c in body.commitments]
+    if epoch not in epochs or len(set(epochs)) != len(epochs) or max(epochs) != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record commitments do not match its epoch")
+
+
+def unwrap_grant_v2(
+    record: KeyEpochRecordV2, *, device_id: str, box_private_key: bytes, kem_seed: bytes
+) -> dict[int, bytes] | None:
+    """This device's epoch keys from a verified v2 key record, each checked against the record's commitment.
+
+    None when the record grants nothing to this device, or grants it through a session (empty wrap) or the
+    device has no ML-KEM key. Raises :class:`InvalidRecordError` when the wrap does not open (a tampered or
+    swapped ML-KEM or X25519 share) or a key does not match its commitment.
+    """
+    body = record.body
+    grant = next((g for g in body.grants if g.device_id == device_id), None)
+    if grant is None or not grant.wrapped or not kem_seed:
+        return None
+    context = grant_context(body.account_id, body.epoch, body.device_list_version, body.creator_device, device_id)
+    try:
+        plain = hybrid.open_wrap(box_private_key, kem_seed, grant.wrapped, context=context)
+        payload = codec.decode(plain, GrantPayload)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "key grant does not open") from exc
+    commitments = {c.epoch: c.commitment for c in body.commitments}
+    keys: dict[int, bytes] = {}
+    for item in payload.keys:
+        if commitments.get(item.epoch) != key_commitment(body.account_id, item.epoch, item.key):
+            raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key grant does not match the key commitment")
+        keys[item.epoch] = item.key
+    if set(keys) != set(commitments):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key grant does not carry every committed epoch")
+    return keys
+
+
+def record_v2_ad(account_id: str, record_id: bytes, epoch: int, kind: str) -> bytes:
+    """The associated data of a signed (v2) record; its own domain, so a v1 ciphertext never opens as v2."""
+    return record_ad(account_id, record_id, epoch, kind, domain=RECORD_V2_DOMAIN)
+
+
+def record_signature_layout(ad: bytes, writer_device: str, payload: bytes) -> bytes:
+    """What a writer signs: every header field the relay sees (through the v2 AD), itself and the payload digest."""
+    return signing.layout(RECORD_SIGNATURE_DOMAIN, ad, writer_device, sha256(payload))
+
+
+def seal_signed_record(
+    key: bytes,
+    plaintext: LogPlaintext,
+    signing_key: nacl.signing.SigningKey,
+    *,
+    account_id: str,
+    record_id: bytes,
+    epoch: int,
+    kind: str = "event",
+    nonce: bytes,
+) -> bytes:
+    """A v2 record: ``plaintext`` signed by its writer (``plaintext.writer_device``), then sealed under ``K[epoch]``.
+
+    ``nonce``: 24 fresh random bytes. Pure; raises ``ValueError`` for wrong lengths.
+    """
+    if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES or len(record_id) != RECORD_ID_BYTES:
+        raise ValueError("key 32, nonce 24 and record id 16 bytes")
+    ad = record_v2_ad(account_id, record_id, epoch, kind)
+    payload = codec.encode(plaintext)
+    signature = signing.sign(signing_key, record_signature_layout(ad, plaintext.writer_device, payload))
+    signed = SignedRecordPayload(writer_device=plaintext.writer_device, signature=signature, payload=payload)
+    return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        padding.pad(codec.encode(signed)), ad, nonce, key
+    )
+
+
+def open_signed_record(
+    key: bytes,
+    ciphertext: bytes,
+    *,
+    writers: dict[str, bytes],
+    account_id: str,
+    record_id: bytes,
+    epoch: int,
+    kind: str = "event",
+) -> LogPlaintext:
+    """Inverse of :func:`seal_signed_record`. ``writers``: device id → Ed25519 key of every device allowed to
+    write under ``epoch`` (the devices its key records granted, as the verified list names them).
+
+    Raises :class:`InvalidRecordError`: ``malformed_body`` when it does not open or decode, ``bad_signature``
+    when the writer is not allowed, the signature does not verify or the inner writer differs.
+    """
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record is truncated")
+    ad = record_v2_ad(account_id, record_id, epoch, kind)
+    try:
+        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ciphertext[NONCE_BYTES:], ad, ciphertext[:NONCE_BYTES], key
+        )
+        signed = codec.decode(padding.unpad(padded), SignedRecordPayload)
+    except nacl.exceptions.CryptoError:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record does not decrypt") from None
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"log record: {exc.detail}") from exc
+    sign_key = writers.get(signed.writer_device)
+    if sign_key is None:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record writer does not hold this epoch")
+    try:
+        signing.verify(sign_key, record_signature_layout(ad, signed.writer_device, signed.payload), signed.signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record signature does not verify") from exc
+    try:
+        plaintext = codec.decode(signed.payload, LogPlaintext)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"log record plaintext: {exc.detail}") from exc
+    if plaintext.writer_device != signed.writer_device:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record names another writer than its signer")
+    return plaintext
+
+
 def frame_message(pair_seq: int, content_type: str, body: bytes) -> bytes:
     return codec.encode(MessageFrame(pair_seq=pair_seq, content_type=content_type, body=body))
 
@@ -575,35 +883,51 @@ def open_snapshot_manifest(
 __all__ = [
     "ACCOUNT_KEY_CONTENT_TYPE",
     "FRAME_CONTENT_TYPE",
+    "AnyKeyRecord",
     "DeviceState",
+    "EpochCommitment",
+    "EpochKey",
+    "GrantPayload",
+    "HybridGrant",
     "InvalidRecordError",
     "KeyEpochBody",
+    "KeyEpochBodyV2",
     "KeyEpochRecord",
+    "KeyEpochRecordV2",
     "KeyGrant",
     "LogBody",
     "LogPlaintext",
     "MessageFrame",
     "MessageReceived",
     "MessageSent",
+    "SignedRecordPayload",
     "SnapshotGap",
     "SnapshotKeyRecord",
     "SnapshotManifest",
     "SnapshotMessage",
     "SnapshotPart",
     "SnapshotState",
+    "decode_any_key_record",
     "decode_key_record",
     "envelope_key",
     "frame_message",
+    "grant_context",
     "join_snapshot",
     "key_commitment",
+    "key_epoch_v2_layout",
     "make_key_record",
+    "make_key_record_v2",
     "message_record_id",
     "open_record",
+    "open_signed_record",
     "open_snapshot_manifest",
     "open_snapshot_part",
     "record_ad",
+    "record_signature_layout",
+    "record_v2_ad",
     "seal_grant",
     "seal_record",
+    "seal_signed_record",
     "seal_snapshot_manifest",
     "seal_snapshot_part",
     "snapshot_id",
@@ -612,7 +936,9 @@ __all__ = [
     "split_snapshot",
     "unframe_message",
     "unwrap_grant",
+    "unwrap_grant_v2",
     "unwrap_previous_key",
     "verify_key_record",
+    "verify_key_record_v2",
     "wrap_previous_key",
 ]

@@ -133,20 +133,38 @@ class DeviceListChanged(Message, frozen=True, tag="device_list"):
 # -- accounts and devices ---------------------------------------------------------
 
 
-class DeviceEntry(Message, frozen=True):
+DeviceRole = Literal["device", "integration", "archiver"]
+# The closed set of scopes (docs/crypto.md §3.6): only role ``integration`` has scopes.
+DeviceScope = Literal["receive", "send"]
+
+
+class DeviceEntry(Message, frozen=True, omit_defaults=True):
+    """One device of a device list. ``kem_key``/``role``/``scopes`` are format 3 (docs/crypto.md §3.6).
+
+    Fields at their default are not encoded, so format-1/2 entries encode
+    exactly as before; ``name`` uses a ``default_factory`` because msgspec
+    omits a factory default only for collections: it stays encoded even when
+    empty, as formats 1 and 2 always encoded it.
+    """
+
     device_id: DeviceId
     sign_key: PublicKey
     box_key: PublicKey
     added_at_ms: Millis
-    name: DeviceName = ""
+    name: DeviceName = msgspec.field(default_factory=str)
+    # ML-KEM-768 encapsulation key (1184 bytes in format 3, empty in formats 1/2): post-quantum key grants.
+    kem_key: Annotated[bytes, Meta(max_length=1184)] = b""
+    role: DeviceRole = "device"
+    scopes: Annotated[list[DeviceScope], Meta(max_length=8)] = msgspec.field(default_factory=list)
 
 
 class DeviceList(Message, frozen=True, omit_defaults=True):
     """Version ``version`` of an account's device list; ``prev_hash`` chains versions (empty for genesis).
 
     ``format`` 1 is docs/protocol.md §4; format 2 (docs/crypto.md §3.1) adds
-    the policy, WebAuthn credentials, recovery key and account-key epoch.
-    Fields at their default are not encoded, so a format-1 list encodes
+    the policy, WebAuthn credentials, recovery key and account-key epoch;
+    format 3 (docs/crypto.md §3.6) adds each device's ML-KEM key, role and
+    scopes (in :class:`DeviceEntry`). Fields at their default are not encoded, so a format-1 list encodes
     exactly as before; ``prev_hash`` has no default for the same reason (an
     empty one must still be encoded).
     """
@@ -156,7 +174,7 @@ class DeviceList(Message, frozen=True, omit_defaults=True):
     created_at_ms: Millis
     devices: Annotated[list[DeviceEntry], Meta(min_length=1, max_length=256)]
     prev_hash: Annotated[bytes, Meta(max_length=32)]
-    format: Annotated[int, Meta(ge=1, le=2)] = 1
+    format: Annotated[int, Meta(ge=1, le=3)] = 1
     policy: Policy = DEFAULT_POLICY
     credentials: Annotated[list[WebAuthnCredential], Meta(max_length=16)] = msgspec.field(default_factory=list)
     recovery_key: Annotated[bytes, Meta(max_length=32)] = b""
@@ -425,6 +443,8 @@ class EnrolmentOffer(Message, frozen=True):
     bundle: EnrolmentBundle
     created_at_ms: Millis
     offer_mac: Mac
+    # N's long-term ML-KEM-768 key for its format-3 entry (docs/crypto.md §3.6); covered by offer_mac.
+    kem_key: Annotated[bytes, Meta(max_length=1184)] = b""
 
 
 class EnrolmentOfferAccepted(Message, frozen=True):

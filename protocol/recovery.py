@@ -23,15 +23,17 @@ from typing import Final
 
 import nacl.signing
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import signing
+from . import handshake, hybrid, signing
 
 SECRET_BYTES: Final = 20
 CHECK_BYTES: Final = 2
 PREFIX: Final = "tlr-"
 TEXT_CHARS: Final = 36  # base32 of 22 bytes, without padding
 _SALT: Final = b"\x00" * 32
+BACKUP_KEY_HASH_DOMAIN: Final = "recovery-backup-key"
 
 
 def _check(r: bytes) -> bytes:
@@ -101,3 +103,18 @@ def recovery_keys(r: bytes, account_id: str) -> RecoveryKeys:
         public_key=bytes(signing_key.verify_key),
         backup_seed=_hkdf(r, "recovery-backup", account_id, 96),
     )
+
+
+def backup_recipient(keys: RecoveryKeys) -> hybrid.HybridRecipient:
+    """The public half of the recovery backup key: the hybrid recipient (crypto.md §12.1) that account-key
+    backups are wrapped to. Pure and deterministic (ML-KEM-768 key generation from the 64-byte seed)."""
+    return hybrid.HybridRecipient(
+        x25519_public=handshake.x25519_public(keys.x25519_private),
+        kem_public=mlkem.MLKEM768PrivateKey.from_seed_bytes(keys.mlkem_seed).public_key().public_bytes_raw(),
+    )
+
+
+def backup_key_hash(recipient: hybrid.HybridRecipient) -> bytes:
+    """``DeviceList.recovery_backup_key_hash``: ``digest("recovery-backup-key", x25519_public, kem_public)``,
+    the list's signed commitment to the recovery backup key (so the relay cannot substitute its own)."""
+    return signing.digest(BACKUP_KEY_HASH_DOMAIN, recipient.x25519_public, recipient.kem_public)

@@ -26,9 +26,10 @@ from tests.relay_process import RelayProcess
 
 # Client homes are encrypted (crypto.md §13): every test and every CLI
 # subprocess it starts unlocks them with this passphrase, and the cheap
-# Argon2id profile that exists for tests only (protocol/client/keystore.py).
+# Argon2id costs that exist for tests only, opted into explicitly
+# (protocol/client/keystore.py: without the variable such a keystore is refused).
 os.environ.setdefault("TETHERLESS_PASSPHRASE", "correct horse battery staple")
-os.environ.setdefault("TETHERLESS_KDF_PROFILE", "test")
+os.environ.setdefault("TETHERLESS_INSECURE_KDF", "1")
 
 
 @pytest.hookimpl(tryfirst=True)

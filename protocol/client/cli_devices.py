@@ -6,10 +6,12 @@
         prints the link code on the first line of stdout, waits for an approval, joins, prints the address
     device link --relay URL --account ADDRESS --recovery-key [--recovery-key-file FILE] [--revoke ID]…
         joins with the account's recovery key (read from FILE, else stdin / a prompt)
-    device approve CODE [--yes]     add the device showing CODE to this account
+    device approve CODE [--yes] [--timeout S]
+        add the device showing CODE, wait until it joins, then grant it the account's history
     device list [--json]            the verified device list
     device revoke ID|ADDRESS        remove a device (this one too)
     device recovery-key [--recovery-key-file FILE]   create a new recovery key and show it once
+    device upgrade                  upgrade the account's device list to format 3 / publish this device's ML-KEM key
     device protect                  encrypt a home made by the first client version
 
 Exit codes as :mod:`protocol.client.commands`: 0, 1 (``tetherless: error: …``),
@@ -46,14 +48,16 @@ from .commands import (
     resolve_home,
 )
 from .http import Origin
-from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore, keyring_available
+from .keystore import KEM_SEED_BYTES, AlreadyInitialisedError, DeviceKeys, Keystore, keyring_available
 from .sdk import RelayClient
 
 RECOVERY_KEY_ENV = "TETHERLESS_RECOVERY_KEY"
+APPROVE_TIMEOUT_SECONDS = 300.0  # the new device polls every second; the relay keeps an offer 10 minutes
 
 
 def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``link``, ``approve``, ``list``, ``revoke``, ``recovery-key`` and ``protect`` under ``device``."""
+    """Add ``link``, ``approve``, ``list``, ``revoke``, ``recovery-key``, ``upgrade`` and ``protect`` under
+    ``device``."""
     link = device_commands.add_parser("link", help="join an existing account (link code, or its recovery key)")
     link.add_argument("--relay", required=True, metavar="URL", help="the account's home relay base URL")
     link.add_argument("--name", default=None, help="this device's name, kept locally (default: host name)")
@@ -70,6 +74,12 @@ def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser
     approve = device_commands.add_parser("approve", help="add the device showing CODE to this account")
     approve.add_argument("code", metavar="CODE", help="the link code shown by the new device (tl-xxxx-…)")
     approve.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    approve.add_argument(
+        "--timeout",
+        type=float,
+        default=APPROVE_TIMEOUT_SECONDS,
+        help="seconds to wait for the new device to join and for its history grant (default %(default)g)",
+    )
     approve.set_defaults(func=cmd_device_approve)
 
     listing = device_commands.add_parser("list", help="the account's verified device list")
@@ -83,6 +93,11 @@ def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser
     recovery_key = device_commands.add_parser("recovery-key", help="create a new recovery key and show it once")
     recovery_key.add_argument("--recovery-key-file", default=None, metavar="FILE", help="write it to FILE (0600)")
     recovery_key.set_defaults(func=cmd_device_recovery_key)
+
+    upgrade = device_commands.add_parser(
+        "upgrade", help="upgrade the account's device list to format 3 and publish this device's ML-KEM key"
+    )
+    upgrade.set_defaults(func=cmd_device_upgrade)
 
     protect = device_commands.add_parser("protect", help="encrypt the keys of a home made by an older client")
     if keyring_available():
@@ -122,7 +137,7 @@ def _iso(ms: int) -> str:
 
 
 def _policy_text(dl: DeviceList) -> str:
-    if dl.format != device_list.FORMAT_2:
+    if dl.format == device_list.FORMAT_1:
         return "any one device (format 1)"
     policy = dl.policy
     text = "any one device" if policy.threshold == 1 else f"{policy.threshold} approvals"
@@ -140,16 +155,31 @@ async def _device_client(keystore: Keystore, keys: DeviceKeys) -> AsyncIterator[
         yield client
 
 
-def _with_device(args: argparse.Namespace, body: Callable[[DeviceKeys, RelayClient], Awaitable[int]]) -> int:
-    """Unlock this home's device, connect it to its relay and run ``body``; failures become one line + exit code."""
+def _with_device(
+    args: argparse.Namespace,
+    body: Callable[[DeviceKeys, RelayClient], Awaitable[int]],
+    *,
+    signs_list: bool = False,
+    after: Callable[[Keystore, DeviceKeys, int], Awaitable[int]] | None = None,
+) -> int:
+    """Unlock this home's device, connect it to its relay and run ``body``; failures become one line + exit code.
+
+    ``signs_list``: ``body`` may sign a device-list version, so a home made
+    before format 3 gets its long-term ML-KEM key first (crypto.md §3.6).
+    ``after(keystore, keys, body's exit code)``: runs once ``body``'s connection
+    is closed (a sync engine opens its own, on the same local database).
+    """
     relay_url: str | None = None
 
     async def main() -> int:
         nonlocal relay_url
         keystore, keys = _load(args)
+        if signs_list:
+            keys = keystore.ensure_kem_key(os.urandom(KEM_SEED_BYTES))
         relay_url = keys.relay_url
         async with _device_client(keystore, keys) as client:
-            return await body(keys, client)
+            code = await body(keys, client)
+        return code if after is None else await after(keystore, keys, code)
 
     return _run(args, main, lambda: relay_url)
 
@@ -235,7 +265,14 @@ def cmd_device_link(args: argparse.Namespace) -> int:
 
 
 def cmd_device_approve(args: argparse.Namespace) -> int:
-    """``device approve CODE [--yes]``: check the code's offer and propose the version adding that device."""
+    """``device approve CODE [--yes] [--timeout S]``: check the code's offer, propose the version adding that
+    device, wait until it joins, then grant it the account's history (account-log.md §5.5) before succeeding.
+
+    Resumable: a retried approve whose code was already answered (``enrolment_used``) still completes the
+    history grants of every device of the account before it reports that error; so does any ``sync``.
+    """
+    joined: list[devices.ApprovedLink] = []
+    answered: list[TetherlessError] = []
 
     def confirm(offer: EnrolmentOffer, fingerprint: str) -> bool:
         if args.yes or not sys.stdin.isatty():
@@ -251,12 +288,51 @@ def cmd_device_approve(args: argparse.Namespace) -> int:
         except PermissionError:
             print("not approved", file=sys.stderr)
             return EXIT_FAILURE
+        except TetherlessError as exc:
+            if exc.code is not ErrorCode.ENROLMENT_USED:
+                raise
+            answered.append(exc)  # perhaps our own earlier, interrupted approval: finish its grants first
+            return EXIT_OK
         print(
-            f"approved {approved.fingerprint}: {approved.address} joins (version {approved.version}) when it confirms"
+            f"approved {approved.fingerprint}: {approved.address} joins (version {approved.version}) when it confirms",
+            flush=True,
         )
+        if not await devices.wait_for_join(client, approved, timeout_seconds=args.timeout):
+            raise TetherlessError(
+                ErrorCode.ENROLMENT_EXPIRED,
+                f"{approved.address} has not joined within {args.timeout:g} s; the approval stands until its link "
+                "code expires, and if it joins, this account's next `tetherless sync` grants it the history",
+            )
+        joined.append(approved)
         return EXIT_OK
 
-    return _with_device(args, body)
+    async def grant_history(keystore: Keystore, keys: DeviceKeys, code: int) -> int:
+        if code != EXIT_OK:
+            return code
+        engine = cli_sync.make_engine(keys, cli_sync.open_store(keystore, keys))
+        try:
+            synced = await engine.run(follow=False, timeout=args.timeout)
+            if synced != EXIT_OK:
+                raise TetherlessError(
+                    ErrorCode.LOG_REKEY_REQUIRED if engine.last_failure.startswith("log_") else ErrorCode.UNAVAILABLE,
+                    f"the history grant was not written ({engine.last_failure or 'relay unreachable'}); "
+                    "run `tetherless sync` to finish it",
+                )
+            for approved in joined:
+                if not engine.history_granted(approved.device_id):
+                    raise TetherlessError(
+                        ErrorCode.LOG_REKEY_REQUIRED,
+                        f"{approved.address} joined but holds no grant of the newest epoch yet; "
+                        "run `tetherless sync` to finish it",
+                    )
+                print(f"granted the account's history to {approved.address}", flush=True)
+        finally:
+            engine.store.db.close()
+        if answered:
+            raise answered[0]
+        return EXIT_OK
+
+    return _with_device(args, body, signs_list=True, after=grant_history)
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
@@ -284,6 +360,9 @@ def cmd_device_list(args: argparse.Namespace) -> int:
                             )
                         ),
                         "added_at_ms": d.added_at_ms,
+                        "role": d.role,
+                        "scopes": list(d.scopes),
+                        "kem_key": bool(d.kem_key),
                         "this_device": d.device_id == keys.device_id,
                     }
                     for d in head.devices
@@ -299,7 +378,8 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         print(f"policy: {_policy_text(head)};  recovery key: {'set' if head.recovery_key else 'not set'}")
         for d in head.devices:
             mark = "  (this device)" if d.device_id == keys.device_id else ""
-            print(f"device {d.device_id}  added {_iso(d.added_at_ms)}{mark}")
+            role = "" if d.role == device_list.ROLE_DEVICE else f"  role {d.role} ({', '.join(d.scopes) or '-'})"
+            print(f"device {d.device_id}  added {_iso(d.added_at_ms)}{role}{mark}")
         for c in head.credentials:
             print(f"hardware key {c.credential_id.hex()[:16]}  rp {c.rp_id}  added {_iso(c.added_at_ms)}")
         return EXIT_OK
@@ -322,7 +402,7 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
         print(f"revoked {target}{itself}; device list version {accepted.version}")
         return EXIT_OK
 
-    return _with_device(args, body)
+    return _with_device(args, body, signs_list=True)
 
 
 def cmd_device_recovery_key(args: argparse.Namespace) -> int:
@@ -330,13 +410,27 @@ def cmd_device_recovery_key(args: argparse.Namespace) -> int:
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
         verified = await client.device_chain(keys.account_id)
-        if verified.head.format != device_list.FORMAT_2:
-            raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need a format-2 device list")
+        if verified.head.format == device_list.FORMAT_1:
+            raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need format 2 or 3")
         text = await devices.set_recovery_key(client)
         show_recovery_key(text, args.recovery_key_file, stdout=True)
         return EXIT_OK
 
-    return _with_device(args, body)
+    return _with_device(args, body, signs_list=True)
+
+
+def cmd_device_upgrade(args: argparse.Namespace) -> int:
+    """``device upgrade``: one version that makes the list format 3 and carries this device's ML-KEM key."""
+
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        accepted = await devices.upgrade_list(client)
+        if accepted is None:
+            print("the device list is format 3 and carries this device's ML-KEM key already")
+        else:
+            print(f"device list upgraded to format 3 with this device's ML-KEM key; version {accepted.version}")
+        return EXIT_OK
+
+    return _with_device(args, body, signs_list=True)
 
 
 def cmd_device_protect(args: argparse.Namespace) -> int:

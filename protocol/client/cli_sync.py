@@ -35,8 +35,19 @@ from .http import TransportError, collapse_single_group
 from .keystore import DeviceKeys, Keystore, KeystoreError
 from .localdb import LocalDB
 from .sdk import BINARY_CONTENT_TYPE, TEXT_CONTENT_TYPE, RelayClient
+from .sessions import recover_home_from_rollback
 from .store import ClientStore, HistoryMessage, default_dek
-from .sync import EXIT_OK, RetryError, RevokedError, Status, SyncEngine, format_status, status_json
+from .sync import (
+    DEFAULT_ROTATE_AFTER_RECORDS,
+    DEFAULT_ROTATE_AFTER_SECONDS,
+    EXIT_OK,
+    RetryError,
+    RevokedError,
+    Status,
+    SyncEngine,
+    format_status,
+    status_json,
+)
 
 DEFAULT_SYNC_TIMEOUT = 30.0
 EXIT_FAILURE = 1
@@ -101,13 +112,23 @@ def make_engine(keys: DeviceKeys, store: ClientStore, **options: Any) -> SyncEng
         max_backoff=_env_float("TETHERLESS_SYNC_MAX_BACKOFF", 60.0),
         poll_seconds=_env_float("TETHERLESS_SYNC_POLL_SECONDS", 1.0),
         holdback_seconds=_env_float("TETHERLESS_HOLDBACK_SECONDS", 6 * 3600.0),
+        rotate_after_records=int(_env_float("TETHERLESS_LOG_ROTATE_RECORDS", DEFAULT_ROTATE_AFTER_RECORDS)),
+        rotate_after_seconds=_env_float("TETHERLESS_LOG_ROTATE_SECONDS", DEFAULT_ROTATE_AFTER_SECONDS),
         rng=random.Random(),
         **options,
     )
 
 
 async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKeys) -> int:
-    """``sync [--follow] [--json] [--timeout S] [--status]``."""
+    """``sync [--follow] [--json] [--timeout S] [--status] [--recover-rollback]``."""
+    if getattr(args, "recover_rollback", False):
+        recover_home_from_rollback(keystore)  # before open_store: it would refuse the restored state.db
+        print(
+            "tetherless: recovered from a restored copy: every session starts afresh; "
+            "history that was logged since the copy comes back from the account log",
+            file=sys.stderr,
+            flush=True,
+        )
     store = open_store(keystore, keys)
     out = sys.stdout
 
@@ -127,7 +148,11 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
     timeout = args.timeout if args.timeout is not None else DEFAULT_SYNC_TIMEOUT
     if not args.follow:
         code = await engine.run(follow=False, timeout=timeout)
-        if code == 3:
+        _report_refusals(engine)
+        if code == 3 and engine.last_failure.startswith("log_"):
+            # The relay answers, but the account log cannot be written safely (account-log.md §5.4).
+            print(f"tetherless: error: {engine.last_failure} (gave up after {timeout:g} s)", file=sys.stderr)
+        elif code == 3:
             print(
                 f"tetherless: error: cannot reach the relay at {keys.relay_url} (gave up after {timeout:g} s)",
                 file=sys.stderr,
@@ -152,9 +177,16 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(run)
+    _report_refusals(engine)
     if result == 4:
         print("tetherless: error: device_revoked: this device was removed from its account", file=sys.stderr)
     return result
+
+
+def _report_refusals(engine: SyncEngine) -> None:
+    """One stderr line per log record the engine refused to trust (account-log.md §4.6, §5.4)."""
+    for line in engine.refusals:
+        print(f"tetherless: warning: {line}", file=sys.stderr, flush=True)
 
 
 async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: str | bytes) -> int:
@@ -250,6 +282,8 @@ def history_json(message: HistoryMessage) -> dict[str, Any]:
         "content_type": message.content_type,
         "text": message.text,
         "late": message.late,
+        "writer": message.writer,
+        "authenticated": message.authenticated,
     }
     if message.text is None:
         record["body_b64"] = base64.b64encode(message.body).decode("ascii")

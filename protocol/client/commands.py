@@ -40,7 +40,15 @@ from ..ids import Address
 from . import cli_sync, snapshots
 from .chains import DeviceRevokedError
 from .http import ConnectError, Origin, TransportError
-from .keystore import PASSPHRASE_ENV, AlreadyInitialisedError, DeviceKeys, Keystore, KeystoreError
+from .keystore import (
+    INSECURE_KDF_ENV,
+    PASSPHRASE_ENV,
+    AlreadyInitialisedError,
+    DeviceKeys,
+    Keystore,
+    KeystoreError,
+    insecure_kdf,
+)
 from .localdb import LocalDBError
 from .sdk import InboxItem, ReceivedMessage, RejectedMessage, RelayClient
 
@@ -82,7 +90,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="write the new recovery key to FILE (0600) instead of showing it on the terminal",
     )
     init.add_argument("--no-recovery-key", action="store_true", help="create the account without a recovery key")
-    init.add_argument("--list-format", type=int, choices=(1, 2), default=2, help=argparse.SUPPRESS)
+    init.add_argument("--list-format", type=int, choices=(1, 2, 3), default=3, help=argparse.SUPPRESS)
     init.set_defaults(func=cmd_device_init)
     from . import cli_devices  # the rest of `device …` (client-state)
 
@@ -102,6 +110,11 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     sync.add_argument("--json", action="store_true", help="one JSON object per line")
     sync.add_argument("--timeout", type=float, default=None, metavar="S", help="give up (exit 3) when unreachable")
     sync.add_argument("--status", action="store_true", help="status lines on stderr at each state change")
+    sync.add_argument(
+        "--recover-rollback",
+        action="store_true",
+        help="after a 'restored from an older copy' error: start every session afresh, then sync",
+    )
     sync.set_defaults(func=cmd_sync)
 
     history = subparsers.add_parser("history", help="show the local message history (no network)")
@@ -135,11 +148,24 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
+def _warn_insecure_kdf() -> None:
+    # On every command, so nobody keeps real keys under test-only Argon2id costs without being told. Only on a
+    # terminal: scripts and tests that opted in read stderr as "one line per error" (the home carries a mark).
+    if insecure_kdf() and sys.stderr.isatty():
+        print(
+            f"{PROG}: warning: {INSECURE_KDF_ENV}=1: keystores use test-only Argon2id costs "
+            "(a passphrase is as cheap to guess as a plain hash); never use this for real keys",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _run(
     args: argparse.Namespace, main: Callable[[], Awaitable[int]], relay_url: Callable[[], str | None] = lambda: None
 ) -> int:
     """Run ``main`` under trio and turn every failure into one stderr line and an exit code."""
     try:
+        _warn_insecure_kdf()
         return trio.run(main)
     except KeyboardInterrupt:
         return 130
@@ -240,7 +266,7 @@ def cmd_device_init(args: argparse.Namespace) -> int:
         # Ask for the passphrase before the account exists on the relay.
         keystore = Keystore(home, passphrase=passphrase_source(args, confirm=True)())
         secret = None
-        if args.list_format == 2 and not args.no_recovery_key:
+        if args.list_format >= 2 and not args.no_recovery_key:
             secret = os.urandom(recovery.SECRET_BYTES)
         async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
             keys = await client.register(name, keystore=keystore, list_format=args.list_format, recovery_secret=secret)

@@ -1,4 +1,4 @@
-"""Device management for format-2 accounts: link, approve, list, revoke, recovery key, hardware keys.
+"""Device management for format-2/3 accounts: link, approve, list, revoke, recovery key, hardware keys, upgrade.
 
 The SDK side of crypto.md §3-§6 (the CLI is :mod:`protocol.client.commands`).
 Every function takes a connected :class:`~protocol.client.sdk.RelayClient`;
@@ -23,6 +23,12 @@ software authenticator in tests). :func:`revoke_device`,
 from one of its devices (threshold-1 policies: one approval is enough; a
 k-of-n policy needs approvals gathered elsewhere).
 
+Format 3 (crypto.md §3.6): every version this module builds is format 3
+when this device has a long-term ML-KEM key (``DeviceKeys.kem_seed``); a
+format-2 list is thereby upgraded by its next change, and this device's
+entry gains its ``kem_key`` when it lacks one. :func:`upgrade_list` makes
+that change on its own (``tetherless device upgrade``).
+
 Randomness comes from the client's ``random_bytes`` and time from its clock.
 """
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 import nacl.public
@@ -39,7 +45,7 @@ import nacl.signing
 import trio
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
-from .. import codec, device_list, enrolment, prekeys, recovery
+from .. import codec, device_list, enrolment, handshake, prekeys, recovery
 from ..errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
 from ..ids import Address, device_id_for
 from ..messages import (
@@ -104,6 +110,7 @@ def fingerprint(sign_key: bytes) -> str:
 class _NewDevice:
     signing_key: nacl.signing.SigningKey
     box_private_key: bytes
+    kem_seed: bytes
 
     @property
     def sign_key(self) -> bytes:
@@ -117,15 +124,24 @@ class _NewDevice:
     def device_id(self) -> str:
         return device_id_for(self.sign_key)
 
+    @property
+    def kem_key(self) -> bytes:
+        return handshake.mlkem_public(self.kem_seed)
+
     def entry(self, added_at_ms: int) -> DeviceEntry:
-        return device_list.device_entry(self.sign_key, self.box_key, added_at_ms=added_at_ms)
+        """Its format-3 entry (role ``device``)."""
+        return device_list.device_entry(self.sign_key, self.box_key, added_at_ms=added_at_ms, kem_key=self.kem_key)
 
     def __repr__(self) -> str:
         return f"_NewDevice({self.device_id})"
 
 
 def _new_device(client: RelayClient) -> _NewDevice:
-    return _NewDevice(nacl.signing.SigningKey(client._random_bytes(32)), client._random_bytes(32))
+    return _NewDevice(
+        nacl.signing.SigningKey(client._random_bytes(32)),
+        client._random_bytes(32),
+        client._random_bytes(handshake.MLKEM_SEED_BYTES),
+    )
 
 
 def _enrolment_prekeys(client: RelayClient, device: _NewDevice, now_ms: int) -> EnrolmentPrekeys:
@@ -188,8 +204,8 @@ def _own(client: RelayClient) -> DeviceKeys:
 
 
 async def _own_head(client: RelayClient) -> device_list.VerifiedChain:
-    """Our account's verified chain; its head must be format 2 (changing a format-1 list would upgrade it,
-    which waits until every device has v2 prekeys, crypto.md §14)."""
+    """Our account's verified chain; its head must be format 2 or 3 (changing a format-1 list would upgrade
+    it, which waits until every device has v2 prekeys, crypto.md §14)."""
     keys = _own(client)
     verified = await client.device_chain(keys.account_id)
     _require_format_2(verified.head)
@@ -197,10 +213,20 @@ async def _own_head(client: RelayClient) -> device_list.VerifiedChain:
 
 
 def _require_format_2(head: DeviceList) -> None:
-    if head.format != device_list.FORMAT_2:
+    if head.format < device_list.FORMAT_2:
         raise TetherlessError(
             ErrorCode.INVALID_DEVICE_LIST, "this account's device list is format 1: device management needs format 2"
         )
+
+
+def _own_next_version(keys: DeviceKeys, head: DeviceList, **changes: Any) -> DeviceList:
+    """:func:`device_list.next_version` as this device builds it: format 3 when this device has a
+    long-term ML-KEM key (upgrading a format-2 list), its own ``kem_key`` set when its entry lacks one."""
+    if not keys.kem_seed:
+        return device_list.next_version(head, **changes)
+    own = next((d for d in head.devices if d.device_id == keys.device_id), None)
+    set_kem = {keys.device_id: keys.kem_public_key} if own is not None and not own.kem_key else {}
+    return device_list.next_version(head, format=device_list.FORMAT_3, set_kem_keys=set_kem, **changes)
 
 
 def _save_new_home(
@@ -212,6 +238,7 @@ def _save_new_home(
     relay: str,
     name: str,
     bundle: EnrolmentPrekeys | None,
+    list_format: int,
 ) -> DeviceKeys:
     keys = DeviceKeys(
         signing_seed=bytes(device.signing_key),
@@ -222,7 +249,8 @@ def _save_new_home(
         address=str(Address(account=account_id, relay=relay, device=device.device_id)),
         device_name=name,
         ca_file=client._ca_file,
-        list_format=device_list.FORMAT_2,
+        list_format=list_format,
+        kem_seed=device.kem_seed,
     )
     keystore.create(keys)
     db = keystore.local_db()
@@ -254,7 +282,14 @@ async def _join(
 ) -> DeviceKeys:
     """Store the new device's home, then post its version; undo the home if the relay refuses."""
     keys = _save_new_home(
-        client, keystore, device, account_id=signed.device_list.account_id, relay=relay, name=name, bundle=bundle
+        client,
+        keystore,
+        device,
+        account_id=signed.device_list.account_id,
+        relay=relay,
+        name=name,
+        bundle=bundle,
+        list_format=signed.device_list.format,
     )
     try:
         await post_version(client, signed)
@@ -312,6 +347,7 @@ async def start_link(client: RelayClient) -> PendingLink:
         device.box_key,
         EnrolmentBundle(signed_prekey=bundle.signed_prekey, pq_prekey=bundle.pq_prekey),
         now,
+        kem_key=device.kem_key,
     )
     accepted = await client._call(
         "POST", "/v1/enrolments", offer, EnrolmentOfferAccepted, authenticated=False, retry=False
@@ -390,9 +426,19 @@ async def verify_proposal(
         )
     device = pending._device
     mine = [d for d in dl.devices if d.device_id == device.device_id]
-    if not mine or (mine[0].sign_key, mine[0].box_key) != (device.sign_key, device.box_key):
+    if not mine or mine[0] != _offered_entry(device, dl, mine[0].added_at_ms):
         raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "proposal rejected: it does not add this device's keys")
-    expected = device_list.next_version(head, add_devices=[mine[0]], now_ms=dl.created_at_ms)
+    # The approver may upgrade a format-2 list to format 3 and publish its own kem_key in the same version
+    # (crypto.md §3.6); evaluate_version below demands its signature for that.
+    before = {d.device_id: d for d in head.devices}
+    set_kem = {
+        d.device_id: d.kem_key
+        for d in dl.devices
+        if d.device_id in before and d.kem_key and not before[d.device_id].kem_key
+    }
+    expected = device_list.next_version(
+        head, add_devices=[mine[0]], set_kem_keys=set_kem, format=dl.format, now_ms=dl.created_at_ms
+    )
     if expected != dl:
         raise TetherlessError(
             ErrorCode.INVALID_DEVICE_LIST, "proposal rejected: it changes more than adding this device"
@@ -408,6 +454,12 @@ async def verify_proposal(
     except TetherlessError as exc:
         raise TetherlessError(exc.code, f"proposal rejected: {exc.detail}") from exc
     return self_signed, verified
+
+
+def _offered_entry(device: _NewDevice, dl: DeviceList, added_at_ms: int) -> DeviceEntry:
+    """The entry the new device offered: role ``device``, its keys, its kem_key in format 3."""
+    entry = device.entry(added_at_ms)
+    return entry if dl.format == device_list.FORMAT_3 else msgspec.structs.replace(entry, kem_key=b"")
 
 
 async def finish_link(
@@ -492,8 +544,17 @@ async def approve_link(
         raise PermissionError("not approved")
     verified = await _own_head(client)
     now = client._now_ms()
-    entry = device_list.device_entry(offer.sign_key, offer.box_key, added_at_ms=max(now, verified.head.created_at_ms))
-    dl = device_list.next_version(verified.head, add_devices=[entry], now_ms=now)
+    added_at = max(now, verified.head.created_at_ms)
+    format_3 = bool(keys.kem_seed) or verified.head.format == device_list.FORMAT_3
+    if format_3 and not offer.kem_key:
+        raise TetherlessError(
+            ErrorCode.INVALID_FIELD,
+            "the new device offers no ML-KEM key (an older client): update it, this account's list is format 3",
+        )
+    entry = device_list.device_entry(
+        offer.sign_key, offer.box_key, added_at_ms=added_at, kem_key=offer.kem_key if format_3 else b""
+    )
+    dl = _own_next_version(keys, verified.head, add_devices=[entry], now_ms=now)
     signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
     relay = Address.parse(keys.address).relay
     tag = enrolment.approval_tag(secret, relay, dl.account_id, dl.version, device_list.list_hash(dl))
@@ -510,6 +571,37 @@ async def approve_link(
         fingerprint=shown,
         version=dl.version,
     )
+
+
+async def wait_for_join(
+    client: RelayClient,
+    approved: ApprovedLink,
+    *,
+    poll_seconds: float = LINK_POLL_SECONDS,
+    timeout_seconds: float = LINK_TIMEOUT_SECONDS,
+) -> bool:
+    """Wait until the device :func:`approve_link` proposed is in our verified device list (it self-signed and
+    posted the version, crypto.md §5.2 step 4). True once it is; False after ``timeout_seconds``.
+
+    The approver grants the new device the account's history only after that version is committed: a key
+    record names the list version its grants are judged against (account-log.md §5.5). Idempotent (reads
+    only); transport errors are retried until the timeout; cancellation leaves nothing behind. Raises relay
+    errors and :class:`~protocol.client.chains.DeviceListRejectedError` for a chain that does not verify.
+    """
+    keys = _own(client)
+    with trio.move_on_after(timeout_seconds):
+        while True:
+            try:
+                verified = await client.device_chain(keys.account_id)
+            except TransportError:
+                pass
+            else:
+                if any(d.device_id == approved.device_id for d in verified.devices):
+                    return True
+                if verified.head.version >= approved.version:
+                    return False  # another version took its place: it never joins with this proposal
+            await trio.sleep(poll_seconds)
+    return False
 
 
 # -- joining without a current device -------------------------------------------------------------
@@ -554,7 +646,11 @@ async def join_with_recovery(
     device = _new_device(client)
     now = client._now_ms()
     dl = device_list.next_version(
-        head, add_devices=[device.entry(max(now, head.created_at_ms))], remove_device_ids=revoke, now_ms=now
+        head,
+        add_devices=[device.entry(max(now, head.created_at_ms))],
+        remove_device_ids=revoke,
+        format=device_list.FORMAT_3,
+        now_ms=now,
     )
     signed = device_list.signed_list(
         dl,
@@ -587,7 +683,9 @@ async def join_with_authenticator(
         raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the account has no hardware key in its device list")
     device = _new_device(client)
     now = client._now_ms()
-    dl = device_list.next_version(head, add_devices=[device.entry(max(now, head.created_at_ms))], now_ms=now)
+    dl = device_list.next_version(
+        head, add_devices=[device.entry(max(now, head.created_at_ms))], format=device_list.FORMAT_3, now_ms=now
+    )
     assertion = get_assertion(device_list.list_hash(dl), list(head.credentials))
     signed = device_list.signed_list(dl, [device_list.approve(dl, device.signing_key)], webauthn_assertions=[assertion])
     return await _join(client, keystore, device, signed, relay=address.relay, name=name)
@@ -620,9 +718,10 @@ async def revoke_device(client: RelayClient, target: str) -> DeviceListAccepted:
     device_id = resolve_device_id(target, verified.head)
     if len(verified.head.devices) == 1 and not verified.head.credentials:
         raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "the account's only device cannot be revoked")
-    dl = device_list.next_version(verified.head, remove_device_ids=[device_id], now_ms=client._now_ms())
-    if dl.policy.threshold > len(dl.devices) + len(dl.credentials):
-        dl = msgspec.structs.replace(dl, policy=msgspec.structs.replace(dl.policy, threshold=len(dl.devices)))
+    dl = _own_next_version(keys, verified.head, remove_device_ids=[device_id], now_ms=client._now_ms())
+    approvers = sum(map(device_list.may_approve, dl.devices))
+    if dl.policy.threshold > approvers + len(dl.credentials):
+        dl = msgspec.structs.replace(dl, policy=msgspec.structs.replace(dl.policy, threshold=max(approvers, 1)))
     signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
     return await post_version(client, signed)
 
@@ -636,7 +735,7 @@ async def set_recovery_key(client: RelayClient) -> str:
     verified = await _own_head(client)
     text = recovery.new_recovery_secret(client._random_bytes(recovery.SECRET_BYTES))
     rk = recovery.recovery_keys(recovery.parse_recovery_secret(text), keys.account_id)
-    dl = device_list.next_version(verified.head, recovery_key=rk.public_key, now_ms=client._now_ms())
+    dl = _own_next_version(keys, verified.head, recovery_key=rk.public_key, now_ms=client._now_ms())
     signed = device_list.signed_list(
         dl,
         [device_list.approve(dl, keys.signing_key)],
@@ -662,11 +761,33 @@ async def add_credential(
         "POST", "/v1/webauthn/register/complete", registration, WebAuthnCredential, retry=False
     )
     verified = await _own_head(client)
-    dl = device_list.next_version(verified.head, add_credentials=[credential], now_ms=client._now_ms())
+    dl = _own_next_version(keys, verified.head, add_credentials=[credential], now_ms=client._now_ms())
     assertion = get_assertion(device_list.list_hash(dl), [credential])
     signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)], webauthn_assertions=[assertion])
     await post_version(client, signed)
     return credential
+
+
+async def upgrade_list(client: RelayClient) -> DeviceListAccepted | None:
+    """Upgrade the account's list to format 3 and/or publish this device's ``kem_key`` (crypto.md §3.6).
+
+    One version, approved and self-signed by this device, that changes only
+    the format and this device's ``kem_key``. Returns None when there is
+    nothing to do (format 3 with this device's key in it): idempotent.
+    Needs ``client.keys.kem_seed`` (``Keystore.ensure_kem_key``; else
+    ``ValueError``). Raises the chain errors and those of ``POST …/devices``
+    (``policy_not_met`` when the account's threshold needs more approvals,
+    ``device_list_conflict`` when another change won the race: run it again).
+    """
+    keys = _own(client)
+    if not keys.kem_seed:
+        raise ValueError("this device has no long-term ML-KEM key yet")
+    verified = await _own_head(client)
+    own = next(d for d in verified.head.devices if d.device_id == keys.device_id)
+    if verified.head.format == device_list.FORMAT_3 and own.kem_key:
+        return None
+    dl = _own_next_version(keys, verified.head, now_ms=client._now_ms())
+    return await post_version(client, device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)]))
 
 
 __all__ = [
@@ -687,6 +808,7 @@ __all__ = [
     "revoke_device",
     "set_recovery_key",
     "start_link",
+    "upgrade_list",
     "verify_proposal",
     "wait_for_proposal",
 ]

@@ -15,11 +15,15 @@ Layout (crypto.md §13)::
     ‖ nonce[24] ‖ XChaCha20-Poly1305(KEK, nonce, msgpack(KeystorePayload {dek, keys}), aad = all bytes before the nonce)
 
 With a passphrase, ``KEK = Argon2id(NFC(passphrase), salt, iterations,
-memory_kib, lanes, 32)``; the parameters travel in the header, so files made
-with other costs still open. New files use RFC 9106's second recommended
-option (3 iterations, 64 MiB, 4 lanes) — **unless** ``TETHERLESS_KDF_PROFILE=test``
-is set, which picks 1 iteration, 8 KiB, 1 lane: *for tests and CI only*,
-it makes the passphrase as cheap to guess as a plain hash. Argon2id is
+memory_kib, lanes, 32)``; the parameters travel in the header. New files use
+RFC 9106's second recommended option (3 iterations, 64 MiB, 4 lanes), and a
+file whose parameters are below it (fewer iterations or less memory) is
+refused (:class:`WeakKdfError`) — **unless** ``TETHERLESS_INSECURE_KDF=1`` is
+set, which also makes new files use 1 iteration, 8 KiB, 1 lane: *for tests
+and CI only*, it makes the passphrase as cheap to guess as a plain hash. Such a
+home stays marked by its own header (:meth:`Keystore.insecure_kdf_marked`)
+until the keystore is re-wrapped at full cost, and the command line warns on
+every command while the variable is set. Argon2id is
 ``cryptography``'s (OpenSSL) implementation: libsodium's ``crypto_pwhash``
 (PyNaCl) fixes lanes at 1 and cannot compute the RFC 9106 parameter set.
 
@@ -67,8 +71,12 @@ import nacl.signing
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from msgspec import Meta
 
+from ..handshake import MLKEM_SEED_BYTES, mlkem_public
 from ..signing import digest
 from .localdb import DB_FILE, DEK_BYTES, NONCE_BYTES, LocalDB
+from .localdb import atomic_write as _atomic_write
+from .localdb import fsync_dir as _fsync_dir
+from .store import SEALED_COLUMNS
 
 KEYSTORE_FILE: Final = "keystore.tlk"
 KEY_FILE: Final = "device.json"  # format 1 (plaintext), still read
@@ -81,8 +89,11 @@ METHOD_KEYRING: Final = 2
 SALT_BYTES: Final = 16
 KEK_BYTES: Final = 32
 PASSPHRASE_ENV: Final = "TETHERLESS_PASSPHRASE"
+INSECURE_KDF_ENV: Final = "TETHERLESS_INSECURE_KDF"
+#: Replaced by ``TETHERLESS_INSECURE_KDF=1``; a leftover ``test`` value is refused with a message saying so.
 KDF_PROFILE_ENV: Final = "TETHERLESS_KDF_PROFILE"
 KEYRING_SERVICE: Final = "tetherless"
+KEM_SEED_BYTES: Final = MLKEM_SEED_BYTES
 STATE_TABLE: Final = "client_state"
 
 Key32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
@@ -100,7 +111,7 @@ class KdfParams:
 
 #: RFC 9106 §4, second recommended option (for memory-constrained environments).
 KDF_DEFAULT: Final = KdfParams(iterations=3, memory_kib=64 * 1024, lanes=4)
-#: TESTS AND CI ONLY (``TETHERLESS_KDF_PROFILE=test``): as cheap as Argon2id gets; never use for real keys.
+#: TESTS AND CI ONLY (``TETHERLESS_INSECURE_KDF=1``): as cheap as Argon2id gets; never use for real keys.
 KDF_TEST: Final = KdfParams(iterations=1, memory_kib=8, lanes=1)
 KDF_PROFILES: Final = {"default": KDF_DEFAULT, "test": KDF_TEST}
 _KDF_LIMITS: Final = KdfParams(iterations=64, memory_kib=4 * 1024 * 1024, lanes=64)  # refuse absurd headers
@@ -126,6 +137,10 @@ class CorruptKeystoreError(KeystoreError):
     """A file exists but cannot be parsed."""
 
 
+class WeakKdfError(KeystoreError):
+    """The keystore's Argon2id parameters are below RFC 9106's second recommended option."""
+
+
 class PassphraseRequiredError(KeystoreError):
     """The keystore needs a passphrase and none was provided."""
 
@@ -142,11 +157,20 @@ class NotProtectedError(KeystoreError):
     """A format-1 (plaintext) home where an encrypted one is needed (run ``tetherless device protect``)."""
 
 
-class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a device needs to talk to its relay. ``signing_seed`` and ``box_private_key`` are secret.
+class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Everything a device needs to talk to its relay. ``signing_seed``, ``box_private_key`` and ``kem_seed``
+    are secret.
 
     ``list_format``: the format of the account's device list when this device
-    joined (1 = protocol.md §4, 2 = crypto.md §3).
+    joined (1 = protocol.md §4, 2 = crypto.md §3, 3 = crypto.md §3.6).
+    ``kem_seed``: the 64-byte seed ``d‖z`` of the device's long-term
+    ML-KEM-768 key (its encapsulation key is the ``kem_key`` of its format-3
+    entry); empty in homes made before format 3 until
+    :meth:`Keystore.ensure_kem_key` adds it. A payload without the field
+    decodes with the default and older clients ignore it, so the keystore
+    format number does not change; an empty one is not encoded, so a home
+    without it keeps its exact bytes. (The older optional fields have
+    ``default_factory`` defaults, which msgspec always encodes, as before.)
     """
 
     signing_seed: Key32
@@ -156,9 +180,10 @@ class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
     device_id: str
     address: str
     device_name: str
-    ca_file: str | None = None
-    format_version: int = FORMAT_VERSION
-    list_format: int = 1
+    ca_file: str | None = msgspec.field(default_factory=lambda: None)
+    format_version: int = msgspec.field(default_factory=lambda: FORMAT_VERSION)
+    list_format: int = msgspec.field(default_factory=lambda: 1)
+    kem_seed: Annotated[bytes, Meta(max_length=KEM_SEED_BYTES)] = b""
 
     @property
     def signing_key(self) -> nacl.signing.SigningKey:
@@ -173,6 +198,11 @@ class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
         return bytes(nacl.public.PrivateKey(self.box_private_key).public_key)
 
     @property
+    def kem_public_key(self) -> bytes:
+        """The ML-KEM-768 encapsulation key (1184 bytes), or ``b""`` while the home has no ``kem_seed``."""
+        return mlkem_public(self.kem_seed) if self.kem_seed else b""
+
+    @property
     def account_address(self) -> str:
         """``account@relay``: the address that reaches every device of the account."""
         return self.address.split(".", 1)[1]
@@ -182,11 +212,21 @@ class DeviceKeys(msgspec.Struct, frozen=True, kw_only=True):
         return f"DeviceKeys(address={self.address!r}, relay_url={self.relay_url!r})"
 
 
-class KeystorePayload(msgspec.Struct, frozen=True, kw_only=True):
-    """What ``keystore.tlk`` wraps: the local-state key and the device keys."""
+class KeystorePayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What ``keystore.tlk`` wraps: the local-state key and the device keys.
+
+    ``state_generation``: see the field. ``previous_dek``: set only while a DEK rotation
+    (:meth:`Keystore.change_passphrase`) is under way:
+    ``state.db`` may still be sealed under it until the re-sealing transaction commits (crypto.md §13).
+    Empty otherwise, and then not encoded (older files keep their exact bytes).
+    """
 
     dek: Key32
     keys: DeviceKeys
+    previous_dek: Annotated[bytes, Meta(max_length=DEK_BYTES)] = b""
+    #: The newest ``state.db`` generation this home opened (crypto.md §13.2): the counter kept apart from
+    #: the state. 0 (not encoded) in homes made before it.
+    state_generation: int = 0
 
     def __repr__(self) -> str:
         return f"KeystorePayload(keys={self.keys!r})"
@@ -199,32 +239,6 @@ class ClientState(msgspec.Struct, kw_only=True):
 
 
 # -- file helpers ------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (mode 0600) so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or unlink is durable only once the directory entry is.
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _check_private(path: Path, *, what: str) -> None:
@@ -241,13 +255,46 @@ def _check_private(path: Path, *, what: str) -> None:
 # -- the keystore file format (pure given its inputs) ---------------------------------------
 
 
+def insecure_kdf() -> bool:
+    """True when ``TETHERLESS_INSECURE_KDF=1``: weak Argon2id parameters are allowed (tests and CI only).
+
+    Raises :class:`KeystoreError` for any other non-empty value, and for the variable it replaced
+    (``TETHERLESS_KDF_PROFILE=test``), so a script that meant to opt in never silently gets the opposite.
+    """
+    value = os.environ.get(INSECURE_KDF_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise KeystoreError(f"{INSECURE_KDF_ENV}={value!r}: set it to 1 (tests only) or leave it unset")
+    profile = os.environ.get(KDF_PROFILE_ENV, "").strip().lower()
+    if profile not in ("", "default") and value != "1":
+        raise KeystoreError(f"{KDF_PROFILE_ENV}={profile!r} is no longer read: use {INSECURE_KDF_ENV}=1 (tests only)")
+    return value == "1"
+
+
 def kdf_profile() -> KdfParams:
-    """The cost for new keystores: ``$TETHERLESS_KDF_PROFILE`` (``default`` or ``test`` — tests only)."""
-    name = os.environ.get(KDF_PROFILE_ENV, "default").strip().lower() or "default"
-    try:
-        return KDF_PROFILES[name]
-    except KeyError:
-        raise KeystoreError(f"{KDF_PROFILE_ENV}={name!r} is not a KDF profile (default, test)") from None
+    """The cost for new keystores: RFC 9106's second option, or :data:`KDF_TEST` under :func:`insecure_kdf`."""
+    return KDF_TEST if insecure_kdf() else KDF_DEFAULT
+
+
+def kdf_is_weak(params: KdfParams) -> bool:
+    """True when ``params`` cost less than :data:`KDF_DEFAULT` (fewer iterations or less memory).
+
+    Lanes are not compared: they set parallelism, not the work an attacker must do per guess.
+    """
+    return params.iterations < KDF_DEFAULT.iterations or params.memory_kib < KDF_DEFAULT.memory_kib
+
+
+def check_kdf_strength(params: KdfParams, *, path: Path) -> None:
+    """Refuse a keystore below RFC 9106's second option unless :func:`insecure_kdf`; raises :class:`WeakKdfError`.
+
+    Checked before deriving anything: a relay-independent attacker who can write the home could otherwise
+    swap in a cheap keystore and learn the next passphrase typed from a fast offline search.
+    """
+    if kdf_is_weak(params) and not insecure_kdf():
+        raise WeakKdfError(
+            f"{path} uses Argon2id t={params.iterations} m={params.memory_kib} KiB p={params.lanes}, below "
+            f"RFC 9106's second recommended option (t=3, m=64 MiB): refusing to open it "
+            f"(a keystore made for tests; {INSECURE_KDF_ENV}=1 opens it anyway)"
+        )
 
 
 def derive_kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
@@ -402,6 +449,7 @@ class Keystore:
         self.state_path = self.home / STATE_FILE
         self._passphrase = passphrase
         self._payload: KeystorePayload | None = None
+        self._sealing: tuple[bytes, bytes] | None = None  # (header, KEK) of the open keystore: reseal cheaply
         self._db: LocalDB | None = None
 
     # -- queries ----------------------------------------------------------------------
@@ -469,6 +517,19 @@ class Keystore:
             kek = derive_kek(passphrase, salt, params)
             header = passphrase_header(salt, params)
         _atomic_write(self.keystore_path, seal_keystore(header, kek, payload, os.urandom(NONCE_BYTES)))
+        self._sealing = (header, kek)
+
+    def insecure_kdf_marked(self) -> bool:
+        """True when this home's keystore was written with test-only costs (``TETHERLESS_INSECURE_KDF=1``).
+
+        The mark is the keystore header itself: its Argon2id parameters are in clear and authenticated
+        (the header is the AEAD's associated data), so no separate file can be lost or forged apart from it.
+        Raises :class:`CorruptKeystoreError` for an unreadable header; False for a keyring or format-1 home.
+        """
+        if not self.keystore_path.exists():
+            return False
+        params = parse_keystore(self.keystore_path.read_bytes())[0].params
+        return params is not None and kdf_is_weak(params)
 
     # -- loading -----------------------------------------------------------------------
 
@@ -493,6 +554,7 @@ class Keystore:
         header, nonce, ciphertext = parse_keystore(self.keystore_path.read_bytes())
         if header.method == METHOD_PASSPHRASE:
             assert header.params is not None
+            check_kdf_strength(header.params, path=self.keystore_path)
             kek = derive_kek(self._get_passphrase(purpose=f"unlock {self.home}"), header.salt, header.params)
         else:
             keyring = _keyring_module()
@@ -505,6 +567,7 @@ class Keystore:
                 raise WrongPassphraseError(f"the OS keyring has no item {header.item!r}")
             kek = bytes.fromhex(secret)
         self._payload = open_keystore(header, nonce, ciphertext, kek)
+        self._sealing = (header.raw, kek)
         return self._payload
 
     def load(self) -> DeviceKeys:
@@ -533,11 +596,78 @@ class Keystore:
     def local_db(self) -> LocalDB:
         """The home's ``state.db`` opened with the DEK (one per Keystore; unlocks if needed).
 
-        Raises :class:`NotProtectedError` for a format-1 home (it has no DEK).
+        Every first open checks ``state.db`` against the generation counter kept beside it and advances
+        both (:meth:`LocalDB.advance_generation`, crypto.md §13.2).
+
+        Raises :class:`NotProtectedError` for a format-1 home (it has no DEK), and
+        :class:`~protocol.client.localdb.StateRolledBackError` for an old ``state.db`` put back (nothing is
+        opened then; :meth:`recover_from_rollback` is the way on).
         """
         if self._db is None:
-            self._db = LocalDB.open(self.home, self.unlock().dek)
+            if self.unlock().previous_dek:
+                self._finish_dek_rotation()
+            payload = self.unlock()
+            db = LocalDB.open(self.home, payload.dek)
+            try:
+                self._record_generation(db.advance_generation(payload.state_generation))
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
         return self._db
+
+    def recover_from_rollback(self) -> LocalDB:
+        """Accept this home's ``state.db`` after :class:`~protocol.client.localdb.StateRolledBackError`: the
+        generation counter moves past both sides. The caller must also start every session afresh
+        (:func:`protocol.client.sessions.forget_after_rollback`) before sending anything. Returns the
+        opened database. Raises the errors of :meth:`unlock`.
+        """
+        payload = self.unlock()
+        if self._db is None:
+            if payload.previous_dek:
+                self._finish_dek_rotation()
+                payload = self.unlock()
+            self._db = LocalDB.open(self.home, payload.dek)
+        self._record_generation(self._db.accept_generation(payload.state_generation))
+        return self._db
+
+    def _finish_dek_rotation(self) -> None:
+        """Complete a rotation that :meth:`change_passphrase` started: re-seal ``state.db`` under the new DEK
+        unless that already committed (its check row opens), then drop ``previous_dek`` from the keystore.
+        Idempotent; a crash at any point leaves a home that the next call finishes."""
+        payload = self.unlock()
+        db = LocalDB.open(self.home, payload.dek)
+        try:
+            done = db.dek_check_opens()
+        finally:
+            db.close()
+        if not done:
+            old = LocalDB.open(self.home, payload.previous_dek)
+            try:
+                old.rekey(payload.dek, SEALED_COLUMNS)
+            finally:
+                old.close()
+        self._reseal(msgspec.structs.replace(payload, previous_dek=b""))
+
+    def _record_generation(self, generation: int) -> None:
+        # Re-read first: another process (a `sync --follow` next to a `send`) may have rewritten the keystore
+        # since this one unlocked it, and its keys or generation must not be overwritten with older ones.
+        header, nonce, ciphertext = parse_keystore(self.keystore_path.read_bytes())
+        assert self._sealing is not None  # set by unlock()
+        if header.raw != self._sealing[0]:
+            return  # re-wrapped meanwhile (new passphrase): the database stays ahead, which is allowed
+        current = open_keystore(header, nonce, ciphertext, self._sealing[1])
+        if current.state_generation < generation:
+            self._reseal(msgspec.structs.replace(current, state_generation=generation))
+        else:
+            self._payload = current
+
+    def _reseal(self, payload: KeystorePayload) -> None:
+        # Same header and KEK as the open keystore: no passphrase prompt, no KDF run; a fresh nonce.
+        assert self._sealing is not None  # set by unlock() / _write_keystore()
+        header, kek = self._sealing
+        _atomic_write(self.keystore_path, seal_keystore(header, kek, payload, os.urandom(NONCE_BYTES)))
+        self._payload = payload
 
     def close(self) -> None:
         """Close the local database, if open, and forget the unlocked keys."""
@@ -545,6 +675,7 @@ class Keystore:
             self._db.close()
             self._db = None
         self._payload = None
+        self._sealing = None
 
     # -- small state -------------------------------------------------------------------
 
@@ -584,6 +715,28 @@ class Keystore:
 
     # -- migration -----------------------------------------------------------------------
 
+    def ensure_kem_key(self, seed: bytes) -> DeviceKeys:
+        """The device keys with a long-term ML-KEM-768 key: ``seed`` (64 random bytes) becomes ``kem_seed``
+        when the home has none yet (a home made before format 3, crypto.md §3.6); else nothing changes.
+
+        Idempotent: a home that has a ``kem_seed`` keeps it (``seed`` is then unused). The new
+        keystore is written atomically under the same header and KEK (no new passphrase prompt, no
+        KDF run; a fresh nonce); a format-1 home rewrites ``device.json``. Raises the errors of
+        :meth:`load`, ``ValueError`` for a seed that is not 64 bytes. A crash leaves the old or the
+        new file; only a device whose list does not yet carry the key may get another one.
+        """
+        keys = self.load()
+        if keys.kem_seed:
+            return keys
+        if len(seed) != KEM_SEED_BYTES:
+            raise ValueError(f"an ML-KEM-768 seed is {KEM_SEED_BYTES} bytes")
+        keys = msgspec.structs.replace(keys, kem_seed=bytes(seed))
+        if not self.keystore_path.exists():
+            _atomic_write(self.key_path, msgspec.json.encode(keys))
+            return keys
+        self._reseal(msgspec.structs.replace(self.unlock(), keys=keys))
+        return keys
+
     def protect(self, *, use_keyring: bool = False) -> None:
         """Convert a format-1 home: write ``keystore.tlk`` and ``state.db``, then delete the plaintext files.
 
@@ -622,11 +775,31 @@ class Keystore:
                 path.unlink()
         _fsync_dir(self.home)
 
-    def change_passphrase(self, new_passphrase: str) -> None:
-        """Re-wrap the DEK and keys under ``new_passphrase`` (fresh salt, current KDF profile)."""
+    def change_passphrase(self, new_passphrase: str, *, rotate_dek: bool = True) -> None:
+        """Wrap the keys under ``new_passphrase`` (fresh salt, current KDF profile) and rotate the data key.
+
+        With ``rotate_dek`` (the default) ``state.db`` is re-sealed under a new random DEK, so a copy of the
+        old keystore plus the old passphrase no longer opens the local state. Steps, each durable: the
+        keystore holds the new DEK and the old one (``previous_dek``); ``state.db`` is re-sealed in one
+        transaction; the keystore drops the old DEK. A crash in between is finished by the next
+        :meth:`local_db`. Raises the errors of :meth:`unlock`, :class:`~protocol.client.localdb.TamperedRowError`
+        (a row that did not open: nothing re-sealed, the old DEK is kept for it) and ``OSError``.
+        Cancellation (KeyboardInterrupt) between the steps leaves the same recoverable states.
+        """
         payload = self.unlock()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if payload.previous_dek:
+            self._finish_dek_rotation()  # an earlier rotation first: never lose the DEK its rows are under
+            payload = self.unlock()
         self._passphrase = new_passphrase
+        if rotate_dek and self.db_path.exists():
+            payload = msgspec.structs.replace(payload, dek=os.urandom(DEK_BYTES), previous_dek=payload.dek)
         self._write_keystore(payload, use_keyring=False)
+        self._payload = payload
+        if payload.previous_dek:
+            self._finish_dek_rotation()
 
 
 __all__ = [

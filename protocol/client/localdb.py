@@ -41,7 +41,7 @@ import contextlib
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar, overload
 
@@ -60,6 +60,12 @@ ROW_DOMAIN: Final = "local-row"
 
 PkField = str | bytes | int
 Pk = PkField | tuple[PkField, ...]
+#: An own table's sealed columns for :meth:`LocalDB.rekey`: its primary-key columns, and per sealed column
+#: ``(SQL column, label)`` where the value was sealed with :meth:`LocalDB.seal_column` under that label.
+SealedColumns = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+META_TABLE: Final = "local_meta"
+_DEK_CHECK: Final = "dek_check"
+_GENERATION: Final = "generation"
 S = TypeVar("S", bound=msgspec.Struct)
 
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -71,6 +77,17 @@ class LocalDBError(Exception):
 
 class TamperedRowError(LocalDBError):
     """A sealed value does not open: changed bytes, moved to another row, or another key (DEK)."""
+
+
+class StateRolledBackError(LocalDBError):
+    """The local state is older than evidence kept apart from it (crypto.md §13.2): an old ``state.db`` or an
+    old copy of the whole home was put back. Nothing may be sent on the restored sessions (their ratchet
+    keys were used already); ``tetherless sync --recover-rollback`` starts them afresh."""
+
+    RECOVERY: Final = (
+        "Run `tetherless sync --recover-rollback` to start every session afresh; queued messages go out then "
+        "(docs/crypto.md §13.2)"
+    )
 
 
 def row_ad(table: str, pk: Pk) -> bytes:
@@ -99,6 +116,36 @@ def open_value(dek: bytes, table: str, pk: Pk, blob: bytes) -> bytes:
             f"local row {table}/{_pk_text(pk)} does not decrypt: it was changed, moved from another row, "
             "or the database belongs to another key"
         ) from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (mode 0600) so that a crash leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable (the directory entry must be synced too)."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _column_pk(pk: Pk, column: str) -> tuple[PkField, ...]:
+    return (*pk, column) if isinstance(pk, tuple) else (pk, column)
 
 
 def _pk_text(pk: Pk) -> str:
@@ -200,6 +247,117 @@ class LocalDB:
         """Open a blob sealed for row ``pk`` of ``table``; raises :class:`TamperedRowError`."""
         return open_value(self._dek, table, pk, bytes(blob))
 
+    def seal_column(self, table: str, pk: Pk, column: str, value: bytes) -> bytes:
+        """Seal one column of an own table's row: the AD names the column too, so columns cannot be swapped."""
+        return self.seal(table, _column_pk(pk, column), value)
+
+    def open_column(self, table: str, pk: Pk, column: str, blob: bytes) -> bytes:
+        """Inverse of :meth:`seal_column`; raises :class:`TamperedRowError`."""
+        return self.unseal(table, _column_pk(pk, column), blob)
+
+    # -- rotating the DEK ----------------------------------------------------------------------
+
+    def dek_check_opens(self) -> bool:
+        """True when the check row written by :meth:`rekey` opens under this DEK (False: absent or another key)."""
+        self._kv(META_TABLE)
+        row = self._conn.execute(f'SELECT value FROM "{META_TABLE}" WHERE key = ?', (_DEK_CHECK,)).fetchone()
+        if row is None:
+            return False
+        try:
+            self.unseal(META_TABLE, _DEK_CHECK, row[0])
+        except TamperedRowError:
+            return False
+        return True
+
+    def rekey(self, new_dek: bytes, own_tables: Mapping[str, SealedColumns]) -> int:
+        """Re-seal every sealed value under ``new_dek``: every key-value table, and ``own_tables``.
+
+        One transaction: afterwards the whole file opens under ``new_dek`` only (with a check row,
+        :meth:`dek_check_opens`), or, if interrupted or cancelled, still under the old DEK only. Fresh nonces.
+        Returns how many values were re-sealed. Raises :class:`TamperedRowError` (nothing changed) when a
+        value does not open under the current DEK. Not idempotent: the caller records which DEK is current.
+        """
+        if len(new_dek) != DEK_BYTES:
+            raise ValueError(f"the DEK must be {DEK_BYTES} bytes")
+        count = 0
+        with self.transaction():
+            self._kv(META_TABLE)
+            for table in self._kv_table_names():
+                for key, blob in self._conn.execute(f'SELECT key, value FROM "{table}"').fetchall():
+                    value = self.unseal(table, key, blob)
+                    fresh = seal_value(new_dek, table, key, value, os.urandom(NONCE_BYTES))
+                    self._conn.execute(f'UPDATE "{table}" SET value = ? WHERE key = ?', (fresh, key))
+                    count += 1
+            existing = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, (pk_columns, columns) in own_tables.items():
+                if table not in existing:
+                    continue
+                names = [*pk_columns, *(c for c, _ in columns)]
+                select = ", ".join(f'"{_check_table(n)}"' for n in names)
+                where = " AND ".join(f'"{n}" = ?' for n in pk_columns)
+                for row in self._conn.execute(f'SELECT {select} FROM "{_check_table(table)}"').fetchall():
+                    pk = tuple(row[: len(pk_columns)])
+                    row_pk: Pk = pk if len(pk) > 1 else pk[0]
+                    updates: list[bytes | None] = []
+                    for (_column, label), blob in zip(columns, row[len(pk_columns) :], strict=True):
+                        if blob is None:
+                            updates.append(None)
+                            continue
+                        value = self.open_column(table, row_pk, label, blob)
+                        updates.append(
+                            seal_value(new_dek, table, _column_pk(row_pk, label), value, os.urandom(NONCE_BYTES))
+                        )
+                        count += 1
+                    assignments = ", ".join(f'"{c}" = ?' for c, _ in columns)
+                    self._conn.execute(f'UPDATE "{table}" SET {assignments} WHERE {where}', (*updates, *pk))
+            check = seal_value(new_dek, META_TABLE, _DEK_CHECK, b"dek", os.urandom(NONCE_BYTES))
+            self._conn.execute(f'INSERT OR REPLACE INTO "{META_TABLE}" (key, value) VALUES (?, ?)', (_DEK_CHECK, check))
+        self._dek = bytes(new_dek)
+        return count
+
+    # -- rollback guard (crypto.md §13.2) ---------------------------------------------------------
+
+    def advance_generation(self, recorded: int) -> int:
+        """Check ``state.db`` against ``recorded`` (the generation the keystore holds, kept apart from this
+        file) and move this file one generation on; the caller then records the returned value.
+
+        Because the database is advanced (and committed) before the keystore records it, after any crash
+        the database is at least as new as the record. A database *older* than the record is an earlier
+        copy put back: :class:`StateRolledBackError`, and nothing changes. A database without a generation
+        is older than any record above 0 (removing the row does not turn the check off). Not idempotent
+        (each call advances); cancellation leaves a state the next call accepts.
+        """
+        with self.transaction():
+            raw = self.get(META_TABLE, _GENERATION)
+            in_db = int.from_bytes(raw, "big") if raw is not None else 0
+            if in_db < recorded:
+                raise StateRolledBackError(
+                    f"{self.path} is older than this device's keystore says ({in_db} < {recorded}): an earlier "
+                    "copy of it was put back, and sending on its sessions would reuse ratchet keys. "
+                    + StateRolledBackError.RECOVERY
+                )
+            generation = in_db + 1
+            self.put(META_TABLE, _GENERATION, generation.to_bytes(8, "big"))
+        return generation
+
+    def accept_generation(self, recorded: int) -> int:
+        """The recovery after :class:`StateRolledBackError`: move this file past ``recorded`` whatever it
+        holds; the caller records the returned generation. Idempotent in effect."""
+        with self.transaction():
+            raw = self.get(META_TABLE, _GENERATION)
+            generation = max(recorded, int.from_bytes(raw, "big") if raw is not None else 0) + 1
+            self.put(META_TABLE, _GENERATION, generation.to_bytes(8, "big"))
+        return generation
+
+    def _kv_table_names(self) -> list[str]:
+        names = [r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return [
+            name
+            for name in names
+            if _TABLE_NAME.match(name)
+            and [c[1] for c in self._conn.execute(f'PRAGMA table_info("{name}")')] == ["key", "value"]
+        ]
+
     # -- transactions and raw SQL ----------------------------------------------------------
 
     @contextlib.contextmanager
@@ -294,6 +452,8 @@ __all__ = [
     "DEK_BYTES",
     "LocalDB",
     "LocalDBError",
+    "SealedColumns",
+    "StateRolledBackError",
     "TamperedRowError",
     "open_value",
     "row_ad",

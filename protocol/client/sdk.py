@@ -43,6 +43,7 @@ import trio
 from .. import auth, codec, device_list, recovery
 from .. import session as sealed_v2
 from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
+from ..handshake import MLKEM_SEED_BYTES, mlkem_public
 from ..ids import Address, account_id_for, device_id_for
 from ..messages import (
     Accepted,
@@ -363,7 +364,7 @@ class RelayClient:
         name: str,
         *,
         keystore: Keystore | None = None,
-        list_format: int = device_list.FORMAT_2,
+        list_format: int = device_list.FORMAT_3,
         recovery_secret: bytes | None = None,
     ) -> DeviceKeys:
         """Create a new account with this client's first device, and return its keys.
@@ -376,20 +377,22 @@ class RelayClient:
         (``account_exists``, ``invalid_device_list`` …). Not retried after the
         request may have reached the relay.
 
-        ``list_format`` 2 (the default; crypto.md §3) or 1 (protocol.md §4, with
-        ``name`` in the list). ``recovery_secret`` (format 2 only): the 20-byte
+        ``list_format`` 3 (the default; crypto.md §3.6: the device also gets a
+        long-term ML-KEM-768 key), 2 (crypto.md §3) or 1 (protocol.md §4, with
+        ``name`` in the list). ``recovery_secret`` (format 2/3 only): the 20-byte
         secret of :func:`protocol.recovery.new_recovery_secret`, whose derived
         key is set in the genesis list and signs it (crypto.md §3.4).
         """
         if keystore is not None and keystore.exists():
             raise AlreadyInitialisedError(f"a device already exists in {keystore.home}")
-        if list_format not in (device_list.FORMAT_1, device_list.FORMAT_2):
-            raise ValueError("list_format is 1 or 2")
-        if recovery_secret is not None and list_format != device_list.FORMAT_2:
-            raise ValueError("a recovery key needs a format-2 device list")
+        if list_format not in (device_list.FORMAT_1, device_list.FORMAT_2, device_list.FORMAT_3):
+            raise ValueError("list_format is 1, 2 or 3")
+        if recovery_secret is not None and list_format == device_list.FORMAT_1:
+            raise ValueError("a recovery key needs a format-2 or format-3 device list")
         signing_key = nacl.signing.SigningKey(self._random_bytes(32))
         box_private_key = self._random_bytes(32)
         box_public_key = bytes(nacl.public.PrivateKey(box_private_key).public_key)
+        kem_seed = self._random_bytes(MLKEM_SEED_BYTES) if list_format == device_list.FORMAT_3 else b""
         if list_format == device_list.FORMAT_1:
             genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self._now_ms())
         else:
@@ -397,9 +400,16 @@ class RelayClient:
             if recovery_secret is not None:
                 account = account_id_for(bytes(signing_key.verify_key))
                 recovery_signing_key = recovery.recovery_keys(recovery_secret, account).signing_key
-            genesis = device_list.genesis_v2(
-                signing_key, box_public_key, now_ms=self._now_ms(), recovery_key=recovery_signing_key
-            )
+            now = self._now_ms()
+            if kem_seed:
+                kem_key = mlkem_public(kem_seed)
+                genesis = device_list.genesis_v3(
+                    signing_key, box_public_key, kem_key, now_ms=now, recovery_key=recovery_signing_key
+                )
+            else:
+                genesis = device_list.genesis_v2(
+                    signing_key, box_public_key, now_ms=now, recovery_key=recovery_signing_key
+                )
         created = await self._call(
             "POST",
             "/v1/accounts",
@@ -422,6 +432,7 @@ class RelayClient:
             device_name=name,
             ca_file=self._ca_file,
             list_format=list_format,
+            kem_seed=kem_seed,
         )
         if keystore is not None:
             keystore.create(keys)
@@ -670,7 +681,7 @@ class RelayClient:
         assert sessions is not None
         address = Address.parse(outgoing.recipient)
         head, entries = await self._verified_head(address.account, address.relay)
-        if head.format != device_list.FORMAT_2:
+        if head.format < device_list.FORMAT_2:
             return None
         own_relay = Address.parse(keys.address).relay
 
@@ -685,7 +696,7 @@ class RelayClient:
         if address.device and not targets:
             raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list")
         own_head, own_entries = await self._verified_head(keys.account_id, None)
-        if not address.device and address.account != keys.account_id and own_head.format == device_list.FORMAT_2:
+        if not address.device and address.account != keys.account_id and own_head.format >= device_list.FORMAT_2:
             # Fan-out: this account's other devices get a copy (crypto.md §9), in the same batch.
             targets += [
                 (device_address(keys.account_id, own_relay, e.device_id), e)
@@ -751,6 +762,20 @@ class RelayClient:
                 return entry
         raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender is not a current device of its account")
 
+    async def _refuse_v1_from_format_2(self, sender: Address) -> None:
+        """A device with sessions takes a v1 (sealed box, no forward secrecy) payload only from a format-1
+        account: a format-2 sender always uses sessions with a format-2 recipient (crypto.md §14), so a v1
+        payload claiming one is a downgrade (its long-term key stolen, or a replay of old traffic).
+        Raises :class:`InvalidPayloadError` (``malformed_body``; ``bad_signature`` when the list does not verify).
+        """
+        await self._sender_entry(sender, 0)  # the sender's chain verifies and names the device
+        head, _ = await self._verified_head(sender.account, sender.relay)
+        if head.format >= device_list.FORMAT_2:
+            raise InvalidPayloadError(
+                ErrorCode.MALFORMED_BODY,
+                f"a version-1 payload from a format-{head.format} account (refused: a downgrade from sessions)",
+            )
+
     async def _open_with_sessions(self, envelope: InboxEnvelope) -> Opened:
         """Dispatch on the payload version (crypto.md §14): v1 as before, v2 through the sessions."""
         sessions, keys = self.sessions, self._require_keys()
@@ -761,7 +786,9 @@ class RelayClient:
         inner = sealed_v2.open_outer(envelope.ciphertext, keys.box_private_key)
         sealed = sealed_v2.parse_inner(inner)
         if sealed is None:
-            return open_plaintext(inner, own_address=keys.address)
+            opened = open_plaintext(inner, own_address=keys.address)
+            await self._refuse_v1_from_format_2(Address.parse(opened.sender))
+            return opened
         sender = Address.parse(sealed.sender)
         entry = await self._sender_entry(sender, sealed.sender_list_version)
         return sessions.open(sealed, envelope_id=envelope.id, sender=entry)

@@ -13,7 +13,11 @@ is pure). It
   verified device list (:meth:`SessionManager.establish`), seals messages on
   them, and opens v2 envelopes (:meth:`SessionManager.open`), accepting a
   ``PrekeyMessage`` only when the named private keys exist, deleting one-time
-  privates on first use and remembering transcript hashes (replay cache);
+  privates on first use and remembering transcript hashes (replay cache) for
+  as long as a prekey private that could open the same handshake again exists;
+- refuses served signed and last-resort prekeys older than
+  ``max_prekey_age_ms`` (their signed ``created_at_ms``): a relay cannot keep
+  serving a key the device retired long ago;
 - keeps, per envelope id, what it opened ("processed" table), so a redelivered
   envelope gives the same message without a second decryption (P10; the
   message key is gone by then).
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import hmac
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -39,12 +45,15 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from .. import codec, handshake, prekeys, session
-from ..errors import ErrorCode
+from ..errors import ErrorCode, TetherlessError
 from ..ids import Address
 from ..messages import DeviceEntry, PrekeyBundle, PrekeyCounts, PrekeyKind, PrekeyUpload, SealedV2, SignedPrekey
 from ..payload import InvalidPayloadError, Opened
 from ..session import ResponderKeys, SessionState
-from .keystore import DeviceKeys
+from ..signing import digest
+from .keystore import DeviceKeys, Keystore
+from .localdb import StateRolledBackError
+from .store import ClientStore
 
 TARGET_ONE_TIME: Final = 50
 LOW_WATER: Final = 25
@@ -52,6 +61,13 @@ ROTATE_MS: Final = 7 * 86_400_000
 GRACE_MS: Final = 7 * 86_400_000
 MAX_SESSIONS_PER_PEER: Final = 5
 DEFAULT_MAX_TTL_SECONDS: Final = 30 * 86_400
+#: A served signed or last-resort prekey signed longer ago than this is refused (crypto.md §7.2): the device
+#: rotates them every ROTATE_MS while it runs, so an older one means a device gone for weeks or a relay
+#: serving a retired key whose private may have leaked since.
+DEFAULT_MAX_PREKEY_AGE_MS: Final = 30 * 86_400_000
+#: A legacy replay-cache row (8-byte expiry, no prekey names) is kept this much longer than its expiry: the
+#: longest a signed prekey can stay unretired plus the grace of a retired one.
+_LEGACY_TRANSCRIPT_EXTRA_MS: Final = ROTATE_MS + GRACE_MS
 
 T_PREKEY: Final = "session_prekey"
 T_META: Final = "session_meta"
@@ -159,6 +175,24 @@ class Processed(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes
 
 
+class Transcript(msgspec.Struct, frozen=True, kw_only=True):
+    """A replay-cache row (table ``session_transcript``, key = transcript hash of an accepted session start).
+
+    ``prekeys``: the rows (``kind/id``) of the reusable prekeys the handshake used (signed and last-resort
+    keys; one-time privates are deleted on use). The row outlives ``expires_at_ms`` while any of them still
+    exists: a replay is only impossible once the handshake can no longer be recomputed.
+    """
+
+    expires_at_ms: int
+    prekeys: list[str] = msgspec.field(default_factory=list)
+
+
+def _decode_transcript(raw: bytes) -> Transcript:
+    if len(raw) == 8:  # before prekey names were recorded: an expiry alone, kept longer (see the constant)
+        return Transcript(expires_at_ms=int.from_bytes(raw, "big") + _LEGACY_TRANSCRIPT_EXTRA_MS)
+    return codec.decode(raw, Transcript)
+
+
 class _EnrolmentBundle(msgspec.Struct, frozen=True):
     """Mirror of ``protocol.client.devices.EnrolmentPrekeys`` (table ``device_enrolment_prekeys``, key ``"bundle"``):
     the signed prekey and PQ last-resort key a linked device offered, adopted as its first ones."""
@@ -187,14 +221,37 @@ class SessionManager:
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
         max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+        max_prekey_age_ms: int = DEFAULT_MAX_PREKEY_AGE_MS,
     ) -> None:
         self.keys = keys
         self.store = store
         self._random = random_bytes
         self._clock = wall_clock
         self.max_ttl_ms = max_ttl_seconds * 1000
+        self.max_prekey_age_ms = max_prekey_age_ms
         #: True when a one-time prekey was used since the last :meth:`prekey_upload` (time to check counts).
         self.prekeys_dirty = True
+        # Rows of ``session_peer`` are keyed by a keyed hash of the peer's address, not the address: a stolen
+        # disk shows how many peers, not who (crypto.md §13). The key comes from the device seed, so it
+        # survives data-key rotations.
+        self._row_key = digest("local-row-key", keys.signing_seed)
+        self._migrate_peer_keys()
+
+    def _peer_row(self, peer_address: str) -> bytes:
+        return hmac.new(self._row_key, peer_address.encode("utf-8"), hashlib.sha256).digest()[:16]
+
+    def _migrate_peer_keys(self) -> None:
+        """Migration 1 of the session tables: ``session_peer`` rows keyed by address move to keyed-hash keys.
+        Idempotent (only ``str`` keys are moved) and one transaction."""
+        legacy = [key for key in self.store.keys(T_PEER) if isinstance(key, str)]
+        if not legacy:
+            return
+        with self.store.transaction():
+            for key in legacy:
+                raw = self.store.get(T_PEER, key)
+                if raw is not None:
+                    self.store.put(T_PEER, self._peer_row(_canonical(key)), raw)
+                self.store.delete(T_PEER, key)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -230,7 +287,8 @@ class SessionManager:
         holds nothing). New signed and last-resort keys when the relay has none
         of ours or they are older than :data:`ROTATE_MS`; one-time keys of each
         kind up to :data:`TARGET_ONE_TIME` when fewer than :data:`LOW_WATER` are left.
-        Retired privates past their grace period are deleted here.
+        Retired privates past their grace period, and expired processed-envelope and replay-cache rows
+        (:meth:`prune`), are deleted here: every sync publishes prekeys, so pruning needs no timer of its own.
         """
         now = self.now_ms()
         signed: SignedPrekey | None = None
@@ -240,6 +298,7 @@ class SessionManager:
             meta = self._meta()
             relay_spk = counts.signed_prekey_id if counts else None
             relay_lr = counts.last_resort_id if counts else None
+            _check_not_rolled_back(meta, relay_spk, relay_lr)
             if meta.signed_prekey_id is None:
                 self._adopt_enrolment_prekeys(meta)
             rotate = now - meta.signed_created_at_ms >= ROTATE_MS
@@ -269,6 +328,7 @@ class SessionManager:
                     ]
             self._prune_retired(now)
             self.store.put(T_META, "ids", codec.encode(meta))
+        self.prune()
         self.prekeys_dirty = False
         if signed is None and last_resort is None and not one_time:
             return None
@@ -316,7 +376,7 @@ class SessionManager:
     # -- sessions --------------------------------------------------------------------------------
 
     def _peer(self, peer_address: str) -> PeerSessions:
-        raw = self.store.get(T_PEER, peer_address)
+        raw = self.store.get(T_PEER, self._peer_row(peer_address))
         return PeerSessions() if raw is None else codec.decode(raw, PeerSessions)
 
     def _load(self, session_id: bytes) -> SessionState | None:
@@ -328,7 +388,9 @@ class SessionManager:
         ids = [session_id] + [s for s in peer.session_ids if s != session_id]
         for dropped in ids[MAX_SESSIONS_PER_PEER:]:
             self.store.delete(T_STATE, dropped)
-        self.store.put(T_PEER, peer_address, codec.encode(PeerSessions(session_ids=ids[:MAX_SESSIONS_PER_PEER])))
+        self.store.put(
+            T_PEER, self._peer_row(peer_address), codec.encode(PeerSessions(session_ids=ids[:MAX_SESSIONS_PER_PEER]))
+        )
 
     def current_session(self, peer_address: str) -> SessionState | None:
         """The session to send on with ``peer_address`` (a device address), if any."""
@@ -345,10 +407,12 @@ class SessionManager:
         """Start a session from a claimed ``bundle`` of ``device`` (an entry of its *verified* list).
 
         Raises ``prekey_invalid`` (``protocol.prekeys.verify_bundle``: a key
-        the relay substituted, a wrong kind or length, a bad signature).
-        Calls ML-KEM ``encapsulate`` (its own randomness) and stores the session.
+        the relay substituted, a wrong kind or length, a bad signature; and a
+        signed or last-resort prekey signed more than ``max_prekey_age_ms``
+        ago). Calls ML-KEM ``encapsulate`` (its own randomness) and stores the session.
         """
         prekeys.verify_bundle(bundle, device)
+        self._check_prekey_age(bundle)
         ct, ss = handshake.encapsulate(bundle.pq_prekey.public_key)
         otk = bundle.one_time_prekey
         peer = handshake.PeerPrekeys(
@@ -376,6 +440,19 @@ class SessionManager:
             self.store.put(T_STATE, state.session_id, codec.encode(state))
             self._prefer(state.peer_address, state.session_id)
         return state
+
+    def _check_prekey_age(self, bundle: PrekeyBundle) -> None:
+        # One-time keys are exempt: they sit on the relay until claimed, are used once, and their privates
+        # are deleted on first use, so their age says nothing about reuse.
+        oldest = self.now_ms() - self.max_prekey_age_ms
+        for key in (bundle.signed_prekey, bundle.pq_prekey):
+            if key.kind != prekeys.MLKEM_ONE_TIME and key.created_at_ms < oldest:
+                days = (self.now_ms() - key.created_at_ms) // 86_400_000
+                raise TetherlessError(
+                    ErrorCode.PREKEY_INVALID,
+                    f"the relay served a {key.kind} prekey signed {days} days ago "
+                    f"(at most {self.max_prekey_age_ms // 86_400_000}): the device has not refreshed it",
+                )
 
     def seal(
         self,
@@ -443,6 +520,7 @@ class SessionManager:
         ttl = self.max_ttl_ms + 86_400_000
         state = self._load(sealed.session_id)
         used: list[tuple[str, int]] = []
+        message: session.PrekeyMessage | None = None
         if state is not None and state.peer_address == peer_address:
             new_state, content = session.decrypt(state, sealed, entropy=entropy, now_ms=now, skipped_ttl_ms=ttl)
         elif sealed.kind == session.KIND_PREKEY:
@@ -476,9 +554,12 @@ class SessionManager:
             self._prefer(peer_address, new_state.session_id)
             for kind, key_id in used:
                 self.store.delete(T_PREKEY, _prekey_row(kind, key_id))
-            if state is None:
-                expires = now + self.max_ttl_ms + GRACE_MS
-                self.store.put(T_TRANSCRIPT, new_state.transcript_hash, expires.to_bytes(8, "big"))
+            if message is not None:  # a session start: remember it against replays (prune())
+                reusable = [_prekey_row(prekeys.X25519_SIGNED, message.signed_prekey_id)]
+                if message.pq_last_resort:
+                    reusable.append(_prekey_row(prekeys.MLKEM_LAST_RESORT, message.pq_prekey_id))
+                row = Transcript(expires_at_ms=now + self.max_ttl_ms + GRACE_MS, prekeys=reusable)
+                self.store.put(T_TRANSCRIPT, new_state.transcript_hash, codec.encode(row))
             self.store.put(
                 T_PROCESSED,
                 envelope_id,
@@ -521,7 +602,12 @@ class SessionManager:
         return keys, used
 
     def prune(self) -> int:
-        """Delete expired processed-envelope rows and transcript hashes; returns how many."""
+        """Delete expired processed-envelope rows and transcript hashes; returns how many.
+
+        A transcript hash stays while a signed or last-resort prekey private its handshake used exists,
+        whatever its expiry (a replay of that session start would otherwise open again). Called by
+        :meth:`prekey_upload`; idempotent; one transaction (nothing deleted if interrupted).
+        """
         now = self.now_ms()
         removed = 0
         with self.store.transaction():
@@ -531,7 +617,10 @@ class SessionManager:
                     removed += self.store.delete(T_PROCESSED, key)
             for key in self.store.keys(T_TRANSCRIPT):
                 raw = self.store.get(T_TRANSCRIPT, key)
-                if raw is not None and int.from_bytes(raw, "big") < now:
+                if raw is None:
+                    continue
+                row = _decode_transcript(raw)
+                if row.expires_at_ms < now and all(self.store.get(T_PREKEY, name) is None for name in row.prekeys):
                     removed += self.store.delete(T_TRANSCRIPT, key)
         return removed
 
@@ -543,6 +632,64 @@ class SessionManager:
             if kind in counts:
                 counts[kind] += 1
         return counts
+
+
+#: How far :func:`forget_after_rollback` moves the prekey ids on: past any id the lost future could have used.
+ROLLBACK_ID_JUMP: Final = 1_000_000
+
+
+def _check_not_rolled_back(meta: PrekeyMeta, relay_spk: int | None, relay_lr: int | None) -> None:
+    """The relay holds a signed or last-resort prekey with an id this device never allocated: the local
+    state is older than keys it published (crypto.md §13.2). A lying relay can only cause a false alarm."""
+    for kind, relay_id in ((prekeys.X25519_SIGNED, relay_spk), (prekeys.MLKEM_LAST_RESORT, relay_lr)):
+        if relay_id is not None and relay_id >= meta.next_id.get(kind, 1) and meta.signed_prekey_id is not None:
+            raise StateRolledBackError(
+                f"the relay serves this device's {kind} prekey #{relay_id}, newer than any this home remembers "
+                f"creating: it was restored from an older copy. " + StateRolledBackError.RECOVERY
+            )
+
+
+def forget_after_rollback(store: KeyValueStore) -> int:
+    """Make a restored home safe to send from again (crypto.md §13.2): drop every session (their ratchet
+    keys may have been used after the copy was taken); move prekey ids past any the lost future could have
+    used and force new signed and last-resort keys at the next upload.
+
+    One-time prekey privates stay: the relay still serves their public halves (uploads only add), and
+    peers' session starts on them must open. The cost, written down in crypto.md §13.2: a session start the
+    lost future already accepted could be replayed once by the relay (the replay cache was rolled back too).
+    Peers get new session starts on the next message each way. Idempotent; one transaction. Returns how
+    many rows were deleted.
+    """
+    removed = 0
+    with store.transaction():
+        for table in (T_STATE, T_PEER):
+            for key in store.keys(table):
+                removed += store.delete(table, key)
+        raw = store.get(T_META, "ids")
+        meta = PrekeyMeta() if raw is None else codec.decode(raw, PrekeyMeta)
+        for kind in (prekeys.X25519_SIGNED, prekeys.MLKEM_LAST_RESORT, prekeys.X25519_ONE_TIME, prekeys.MLKEM_ONE_TIME):
+            meta.next_id[kind] = meta.next_id.get(kind, 1) + ROLLBACK_ID_JUMP
+        meta.signed_created_at_ms = 0  # due for rotation: new ids, new keys
+        store.put(T_META, "ids", codec.encode(meta))
+    return removed
+
+
+def recover_home_from_rollback(keystore: Keystore) -> None:
+    """``tetherless sync --recover-rollback``: accept this home's (older) state after
+    :class:`~protocol.client.localdb.StateRolledBackError` and make it safe to send from: the generation
+    counter moves past both sides (:meth:`Keystore.recover_from_rollback`), every session and one-time
+    prekey private goes (:func:`forget_after_rollback`), and this device's log-record counter moves past
+    any value the lost future used, so its own later records in the log read as history again.
+
+    What the lost future did is not undone: messages it sent and received come back from the account
+    log at the next sync; envelopes acknowledged then and never logged are gone. Idempotent in effect.
+    Raises the errors of :meth:`Keystore.unlock`.
+    """
+    db = keystore.recover_from_rollback()
+    forget_after_rollback(db)
+    store = ClientStore(db)
+    with store.transaction():
+        store.advance_counter("writer_seq", ROLLBACK_ID_JUMP)
 
 
 def _canonical(address: str) -> str:
@@ -557,4 +704,6 @@ __all__ = [
     "MemoryStore",
     "PrekeysUnavailableError",
     "SessionManager",
+    "forget_after_rollback",
+    "recover_home_from_rollback",
 ]

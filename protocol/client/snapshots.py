@@ -475,16 +475,8 @@ async def _page_from(engine: SyncEngine, after: int, upto: int | None = None) ->
 async def _tentative_key(engine: SyncEngine, record: LogRecord) -> bytes | None:
     """This device's key from a grant record, checked (signature, list, commitment) but not yet applied."""
     try:
-        key_record = log.decode_key_record(record.ciphertext)
-        devices = await engine._list_at(key_record.body.device_list_version)
-        if devices is None:
-            return None
-        log.verify_key_record(
-            key_record, account_id=engine.keys.account_id, epoch=record.epoch, devices=devices, grant_only=True
-        )
-        return log.unwrap_grant(
-            key_record, device_id=engine.keys.device_id, box_private_key=engine.keys.box_private_key
-        )
+        key_record, _ = await engine._verified_key_record(record)
+        return engine._granted_keys(key_record).get(record.epoch)
     except TetherlessError:
         return None
 
@@ -534,7 +526,7 @@ async def _bootstrap(engine: SyncEngine, pending: PendingLoad) -> bool:
     if state is not None and all(store.epoch_key(epoch) == key for epoch, key in tentative.items()):
         _load_state(engine, pending, state)
     left = engine._apply_records(records)
-    engine.blocked_on_key = bool(left)
+    engine.blocked_on_key = bool(left) and not engine.blocked_on_rotation
     return True
 
 

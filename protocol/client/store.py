@@ -33,7 +33,7 @@ import msgspec
 
 from .. import codec, log
 from ..signing import digest
-from .localdb import LocalDB
+from .localdb import LocalDB, SealedColumns
 
 SCHEMA_VERSION: Final = 1
 
@@ -71,6 +71,20 @@ CREATE TABLE IF NOT EXISTS log_epoch_keys (epoch INTEGER PRIMARY KEY, key BLOB N
 CREATE TABLE IF NOT EXISTS log_grants (epoch INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (epoch, device_id));
 """
 
+#: Every column this module seals (LocalDB.seal_column labels), for LocalDB.rekey when the DEK rotates
+#: (Keystore.change_passphrase). A new sealed column must be added here, or rotation leaves it unreadable
+#: (tests/protocol/client/test_offline_store.py checks the schema against this table).
+SEALED_COLUMNS: Final[dict[str, SealedColumns]] = {
+    "history_messages": (
+        ("msg_key",),
+        (("sender", "sender"), ("recipients", "recipients"), ("content_type", "content_type"), ("body", "body")),
+    ),
+    "outbox_entries": (("local_id",), (("recipient", "recipient"), ("content_type", "content_type"), ("body", "body"))),
+    "outbox_envelopes": (("local_id", "n"), (("recipient_device", "recipient"),)),
+    "log_pending": (("record_id",), (("plaintext", "plaintext"),)),
+    "log_epoch_keys": (("epoch",), (("key", "key"),)),
+}
+
 OUTBOX_STATES: Final = ("queued", "sealed", "posted", "logged", "failed")
 
 
@@ -92,12 +106,34 @@ class HistoryMessage:
     recipients: list[str]
     content_type: str
     body: bytes
+    # Which device of the account wrote the log record this came from (account-log.md §4.6): None with
+    # ``authenticated`` False for a legacy unsigned (v1) record, None with True for a message this device
+    # took from its own inbox or outbox before writers were recorded.
+    writer: str | None = None
+    authenticated: bool = True
 
     @property
     def text(self) -> str | None:
         if not self.content_type.lower().startswith("text/"):
             return None
         return self.body.decode("utf-8", errors="replace")
+
+
+class EpochInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What this device accepted about one epoch (account-log.md §5.4 "clients enforce"), from its key records.
+
+    ``record_format`` 2: created by a v2 key record; its records must be signed by one of ``writers`` (device
+    id → Ed25519 key of every device a verified key record granted the epoch). 1: a legacy epoch, whose
+    records are unsigned. ``position``: the log position of the creating record (``records`` under an older
+    epoch after it are refused); ``created_at_ms``: the creator's signed clock, for scheduled rotation.
+    """
+
+    epoch: int
+    record_format: int
+    position: int
+    list_version: int
+    created_at_ms: int
+    writers: dict[str, bytes] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +189,10 @@ class ClientStore:
         return self.db.transaction()
 
     def _seal(self, table: str, pk: Any, column: str, value: bytes) -> bytes:
-        keyed = (*pk, column) if isinstance(pk, tuple) else (pk, column)
-        return self.db.seal(table, keyed, value)
+        return self.db.seal_column(table, pk, column, value)
 
     def _open(self, table: str, pk: Any, column: str, blob: bytes) -> bytes:
-        keyed = (*pk, column) if isinstance(pk, tuple) else (pk, column)
-        return self.db.unseal(table, keyed, blob)
+        return self.db.open_column(table, pk, column, blob)
 
     # -- cursors and counters ----------------------------------------------------------------
 
@@ -173,15 +207,22 @@ class ClientStore:
             (name, value, self.now_ms()),
         )
 
-    def next_counter(self, name: str) -> int:
+    def counter(self, name: str) -> int:
         row = self.db.execute("SELECT value FROM log_counters WHERE name = ?", (name,)).fetchone()
-        value = (int(row[0]) if row else 0) + 1
+        return int(row[0]) if row else 0
+
+    def advance_counter(self, name: str, by: int) -> int:
+        """Move counter ``name`` on by ``by`` (the rollback recovery: past values a lost future used)."""
+        value = self.counter(name) + by
         self.db.execute(
             "INSERT INTO log_counters (name, value) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
         return value
+
+    def next_counter(self, name: str) -> int:
+        return self.advance_counter(name, 1)
 
     # -- epoch keys -----------------------------------------------------------------------------
 
@@ -209,6 +250,21 @@ class ClientStore:
     def key_epochs_seen(self) -> int:
         row = self.db.execute("SELECT max(epoch) FROM log_grants").fetchone()
         return int(row[0]) if row and row[0] else 0
+
+    def epoch_info(self, epoch: int) -> EpochInfo | None:
+        return self.db.get_struct("log_epoch_info", epoch, EpochInfo)
+
+    def put_epoch_info(self, info: EpochInfo) -> None:
+        self.db.put_struct("log_epoch_info", info.epoch, info)
+
+    def epoch_infos(self) -> list[EpochInfo]:
+        """Every epoch this device accepted a creating key record for, in epoch order."""
+        return [msgspec.msgpack.decode(value, type=EpochInfo) for _, value in self.db.items("log_epoch_info")]
+
+    def set_writer(self, msg_key: bytes, writer: str | None) -> None:
+        """Who wrote the record a message came from (``None``: a legacy unsigned record); kept once."""
+        if self.db.get("history_writers", msg_key) is None:
+            self.db.put("history_writers", msg_key, (writer or "").encode())
 
     def put_commitment(self, epoch: int, commitment: bytes) -> None:
         """The ``key_commitment`` of a verified key record of ``epoch`` (what a session-delivered key must match)."""
@@ -328,6 +384,9 @@ class ClientStore:
     def _message_row(self, r: Any) -> HistoryMessage:
         table = "history_messages"
         key = r[0]
+        stored = self.db.get("history_writers", key)
+        writer = stored.decode() if stored else None
+        authenticated = bool(writer) if stored is not None else r[8] != "log"
         return HistoryMessage(
             msg_key=key,
             message_uid=r[1],
@@ -343,6 +402,8 @@ class ClientStore:
             recipients=codec.decode(self._open(table, key, "recipients", r[11]), list[str]),
             content_type=self._open(table, key, "content_type", r[12]).decode(),
             body=self._open(table, key, "body", r[13]),
+            writer=writer,
+            authenticated=authenticated,
         )
 
     def message_count(self) -> int:
@@ -570,6 +631,7 @@ def decode_plaintext(data: bytes) -> log.LogPlaintext:
 
 __all__ = [
     "ClientStore",
+    "EpochInfo",
     "HistoryMessage",
     "OutboxEntry",
     "PendingRecord",

@@ -54,7 +54,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from .. import codec, device_list, log
+from .. import codec, device_list, handshake, log
 from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
 from ..ids import Address
 from ..messages import (
@@ -73,9 +73,10 @@ from . import snapshots  # log-snapshots hook (read_log)
 from .chains import DeviceRevokedError
 from .http import TransportError
 from .keystore import DeviceKeys
+from .localdb import StateRolledBackError
 from .sdk import Outgoing, ReceivedMessage, RejectedMessage, RelayClient
 from .sessions import PrekeysUnavailableError
-from .store import ClientStore, HistoryMessage, OutboxEntry, decode_plaintext, encode_plaintext
+from .store import ClientStore, EpochInfo, HistoryMessage, OutboxEntry, decode_plaintext, encode_plaintext
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ _LOG_PAGE: Final = 500
 _APPEND_BATCH: Final = 200
 _POST_BATCH: Final = 100
 _MAX_WAIT_SECONDS: Final = 300.0
+#: Scheduled rotation (account-log.md §5.3): a new epoch after this many records or this age, whichever first.
+DEFAULT_ROTATE_AFTER_RECORDS: Final = 1000
+DEFAULT_ROTATE_AFTER_SECONDS: Final = 7 * 86400.0
 
 States = ("stopped", "connecting", "catching_up", "live", "backoff", "revoked")
 
@@ -117,6 +121,15 @@ class RetryError(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class LogRekeyError(RetryError):
+    """``log_rekey_required`` (client side, account-log.md §5.4): the newest epoch may not be written under
+    (a removed device holds it, or it is due for rotation) and the relay did not accept the new epoch's key
+    record. Nothing is appended; the outbox and pending records stay; the engine retries after a backoff."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"log_rekey_required: {reason}")
 
 
 def backoff_delay(attempt: int, rng: random.Random, max_backoff: float = 60.0, floor: float | None = None) -> float:
@@ -156,6 +169,8 @@ class SyncEngine:
         wall_clock: Callable[[], float] = time.time,
         request_timeout_seconds: float = 20.0,
         holdback_seconds: float = 6 * 3600.0,
+        rotate_after_records: int = DEFAULT_ROTATE_AFTER_RECORDS,
+        rotate_after_seconds: float = DEFAULT_ROTATE_AFTER_SECONDS,
     ) -> None:
         self.keys = keys
         self.store = store
@@ -172,9 +187,18 @@ class SyncEngine:
         self.client: RelayClient | None = None
         self.log_head = 0
         self.blocked_on_key = False
+        self.blocked_on_rotation = False
+        self.rollback_checked = False  # the log was read once before anything is sealed (crypto.md §13.2)
+        self.read_upto = 0  # the last log position read_log paged (held records included)
         self.rejected = 0
+        self.last_failure = ""  # the reason of the last retried failure (the CLI's error line on giving up)
+        self.refusals: list[str] = []  # per record refused (§4.6, §5.4) or epoch without a key (§5.5), for the CLI
+        # At least one record and one second: a rotation must never make its own epoch due at once.
+        self.rotate_after_records = max(1, rotate_after_records)
+        self.rotate_after_seconds = max(1.0, rotate_after_seconds)
         self._kick = trio.Event()
         self._chain: tuple[int, list[DeviceEntry]] | None = None
+        self._list_format = device_list.FORMAT_1
         self._chain_at = 0.0
         self._rekey_needed = False
         self._stale_appends = 0
@@ -230,6 +254,7 @@ class SyncEngine:
                             return EXIT_OK
                         await self._live()
                 except RetryError as exc:
+                    self.last_failure = str(exc)
                     if live_since is not None and trio.current_time() - live_since >= LIVE_RESET_SECONDS:
                         attempt = 0
                     attempt += 1
@@ -367,6 +392,11 @@ class SyncEngine:
         assert client is not None
         if self.keys.list_format >= device_list.FORMAT_2 and client.sessions is None:
             await self._guard(client.enable_sessions(self.store.db))
+        if not self.rollback_checked:
+            # Before any session seals: this device's own later records in the log are the evidence that
+            # survives a restore of the whole home (crypto.md §13.2); read_log raises StateRolledBackError.
+            await self.read_log()
+            self.rollback_checked = True
 
     async def drain(self, *, inbox: bool = True) -> None:
         """Repeat read-log / epochs / inbox / outbox / append / ack until nothing changes."""
@@ -391,6 +421,7 @@ class SyncEngine:
             assert self.client is not None
             verified = await self._guard(self.client.device_chain(self.keys.account_id))
             self._chain = (verified.head.version, verified.devices)
+            self._list_format = verified.head.format
             self._chain_at = trio.current_time()
         return self._chain
 
@@ -406,6 +437,8 @@ class SyncEngine:
         """Page the log from the cursor to the head and apply it. True if the cursor moved."""
         # log-snapshots hook (protocol/client/snapshots.py, §6.3): start from the newest snapshot, note retention gaps.
         moved = await snapshots.before_read(self)
+        await self.device_list()  # the verified list judges writers (§4.6)
+        self.blocked_on_rotation = False
         start = self.store.cursor("log")
         buffered: list[LogRecord] = []
         after = start
@@ -419,67 +452,147 @@ class SyncEngine:
             after = max(after, page.next_after)
             if not page.more:
                 break
-        self.blocked_on_key = bool(buffered)
+        # A record held for a rotation (§4.6 "wait") is not a missing key: ensure_epoch must go on and rotate,
+        # conditioned on the head read here (every key record up to it is applied), not on the held-back cursor.
+        self.blocked_on_key = bool(buffered) and not self.blocked_on_rotation
+        if self.blocked_on_key:  # never silent emptiness: the relay may have dropped this device's grant (§5.5)
+            line = (
+                f"no key for epoch {buffered[0].epoch}: {len(buffered)} log record(s) from position "
+                f"{buffered[0].position} wait until a device of this account grants it"
+            )
+            if line not in self.refusals:
+                self.refusals.append(line)
+        self.read_upto = max(after, self.store.cursor("log"))
         moved |= await snapshots.after_read(self)  # log-snapshots hook: load a pending snapshot once its key is here
         return moved or self.store.cursor("log") != start
 
+    async def _verified_key_record(self, record: LogRecord) -> tuple[log.AnyKeyRecord, list[DeviceEntry]]:
+        """Decode a ``key`` record and check it against the verified list of its ``device_list_version`` (§5.1).
+
+        Judged against the list in force when it was written: its creator may be revoked since. A v1 rotation
+        (it wraps the previous key) and a v2 rotation must grant exactly that list's (grant-receiving) devices;
+        epoch-1 v1 and grant-only records a subset. Raises :class:`~protocol.log.InvalidRecordError`.
+        """
+        key_record = log.decode_any_key_record(record.ciphertext)
+        version = key_record.body.device_list_version
+        if record.device_list_version is not None and record.device_list_version != version:
+            raise log.InvalidRecordError(
+                ErrorCode.BAD_SIGNATURE, "key record names another device list version than its header"
+            )
+        devices = await self._list_at(version)
+        if devices is None:
+            raise log.InvalidRecordError(
+                ErrorCode.BAD_SIGNATURE, f"key record names device list version {version}, which does not exist"
+            )
+        if isinstance(key_record, log.KeyEpochRecordV2):
+            log.verify_key_record_v2(key_record, account_id=self.keys.account_id, epoch=record.epoch, devices=devices)
+        else:
+            log.verify_key_record(
+                key_record,
+                account_id=self.keys.account_id,
+                epoch=record.epoch,
+                devices=devices,
+                grant_only=not key_record.body.prev_key_wrap,
+            )
+        return key_record, devices
+
+    def _granted_keys(self, key_record: log.AnyKeyRecord) -> dict[int, bytes]:
+        """The epoch keys a verified key record grants this device (empty: none, or through a session)."""
+        if isinstance(key_record, log.KeyEpochRecordV2):
+            keys = log.unwrap_grant_v2(
+                key_record,
+                device_id=self.keys.device_id,
+                box_private_key=self.keys.box_private_key,
+                kem_seed=self.keys.kem_seed,
+            )
+            return keys or {}
+        key = log.unwrap_grant(key_record, device_id=self.keys.device_id, box_private_key=self.keys.box_private_key)
+        return {} if key is None else {key_record.body.epoch: key}
+
     async def _apply_keys(self, records: list[LogRecord]) -> None:
-        if not records:
-            return
+        """Apply verified key records: grants, commitments, this device's keys and each epoch's facts (§5.4).
+
+        A record that does not verify is refused (counted, reported) and skipped; so is a rotation that
+        names an older device-list version than the epoch before it (§5.4 "clients enforce").
+        """
         for record in records:
             try:
-                key_record = log.decode_key_record(record.ciphertext)
-                # Judged against the list in force when it was written (§5.1): its creator may be revoked since.
-                version = key_record.body.device_list_version
-                if record.device_list_version is not None and record.device_list_version != version:
-                    raise log.InvalidRecordError(
-                        ErrorCode.BAD_SIGNATURE, "key record names another device list version than its header"
-                    )
-                devices = await self._list_at(version)
-                if devices is None:
-                    raise log.InvalidRecordError(
-                        ErrorCode.BAD_SIGNATURE, f"key record names device list version {version}, which does not exist"
-                    )
-                # A rotation (it wraps the previous key) creates its epoch and must grant exactly that list's
-                # devices; epoch 1 and grant-only records must grant a subset (read order may differ after a
-                # snapshot, so "the first record of an epoch seen here" cannot decide it).
-                grant_only = not key_record.body.prev_key_wrap
-                log.verify_key_record(
-                    key_record,
-                    account_id=self.keys.account_id,
-                    epoch=record.epoch,
-                    devices=devices,
-                    grant_only=grant_only,
+                key_record, devices = await self._verified_key_record(record)
+                keys = self._granted_keys(key_record)
+                body = key_record.body
+                creates = record.epoch == 1 or (
+                    key_record.body.rotation
+                    if isinstance(key_record, log.KeyEpochRecordV2)
+                    else bool(key_record.body.prev_key_wrap)
                 )
-                key = log.unwrap_grant(
-                    key_record, device_id=self.keys.device_id, box_private_key=self.keys.box_private_key
-                )
+                previous = self.store.epoch_info(record.epoch - 1)
+                if creates and previous is not None and body.device_list_version < previous.list_version:
+                    raise log.InvalidRecordError(
+                        ErrorCode.BAD_SIGNATURE, "key record names an older device list than the epoch before it"
+                    )
             except TetherlessError as exc:
-                logger.warning("ignoring key record at %d: %s", record.position, exc)
-                self.rejected += 1
+                self._refuse(record, exc)
                 continue
+            fmt = 2 if isinstance(key_record, log.KeyEpochRecordV2) else 1
+            by_id = {d.device_id: d for d in devices}
+            granted = [g.device_id for g in body.grants]
             with self.store.transaction():
-                self.store.add_grants(record.epoch, [g.device_id for g in key_record.body.grants])
-                self.store.put_commitment(record.epoch, key_record.body.key_commitment)
+                self.store.add_grants(record.epoch, granted)
+                if isinstance(key_record, log.KeyEpochRecordV2):
+                    for c in key_record.body.commitments:
+                        self.store.put_commitment(c.epoch, c.commitment)
+                else:
+                    self.store.put_commitment(record.epoch, key_record.body.key_commitment)
+                info = self.store.epoch_info(record.epoch)
+                writers = {g: by_id[g].sign_key for g in granted}
+                if info is None and creates:
+                    info = EpochInfo(
+                        epoch=record.epoch,
+                        record_format=fmt,
+                        position=record.position,
+                        list_version=body.device_list_version,
+                        created_at_ms=body.created_at_ms,
+                        writers=writers,
+                    )
+                elif info is not None:
+                    info = msgspec.structs.replace(info, writers={**info.writers, **writers})
+                if info is not None:
+                    self.store.put_epoch_info(info)
                 offered = self.store.session_key(record.epoch)
                 if offered is not None:  # a key that came through a session, checked against the record now
                     self.store.drop_session_key(record.epoch)
-                    matches = log.key_commitment(self.keys.account_id, record.epoch, offered)
-                    if key is None and matches == key_record.body.key_commitment:
-                        key = offered
-                if key is not None:
-                    self.store.put_epoch_key(record.epoch, key, record.record_id)
-                    epoch, wrap = record.epoch, key_record.body.prev_key_wrap
-                    current = key
-                    while wrap and epoch > 1 and self.store.epoch_key(epoch - 1) is None:
-                        current = log.unwrap_previous_key(current, wrap, account_id=self.keys.account_id, epoch=epoch)
-                        epoch -= 1
-                        self.store.put_epoch_key(epoch, current, record.record_id)
-                        wrap = b""  # older wraps are in older key records, applied as they are read
+                    if record.epoch not in keys and self._matches_commitment(record.epoch, offered):
+                        keys[record.epoch] = offered
+                for epoch, key in sorted(keys.items()):
+                    if epoch == record.epoch or self._matches_commitment(epoch, key):
+                        self.store.put_epoch_key(epoch, key, record.record_id)
+                if fmt == 1 and record.epoch in keys:
+                    self._unwrap_chain(record.epoch, keys[record.epoch], body, record.record_id)
+
+    def _unwrap_chain(self, epoch: int, key: bytes, body: Any, record_id: bytes) -> None:
+        """Legacy v1 epochs: ``K[n]`` unwraps ``K[n-1]`` … through ``prev_key_wrap`` (v2 epochs are independent)."""
+        wrap, current = body.prev_key_wrap, key
+        while wrap and epoch > 1 and self.store.epoch_key(epoch - 1) is None:
+            current = log.unwrap_previous_key(current, wrap, account_id=self.keys.account_id, epoch=epoch)
+            epoch -= 1
+            self.store.put_epoch_key(epoch, current, record_id)
+            wrap = b""  # older wraps are in older key records, applied as they are read
+
+    def _matches_commitment(self, epoch: int, key: bytes) -> bool:
+        return log.key_commitment(self.keys.account_id, epoch, key) == self.store.commitment(epoch)
+
+    def _refuse(self, record: LogRecord, exc: TetherlessError) -> None:
+        """A record this client will not trust (§5.4, §4.6): skipped, counted and reported, never applied."""
+        line = f"refused log record at position {record.position} (epoch {record.epoch}): {_describe(exc)}"
+        logger.warning("%s", line)
+        self.rejected += 1
+        self.refusals.append(line)
 
     def _apply_records(self, records: list[LogRecord]) -> list[LogRecord]:
-        """Apply records in order, in one transaction; return the ones waiting for an epoch key."""
+        """Apply records in order, in one transaction; return the ones waiting (for an epoch key, or for the
+        rotation after a removed writer's last records, see :meth:`_open_event`)."""
         new_messages: list[HistoryMessage] = []
+        infos = {i.epoch: i for i in self.store.epoch_infos()}
         with self.store.transaction():
             for index, record in enumerate(records):
                 if record.kind in ("event", "state"):
@@ -487,19 +600,15 @@ class SyncEngine:
                     if key is None:
                         return records[index:]  # the cursor stays before this record
                     try:
-                        plaintext = log.open_record(
-                            key,
-                            record.ciphertext,
-                            account_id=self.keys.account_id,
-                            record_id=record.record_id,
-                            epoch=record.epoch,
-                            kind=record.kind,
-                        )
+                        opened = self._open_event(record, key, infos)
                     except TetherlessError as exc:
-                        logger.warning("ignoring log record at %d: %s", record.position, exc)
-                        self.rejected += 1
+                        self._refuse(record, exc)
                     else:
-                        self._apply_plaintext(record, plaintext, new_messages)
+                        if opened is None:
+                            self.blocked_on_rotation = True
+                            return records[index:]
+                        self.store.next_counter(f"epoch_records:{record.epoch}")
+                        self._apply_plaintext(record, opened[0], new_messages, writer=opened[1])
                 self.store.set_cursor("log", record.position)
             self._release_held()
         for message in new_messages:
@@ -507,7 +616,60 @@ class SyncEngine:
                 self.on_message(message, None, None)
         return []
 
-    def _apply_plaintext(self, record: LogRecord, plaintext: log.LogPlaintext, new: list[HistoryMessage]) -> None:
+    def _open_event(
+        self, record: LogRecord, key: bytes, infos: dict[int, EpochInfo]
+    ) -> tuple[log.LogPlaintext, str | None] | None:
+        """Open an ``event``/``state`` record and decide whether to trust it (account-log.md §4.6, §5.4).
+
+        Returns ``(plaintext, writer)`` (writer None: a legacy unsigned record under a v1 epoch, shown as
+        unauthenticated), or None when the record must wait: its writer is no longer in the verified list
+        and no later epoch exists yet, so whether it was written before the removal is decided by where the
+        rotation lands (this device writes it in ``ensure_epoch``). Raises ``log_epoch_stale`` for a record
+        under an epoch older than one created before it in the log (a replayed or injected old-epoch record),
+        ``bad_signature`` when the writer does not hold the epoch, ``malformed_body`` when it does not open.
+        """
+        newer = [i for i in infos.values() if i.epoch > record.epoch and i.position < record.position]
+        if newer:
+            raise TetherlessError(
+                ErrorCode.LOG_EPOCH_STALE,
+                f"written under epoch {record.epoch} after epoch {min(i.epoch for i in newer)} was created",
+            )
+        info = infos.get(record.epoch)
+        if info is None or info.record_format < 2:
+            # A legacy epoch (v1 key records): unsigned records, accepted and flagged unauthenticated.
+            plaintext = log.open_record(
+                key,
+                record.ciphertext,
+                account_id=self.keys.account_id,
+                record_id=record.record_id,
+                epoch=record.epoch,
+                kind=record.kind,
+            )
+            return plaintext, None
+        plaintext = log.open_signed_record(
+            key,
+            record.ciphertext,
+            writers=info.writers,
+            account_id=self.keys.account_id,
+            record_id=record.record_id,
+            epoch=record.epoch,
+            kind=record.kind,
+        )
+        if plaintext.writer_device == self.keys.device_id and plaintext.writer_seq > self.store.counter("writer_seq"):
+            raise StateRolledBackError(
+                f"the account log holds record #{plaintext.writer_seq} written by this device, which remembers "
+                f"writing only {self.store.counter('writer_seq')}: this home was restored from an older copy, and "
+                "sending on its sessions would reuse ratchet keys. " + StateRolledBackError.RECOVERY
+            )
+        current = self._chain[1] if self._chain is not None else None
+        removed = current is not None and plaintext.writer_device not in {d.device_id for d in current}
+        if removed and not any(i.epoch > record.epoch for i in infos.values()):
+            return None
+        return plaintext, plaintext.writer_device
+
+    def _apply_plaintext(
+        self, record: LogRecord, plaintext: log.LogPlaintext, new: list[HistoryMessage], *, writer: str | None
+    ) -> None:
         body = plaintext.body
         if isinstance(body, log.MessageSent):
             sender, direction, recipients, relay_ms = body.sender, "sent", body.recipients, body.relay_sent_at_ms
@@ -533,7 +695,8 @@ class SyncEngine:
             "late": bool(getattr(body, "late", False)),
         }
         if self.store.upsert_message(**fields):
-            new.append(HistoryMessage(**{k: v for k, v in fields.items()}))
+            self.store.set_writer(record.record_id, writer)
+            new.append(HistoryMessage(**fields, writer=writer, authenticated=writer is not None))
         if self.store.is_pending(record.record_id):
             # Another device logged it first (or our own append whose answer we lost): done here.
             self._mark_logged(record.record_id, record.position)
@@ -550,59 +713,137 @@ class SyncEngine:
     # -- epochs ------------------------------------------------------------------------------------
 
     async def ensure_epoch(self) -> bool:
-        """Create epoch 1 when the log has no key record; grant the current epoch to devices without one;
-        rotate to a new epoch when a device that holds the current one left the device list (§5.3).
+        """Create epoch 1 when the log has no key record; rotate when the newest epoch may no longer be written
+        under (:meth:`rotation_reason`: a removed device holds it, the account moves to v2 key records, or the
+        schedule is due); else grant every epoch key this device holds to grant-receiving devices without one.
+
+        Format-2+ accounts write v2 key records (hybrid grants, independent epoch keys, §5.1 v2); a format-1
+        account keeps v1 records (it has no post-quantum channel at all). Returns True when the log changed
+        or must be read again (a ``409`` on the append: someone else wrote first or a revocation is pending).
         """
         if self.blocked_on_key and self.store.key_epochs_seen() > 0:
             return False  # waiting for a device that holds the key to grant it
         epoch = self.store.key_epochs_seen()
         version, devices = await self.device_list(fresh=epoch == 0 or self._rekey_needed)
         self._rekey_needed = False
-        previous: bytes | None = None
+        v2 = self._list_format >= device_list.FORMAT_2
+        receiving = [d for d in devices if not v2 or device_list.receives_account_key_grants(d)]
         if epoch == 0:
-            key = self.random_bytes(log.KEY_BYTES)
-            missing = devices
-            epoch = 1
+            return await self._write_key_record(1, {1: self.random_bytes(log.KEY_BYTES)}, version, receiving, v2)
+        held = self.store.epoch_key(epoch)
+        if held is None:
+            return False
+        granted = self.store.granted(epoch)
+        missing = [d for d in receiving if d.device_id not in granted]
+        # A new device gets every epoch this device holds in one grant, so it can read the whole history (§5.5).
+        history = {e: k for e in range(1, epoch + 1) if (k := self.store.epoch_key(e)) is not None}
+        if self.rotation_reason(epoch, devices) is not None:
+            # A device that joined since ``epoch`` was created would otherwise get only the new epoch: the
+            # rotation then carries the older keys too (to every device it grants; they check commitments).
+            older = history if v2 and missing else {}
+            return await self._write_key_record(
+                epoch + 1, {**older, epoch + 1: self.random_bytes(log.KEY_BYTES)}, version, receiving, v2
+            )
+        if not missing:
+            return False
+        if not v2:
+            return await self._write_key_record(epoch, {epoch: held}, version, missing, v2)
+        return await self._write_key_record(epoch, history, version, missing, v2)
+
+    def history_granted(self, device_id: str) -> bool:
+        """Whether ``device_id`` is named by a grant of the newest epoch this device knows (account-log.md §5.5).
+
+        A grant-only or rotation record names every device it hands the keys to (a format-2 entry without an
+        ML-KEM key with an empty wrap: its keys travel through its session), so after :meth:`ensure_epoch`
+        wrote one, this is what an approver checks before reporting the new device's history as granted.
+        """
+        epoch = self.store.key_epochs_seen()
+        return epoch > 0 and device_id in self.store.granted(epoch)
+
+    def rotation_reason(self, epoch: int, devices: list[DeviceEntry]) -> str | None:
+        """Why nothing more may be written under ``epoch`` (None: it may). Pure over the store and ``devices``.
+
+        - a device that was granted ``epoch`` is not in the verified list ``devices`` any more (a revocation:
+          every device of an epoch's list version is granted, so this is also "the epoch's list version
+          predates the latest revocation of a device that holds it");
+        - the account's list is format 2 or later and ``epoch`` is a legacy (v1 key record) epoch;
+        - the schedule: ``rotate_after_records`` records or ``rotate_after_seconds`` since it was created.
+        """
+        present = {d.device_id for d in devices}
+        removed = self.store.granted(epoch) - present
+        if removed:
+            return f"epoch {epoch} was granted to {len(removed)} device(s) no longer in the device list"
+        info = self.store.epoch_info(epoch)
+        if self._list_format >= device_list.FORMAT_2 and (info is None or info.record_format < 2):
+            return f"epoch {epoch} uses legacy (v1) key grants"
+        if info is None:
+            return None
+        if self.store.counter(f"epoch_records:{epoch}") >= self.rotate_after_records:
+            return f"epoch {epoch} reached {self.rotate_after_records} records"
+        if self.wall_clock() * 1000 - info.created_at_ms >= self.rotate_after_seconds * 1000:
+            return f"epoch {epoch} is older than {self.rotate_after_seconds:g} s"
+        return None
+
+    async def _write_key_record(
+        self, epoch: int, keys: dict[int, bytes], version: int, devices: list[DeviceEntry], v2: bool
+    ) -> bool:
+        """Append one key record (``expected_head`` = the cursor) granting ``keys`` to ``devices``.
+
+        ``epoch`` not yet held here: a new epoch (epoch 1 or a rotation) with the fresh key ``keys[epoch]``,
+        granted to exactly ``devices`` (this device among them). Otherwise a grant-only record. v2 grants
+        wrap to each device's ML-KEM and X25519 keys; a device without an ML-KEM key gets the keys through
+        its v2 session only (never a classical sealed box). Raises :class:`RetryError` after 3 refusals in a row.
+        """
+        creating = self.store.epoch_key(epoch) is None
+        created_at_ms = int(self.wall_clock() * 1000)
+        if v2:
+            randomness = []
+            for device in devices:
+                if device.kem_key:
+                    kem_ct, kem_ss = handshake.encapsulate(device.kem_key)
+                    randomness.append((self.random_bytes(32), kem_ct, kem_ss))
+            ciphertext = log.make_key_record_v2(
+                self.keys.signing_key,
+                account_id=self.keys.account_id,
+                creator_device=self.keys.device_id,
+                epoch=epoch,
+                keys=keys,
+                rotation=creating,
+                device_list_version=version,
+                devices=devices,
+                created_at_ms=created_at_ms,
+                wrap_randomness=randomness,
+            )
         else:
-            held = self.store.epoch_key(epoch)
-            granted = self.store.granted(epoch)
-            if held is None:
-                return False
-            if granted - {d.device_id for d in devices}:
-                # A revoked device holds K[epoch]: nothing new is written under it. New epoch for everyone left.
-                key, previous, missing, epoch = self.random_bytes(log.KEY_BYTES), held, devices, epoch + 1
-            else:
-                missing = [d for d in devices if d.device_id not in granted]
-                if not missing:
-                    return False
-                key = held
-        ciphertext = log.make_key_record(
-            self.keys.signing_key,
-            account_id=self.keys.account_id,
-            creator_device=self.keys.device_id,
-            epoch=epoch,
-            key=key,
-            device_list_version=version,
-            devices=missing,
-            created_at_ms=int(self.wall_clock() * 1000),
-            ephemeral_keys=[self.random_bytes(32) for _ in missing],
-            previous_key=previous,
-            wrap_nonce=self.random_bytes(log.NONCE_BYTES) if previous is not None else b"",
-        )
+            previous = self.store.epoch_key(epoch - 1) if creating and epoch > 1 else None
+            ciphertext = log.make_key_record(
+                self.keys.signing_key,
+                account_id=self.keys.account_id,
+                creator_device=self.keys.device_id,
+                epoch=epoch,
+                key=keys[epoch],
+                device_list_version=version,
+                devices=devices,
+                created_at_ms=created_at_ms,
+                ephemeral_keys=[self.random_bytes(32) for _ in devices],
+                previous_key=previous,
+                wrap_nonce=self.random_bytes(log.NONCE_BYTES) if previous is not None else b"",
+            )
+        record_id = self.random_bytes(16)
         request = AppendRequest(
             records=[
                 LogRecordIn(
-                    record_id=self.random_bytes(16),
+                    record_id=record_id,
                     kind="key",
                     epoch=epoch,
                     ciphertext=ciphertext,
                     device_list_version=version,
                 )
             ],
-            expected_head=self.store.cursor("log"),
+            expected_head=max(self.store.cursor("log"), self.read_upto),
         )
         try:
-            await self._call("POST", "/v1/log", request, AppendResponse)
+            response: AppendResponse = await self._call("POST", "/v1/log", request, AppendResponse)
         except RemoteError as exc:
             if exc.code in (ErrorCode.LOG_CONFLICT, ErrorCode.LOG_EPOCH_STALE, ErrorCode.LOG_REKEY_REQUIRED):
                 # Someone else wrote first, or a revocation we have not seen yet needs a new epoch:
@@ -611,14 +852,30 @@ class SyncEngine:
                 self._stale_epochs += 1
                 if self._stale_epochs > 3:
                     self._stale_epochs = 0
-                    raise RetryError(exc.code.value) from exc
+                    raise LogRekeyError(
+                        f"the relay answered {exc.code.value} to the key record for epoch {epoch}"
+                    ) from exc
                 return True
             raise
         self._stale_epochs = 0
-        if self.store.epoch_key(epoch) is None:  # a new epoch we created; the record grants it to us too
+        if creating:  # a new epoch we created; the record grants it to us too
             with self.store.transaction():
-                self.store.put_epoch_key(epoch, key, b"")
-        await self._send_account_key(epoch, key, version, missing)
+                self.store.put_epoch_key(epoch, keys[epoch], b"")
+                self.store.add_grants(epoch, [d.device_id for d in devices])
+                self.store.put_commitment(epoch, log.key_commitment(self.keys.account_id, epoch, keys[epoch]))
+                self.store.put_epoch_info(
+                    EpochInfo(
+                        epoch=epoch,
+                        record_format=2 if v2 else 1,
+                        position=response.results[0].position,
+                        list_version=version,
+                        created_at_ms=created_at_ms,
+                        writers={d.device_id: d.sign_key for d in devices},
+                    )
+                )
+        for e, key in sorted(keys.items()):
+            session_only = [d for d in devices if not (v2 and d.kem_key)]
+            await self._send_account_key(e, key, version, session_only)
         return True
 
     # -- inbox ----------------------------------------------------------------------------------------
@@ -661,6 +918,7 @@ class SyncEngine:
                     body=message.body,
                     inbox_seen=True,
                 )
+                self.store.set_writer(message.msg_key, self.keys.device_id)  # this device logs it (§9)
                 row = self.store.db.execute(
                     "SELECT log_position FROM history_messages WHERE msg_key = ?", (message.msg_key,)
                 ).fetchone()
@@ -858,7 +1116,7 @@ class SyncEngine:
             if client.sessions is not None:
                 address = Address.parse(entry.recipient)
                 head, entries = await self._guard(client._verified_head(address.account, address.relay))
-                if head.format == device_list.FORMAT_2:
+                if head.format >= device_list.FORMAT_2:
                     targets = [
                         (str(Address(account=address.account, relay=address.relay, device=e.device_id)), e)
                         for e in entries
@@ -994,38 +1252,58 @@ class SyncEngine:
                 content_type=entry.content_type,
                 body=entry.body,
             )
+            self.store.set_writer(record_id, self.keys.device_id)
             self.store.add_pending(record_id, "event", encode_plaintext(plaintext), outbox_local_id=local_id)
             self.store.set_outbox_state(local_id, "posted")
 
     # -- appending ------------------------------------------------------------------------------------
 
+    def _seal_event(
+        self, key: bytes, record_id: bytes, epoch: int, plaintext: log.LogPlaintext, *, signed: bool
+    ) -> bytes:
+        """An ``event`` record: signed by this device under a v2 epoch (§4.6), the legacy layout under a v1 one."""
+        nonce = self.random_bytes(log.NONCE_BYTES)
+        if signed:
+            return log.seal_signed_record(
+                key,
+                plaintext,
+                self.keys.signing_key,
+                account_id=self.keys.account_id,
+                record_id=record_id,
+                epoch=epoch,
+                nonce=nonce,
+            )
+        return log.seal_record(
+            key, plaintext, account_id=self.keys.account_id, record_id=record_id, epoch=epoch, nonce=nonce
+        )
+
     async def append_pending(self) -> bool:
         """Append ``log_pending`` in order, batched, under the newest epoch. True if anything was appended."""
         epoch = self.store.newest_epoch()
         key = self.store.epoch_key(epoch) if epoch else None
-        if key is None:
+        if key is None or not self.store.pending(1):
             return False
+        # Never append under an epoch a removed device holds, or one due for rotation (§5.4 "clients enforce"),
+        # whatever the relay would accept: ensure_epoch ran just before and could not rotate it.
+        _, devices = await self.device_list()
+        reason = self.rotation_reason(epoch, devices)
+        if reason is not None and self._rekey_needed:
+            return True  # ensure_epoch lost a race (409): read the winner's key record first, then decide again
+        if reason is not None:
+            raise LogRekeyError(f"{reason}, and its rotation was not accepted yet; nothing is appended")
+        info = self.store.epoch_info(epoch)
+        signed = info is not None and info.record_format >= 2
         changed = False
         while True:
             pending = self.store.pending(_APPEND_BATCH)
             if not pending:
                 return changed
             records = [
-                LogRecordIn(
-                    record_id=p.record_id,
-                    kind="event",
-                    epoch=epoch,
-                    ciphertext=log.seal_record(
-                        key,
-                        decode_plaintext(p.plaintext),
-                        account_id=self.keys.account_id,
-                        record_id=p.record_id,
-                        epoch=epoch,
-                        nonce=self.random_bytes(log.NONCE_BYTES),
-                    ),
-                )
+                LogRecordIn(record_id=p.record_id, kind="event", epoch=epoch, ciphertext=self._seal_event(
+                    key, p.record_id, epoch, decode_plaintext(p.plaintext), signed=signed
+                ))
                 for p in pending
-            ]
+            ]  # fmt: skip
             try:
                 response: AppendResponse = await self._call(
                     "POST", "/v1/log", AppendRequest(records=records), AppendResponse

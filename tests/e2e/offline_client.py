@@ -20,7 +20,7 @@ PASSPHRASE = "correct horse battery staple"
 ENV = {
     **os.environ,
     "TETHERLESS_PASSPHRASE": PASSPHRASE,
-    "TETHERLESS_KDF_PROFILE": "test",
+    "TETHERLESS_INSECURE_KDF": "1",
     "TETHERLESS_SYNC_MAX_BACKOFF": "1.0",
     "TETHERLESS_SYNC_POLL_SECONDS": "0.5",
     "PYTHONUNBUFFERED": "1",

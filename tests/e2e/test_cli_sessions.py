@@ -167,18 +167,18 @@ def account_key_messages(home: Path) -> list[AccountKeyMessage]:
     return [codec.decode(r.body, AccountKeyMessage) for r in rows if r.content_type == log.ACCOUNT_KEY_CONTENT_TYPE]
 
 
-def test_account_key_travels_to_sibling_devices_through_sessions(relay: RelayProcess, tmp_path: Path) -> None:
+def test_account_key_reaches_a_format_3_sibling_through_the_log_not_a_session(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """Account keys go to devices with an ML-KEM key as hybrid grants in the log (account-log.md §5.5);
+    the ``tetherless/account-key`` session message is only for devices without one (format 2)."""
     d1_home, d2_home = tmp_path / "d1", tmp_path / "d2"
     init_device(relay, d1_home)
     link_device(relay, d2_home, d1_home)
-    # d1's first sync creates epoch 1 (key record with grants in the log) and sends K[1] to d2 over a session.
     assert texts(d1_home) == []
     k1 = ClientStore(Keystore(d1_home).local_db()).epoch_key(1)
     assert k1 is not None
-    assert texts(d2_home) == []  # the key message is not shown as a message
-    (message,) = account_key_messages(d2_home)
-    assert message.epoch == 1
-    assert message.key == k1
-    assert message.list_version == 2  # the version that added d2
+    assert texts(d2_home) == []
+    assert account_key_messages(d2_home) == []  # nothing classical or session-borne was needed
     assert ClientStore(Keystore(d2_home).local_db()).epoch_key(1) == k1
     assert ok(cli(d2_home, "history", "--json")) == ""  # nor logged as one

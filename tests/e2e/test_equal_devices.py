@@ -462,7 +462,10 @@ def test_approval_by_a_revoked_device_is_refused(relay: RelayProcess, tmp_path: 
             pending = await devices.start_link(newcomer)
             head = (await current.device_chain(d1_keys.account_id)).head
             entry = device_list.device_entry(
-                pending._device.sign_key, pending._device.box_key, added_at_ms=head.created_at_ms
+                pending._device.sign_key,
+                pending._device.box_key,
+                added_at_ms=head.created_at_ms,
+                kem_key=pending._device.kem_key,
             )
             dl = device_list.next_version(head, add_devices=[entry], now_ms=head.created_at_ms + 1)
             signed = device_list.signed_list(dl, [device_list.approve(dl, d2_keys.signing_key)])

@@ -696,6 +696,6 @@ def test_decoder_bounds() -> None:
     with pytest.raises(TetherlessError):
         codec.decode(codec.encode(raw), SignedDeviceList)
     raw["recovery_signatures"] = []
-    raw["device_list"]["format"] = 3
+    raw["device_list"]["format"] = 4
     with pytest.raises(TetherlessError):
         codec.decode(codec.encode(raw), SignedDeviceList)

@@ -9,9 +9,11 @@ import string
 import nacl.signing
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import mlkem
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol import device_list, recovery, signing
+from protocol import device_list, handshake, hybrid, recovery, signing
 from protocol.messages import DeviceListChain
 
 SECRET = hashlib.sha256(b"recovery").digest()[:20]
@@ -100,6 +102,38 @@ def test_derivations_follow_the_spec() -> None:
     assert keys.public_key == bytes(keys.signing_key.verify_key)
     assert keys.backup_seed == hkdf("recovery-backup", 96)
     assert (keys.mlkem_seed, keys.x25519_private) == (keys.backup_seed[:64], keys.backup_seed[64:])
+
+
+def test_backup_key_is_the_hybrid_recipient_of_the_backup_seed_and_its_hash_binds_both_halves() -> None:
+    keys = recovery.recovery_keys(SECRET, ACCOUNT)
+    recipient = recovery.backup_recipient(keys)
+    # Independent recomputation: X25519 base-point multiplication and FIPS 203 key generation from the seed.
+    x25519_public = X25519PrivateKey.from_private_bytes(keys.x25519_private).public_key().public_bytes_raw()
+    kem_public = mlkem.MLKEM768PrivateKey.from_seed_bytes(keys.mlkem_seed).public_key().public_bytes_raw()
+    assert (recipient.x25519_public, recipient.kem_public) == (x25519_public, kem_public)
+    expected = hashlib.sha256(signing.layout("recovery-backup-key", x25519_public, kem_public)).digest()
+    assert recovery.backup_key_hash(recipient) == expected
+    # A wrap to the backup key opens with the private halves derived from the printed secret alone.
+    kem_ct, kem_ss = handshake.encapsulate(kem_public)
+    wrapped = hybrid.seal(
+        recipient,
+        b"epoch keys",
+        context=b"ctx",
+        ephemeral_private_key=bytes(range(32)),
+        kem_ciphertext=kem_ct,
+        kem_shared_secret=kem_ss,
+    )
+    again = recovery.recovery_keys(recovery.parse_recovery_secret(recovery.new_recovery_secret(SECRET)), ACCOUNT)
+    assert hybrid.open_wrap(again.x25519_private, again.mlkem_seed, wrapped, context=b"ctx") == b"epoch keys"
+    # Another secret or account gives another key; swapping either half changes the hash.
+    other = recovery.backup_recipient(recovery.recovery_keys(bytes(20), ACCOUNT))
+    assert recovery.backup_key_hash(other) != expected
+    swapped = hybrid.HybridRecipient(x25519_public=x25519_public, kem_public=other.kem_public)
+    assert recovery.backup_key_hash(swapped) != expected
+    with pytest.raises(hybrid.HybridWrapError):
+        hybrid.open_wrap(
+            keys.x25519_private, recovery.recovery_keys(bytes(20), ACCOUNT).mlkem_seed, wrapped, context=b"ctx"
+        )
 
 
 def test_keys_differ_per_account_and_per_secret() -> None:

@@ -1,4 +1,4 @@
-"""Compute the protocol test vectors from their inputs (and regenerate protocol/vectors/v1.json and v2.json)."""
+"""Compute the protocol test vectors from their inputs (and regenerate protocol/vectors/v1.json, v2.json, v3.json)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import nacl.signing
 
-from protocol import auth, codec, device_list, recovery, signing
+from protocol import auth, codec, device_list, enrolment, handshake, recovery, signing
 from protocol.errors import TetherlessError
 from protocol.ids import Address, account_id_for, device_id_for
 from protocol.messages import (
@@ -285,7 +285,167 @@ def build_v2() -> dict[str, Any]:
     return {"version": "v2", **{name: section() for name, section in V2_SECTIONS.items()}}
 
 
+# -- device-list format 3 (protocol/vectors/v3.json, docs/crypto.md §3.6) ------------------------------------
+#
+# Same pattern as V2_SECTIONS. Device n has Ed25519 seed "a<n>"*32, box key "b<n>"*32 and ML-KEM-768 seed
+# "c<n>"*64 (d ‖ z of FIPS 203); tests/protocol/test_device_list_v3.py checks the file.
+
+VECTORS_V3 = VECTORS.with_name("v3.json")
+
+
+def _v3_device(n: int) -> tuple[nacl.signing.SigningKey, bytes, bytes]:
+    """(signing key, box key, kem_key) of device ``n`` (1-9)."""
+    kem_seed = bytes.fromhex(f"c{n}" * 64)
+    return _seed_key(f"a{n}" * 32), bytes.fromhex(f"b{n}" * 32), handshake.mlkem_public(kem_seed)
+
+
+def _v3_entry(n: int, at: int, role: str = "device", scopes: tuple[str, ...] = ()) -> Any:
+    key, box, kem = _v3_device(n)
+    return device_list.device_entry(
+        bytes(key.verify_key),
+        box,
+        added_at_ms=at,
+        kem_key=kem,
+        role=role,  # type: ignore[arg-type]
+        scopes=scopes,  # type: ignore[arg-type]
+    )
+
+
+def _v3_inputs(ns: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "device_seeds": [f"a{n}" * 32 for n in ns],
+        "box_keys": [f"b{n}" * 32 for n in ns],
+        "kem_seeds": [f"c{n}" * 64 for n in ns],
+    }
+
+
+def v3_roles() -> dict[str, Any]:
+    """A format-3 genesis, then a device, an integration (receive, send) and an archiver added by device 1."""
+    first, box_first, kem_first = _v3_device(1)
+    genesis = device_list.genesis_v3(first, box_first, kem_first, now_ms=V2_T0)
+    versions, head = [genesis], genesis.device_list
+    for step, (n, role, scopes) in enumerate(
+        [(2, "device", ()), (3, "integration", ("receive", "send")), (4, "archiver", ())], start=1
+    ):
+        t = V2_T0 + 1000 * step
+        dl = device_list.next_version(head, add_devices=[_v3_entry(n, t, role, scopes)], now_ms=t)
+        versions.append(
+            device_list.signed_list(dl, [device_list.approve(dl, first), device_list.approve(dl, _v3_device(n)[0])])
+        )
+        head = dl
+    return {
+        "description": (
+            "v1 format-3 genesis of device 1; v2 adds device 2 (role device); v3 adds device 3 (role integration, "
+            "scopes receive and send); v4 adds device 4 (role archiver); each approved by device 1 and self-signed "
+            "by the added device"
+        ),
+        "inputs": _v3_inputs((1, 2, 3, 4)),
+        "account_id": genesis.device_list.account_id,
+        "receives_account_key_grants": {d.device_id: device_list.receives_account_key_grants(d) for d in head.devices},
+        "versions": [_signed_case(v) for v in versions],
+    }
+
+
+def v3_upgrade() -> dict[str, Any]:
+    """A format-2 account with two devices upgraded to format 3: device 1 upgrades (its kem_key only), then
+    device 2 publishes its own kem_key by a version it signs."""
+    (first, box_first, kem_first), (second, box_second, kem_second) = _v3_device(1), _v3_device(2)
+    genesis = device_list.genesis_v2(first, box_first, now_ms=V2_T0)
+    first_id = genesis.device_list.devices[0].device_id
+    v2 = device_list.next_version(
+        genesis.device_list,
+        add_devices=[device_list.device_entry(bytes(second.verify_key), box_second, added_at_ms=V2_T0 + 1000)],
+        now_ms=V2_T0 + 1000,
+    )
+    signed2 = device_list.signed_list(v2, [device_list.approve(v2, first), device_list.approve(v2, second)])
+    v3 = device_list.next_version(
+        v2, format=device_list.FORMAT_3, set_kem_keys={first_id: kem_first}, now_ms=V2_T0 + 2000
+    )
+    signed3 = device_list.signed_list(v3, [device_list.approve(v3, first)])
+    second_id = device_list.device_entry(bytes(second.verify_key), box_second, added_at_ms=0).device_id
+    v4 = device_list.next_version(v3, set_kem_keys={second_id: kem_second}, now_ms=V2_T0 + 3000)
+    signed4 = device_list.signed_list(v4, [device_list.approve(v4, second)])
+    return {
+        "description": (
+            "v1 format-2 genesis; v2 adds device 2 (format 2); v3 upgrades to format 3 with device 1's kem_key only "
+            "(device 2's entry carried over with an empty kem_key), signed by device 1; v4 sets device 2's kem_key, "
+            "signed by device 2"
+        ),
+        "inputs": _v3_inputs((1, 2)),
+        "account_id": genesis.device_list.account_id,
+        "versions": [_signed_case(v) for v in (genesis, signed2, signed3, signed4)],
+    }
+
+
+def v3_refused() -> dict[str, Any]:
+    """Versions after the head of ``v3_roles`` that every relay and client must refuse, with their error code."""
+    roles = v3_roles()
+    head = codec.decode(bytes.fromhex(roles["versions"][-1]["msgpack"]), SignedDeviceList).device_list
+    t = V2_T0 + 10_000
+    integration, archiver = _v3_device(3)[0], _v3_device(4)[0]
+    newcomer = _v3_device(5)[0]
+    cases = []
+    for name, signers, changes in (
+        ("integration approves an added device", [integration, newcomer], {"add_devices": [_v3_entry(5, t)]}),
+        ("archiver approves an added device", [archiver, newcomer], {"add_devices": [_v3_entry(5, t)]}),
+        (
+            "integration changes the policy",
+            [integration],
+            {"policy": Policy(threshold=1, require_user_verification=True)},
+        ),
+        (
+            "integration co-signs beside device 1",
+            [_v3_device(1)[0], integration, newcomer],
+            {"add_devices": [_v3_entry(5, t)]},
+        ),
+    ):
+        dl = device_list.next_version(head, now_ms=t, **changes)  # type: ignore[arg-type]
+        signed = device_list.signed_list(dl, [device_list.approve(dl, k) for k in signers])
+        try:
+            device_list.evaluate_version(head, signed)
+        except TetherlessError as exc:
+            code = exc.code.value
+        else:  # pragma: no cover - the generator refuses to write a vector that is not refused
+            raise AssertionError(name)
+        cases.append({"name": name, "after_version": head.version, "code": code, **_signed_case(signed)})
+    return {"inputs": _v3_inputs((1, 3, 4, 5)), "cases": cases}
+
+
+def v3_enrolment_offer() -> dict[str, Any]:
+    """The offer MAC over a kem_key (domain link-offer/2, crypto.md §5.1) for the first link secret of v2.json."""
+    secret, relay = bytes.fromhex(vectors_enrolment.SECRETS[0]), vectors_enrolment.RELAYS[0]
+    sign_key = bytes(_seed_key(vectors_enrolment.SIGN_SEED).verify_key)
+    box_key = bytes.fromhex(vectors_enrolment.BOX_KEY)
+    kem_key = _v3_device(1)[2]
+    created = vectors_enrolment.CREATED_AT_MS
+    return {
+        "secret": secret.hex(),
+        "relay": relay,
+        "sign_key": sign_key.hex(),
+        "box_key": box_key.hex(),
+        "kem_key": kem_key.hex(),
+        "created_at_ms": created,
+        "layout": signing.layout(
+            "link-offer/2", relay, enrolment.lookup_id(secret, relay), sign_key, box_key, kem_key, created
+        ).hex(),
+        "offer_mac": enrolment.offer_mac(secret, relay, sign_key, box_key, created, kem_key).hex(),
+    }
+
+
+V3_SECTIONS: dict[str, Callable[[], Any]] = {
+    "roles": v3_roles,
+    "upgrade": v3_upgrade,
+    "refused": v3_refused,
+    "enrolment_offer": v3_enrolment_offer,
+}
+
+
+def build_v3() -> dict[str, Any]:
+    return {"version": "v3", **{name: section() for name, section in V3_SECTIONS.items()}}
+
+
 if __name__ == "__main__":
     VECTORS.write_text(json.dumps(build(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     VECTORS_V2.write_text(json.dumps(build_v2(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {VECTORS} and {VECTORS_V2}", file=sys.stderr)
+    VECTORS_V3.write_text(json.dumps(build_v3(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {VECTORS}, {VECTORS_V2} and {VECTORS_V3}", file=sys.stderr)

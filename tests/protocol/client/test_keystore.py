@@ -26,7 +26,8 @@ from protocol.client.keystore import (
     PassphraseRequiredError,
     WrongPassphraseError,
 )
-from protocol.client.localdb import DB_FILE
+from protocol.client.localdb import DB_FILE, LocalDB, StateRolledBackError, TamperedRowError
+from protocol.client.store import ClientStore
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 
@@ -120,13 +121,44 @@ def test_passphrase_is_nfc_normalised(home: Path) -> None:
 
 
 def test_default_profile_is_rfc9106_second_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ks.INSECURE_KDF_ENV, raising=False)
     monkeypatch.delenv(ks.KDF_PROFILE_ENV, raising=False)
     assert ks.kdf_profile() == KdfParams(iterations=3, memory_kib=65536, lanes=4)
-    monkeypatch.setenv(ks.KDF_PROFILE_ENV, "test")
+    monkeypatch.setenv(ks.INSECURE_KDF_ENV, "1")
     assert ks.kdf_profile() == ks.KDF_TEST
-    monkeypatch.setenv(ks.KDF_PROFILE_ENV, "fast")
-    with pytest.raises(KeystoreError, match="not a KDF profile"):
+    monkeypatch.setenv(ks.INSECURE_KDF_ENV, "yes")
+    with pytest.raises(KeystoreError, match="set it to 1"):
         ks.kdf_profile()
+    # The variable it replaced is refused rather than silently ignored (a script meant to opt in).
+    monkeypatch.delenv(ks.INSECURE_KDF_ENV)
+    monkeypatch.setenv(ks.KDF_PROFILE_ENV, "test")
+    with pytest.raises(KeystoreError, match="no longer read"):
+        ks.kdf_profile()
+
+
+def test_weak_keystore_is_refused_without_the_explicit_opt_in(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ks.INSECURE_KDF_ENV, "1")
+    store(home).create(make_keys())
+    assert store(home).insecure_kdf_marked()
+    monkeypatch.delenv(ks.INSECURE_KDF_ENV)
+
+    def no_kdf(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the KDF ran on a refused keystore")
+
+    monkeypatch.setattr(ks, "derive_kek", no_kdf)
+    with pytest.raises(ks.WeakKdfError, match=r"t=1 m=8 KiB.*RFC 9106"):
+        store(home).load()
+    monkeypatch.undo()
+    monkeypatch.setenv(ks.INSECURE_KDF_ENV, "1")
+    keystore = store(home)
+    assert keystore.load() == make_keys()
+    # Re-wrapped at full cost (the variable unset): the mark goes, and the home opens without the opt-in.
+    monkeypatch.delenv(ks.INSECURE_KDF_ENV)
+    keystore.change_passphrase("a much better passphrase")
+    assert not keystore.insecure_kdf_marked()
+    header = ks.parse_keystore((home / ks.KEYSTORE_FILE).read_bytes())[0]
+    assert header.params == ks.KDF_DEFAULT
+    assert store(home, "a much better passphrase").load() == make_keys()
 
 
 def test_argon2id_matches_rfc9106_vector() -> None:
@@ -295,8 +327,48 @@ def test_change_passphrase(home: Path) -> None:
     with pytest.raises(WrongPassphraseError):
         store(home).load()
     moved = store(home, "new words entirely")
-    assert moved.unlock().dek == dek  # the DEK is re-wrapped, state.db still opens
-    assert moved.load_state().inbox_cursor == 3
+    assert moved.unlock().dek != dek  # the data key rotated with the passphrase …
+    assert moved.load_state().inbox_cursor == 3  # … and state.db was re-sealed under it
+    assert not moved.unlock().previous_dek
+    old_db = LocalDB.open(home, dek)  # the old keystore and old passphrase would give this: it opens nothing
+    with pytest.raises(TamperedRowError):
+        old_db.get(ks.STATE_TABLE, "state")
+    old_db.close()
+
+
+def test_dek_rotation_reseals_every_sealed_column(home: Path) -> None:
+    keystore = store(home)
+    keystore.create(make_keys())
+    db = keystore.local_db()
+    client = ClientStore(db)
+    with client.transaction():
+        client.put_epoch_key(1, b"k" * 32, b"src")
+    db.put("session_state", b"sid", b"ratchet state")
+    keystore.change_passphrase("next")
+    again = store(home, "next")
+    reopened = ClientStore(again.local_db())
+    assert reopened.epoch_key(1) == b"k" * 32
+    assert again.local_db().get("session_state", b"sid") == b"ratchet state"
+
+
+def test_dek_rotation_interrupted_is_finished_on_next_open(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keystore = store(home)
+    keystore.create(make_keys())
+    keystore.save_cursor(9)
+    keystore.local_db().put("session_state", b"sid", b"ratchet state")
+
+    def crash(self: LocalDB, new_dek: bytes, own_tables: object) -> int:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(LocalDB, "rekey", crash)
+    with pytest.raises(OSError, match="power cut"):
+        keystore.change_passphrase("next")
+    monkeypatch.undo()
+    interrupted = store(home, "next")
+    assert interrupted.unlock().previous_dek  # the keystore knows both keys: nothing is lost
+    assert interrupted.load_state().inbox_cursor == 9  # the next open finishes the re-sealing
+    assert not store(home, "next").unlock().previous_dek
+    assert interrupted.local_db().get("session_state", b"sid") == b"ratchet state"
 
 
 def test_atomic_write_leaves_old_file_when_writing_fails(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -405,3 +477,103 @@ def test_keystore_bytes_are_pinned() -> None:
     assert hashlib.sha256(data).hexdigest() == "d926aeb83663c1750f49bfec31b650841e879978cd20d8275ce866951710e4c3"
     header_parsed, nonce, ciphertext = ks.parse_keystore(data)
     assert ks.open_keystore(header_parsed, nonce, ciphertext, kek).dek == b"k" * 32
+
+
+# -- the long-term ML-KEM key (format-3 device lists, crypto.md §3.6) -------------------------------
+
+
+def test_a_home_made_before_format_3_gets_its_kem_key_on_first_need(home: Path) -> None:
+    """The keystore bytes of a home made by the code before format 3 are pinned above: this home has them."""
+    from protocol import handshake
+
+    store(home).create(make_keys())
+    before = (home / ks.KEYSTORE_FILE).read_bytes()
+    assert store(home).load().kem_seed == b""
+    seed = bytes(range(64))
+    keys = store(home).ensure_kem_key(seed)
+    assert keys.kem_seed == seed
+    assert keys.kem_public_key == handshake.mlkem_public(seed)
+    after = (home / ks.KEYSTORE_FILE).read_bytes()
+    assert ks.parse_keystore(after)[0].raw == ks.parse_keystore(before)[0].raw  # same header: no new KDF run
+    assert after != before
+    reopened = store(home).load()
+    assert reopened == keys
+    assert store(home).ensure_kem_key(b"\x01" * 64).kem_seed == seed  # idempotent: the first key stays
+    assert store(home, "wrong passphrase").exists()
+    with pytest.raises(WrongPassphraseError):
+        store(home, "wrong passphrase").load()
+    assert store(home).load_state() == ClientState()  # state.db still opens: same DEK
+
+
+def test_ensure_kem_key_in_a_format_1_home_and_bad_seeds(home: Path) -> None:
+    write_v1_home(home)
+    with pytest.raises(ValueError, match="64 bytes"):
+        store(home).ensure_kem_key(b"short")
+    keys = store(home).ensure_kem_key(b"\x02" * 64)
+    assert store(home).load().kem_seed == keys.kem_seed == b"\x02" * 64
+    assert mode(home / ks.KEY_FILE) == 0o600
+
+
+def test_keys_with_a_kem_seed_are_pinned_too() -> None:
+    """``kem_seed`` is encoded after the older fields, only when set; older fields stay encoded as before."""
+    plain = msgspec.msgpack.decode(msgspec.msgpack.encode(make_keys()))
+    assert "kem_seed" not in plain
+    assert (plain["ca_file"], plain["list_format"], plain["format_version"]) == (None, 1, 1)
+    with_seed = msgspec.msgpack.decode(msgspec.msgpack.encode(msgspec.structs.replace(make_keys(), kem_seed=b"k" * 64)))
+    assert list(with_seed) == [*plain, "kem_seed"]
+    assert "kem_seed" not in repr(msgspec.structs.replace(make_keys(), kem_seed=b"k" * 64))
+
+
+# -- rollback of state.db (crypto.md §13.2) -----------------------------------------------------
+
+
+def _reopen(home: Path) -> Keystore:
+    keystore = store(home)
+    keystore.local_db()
+    keystore.close()
+    return keystore
+
+
+def test_an_older_state_db_put_back_is_refused(home: Path) -> None:
+    keystore = store(home)
+    keystore.create(make_keys())
+    keystore.save_cursor(1)
+    keystore.close()
+    saved = {name: (home / name).read_bytes() for name in (DB_FILE,)}
+    later = store(home)
+    later.save_cursor(2)
+    later.close()
+    for name, data in saved.items():
+        (home / name).write_bytes(data)
+    with pytest.raises(StateRolledBackError, match="older than this device's keystore"):
+        store(home).local_db()
+    recovered = store(home)
+    recovered.recover_from_rollback()
+    assert recovered.load_state().inbox_cursor == 1  # the restored state is accepted as it is
+    recovered.close()
+    _reopen(home)  # and the home opens normally again
+
+
+def test_deleting_the_generation_row_does_not_turn_the_check_off(home: Path) -> None:
+    keystore = store(home)
+    keystore.create(make_keys())
+    keystore.save_cursor(1)
+    keystore.close()
+    _reopen(home)
+    db = LocalDB.open(home, store(home).unlock().dek)
+    db.delete("local_meta", "generation")
+    db.close()
+    with pytest.raises(StateRolledBackError):
+        store(home).local_db()
+
+
+def test_the_generation_survives_a_concurrent_keystore_change(home: Path) -> None:
+    """Two processes: one opened state.db, another added a key meanwhile; recording the generation keeps it."""
+    first = store(home)
+    first.create(make_keys())
+    first.unlock()
+    other = store(home)
+    other.ensure_kem_key(b"\x01" * 64)
+    first.local_db()
+    assert store(home).load().kem_seed == b"\x01" * 64
+    assert store(home).unlock().state_generation == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol.client.localdb import LocalDB, TamperedRowError
-from protocol.client.store import ClientStore
+from protocol.client.store import SEALED_COLUMNS, ClientStore
 from protocol.client.sync import TRANSITIONS, backoff_delay
 
 STATES = {s for s, _ in TRANSITIONS} | set(TRANSITIONS.values())
@@ -64,9 +64,10 @@ def test_secret_columns_are_sealed_per_row(store: ClientStore, tmp_path: Path) -
         store.outbox_entry(second.local_id)
 
 
-def test_messages_are_unique_per_sender_and_uid(store: ClientStore) -> None:
-    fields = {
-        "message_uid": b"u" * 16,
+def _received(store: ClientStore, msg_key: bytes, **fields: object) -> bool:
+    """``upsert_message`` of a received message with defaults for every field not given."""
+    defaults: dict[str, object] = {
+        "message_uid": msg_key,
         "sender_device": "dev",
         "direction": "received",
         "pair_seq": 1,
@@ -76,12 +77,17 @@ def test_messages_are_unique_per_sender_and_uid(store: ClientStore) -> None:
         "sender": "dev.acct@relay",
         "recipients": ["me.acct2@relay"],
         "content_type": "text/plain",
-        "body": b"hi",
+        "body": b"",
     }
-    assert store.upsert_message(msg_key=b"k" * 16, **fields)
-    assert not store.upsert_message(msg_key=b"k" * 16, log_position=5, **fields)  # merged: now logged
+    return store.upsert_message(msg_key=msg_key, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def test_messages_are_unique_per_sender_and_uid(store: ClientStore) -> None:
+    same = {"message_uid": b"u" * 16, "body": b"hi"}
+    assert _received(store, b"k" * 16, **same)
+    assert not _received(store, b"k" * 16, log_position=5, **same)  # merged: now logged
     # The same (sender device, message uid) under another key is the same message: merged, not added.
-    assert not store.upsert_message(msg_key=b"j" * 16, **fields)
+    assert not _received(store, b"j" * 16, **same)
     assert store.message_count() == 1
     with pytest.raises(sqlite3.IntegrityError):
         store.db.execute(
@@ -101,22 +107,40 @@ def test_ack_point_waits_for_pending_and_held_messages(store: ClientStore) -> No
     store.add_pending(b"r" * 16, "event", b"x", inbox_cursor=7)
     assert store.ack_point() == 6
     store.drop_pending(b"r" * 16)
-    store.upsert_message(
-        msg_key=b"h" * 16,
-        message_uid=b"h" * 16,
-        sender_device="s",
-        direction="received",
-        pair_seq=3,
-        sent_at_ms=1,
-        relay_sent_at_ms=1,
-        via="inbox",
-        sender="s.a@r",
-        recipients=[],
-        content_type="text/plain",
-        body=b"",
-    )
+    _received(store, b"h" * 16, sender_device="s", pair_seq=3, relay_sent_at_ms=1, sender="s.a@r", recipients=[])
     store.hold(b"h" * 16, 4)
     assert store.ack_point() == 3
     assert not store.has_predecessors("s", 3)
     store.release(b"h" * 16, late=False)
     assert store.ack_point() == 10
+
+
+def test_rekey_covers_every_sealed_column(store: ClientStore, tmp_path: Path) -> None:
+    """SEALED_COLUMNS is complete: after LocalDB.rekey, every table this module writes reads back under the
+    new DEK only (a column missing from it would stay under the old key and fail here)."""
+    entry = store.enqueue("bob@relay.example", "text/plain", b"queued body", peer="bob@relay.example")
+    store.put_envelopes(entry.local_id, [("dev.bob@relay.example", b"i" * 16, b"ciphertext")])
+    _received(store, b"k" * 16, message_uid=b"u" * 16, body=b"hi")
+    store.add_pending(b"r" * 16, "event", b"pending plaintext")
+    store.put_epoch_key(1, b"e" * 32, b"src")
+    new_dek = os.urandom(32)
+    assert store.db.rekey(new_dek, SEALED_COLUMNS) >= 10
+    store.db.close()
+    fresh = ClientStore(LocalDB.open(tmp_path / "home", new_dek))
+    assert fresh.outbox_entry(entry.local_id) == entry
+    assert [e[1] for e in fresh.envelopes(entry.local_id)] == ["dev.bob@relay.example"]
+    message = fresh.message(b"k" * 16)
+    assert message is not None
+    assert (message.sender, message.recipients, message.body) == ("dev.acct@relay", ["me.acct2@relay"], b"hi")
+    assert [p.plaintext for p in fresh.pending()] == [b"pending plaintext"]
+    assert fresh.epoch_key(1) == b"e" * 32
+    assert fresh.db.dek_check_opens()
+    # Every BLOB column of this module's tables is either sealed (listed) or a non-secret id/ciphertext.
+    plain = {("outbox_envelopes", "idempotency_key"), ("outbox_envelopes", "ciphertext"),
+             ("outbox_envelopes", "accepted_id"), ("history_messages", "msg_key"),
+             ("history_messages", "message_uid"), ("outbox_entries", "message_uid"), ("log_pending", "record_id"),
+             ("log_epoch_keys", "source")}  # fmt: skip
+    for table in SEALED_COLUMNS:
+        blobs = {r[1] for r in fresh.db.execute(f'PRAGMA table_info("{table}")') if r[2].upper() == "BLOB"}
+        sealed = {column for column, _ in SEALED_COLUMNS[table][1]}
+        assert blobs - sealed == {c for t, c in plain if t == table}, table

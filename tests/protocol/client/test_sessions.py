@@ -6,6 +6,7 @@ end-to-end behaviour over a real relay is in tests/e2e/test_sessions.py.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -18,18 +19,22 @@ import pytest
 from protocol import codec, prekeys
 from protocol import session as sealed_v2
 from protocol.client.keystore import DeviceKeys
-from protocol.client.localdb import LocalDB
+from protocol.client.localdb import LocalDB, StateRolledBackError
 from protocol.client.sessions import (
+    DEFAULT_MAX_PREKEY_AGE_MS,
     ENROLMENT_PREKEYS_TABLE,
+    GRACE_MS,
     LOW_WATER,
     MAX_SESSIONS_PER_PEER,
     ROTATE_MS,
     T_PEER,
     T_PROCESSED,
     T_STATE,
+    T_TRANSCRIPT,
     TARGET_ONE_TIME,
     MemoryStore,
     SessionManager,
+    forget_after_rollback,
 )
 from protocol.device_list import device_entry
 from protocol.errors import ErrorCode, TetherlessError
@@ -334,3 +339,100 @@ def test_prune_drops_expired_processed_rows(clock: Clock) -> None:
     clock.now += bob.max_ttl_ms / 1000 + 1
     assert bob.prune() == 1
     assert bob.processed(b"p" * 16) is None
+
+
+def test_prekey_upload_prunes_expired_rows(clock: Clock) -> None:
+    """Pruning is scheduled: every prekey maintenance (each sync) runs it, no caller has to remember."""
+    alice, bob, relay = _pair(clock)
+    alice.establish(relay.claim(), _entry(bob.keys))
+    _open(bob, alice, _seal(alice, bob, "x"), b"p" * 16)
+    clock.now += bob.max_ttl_ms / 1000 + 1
+    bob.prekey_upload(relay.counts())
+    assert bob.processed(b"p" * 16) is None
+
+
+def test_replay_cache_outlives_its_expiry_while_the_prekey_exists(clock: Clock) -> None:
+    """A session start on the last-resort key stays refused as long as the keys that open it exist."""
+    alice, bob, relay = _pair(clock)
+    alice.establish(relay.claim(one_time=False), _entry(bob.keys))
+    first = _seal(alice, bob, "hello")
+    assert _open(bob, alice, first) == "hello"
+    sealed = _sealed(bob, first)
+    bob.store.delete(T_STATE, sealed.session_id)
+    # Far past the transcript's own expiry, with the signed and last-resort privates never rotated away
+    # (the device did not publish new ones: its relay was unreachable).
+    clock.now += (bob.max_ttl_ms + GRACE_MS) / 1000 + 86_400
+    bob.prune()
+    assert len(bob.store.keys(T_TRANSCRIPT)) == 1
+    with pytest.raises(InvalidPayloadError, match="replayed session start"):
+        _open(bob, alice, first)
+    # Once the prekeys rotate out and their grace passes, nothing can open the replay; the row goes too.
+    relay.put(bob.prekey_upload(relay.counts()))  # rotation (older than a week): the old keys are retired
+    clock.now += (bob.max_ttl_ms + GRACE_MS) / 1000 + 1
+    relay.put(bob.prekey_upload(relay.counts()))
+    assert bob.store.keys(T_TRANSCRIPT) == []
+    with pytest.raises(InvalidPayloadError, match="does not have"):
+        _open(bob, alice, first)
+
+
+def test_served_prekeys_older_than_the_maximum_age_are_refused(clock: Clock) -> None:
+    alice, bob, relay = _pair(clock)
+    old_bundle = relay.claim(one_time=False)
+    clock.now += DEFAULT_MAX_PREKEY_AGE_MS / 1000 + 1  # Bob never came back to rotate them
+    with pytest.raises(TetherlessError, match="signed 30 days ago") as err:
+        alice.establish(old_bundle, _entry(bob.keys))
+    assert err.value.code is ErrorCode.PREKEY_INVALID
+    assert not alice.has_session(bob.keys.address)
+    relay.put(bob.prekey_upload(relay.counts()))  # Bob is back: fresh keys, and sessions start again
+    alice.establish(relay.claim(), _entry(bob.keys))
+    assert _open(bob, alice, _seal(alice, bob, "back")) == "back"
+
+
+def test_a_restored_store_is_caught_by_the_relays_newer_prekey_ids(clock: Clock) -> None:
+    alice, bob, relay = _pair(clock)
+    alice.establish(relay.claim(), _entry(bob.keys))
+    _open(bob, alice, _seal(alice, bob, "hello"))
+    store = bob.store
+    assert isinstance(store, MemoryStore)
+    saved = copy.deepcopy(store._tables)
+    clock.now += ROTATE_MS / 1000 + 1
+    relay.put(bob.prekey_upload(relay.counts()))  # a week later: new signed and last-resort keys published
+    store._tables = saved  # the old copy is put back
+    with pytest.raises(StateRolledBackError, match="newer than any this home remembers"):
+        bob.prekey_upload(relay.counts())
+    # The recovery: no session survives, and new keys get ids past everything the relay has seen.
+    assert forget_after_rollback(store) > 0
+    assert store.keys(T_STATE) == []
+    upload = bob.prekey_upload(relay.counts())
+    assert upload is not None
+    assert upload.signed_prekey is not None
+    assert relay.signed is not None
+    assert upload.signed_prekey.key_id > relay.signed.key_id
+    relay.put(upload)
+    alice.establish(relay.claim(), _entry(bob.keys))
+    assert _open(bob, alice, _seal(alice, bob, "again")) == "again"
+
+
+def test_peer_rows_are_keyed_hashes_and_legacy_rows_migrate(clock: Clock, tmp_path: Path) -> None:
+    db = LocalDB.open(tmp_path / "alice", os.urandom(32))
+    alice = SessionManager(_keys("alice"), db, wall_clock=clock)
+    bob = SessionManager(_keys("bob"), MemoryStore(), wall_clock=clock)
+    relay = FakeRelayPrekeys(bob.keys)
+    relay.put(bob.prekey_upload(None))
+    state = alice.establish(relay.claim(), _entry(bob.keys))
+    (key,) = db.keys(T_PEER)
+    assert isinstance(key, bytes)
+    on_disk = b"".join(p.read_bytes() for p in (tmp_path / "alice").iterdir() if p.name.startswith("state.db"))
+    assert bob.keys.address.encode() not in on_disk
+    # A home written before the migration: the row keyed by the peer's address, as the code stored it then.
+    raw = db.get(T_PEER, key)
+    assert raw is not None
+    db.delete(T_PEER, key)
+    db.put(T_PEER, bob.keys.address, raw)
+    migrated = SessionManager(alice.keys, db, wall_clock=clock)
+    assert db.keys(T_PEER) == [key]
+    current = migrated.current_session(bob.keys.address)
+    assert current is not None
+    assert current.session_id == state.session_id
+    assert _open(bob, migrated, _seal(migrated, bob, "after the migration")) == "after the migration"
+    db.close()

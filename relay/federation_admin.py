@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +64,17 @@ def cmd_federation(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    return trio.run(main)
+    from relay.store import StoreUnavailableError
+    from relay.store.base import StartupRefusedError
+
+    try:
+        return trio.run(main)
+    except StartupRefusedError as exc:  # another relay's database, or a schema newer than this code
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailableError as exc:
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_relay_key_rotate(args: argparse.Namespace) -> int:
@@ -77,6 +88,10 @@ def cmd_relay_key_rotate(args: argparse.Namespace) -> int:
         f" until {_when(retired.valid_until_ms)}"
     )
     print("restart the relay to sign with the new key")
+    print(
+        "with several replicas (PostgreSQL): put the new key file into the Secret every replica mounts"
+        " and restart them all; a replica with other keys refuses to start"
+    )
     return 0
 
 

@@ -1,14 +1,17 @@
 """Composition root: build the store, services, API and transport of one relay process, and run it.
 
-Start-up: open the store (migrating it), bind the listener, then install the
-application and turn ``/readyz`` green. Shutdown on SIGTERM/SIGINT:
+Start-up: check the TLS files and the data directory and bind the listeners
+(each refused with one line, before anything is written), open the store
+(migrating it), then install the application and turn ``/readyz`` green. Shutdown on SIGTERM/SIGINT:
 ``/readyz`` turns 503, the transport drains (GOAWAY, in-flight requests
 finish, streams end), background tasks stop, the store closes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +40,7 @@ from relay.services import (
 )
 from relay.services.federation import PREFIX as FEDERATION_PREFIX
 from relay.store import PostgresStore, SQLiteStore, Store, StoreUnavailableError, redact_url
+from relay.store.base import StartupRefusedError
 from relay.transport import Server
 from relay.transport.outbound import OutboundClient
 
@@ -59,6 +63,68 @@ def prepare_data_dir(data_dir: Path) -> nacl.signing.SigningKey:
     """Create the data directory (owner-only) and return the relay key."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return load_or_create_signing_key(data_dir)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse (:class:`StartupRefusedError`, one line) a data directory that cannot be used. Blocking."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StartupRefusedError(f"data directory {data_dir}: exists and is not a directory")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupRefusedError(f"data directory {data_dir}: cannot create it: {exc.strerror or exc}") from None
+    if not os.access(data_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise StartupRefusedError(f"data directory {data_dir}: not readable and writable by this user")
+
+
+def _pem_kinds(path: str) -> set[str]:
+    try:
+        text = Path(path).read_text("ascii", errors="replace")
+    except OSError:
+        return set()
+    return {kind for kind in ("CERTIFICATE", "PRIVATE KEY") if f"-----BEGIN {kind}" in text or f" {kind}-----" in text}
+
+
+def tls_problem(cert: str, key: str, exc: OSError) -> str:
+    """One line saying which TLS file is wrong and how, for an exception from loading the pair. Blocking."""
+    for setting, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            Path(path).open("rb").close()
+        except OSError as err:
+            return f"{setting} {path}: cannot read it: {err.strerror or err}"
+    cert_kinds, key_kinds = _pem_kinds(cert), _pem_kinds(key)
+    if "CERTIFICATE" not in cert_kinds and "CERTIFICATE" in key_kinds:
+        return f"tls_cert {cert} and tls_key {key} look swapped (the certificate is in tls_key)"
+    if "CERTIFICATE" not in cert_kinds:
+        return f"tls_cert {cert}: no PEM certificate in it"
+    if not key_kinds & {"PRIVATE KEY"}:
+        return f"tls_key {key}: no PEM private key in it"
+    reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+    if reason == "KEY_VALUES_MISMATCH":
+        return f"tls_key {key} does not belong to the certificate in tls_cert {cert}"
+    return f"tls_cert {cert} / tls_key {key}: cannot be used: {reason}"
+
+
+def _server_or_refuse(config: Config, handler: Handler) -> Server:
+    try:
+        return Server(config, handler)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise StartupRefusedError(tls_problem(config.tls_cert, config.tls_key, exc)) from None
+
+
+_BIND_ADVICE: dict[int, str] = {
+    errno.EADDRINUSE: "the port is already in use (another relay or program listens there); choose another",
+    errno.EACCES: "permission denied (ports below 1024 need privileges); choose a port from 1024 up",
+    errno.EADDRNOTAVAIL: "this machine has no such address",
+}
+
+
+async def _bind_or_refuse(server: Server, address: str, setting: str) -> None:
+    try:
+        await server.bind()
+    except OSError as exc:
+        advice = _BIND_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StartupRefusedError(f"cannot listen on {address} ({setting}): {advice}") from None
 
 
 def base_url(config: Config, port: int) -> str:
@@ -126,24 +192,43 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return.
 
     ``on_ready(base_url, relay_name)`` is called once the relay accepts traffic.
+    Raises :class:`StartupRefusedError` (one line) for unusable TLS files, data
+    directory or listen address, another relay's database or key, or a schema
+    that needs newer code.
     """
     data_dir = Path(config.data)
-    relay_key = await trio.to_thread.run_sync(prepare_data_dir, data_dir)
-    keyring = await trio.to_thread.run_sync(load_keyring, data_dir, wall_clock_ms())
-    api_routes = all_routes(metrics=config.metrics_on_main_port)
-    web_client = await trio.to_thread.run_sync(load_web_client, config, {route.template for route in api_routes})
-    store = await open_store(config, data_dir)
-    try:
-        await check_identity(store, config, data_dir, keyring)
-    except BaseException:
-        await store.close()
-        raise
-    outbound = OutboundClient()
     switchboard = Switchboard()
-    server = Server(config, switchboard)
+    # Everything an operator can get wrong is checked before the data directory or the database is touched.
+    server = await trio.to_thread.run_sync(_server_or_refuse, config, switchboard)
     # Plain HTTP whatever the client port does: scrapers reach it inside the cluster, clients never.
     metrics_config = replace(config, listen=config.metrics_listen, tls_cert="", tls_key="")
     metrics_server = Server(metrics_config, metrics_listener) if config.metrics_listen else None
+    try:
+        await _bind_or_refuse(server, config.listen, "listen")
+        if metrics_server is not None:
+            await _bind_or_refuse(metrics_server, config.metrics_listen, "metrics_listen")
+        await trio.to_thread.run_sync(check_data_dir, data_dir)
+        relay_key = await trio.to_thread.run_sync(prepare_data_dir, data_dir)
+        keyring = await trio.to_thread.run_sync(load_keyring, data_dir, wall_clock_ms())
+        api_routes = all_routes(metrics=config.metrics_on_main_port)
+        web_client = await trio.to_thread.run_sync(load_web_client, config, {route.template for route in api_routes})
+        store = await open_store(config, data_dir)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await server.close_unserved()
+            if metrics_server is not None:
+                await metrics_server.close_unserved()
+        raise
+    try:
+        await check_identity(store, config, data_dir, keyring)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await server.close_unserved()
+            if metrics_server is not None:
+                await metrics_server.close_unserved()
+        await store.close()
+        raise
+    outbound = OutboundClient()
     try:
         async with trio.open_nursery() as nursery:
             port: int = await nursery.start(server.serve)

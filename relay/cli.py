@@ -72,7 +72,8 @@ def _load_config(args: argparse.Namespace) -> config_mod.Config:
     try:
         config, _ = config_mod.load(flags, file=args.config)
     except config_mod.ConfigError as exc:
-        raise SystemExit(f"tetherless: error: {exc}") from None
+        print(f"tetherless: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return config
 
 
@@ -88,13 +89,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: app.run(config, on_ready=ready))
-    except StartupRefusedError as exc:  # another relay's database, another key, or a schema too new
-        print(f"tetherless: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"tetherless: error: cannot serve on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        # Start-up refusals: TLS files, data directory, listen address, another relay's database or key, a
+        # schema too new. trio may deliver one inside an exception group.
+        refused = _only_leaf(exc)
+        if isinstance(refused, StartupRefusedError):
+            print(f"tetherless: error: {refused}", file=sys.stderr)
+            return 2
+        if isinstance(refused, OSError):
+            print(f"tetherless: error: cannot serve on {config.listen}: {refused.strerror or refused}", file=sys.stderr)
+            return 2
+        raise
     return 0
+
+
+def _only_leaf(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

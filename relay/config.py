@@ -234,6 +234,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("tls_cert and tls_key must be given together")
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
     if config.max_frame_bytes < 16384 or config.max_frame_bytes > 16777215:
         raise ConfigError("max_frame_bytes: HTTP/2 allows 16384..16777215")
     if config.max_connection_body_bytes < config.max_body_bytes:
@@ -280,6 +282,8 @@ def _validate(config: Config) -> None:
                     f"a path or a default port (e.g. https://app.example.org), got {origin!r}"
                 )
 
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Settings that hold origins (a comma-separated string; a TOML array in the file).
 ORIGIN_LISTS = ("web_connect_origins", "cors_allowed_origins")

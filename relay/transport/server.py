@@ -87,6 +87,25 @@ class Server:
         self._connections_scope: trio.CancelScope | None = None
         self._closed_lot = trio.lowlevel.ParkingLot()  # drain waits here for connections to end
         self._stopped: trio.Event | None = None
+        self._bound: list[trio.SocketListener] = []
+
+    async def bind(self) -> int:
+        """Open the listening sockets now (before :meth:`serve`) and return the bound port.
+
+        Lets a caller refuse to start with a clear reason (port in use, no
+        permission) before it opens a database. Raises ``OSError``. Idempotent.
+        Cancellation closes what was opened.
+        """
+        if not self._bound:
+            self._bound = await trio.open_tcp_listeners(self._config.listen_port, host=self._config.listen_host)
+            self._port = int(self._bound[0].socket.getsockname()[1])
+        return self._port
+
+    async def close_unserved(self) -> None:
+        """Close sockets opened by :meth:`bind` when :meth:`serve` will never run. Idempotent."""
+        bound, self._bound = self._bound, []
+        for listener in bound:
+            await listener.aclose()
 
     @property
     def port(self) -> int:
@@ -121,8 +140,8 @@ class Server:
         self._stopped = trio.Event()
         listeners: list[trio.SocketListener] = []
         try:
-            listeners = await trio.open_tcp_listeners(self._config.listen_port, host=self._config.listen_host)
-            self._port = int(listeners[0].socket.getsockname()[1])
+            await self.bind()
+            listeners, self._bound = self._bound, []
             logger.debug("listening on %s:%d", self._config.listen_host, self._port)
             async with trio.open_nursery() as connections:
                 self._connections_scope = connections.cancel_scope

@@ -1,4 +1,6 @@
-// Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file).
+// Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file), and the
+// interop peer (test/interop/peer.ts, the TypeScript client driven by tests/web/test_node_client.py) into
+// web/build/interop/peer.mjs, outside build/test/ so that `node --test` does not run it.
 import { build } from "esbuild";
 import { readdir, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
@@ -16,6 +18,16 @@ await build({
   entryPoints: tests.map((name) => `test/${name}`),
   outdir: out,
   outExtension: { ".js": ".mjs" },
+  platform: "node",
+  packages: "external",
+});
+
+await rm(join(root, "build", "interop"), { recursive: true, force: true });
+await build({
+  ...esbuildBase,
+  absWorkingDir: root,
+  entryPoints: ["test/interop/peer.ts"],
+  outfile: join(root, "build", "interop", "peer.mjs"),
   platform: "node",
   packages: "external",
 });

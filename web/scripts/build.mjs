@@ -22,11 +22,13 @@ await build({
 });
 await copyFile(join(root, "src/app/index.html"), join(out, "index.html"));
 
-// The protocol code must stay browser-clean (no Node built-ins): bundle it for the browser, write nothing.
+// The protocol and client code must stay browser-clean (no Node built-ins): bundle them for the browser,
+// write nothing.
 await build({
   ...esbuildBase,
   absWorkingDir: root,
-  entryPoints: ["src/protocol/index.ts"],
+  entryPoints: ["src/protocol/index.ts", "src/client/index.ts"],
+  outdir: join(out, "unused"),
   platform: "browser",
   write: false,
 });

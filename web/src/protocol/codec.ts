@@ -28,7 +28,11 @@ export type Type =
   | { readonly kind: "literal"; readonly values: readonly number[] }
   | { readonly kind: "list"; readonly item: Type; readonly minLength?: number; readonly maxLength?: number }
   | { readonly kind: "optional"; readonly inner: Type }
-  | { readonly kind: "struct"; readonly def: StructDef<object> };
+  | { readonly kind: "struct"; readonly def: StructDef<object> }
+  /** `dict[str, V]`: a JavaScript `Map` in insertion order (integer-like keys are refused on encode). */
+  | { readonly kind: "map"; readonly value: Type }
+  /** A msgspec union of tagged structs, told apart by their `"type"` field. */
+  | { readonly kind: "union"; readonly defs: readonly StructDef<object>[] };
 
 export interface FieldDef {
   readonly name: string;
@@ -79,6 +83,11 @@ export const struct = <T extends object>(def: StructDef<T>): Type => ({
   def: def as StructDef<object>,
 });
 export const literal = (...values: number[]): Type => ({ kind: "literal", values });
+export const map = (value: Type): Type => ({ kind: "map", value });
+export const union = (...defs: StructDef<object>[]): Type => {
+  if (defs.some((d) => d.tag === undefined)) throw new TypeError("a union holds tagged structs only");
+  return { kind: "union", defs };
+};
 
 // -- omit_defaults -----------------------------------------------------------------------------------------
 //
@@ -145,6 +154,24 @@ function toWire(type: Type, value: unknown, json: boolean, path: string): unknow
       return value === null || value === undefined ? null : toWire(type.inner, value, json, path);
     case "struct":
       return structToWire(type.def, value, json, path);
+    case "map": {
+      if (!(value instanceof Map)) throw invalid(path, "Expected `object`");
+      const entries: [string, unknown][] = [];
+      for (const [k, v] of value) {
+        if (typeof k !== "string") throw invalid(path, "Expected `str` keys");
+        // The MessagePack encoder walks a plain object, whose integer-like keys JavaScript moves first: such a
+        // key would be written out of msgspec's insertion order, so it is refused rather than re-ordered.
+        if (/^(0|[1-9][0-9]*)$/.test(k)) throw invalid(path, "an integer-like key cannot keep its order here");
+        entries.push([k, toWire(type.value, v, json, `${path}[...]`)]);
+      }
+      return Object.fromEntries(entries);
+    }
+    case "union": {
+      const tag = value !== null && typeof value === "object" ? (value as { type?: unknown }).type : undefined;
+      const def = type.defs.find((d) => d.tag === tag);
+      if (!def) throw invalid(path, "Expected a tagged struct of the union (a `type` field)");
+      return structToWire(def, value, json, path);
+    }
   }
 }
 
@@ -250,6 +277,26 @@ function fromWire(type: Type, raw: unknown, json: boolean, path: string): unknow
       return raw === null ? null : fromWire(type.inner, raw, json, path);
     case "struct":
       return structFromWire(type.def, raw, json, path);
+    case "map": {
+      if (raw === null || typeof raw !== "object" || Array.isArray(raw) || raw instanceof Uint8Array) {
+        throw invalid(path, "Expected `object`");
+      }
+      const entries = raw instanceof Map ? [...raw.entries()] : Object.entries(raw);
+      const out = new Map<string, unknown>();
+      for (const [k, v] of entries) {
+        if (typeof k !== "string") throw invalid(path, "Expected `str` keys");
+        out.set(k, fromWire(type.value, v, json, `${path}[...]`));
+      }
+      return out;
+    }
+    case "union": {
+      const tag =
+        raw !== null && typeof raw === "object" && !Array.isArray(raw) ? (raw as { type?: unknown }).type : undefined;
+      const def = type.defs.find((d) => d.tag === tag);
+      if (!def) throw invalid(path, "Invalid value for tag field `type`");
+      const out = structFromWire(def, raw, json, path) as Record<string, unknown>;
+      return { type: def.tag, ...out };
+    }
   }
 }
 

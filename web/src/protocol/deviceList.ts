@@ -1,18 +1,20 @@
 /**
- * Device lists, formats 1 and 2 (protocol/device_list.py; docs/protocol.md §4, docs/crypto.md §3):
- * layouts, hashes, the genesis check, one version against its predecessor, and the whole chain with the
- * client's high-water mark. Format 3 (issue 12, still changing) is not implemented: a format-3 list is
- * refused with `invalid_device_list` until it is; its layout and rules go into `LAYOUTS` and
- * `checkStructure`/`evaluateVersion` beside formats 1 and 2. Pure.
+ * Device lists, formats 1, 2 and 3 (protocol/device_list.py; docs/protocol.md §4, docs/crypto.md §3,
+ * §3.6): layouts, hashes, the genesis check, one version against its predecessor, and the whole chain
+ * with the client's high-water mark. Format 3 adds per device an ML-KEM-768 `kem_key`, a `role` and
+ * `scopes`; only role `device` (with credentials and the recovery key) approves. Pure.
  */
 import { sha256 } from "@noble/hashes/sha2.js";
 import { compare, equal, toHex } from "./bytes.js";
 import { DeviceListForkError, DeviceListRollbackError, TetherlessError } from "./errors.js";
+import { mlkemCheckPublic } from "./handshake.js";
 import { accountIdFor, deviceIdFor } from "./ids.js";
 import {
   DEFAULT_POLICY,
   type DeviceEntry,
   type DeviceList,
+  type DeviceRole,
+  type DeviceScope,
   type DeviceListChain,
   type DeviceListSignature,
   type Policy,
@@ -24,6 +26,24 @@ import { parsePublicKey, verifyAssertion } from "./webauthn.js";
 
 export const FORMAT_1 = 1;
 export const FORMAT_2 = 2;
+export const FORMAT_3 = 3;
+
+/** The scopes each role may carry (crypto.md §3.6): a closed table, checked by {@link checkStructure}. */
+export const ROLE_SCOPES: Readonly<Record<DeviceRole, readonly DeviceScope[]>> = {
+  device: [],
+  integration: ["receive", "send"],
+  archiver: [],
+};
+
+/** Whether `entry` receives account-key grants (reads the history): roles `device` and `archiver`. */
+export function receivesAccountKeyGrants(entry: DeviceEntry): boolean {
+  return entry.role === "device" || entry.role === "archiver";
+}
+
+/** Whether `entry`'s signature counts as an approval of the next version: role `device` only. */
+export function mayApprove(entry: DeviceEntry): boolean {
+  return entry.role === "device";
+}
 
 const bad = (why: string) => new TetherlessError("invalid_device_list", why);
 
@@ -35,6 +55,7 @@ function layoutV1(dl: DeviceList): Uint8Array {
   return layout("device-list", ...fields);
 }
 
+/** Formats 2 and 3: format 3 appends `kem_key`, `role`, `|scopes|`, scopes… to each device (§3.6). */
 function layoutV2(dl: DeviceList): Uint8Array {
   const p = dl.policy;
   const fields: Field[] = [
@@ -50,16 +71,21 @@ function layoutV2(dl: DeviceList): Uint8Array {
     dl.recovery_backup_key_hash,
     dl.devices.length,
   ];
-  for (const d of dl.devices) fields.push(d.device_id, d.sign_key, d.box_key, d.added_at_ms);
+  const v3 = dl.format === FORMAT_3;
+  for (const d of dl.devices) {
+    fields.push(d.device_id, d.sign_key, d.box_key, d.added_at_ms);
+    if (v3) fields.push(d.kem_key, d.role, d.scopes.length, ...d.scopes);
+  }
   fields.push(dl.credentials.length);
   for (const c of dl.credentials) fields.push(c.credential_id, c.public_key, c.rp_id, c.added_at_ms);
-  return layout("device-list/2", ...fields);
+  return layout(v3 ? "device-list/3" : "device-list/2", ...fields);
 }
 
-/** One layout per format this implementation knows (format 3 goes here when issue 12 settles). */
+/** One layout per format this implementation knows. */
 const LAYOUTS: Readonly<Record<number, (dl: DeviceList) => Uint8Array>> = {
   [FORMAT_1]: layoutV1,
   [FORMAT_2]: layoutV2,
+  [FORMAT_3]: layoutV2,
 };
 
 /** The bytes every approval of `dl` covers. Throws `invalid_device_list` for a format not implemented here. */
@@ -106,6 +132,11 @@ export function checkStructure(dl: DeviceList): void {
   }
   if (new Set(ids).size !== ids.length) throw bad("a device appears twice");
   if (new Set(dl.devices.map((d) => toHex(d.box_key))).size !== ids.length) throw bad("two devices share a box_key");
+  if (dl.format === FORMAT_3) {
+    checkRolesAndKemKeys(dl.devices);
+  } else if (dl.devices.some((d) => d.kem_key.length || d.role !== "device" || d.scopes.length)) {
+    throw bad(`kem_key, role and scopes need format 3 (this list is format ${dl.format})`);
+  }
   if (dl.format === FORMAT_1) {
     if (
       !policyEquals(dl.policy, DEFAULT_POLICY) ||
@@ -119,7 +150,7 @@ export function checkStructure(dl: DeviceList): void {
     return;
   }
   if (dl.devices.some((d) => d.name))
-    throw bad("device names must be empty in format 2 (they live in the account log)");
+    throw bad("device names must be empty from format 2 on (they live in the account log)");
   if (ids.join("\n") !== sortedStrings(ids).join("\n")) throw bad("devices must be sorted by device_id");
   const credentialIds = dl.credentials.map((c) => c.credential_id);
   const sortedIds = [...credentialIds].sort(compare);
@@ -139,11 +170,34 @@ export function checkStructure(dl: DeviceList): void {
   if (![0, 32].includes(dl.recovery_key.length) || ![0, 32].includes(dl.recovery_backup_key_hash.length)) {
     throw bad("recovery_key and recovery_backup_key_hash are empty or 32 bytes");
   }
-  if (dl.policy.threshold > dl.devices.length + dl.credentials.length) {
-    throw bad("threshold is above the number of devices and credentials");
+  if (dl.policy.threshold > dl.devices.filter(mayApprove).length + dl.credentials.length) {
+    throw bad("threshold is above the number of devices (role device) and credentials");
   }
   if (dl.policy.require_webauthn && dl.credentials.length === 0)
     throw bad("require_webauthn needs at least one credential");
+}
+
+function checkRolesAndKemKeys(devices: readonly DeviceEntry[]): void {
+  const kemKeys = devices.filter((d) => d.kem_key.length).map((d) => toHex(d.kem_key));
+  if (new Set(kemKeys).size !== kemKeys.length) throw bad("two devices share a kem_key");
+  for (const d of devices) {
+    if (d.kem_key.length) {
+      try {
+        mlkemCheckPublic(d.kem_key);
+      } catch (error) {
+        throw bad(`device ${d.device_id}: kem_key: ${error instanceof TetherlessError ? error.detail : "invalid"}`);
+      }
+    }
+    const allowed = ROLE_SCOPES[d.role];
+    if (!allowed) throw bad(`device ${d.device_id}: unknown role ${String(d.role)}`);
+    const sortedUnique = [...new Set(d.scopes)].sort();
+    if (d.scopes.join("\n") !== sortedUnique.join("\n") || d.scopes.some((s) => !allowed.includes(s))) {
+      throw bad(`device ${d.device_id}: role ${d.role} takes sorted, unique scopes from [${allowed.join(", ")}]`);
+    }
+    if (d.role === "integration" && d.scopes.length === 0) {
+      throw bad(`device ${d.device_id}: an integration needs at least one scope`);
+    }
+  }
 }
 
 /** The policy in force for approving the version after `dl` (format 1: threshold 1). */
@@ -153,8 +207,15 @@ function policyOf(dl: DeviceList): Policy {
 
 // -- genesis ---------------------------------------------------------------------------------------------
 
-/** A new account's first device list (format 1), signed by its only device (device_list.py `genesis`). */
-export function genesis(seed: Uint8Array, boxKey: Uint8Array, name: string, nowMs: number): SignedDeviceList {
+/** A genesis list of one device (default policy, no recovery key), self-signed (device_list.py `_genesis`). */
+function makeGenesis(
+  seed: Uint8Array,
+  boxKey: Uint8Array,
+  nowMs: number,
+  format: number,
+  name: string,
+  kemKey: Uint8Array,
+): SignedDeviceList {
   const signKey = publicKeyOf(seed);
   const entry: DeviceEntry = {
     device_id: deviceIdFor(signKey),
@@ -162,6 +223,9 @@ export function genesis(seed: Uint8Array, boxKey: Uint8Array, name: string, nowM
     box_key: boxKey,
     added_at_ms: nowMs,
     name,
+    kem_key: kemKey,
+    role: "device",
+    scopes: [],
   };
   const dl: DeviceList = {
     account_id: accountIdFor(signKey),
@@ -169,7 +233,7 @@ export function genesis(seed: Uint8Array, boxKey: Uint8Array, name: string, nowM
     created_at_ms: nowMs,
     devices: [entry],
     prev_hash: new Uint8Array(0),
-    format: FORMAT_1,
+    format,
     policy: DEFAULT_POLICY,
     credentials: [],
     recovery_key: new Uint8Array(0),
@@ -177,6 +241,21 @@ export function genesis(seed: Uint8Array, boxKey: Uint8Array, name: string, nowM
     account_key_epoch: 0,
   };
   return { device_list: dl, signatures: [approve(dl, seed)], recovery_signatures: [], webauthn_assertions: [] };
+}
+
+/** A new account's first device list (format 1), signed by its only device (device_list.py `genesis`). */
+export function genesis(seed: Uint8Array, boxKey: Uint8Array, name: string, nowMs: number): SignedDeviceList {
+  return makeGenesis(seed, boxKey, nowMs, FORMAT_1, name, new Uint8Array(0));
+}
+
+/**
+ * A new account's first device list in format 3 (crypto.md §3.6; device_list.py `genesis_v3`): one device
+ * of role `device` publishing its ML-KEM-768 encapsulation key, the default policy, no recovery key, signed
+ * by the device. Throws `RangeError` for an empty `kemKey`. Pure.
+ */
+export function genesisV3(seed: Uint8Array, boxKey: Uint8Array, kemKey: Uint8Array, nowMs: number): SignedDeviceList {
+  if (!kemKey.length) throw new RangeError("a format-3 genesis device has a kem_key");
+  return makeGenesis(seed, boxKey, nowMs, FORMAT_3, "", kemKey);
 }
 
 /** A device's signature over `dl`: an approval (device of P) or a self-signature (added device). */
@@ -201,6 +280,9 @@ export function verifyGenesis(signed: SignedDeviceList): DeviceEntry {
     throw bad("a genesis list is signed by its device, once");
   }
   checkStructure(dl);
+  if (dl.format === FORMAT_3 && (!mayApprove(device) || !device.kem_key.length)) {
+    throw bad("a format-3 genesis device has role device and a kem_key");
+  }
   if (dl.credentials.length || signed.webauthn_assertions.length)
     throw bad("a genesis list has no WebAuthn credentials");
   if (signed.recovery_signatures.length !== (dl.recovery_key.length ? 1 : 0)) {
@@ -241,7 +323,7 @@ function checkContinuation(prev: DeviceList, dl: DeviceList, removedIds: Readonl
   if (dl.account_id !== prev.account_id) throw bad("the version belongs to another account");
   if (dl.version !== prev.version + 1) throw bad(`version ${dl.version} does not follow version ${prev.version}`);
   if (!equal(dl.prev_hash, listHash(prev))) throw bad("prev_hash does not match the previous version");
-  if (dl.format < prev.format) throw bad("the format cannot go back from 2 to 1");
+  if (dl.format < prev.format) throw bad(`the format cannot go back from ${prev.format} to ${dl.format}`);
   checkStructure(dl);
   if (dl.format === FORMAT_1) return; // format 1 keeps protocol v1's rules (docs/protocol.md §4)
   if (dl.created_at_ms < prev.created_at_ms) throw bad("created_at_ms is before the previous version's");
@@ -251,15 +333,30 @@ function checkContinuation(prev: DeviceList, dl: DeviceList, removedIds: Readonl
       throw bad(`device ${d.device_id} was removed earlier and cannot come back`);
     }
     const kept = before.get(d.device_id);
-    if (kept && (!equal(kept.box_key, d.box_key) || kept.added_at_ms !== d.added_at_ms)) {
-      throw bad(`device ${d.device_id} changed its entry`);
+    if (!kept) {
+      if (dl.format === FORMAT_3 && !d.kem_key.length)
+        throw bad(`added device ${d.device_id} has no kem_key (format 3)`);
+      continue;
     }
+    // A kem_key may only go from empty (carried over from format 1/2) to set, by a version the device signs.
+    const kemOk = equal(d.kem_key, kept.kem_key) || !kept.kem_key.length;
+    if (!kemOk || !fixedEquals(kept, d)) throw bad(`device ${d.device_id} changed its entry`);
   }
   const oldCredentials = new Map(prev.credentials.map((c) => [toHex(c.credential_id), c]));
   for (const c of dl.credentials) {
     const kept = oldCredentials.get(toHex(c.credential_id));
     if (kept && !credentialEquals(kept, c)) throw bad("a credential changed its entry");
   }
+}
+
+/** The parts of an entry no later version may change (a new role means a new device). */
+function fixedEquals(a: DeviceEntry, b: DeviceEntry): boolean {
+  return (
+    equal(a.box_key, b.box_key) &&
+    a.added_at_ms === b.added_at_ms &&
+    a.role === b.role &&
+    a.scopes.join("\n") === b.scopes.join("\n")
+  );
 }
 
 /**
@@ -308,7 +405,7 @@ export function evaluateVersion(
     };
   }
 
-  const prevEpoch = prev.format === FORMAT_2 ? prev.account_key_epoch : 0;
+  const prevEpoch = prev.format === FORMAT_1 ? 0 : prev.account_key_epoch;
   if (removed.length || removedCredentials.length) {
     if (dl.account_key_epoch !== prevEpoch + 1) {
       throw bad("a version that removes a device or credential sets account_key_epoch to the previous + 1");
@@ -318,6 +415,11 @@ export function evaluateVersion(
   }
 
   const policy = policyOf(prev);
+  // Devices that must sign L as proof of possession: added ones, and (format 3) kept ones setting a kem_key.
+  const mustSign = dl.devices.filter((d) => {
+    const kept = before.get(d.device_id);
+    return !kept || !equal(d.kem_key, kept.kem_key);
+  });
   // Device signatures: approvals by devices of P, self-signatures of added devices.
   const maySign = new Map([...before, ...added.map((d) => [d.device_id, d] as const)]);
   const signers = new Set<string>();
@@ -327,6 +429,14 @@ export function evaluateVersion(
     const entry = maySign.get(s.device_id);
     if (!entry) throw new TetherlessError("bad_signature", `signature by ${s.device_id}, not a device of P or L`);
     verify(entry.sign_key, raw, s.signature);
+    // An integration or archiver of P never signs: its entry is complete from the version that added it,
+    // so it has no proof of possession to give, and its approval must not count (crypto.md §3.6).
+    if (before.has(s.device_id) && !mayApprove(entry)) {
+      throw new TetherlessError(
+        "policy_not_met",
+        `device ${s.device_id} has role ${entry.role}: it cannot approve a version`,
+      );
+    }
   }
   const approvingDevices = sortedStrings([...signers].filter((id) => before.has(id)));
 
@@ -364,9 +474,11 @@ export function evaluateVersion(
   if (policy.require_webauthn && approvingCredentials.length === 0) {
     throw new TetherlessError("policy_not_met", "the previous version requires a WebAuthn co-signature");
   }
-  for (const d of added) {
-    if (!signers.has(d.device_id))
-      throw new TetherlessError("policy_not_met", `added device ${d.device_id} has not signed L`);
+  for (const d of mustSign) {
+    if (!signers.has(d.device_id)) {
+      const what = before.has(d.device_id) ? "device setting its kem_key" : "added device";
+      throw new TetherlessError("policy_not_met", `${what} ${d.device_id} has not signed L`);
+    }
   }
   for (const c of addedCredentials) {
     if (!counters.has(toHex(c.credential_id)))

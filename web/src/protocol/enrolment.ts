@@ -7,10 +7,11 @@
  *     k_offer      = HKDF(0^32, K, layout("link-offer", relay), 32)
  *     k_approve    = HKDF(0^32, K, layout("link-approve", relay), 32)
  *     offer_mac    = HMAC(k_offer, layout("link-offer", relay, lookup_id, sign_key, box_key, created_at_ms))
+ *                    with a kem_key (format 3, crypto.md §3.6):
+ *                    HMAC(k_offer, layout("link-offer/2", relay, lookup_id, sign_key, box_key, kem_key, created_at_ms))
  *     approval_tag = HMAC(k_approve, layout("link-approval", relay, lookup_id, account_id, version, list_hash))
  *
- * The format-3 offer MAC (`link-offer/2`, covering the device's ML-KEM key) is issue 12's and is not
- * here yet. MAC checks compare in constant time and throw {@link LinkCodeMismatchError}. Pure.
+ * MAC checks compare in constant time and throw {@link LinkCodeMismatchError}. Pure.
  */
 import { BASE32_ALPHABET, equal, fromBase32, toBase32 } from "./bytes.js";
 import { hkdf, hmacSha256 } from "./kdf.js";
@@ -92,18 +93,23 @@ export function kApprove(secret: Uint8Array, relay: string): Uint8Array {
   return derive(secret, "link-approve", relay, 32);
 }
 
-/** HMAC by k_offer over the offer's relay, lookup id, keys and time (offers without an ML-KEM key). */
+/**
+ * HMAC by k_offer over the offer's relay, lookup id, keys and time. An offer with a `kemKey` (format 3) uses
+ * the domain `link-offer/2`, which covers it: a relay that strips or swaps the key breaks the MAC either way.
+ */
 export function offerMac(
   secret: Uint8Array,
   relay: string,
   signKey: Uint8Array,
   boxKey: Uint8Array,
   createdAtMs: number,
+  kemKey: Uint8Array = new Uint8Array(0),
 ): Uint8Array {
-  return hmacSha256(
-    kOffer(secret, relay),
-    layout("link-offer", relay, lookupId(secret, relay), signKey, boxKey, createdAtMs),
-  );
+  const lookup = lookupId(secret, relay);
+  const message = kemKey.length
+    ? layout("link-offer/2", relay, lookup, signKey, boxKey, kemKey, createdAtMs)
+    : layout("link-offer", relay, lookup, signKey, boxKey, createdAtMs);
+  return hmacSha256(kOffer(secret, relay), message);
 }
 
 /** HMAC by k_approve over the proposed device-list version (by its list hash). */

@@ -40,6 +40,23 @@ export function mlkemPublic(seed: Uint8Array): Uint8Array {
   return ml_kem768.keygen(seed).publicKey;
 }
 
+/**
+ * Throws `prekey_invalid` unless `publicKey` is an ML-KEM-768 encapsulation key: 1,184 bytes whose 768
+ * 12-bit coefficients are all below q = 3329 (FIPS 203 §7.2 modulus check; what `cryptography` accepts).
+ * Pure: no encapsulation, so no randomness is needed to validate a key in a device list.
+ */
+export function mlkemCheckPublic(publicKey: Uint8Array): void {
+  if (publicKey.length !== MLKEM_PUBLIC_KEY_BYTES) throw invalid("an ML-KEM-768 public key is 1184 bytes");
+  for (let i = 0; i < 1152; i += 3) {
+    const b0 = publicKey[i]!;
+    const b1 = publicKey[i + 1]!;
+    const b2 = publicKey[i + 2]!;
+    if ((b0 | ((b1 & 0x0f) << 8)) >= 3329 || ((b1 >> 4) | (b2 << 4)) >= 3329) {
+      throw invalid("ML-KEM-768 public key is not valid");
+    }
+  }
+}
+
 /** Deterministic decapsulation with the key of `seed` (implicit rejection on a bad ciphertext). */
 export function mlkemDecapsulate(seed: Uint8Array, ciphertext: Uint8Array): Uint8Array {
   if (seed.length !== MLKEM_SEED_BYTES) throw new RangeError("an ML-KEM-768 seed is 64 bytes");

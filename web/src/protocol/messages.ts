@@ -69,11 +69,14 @@ export const WebAuthnAssertionDef: StructDef<WebAuthnAssertion> = {
   ],
 };
 
+export const ROLES = ["device", "integration", "archiver"] as const;
+export type DeviceRole = (typeof ROLES)[number];
+export const SCOPES = ["receive", "send"] as const;
+export type DeviceScope = (typeof SCOPES)[number];
+
 /**
- * One device of a list. Format 3 adds `kem_key`, `role` and `scopes` (not implemented here yet: issue 12
- * is still changing it); a format-1/2 entry never carries them, so they are not part of this definition
- * and a format-3 entry's extra fields are ignored on decode (and refused by `checkStructure`'s format
- * check before anything trusts them).
+ * One device of a list. `kem_key`, `role` and `scopes` are format 3 (docs/crypto.md §3.6); at their
+ * defaults they are not encoded, so format-1/2 entries encode exactly as before.
  */
 export interface DeviceEntry {
   device_id: string;
@@ -81,6 +84,9 @@ export interface DeviceEntry {
   box_key: Uint8Array;
   added_at_ms: number;
   name: string;
+  kem_key: Uint8Array;
+  role: DeviceRole;
+  scopes: DeviceScope[];
 }
 export const DeviceEntryDef: StructDef<DeviceEntry> = {
   name: "DeviceEntry",
@@ -92,6 +98,9 @@ export const DeviceEntryDef: StructDef<DeviceEntry> = {
     { name: "added_at_ms", type: MILLIS },
     // default_factory=str in msgspec: never omitted, even when empty (formats 1 and 2 always encode it).
     { name: "name", type: str({ maxLength: 64 }), default: () => "", omitAtDefault: false },
+    { name: "kem_key", type: bytes(0, 1184), default: noBytes },
+    { name: "role", type: str({ oneOf: ROLES }), default: () => "device" },
+    { name: "scopes", type: list(str({ oneOf: SCOPES }), 0, 8), default: noList },
   ],
 };
 
@@ -422,5 +431,172 @@ export const PrekeyBundleDef: StructDef<PrekeyBundle> = {
     { name: "signed_prekey", type: struct(SignedPrekeyDef) },
     { name: "pq_prekey", type: struct(SignedPrekeyDef) },
     { name: "one_time_prekey", type: optional(struct(SignedPrekeyDef)), default: () => null },
+  ],
+};
+
+// -- the relay API's requests and answers (docs/protocol.md §5; protocol/messages.py) ---------------------
+// Only the fields this client reads are declared for answers: unknown fields are ignored on decode.
+
+export interface CreateAccountRequest {
+  signed: SignedDeviceList;
+}
+export const CreateAccountRequestDef: StructDef<CreateAccountRequest> = {
+  name: "CreateAccountRequest",
+  fields: [{ name: "signed", type: struct(SignedDeviceListDef) }],
+};
+
+export interface AccountCreated {
+  account_id: string;
+  device_id: string;
+  address: string;
+}
+export const AccountCreatedDef: StructDef<AccountCreated> = {
+  name: "AccountCreated",
+  fields: [
+    { name: "account_id", type: ID },
+    { name: "device_id", type: ID },
+    { name: "address", type: ADDRESS },
+  ],
+};
+
+export interface ChallengeRequest {
+  device_id: string;
+}
+export const ChallengeRequestDef: StructDef<ChallengeRequest> = {
+  name: "ChallengeRequest",
+  fields: [{ name: "device_id", type: ID }],
+};
+
+/** `Session` in protocol/messages.py: a bearer token (named apart from a ratchet session here). */
+export interface AuthSession {
+  token: string;
+  account_id: string;
+  device_id: string;
+  expires_at_ms: number;
+}
+export const AuthSessionDef: StructDef<AuthSession> = {
+  name: "Session",
+  fields: [
+    { name: "token", type: str({ minLength: 1 }) },
+    { name: "account_id", type: ID },
+    { name: "device_id", type: ID },
+    { name: "expires_at_ms", type: MILLIS },
+  ],
+};
+
+export interface Accepted {
+  id: Uint8Array;
+  sent_at_ms: number;
+  duplicate: boolean;
+}
+export const AcceptedDef: StructDef<Accepted> = {
+  name: "Accepted",
+  fields: [
+    { name: "id", type: bytes(16, 16) },
+    { name: "sent_at_ms", type: MILLIS },
+    { name: "duplicate", type: bool, default: () => false },
+  ],
+};
+export interface SendResponse {
+  accepted: Accepted[];
+}
+export const SendResponseDef: StructDef<SendResponse> = {
+  name: "SendResponse",
+  fields: [{ name: "accepted", type: list(struct(AcceptedDef)) }],
+};
+
+export interface InboxPage {
+  envelopes: InboxEnvelope[];
+  next_cursor: number;
+  more: boolean;
+}
+export const InboxPageDef: StructDef<InboxPage> = {
+  name: "InboxPage",
+  fields: [
+    { name: "envelopes", type: list(struct(InboxEnvelopeDef)) },
+    { name: "next_cursor", type: int(0) },
+    { name: "more", type: bool },
+  ],
+};
+
+export interface AckRequest {
+  up_to: number | null;
+  ids: Uint8Array[];
+}
+export const AckRequestDef: StructDef<AckRequest> = {
+  name: "AckRequest",
+  fields: [
+    { name: "up_to", type: optional(int(0)), default: () => null },
+    { name: "ids", type: list(bytes(16, 16), 0, 10_000), default: noList },
+  ],
+};
+export interface AckResponse {
+  acknowledged: number;
+}
+export const AckResponseDef: StructDef<AckResponse> = {
+  name: "AckResponse",
+  fields: [{ name: "acknowledged", type: int(0) }],
+};
+
+export interface PrekeyUpload {
+  signed_prekey: SignedPrekey | null;
+  last_resort: SignedPrekey | null;
+  one_time: SignedPrekey[];
+}
+export const PrekeyUploadDef: StructDef<PrekeyUpload> = {
+  name: "PrekeyUpload",
+  fields: [
+    { name: "signed_prekey", type: optional(struct(SignedPrekeyDef)), default: () => null },
+    { name: "last_resort", type: optional(struct(SignedPrekeyDef)), default: () => null },
+    { name: "one_time", type: list(struct(SignedPrekeyDef), 0, 200), default: noList },
+  ],
+};
+export interface PrekeyCounts {
+  x25519_one_time: number;
+  mlkem_one_time: number;
+  signed_prekey_id: number | null;
+  last_resort_id: number | null;
+}
+export const PrekeyCountsDef: StructDef<PrekeyCounts> = {
+  name: "PrekeyCounts",
+  fields: [
+    { name: "x25519_one_time", type: int(0) },
+    { name: "mlkem_one_time", type: int(0) },
+    { name: "signed_prekey_id", type: optional(U32), default: () => null },
+    { name: "last_resort_id", type: optional(U32), default: () => null },
+  ],
+};
+
+export interface ClaimPrekeysRequest {
+  devices: string[];
+}
+export const ClaimPrekeysRequestDef: StructDef<ClaimPrekeysRequest> = {
+  name: "ClaimPrekeysRequest",
+  fields: [{ name: "devices", type: list(ADDRESS, 1, 256) }],
+};
+export interface ClaimPrekeysResponse {
+  bundles: PrekeyBundle[];
+  missing: string[];
+}
+export const ClaimPrekeysResponseDef: StructDef<ClaimPrekeysResponse> = {
+  name: "ClaimPrekeysResponse",
+  fields: [
+    { name: "bundles", type: list(struct(PrekeyBundleDef)) },
+    { name: "missing", type: list(ADDRESS) },
+  ],
+};
+
+/** `GET /.well-known/tetherless`: the relay's name (the challenge and address binding) and its API versions. */
+export interface WellKnown {
+  relay: string;
+  relay_key: Uint8Array;
+  api_versions: string[];
+}
+export const WellKnownDef: StructDef<WellKnown> = {
+  name: "WellKnown",
+  fields: [
+    { name: "relay", type: str({ minLength: 1 }) },
+    { name: "relay_key", type: PUBLIC_KEY },
+    { name: "api_versions", type: list(str()) },
   ],
 };

@@ -6,7 +6,7 @@
  */
 import { equal } from "./bytes.js";
 import { TetherlessError } from "./errors.js";
-import { MLKEM_PUBLIC_KEY_BYTES, encapsulate } from "./handshake.js";
+import { MLKEM_PUBLIC_KEY_BYTES, mlkemCheckPublic } from "./handshake.js";
 import type { DeviceEntry, PrekeyBundle, PrekeyKind, SignedPrekey } from "./messages.js";
 import { layout, sign, verify } from "./signing.js";
 import { X25519_KEY_BYTES } from "./x25519.js";
@@ -61,9 +61,7 @@ export function verifyPrekey(signKey: Uint8Array, deviceId: string, prekey: Sign
     throw invalid(`a ${prekey.kind} public key is ${expected} bytes, not ${prekey.public_key.length}`);
   }
   if (expected === MLKEM_PUBLIC_KEY_BYTES) {
-    // noble runs the FIPS 203 §7.2 input check (modulus check) on every encapsulation; the fixed
-    // randomness is irrelevant because the result is thrown away.
-    encapsulate(prekey.public_key, new Uint8Array(32));
+    mlkemCheckPublic(prekey.public_key); // FIPS 203 §7.2 modulus check
   }
   try {
     verify(

@@ -1,0 +1,560 @@
+/**
+ * The account log v2 as a reader and writer of the browser client (docs/account-log.md §4.2, §4.4, §4.6,
+ * §5.5; docs/crypto.md §12.1; protocol/log.py): record associated data, signed records (sealed and opened),
+ * v2 key records (built, verified against the verified device list, and this device's grant unwrapped).
+ * Legacy v1 key records and unsigned v1 records are not read here (a format-1 account's history); snapshots
+ * are not implemented. Pure: nonces, keys and wrap randomness are passed in.
+ */
+import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
+import { sha256 } from "@noble/hashes/sha2.js";
+import { concat, equal } from "./bytes.js";
+import { type StructDef, bool, bytes, decode, encode, int, list, literal, map, str, struct, union } from "./codec.js";
+import { receivesAccountKeyGrants } from "./deviceList.js";
+import { TetherlessError } from "./errors.js";
+import { type WrapInput, openWrap, seal as hybridSeal } from "./hybrid.js";
+import type { DeviceEntry } from "./messages.js";
+import { pad, unpad } from "./padding.js";
+import { type Field, digest, layout, sign, verify } from "./signing.js";
+
+export const KEY_BYTES = 32;
+export const NONCE_BYTES = 24;
+export const TAG_BYTES = 16;
+export const RECORD_ID_BYTES = 16;
+export const KEY_RECORD_V2 = 2;
+
+export type Kind = "event" | "state" | "key" | "snapshot_part" | "snapshot";
+
+/** A record that must not be trusted: `malformed_body` (does not open or decode) or `bad_signature`. */
+export class InvalidRecordError extends TetherlessError {
+  constructor(code: "malformed_body" | "bad_signature", detail: string) {
+    super(code, detail);
+    this.name = "InvalidRecordError";
+  }
+}
+
+// -- plaintexts (inside the ciphertext) -------------------------------------------------------------------
+
+const MILLIS = int(0);
+const noBytesList = () => [];
+
+export interface MessageSent {
+  type: "message-sent";
+  message_uid: Uint8Array;
+  sender: string;
+  recipients: string[];
+  pair_seq: number;
+  sent_at_ms: number;
+  content_type: string;
+  body: Uint8Array;
+  envelope_ids: Uint8Array[];
+  relay_sent_at_ms: number;
+}
+export const MessageSentDef: StructDef<MessageSent> = {
+  name: "MessageSent",
+  tag: "message-sent",
+  fields: [
+    { name: "message_uid", type: bytes() },
+    { name: "sender", type: str() },
+    { name: "recipients", type: list(str()) },
+    { name: "pair_seq", type: int() },
+    { name: "sent_at_ms", type: MILLIS },
+    { name: "content_type", type: str() },
+    { name: "body", type: bytes() },
+    { name: "envelope_ids", type: list(bytes()), default: noBytesList },
+    { name: "relay_sent_at_ms", type: MILLIS, default: () => 0 },
+  ],
+};
+
+export interface MessageReceived {
+  type: "message-received";
+  message_uid: Uint8Array;
+  sender: string;
+  sender_sign_key: Uint8Array;
+  recipient: string;
+  pair_seq: number;
+  sent_at_ms: number;
+  relay_sent_at_ms: number;
+  content_type: string;
+  body: Uint8Array;
+  late: boolean;
+}
+export const MessageReceivedDef: StructDef<MessageReceived> = {
+  name: "MessageReceived",
+  tag: "message-received",
+  fields: [
+    { name: "message_uid", type: bytes() },
+    { name: "sender", type: str() },
+    { name: "sender_sign_key", type: bytes() },
+    { name: "recipient", type: str() },
+    { name: "pair_seq", type: int() },
+    { name: "sent_at_ms", type: MILLIS },
+    { name: "relay_sent_at_ms", type: MILLIS },
+    { name: "content_type", type: str() },
+    { name: "body", type: bytes() },
+    { name: "late", type: bool, default: () => false },
+  ],
+};
+
+export interface DeviceState {
+  type: "device-state";
+  registers: Map<string, Uint8Array>;
+}
+export const DeviceStateDef: StructDef<DeviceState> = {
+  name: "DeviceState",
+  tag: "device-state",
+  fields: [{ name: "registers", type: map(bytes()), default: () => new Map() }],
+};
+
+export type LogBody = MessageSent | MessageReceived | DeviceState;
+
+/** What an `event`/`state` record encrypts (§4.5). */
+export interface LogPlaintext {
+  writer_device: string;
+  writer_seq: number;
+  created_at_ms: number;
+  body: LogBody;
+}
+export const LogPlaintextDef: StructDef<LogPlaintext> = {
+  name: "LogPlaintext",
+  fields: [
+    { name: "writer_device", type: str() },
+    { name: "writer_seq", type: int() },
+    { name: "created_at_ms", type: MILLIS },
+    {
+      name: "body",
+      type: union(
+        MessageSentDef as StructDef<object>,
+        MessageReceivedDef as StructDef<object>,
+        DeviceStateDef as StructDef<object>,
+      ),
+    },
+  ],
+};
+
+/** What a v2 record's AEAD encrypts: the writer, its signature and the inner plaintext's bytes (§4.6). */
+export interface SignedRecordPayload {
+  writer_device: string;
+  signature: Uint8Array;
+  payload: Uint8Array;
+}
+export const SignedRecordPayloadDef: StructDef<SignedRecordPayload> = {
+  name: "SignedRecordPayload",
+  fields: [
+    { name: "writer_device", type: str() },
+    { name: "signature", type: bytes() },
+    { name: "payload", type: bytes() },
+  ],
+};
+
+// -- key records v2 ----------------------------------------------------------------------------------------
+
+export interface EpochKey {
+  epoch: number;
+  key: Uint8Array;
+}
+const EpochKeyDef: StructDef<EpochKey> = {
+  name: "EpochKey",
+  fields: [
+    { name: "epoch", type: int(1) },
+    { name: "key", type: bytes(32, 32) },
+  ],
+};
+interface GrantPayload {
+  keys: EpochKey[];
+}
+const GrantPayloadDef: StructDef<GrantPayload> = {
+  name: "GrantPayload",
+  fields: [{ name: "keys", type: list(struct(EpochKeyDef)) }],
+};
+
+/** One device's grant: a hybrid wrap of a grant payload, or empty for a device without a `kem_key`. */
+export interface HybridGrant {
+  device_id: string;
+  wrapped: Uint8Array;
+}
+const HybridGrantDef: StructDef<HybridGrant> = {
+  name: "HybridGrant",
+  fields: [
+    { name: "device_id", type: str() },
+    { name: "wrapped", type: bytes() },
+  ],
+};
+export interface EpochCommitment {
+  epoch: number;
+  commitment: Uint8Array;
+}
+const EpochCommitmentDef: StructDef<EpochCommitment> = {
+  name: "EpochCommitment",
+  fields: [
+    { name: "epoch", type: int(1) },
+    { name: "commitment", type: bytes(32, 32) },
+  ],
+};
+export interface KeyEpochBodyV2 {
+  account_id: string;
+  epoch: number;
+  device_list_version: number;
+  creator_device: string;
+  created_at_ms: number;
+  rotation: boolean;
+  grants: HybridGrant[];
+  commitments: EpochCommitment[];
+}
+const KeyEpochBodyV2Def: StructDef<KeyEpochBodyV2> = {
+  name: "KeyEpochBodyV2",
+  fields: [
+    { name: "account_id", type: str() },
+    { name: "epoch", type: int(1) },
+    { name: "device_list_version", type: int(1) },
+    { name: "creator_device", type: str() },
+    { name: "created_at_ms", type: int() },
+    { name: "rotation", type: bool },
+    { name: "grants", type: list(struct(HybridGrantDef)) },
+    { name: "commitments", type: list(struct(EpochCommitmentDef)) },
+  ],
+};
+export interface KeyEpochRecordV2 {
+  v: number;
+  body: KeyEpochBodyV2;
+  signature: Uint8Array;
+}
+export const KeyEpochRecordV2Def: StructDef<KeyEpochRecordV2> = {
+  name: "KeyEpochRecordV2",
+  fields: [
+    { name: "v", type: literal(KEY_RECORD_V2) },
+    { name: "body", type: struct(KeyEpochBodyV2Def) },
+    { name: "signature", type: bytes() },
+  ],
+};
+
+// -- ids and associated data ----------------------------------------------------------------------------
+
+/** `SHA-256(layout("log-record-id", account_id, "message", sender, message_uid))[:16]` (§4.4). */
+export function messageRecordId(accountId: string, senderDeviceAddress: string, messageUid: Uint8Array): Uint8Array {
+  return digest("log-record-id", accountId, "message", senderDeviceAddress, messageUid).slice(0, RECORD_ID_BYTES);
+}
+
+/** `SHA-256(layout("log-key-commit", account_id, epoch, K))` (§5.1). */
+export function keyCommitment(accountId: string, epoch: number, key: Uint8Array): Uint8Array {
+  return digest("log-key-commit", accountId, epoch, key);
+}
+
+/** A record's associated data under `domain` (`log-record` v1, §4.2; `log-record/2` v2, §4.6). */
+export function recordAd(
+  accountId: string,
+  recordId: Uint8Array,
+  epoch: number,
+  kind: Kind,
+  opts: { snapshotId?: Uint8Array; covers?: number; parts?: number; domain?: "log-record" | "log-record/2" } = {},
+): Uint8Array {
+  return layout(
+    opts.domain ?? "log-record",
+    accountId,
+    recordId,
+    epoch,
+    kind,
+    opts.snapshotId ?? new Uint8Array(0),
+    opts.covers ?? 0,
+    opts.parts ?? 0,
+  );
+}
+
+/** The associated data of a signed (v2) record: its own domain, so a v1 ciphertext never opens as v2. */
+export function recordV2Ad(accountId: string, recordId: Uint8Array, epoch: number, kind: Kind): Uint8Array {
+  return recordAd(accountId, recordId, epoch, kind, { domain: "log-record/2" });
+}
+
+/** What a writer signs: every header field the relay sees (through the v2 AD), itself and the payload digest. */
+export function recordSignatureLayout(ad: Uint8Array, writerDevice: string, payload: Uint8Array): Uint8Array {
+  return layout("log-record-sig/2", ad, writerDevice, sha256(payload));
+}
+
+// -- signed records (§4.6) ----------------------------------------------------------------------------------
+
+export interface RecordHeader {
+  readonly accountId: string;
+  readonly recordId: Uint8Array;
+  readonly epoch: number;
+  readonly kind?: Kind;
+}
+
+/**
+ * A v2 record: `plaintext` signed by its writer (`writerSeed`, the device `plaintext.writer_device`), then
+ * sealed under `K[epoch]` with the 24 fresh random bytes `nonce`. Pure; throws `RangeError` for wrong lengths.
+ */
+export function sealSignedRecord(
+  key: Uint8Array,
+  plaintext: LogPlaintext,
+  writerSeed: Uint8Array,
+  header: RecordHeader,
+  nonce: Uint8Array,
+): Uint8Array {
+  if (key.length !== KEY_BYTES || nonce.length !== NONCE_BYTES || header.recordId.length !== RECORD_ID_BYTES) {
+    throw new RangeError("key 32, nonce 24 and record id 16 bytes");
+  }
+  const ad = recordV2Ad(header.accountId, header.recordId, header.epoch, header.kind ?? "event");
+  const payload = encode(LogPlaintextDef, plaintext);
+  const signature = sign(writerSeed, recordSignatureLayout(ad, plaintext.writer_device, payload));
+  const signed = encode(SignedRecordPayloadDef, { writer_device: plaintext.writer_device, signature, payload });
+  return concat(nonce, xchacha20poly1305(key, nonce, ad).encrypt(pad(signed)));
+}
+
+/**
+ * Inverse of {@link sealSignedRecord}. `writers`: device id → Ed25519 key of every device allowed to write
+ * under `epoch` (the devices its key records granted, as the verified list names them). Throws
+ * {@link InvalidRecordError}: `malformed_body` when it does not open or decode, `bad_signature` when the
+ * writer is not allowed, the signature does not verify or the inner writer differs.
+ */
+export function openSignedRecord(
+  key: Uint8Array,
+  ciphertext: Uint8Array,
+  writers: ReadonlyMap<string, Uint8Array>,
+  header: RecordHeader,
+): LogPlaintext {
+  if (ciphertext.length < NONCE_BYTES + TAG_BYTES)
+    throw new InvalidRecordError("malformed_body", "log record is truncated");
+  const ad = recordV2Ad(header.accountId, header.recordId, header.epoch, header.kind ?? "event");
+  let signed: SignedRecordPayload;
+  try {
+    const padded = xchacha20poly1305(key, ciphertext.subarray(0, NONCE_BYTES), ad).decrypt(
+      ciphertext.subarray(NONCE_BYTES),
+    );
+    signed = decode(SignedRecordPayloadDef, unpad(padded));
+  } catch (error) {
+    const detail = error instanceof TetherlessError ? `log record: ${error.detail}` : "log record does not decrypt";
+    throw new InvalidRecordError("malformed_body", detail);
+  }
+  const signKey = writers.get(signed.writer_device);
+  if (!signKey) throw new InvalidRecordError("bad_signature", "log record writer does not hold this epoch");
+  try {
+    verify(signKey, recordSignatureLayout(ad, signed.writer_device, signed.payload), signed.signature);
+  } catch {
+    throw new InvalidRecordError("bad_signature", "log record signature does not verify");
+  }
+  let plaintext: LogPlaintext;
+  try {
+    plaintext = decode(LogPlaintextDef, signed.payload);
+  } catch (error) {
+    throw new InvalidRecordError(
+      "malformed_body",
+      `log record plaintext: ${error instanceof TetherlessError ? error.detail : "does not decode"}`,
+    );
+  }
+  if (plaintext.writer_device !== signed.writer_device) {
+    throw new InvalidRecordError("bad_signature", "log record names another writer than its signer");
+  }
+  return plaintext;
+}
+
+// -- key records v2 (§5.5) ----------------------------------------------------------------------------------
+
+/** The bytes a v2 key record's creator signs: every body field, grants and commitments counted. */
+export function keyEpochV2Layout(body: KeyEpochBodyV2): Uint8Array {
+  const fields: Field[] = [
+    body.account_id,
+    body.epoch,
+    body.device_list_version,
+    body.creator_device,
+    body.created_at_ms,
+    body.rotation ? 1 : 0,
+    body.grants.length,
+  ];
+  for (const g of body.grants) fields.push(g.device_id, g.wrapped);
+  fields.push(body.commitments.length);
+  for (const c of body.commitments) fields.push(c.epoch, c.commitment);
+  return layout("log-key-epoch/2", ...fields);
+}
+
+/** The hybrid wrap's context for one grant: the relay cannot move a wrap to another record, epoch or device. */
+export function grantContext(
+  accountId: string,
+  epoch: number,
+  deviceListVersion: number,
+  creatorDevice: string,
+  deviceId: string,
+): Uint8Array {
+  return layout("log-key-grant/2", accountId, epoch, deviceListVersion, creatorDevice, deviceId);
+}
+
+/**
+ * The ciphertext of a v2 key record granting every key in `keys` (which holds `epoch`, and no later one) to
+ * `devices`, signed by `creatorSeed`. `wraps`: one fresh {@link WrapInput} per device with a `kem_key`, in
+ * order (`hybrid.encapsulateFor`); a device without one gets an empty grant. Pure and deterministic; throws `RangeError` on inconsistent inputs.
+ */
+export function makeKeyRecordV2(p: {
+  creatorSeed: Uint8Array;
+  accountId: string;
+  creatorDevice: string;
+  epoch: number;
+  keys: ReadonlyMap<number, Uint8Array>;
+  rotation: boolean;
+  deviceListVersion: number;
+  devices: readonly DeviceEntry[];
+  createdAtMs: number;
+  wraps: readonly WrapInput[];
+}): Uint8Array {
+  const epochs = [...p.keys.keys()].sort((a, b) => a - b);
+  if (
+    !p.keys.has(p.epoch) ||
+    epochs.some((e) => e > p.epoch) ||
+    [...p.keys.values()].some((k) => k.length !== KEY_BYTES)
+  ) {
+    throw new RangeError("keys must hold the record's epoch and no later one, 32 bytes each");
+  }
+  const payload = encode(GrantPayloadDef, { keys: epochs.map((epoch) => ({ epoch, key: p.keys.get(epoch)! })) });
+  const withKem = p.devices.filter((d) => d.kem_key.length);
+  if (withKem.length !== p.wraps.length) throw new RangeError("one wrap input per device with a kem_key");
+  let next = 0;
+  const grants = p.devices.map((d) => {
+    if (!d.kem_key.length) return { device_id: d.device_id, wrapped: new Uint8Array(0) };
+    const context = grantContext(p.accountId, p.epoch, p.deviceListVersion, p.creatorDevice, d.device_id);
+    const wrapped = hybridSeal({ x25519Public: d.box_key, kemPublic: d.kem_key }, payload, context, p.wraps[next++]!);
+    return { device_id: d.device_id, wrapped };
+  });
+  const body: KeyEpochBodyV2 = {
+    account_id: p.accountId,
+    epoch: p.epoch,
+    device_list_version: p.deviceListVersion,
+    creator_device: p.creatorDevice,
+    created_at_ms: p.createdAtMs,
+    rotation: p.rotation,
+    grants,
+    commitments: epochs.map((epoch) => ({ epoch, commitment: keyCommitment(p.accountId, epoch, p.keys.get(epoch)!) })),
+  };
+  const signature = sign(p.creatorSeed, keyEpochV2Layout(body));
+  return pad(encode(KeyEpochRecordV2Def, { v: KEY_RECORD_V2, body, signature }));
+}
+
+/**
+ * Decode a v2 key record's ciphertext (padded MessagePack). Throws {@link InvalidRecordError}
+ * (`malformed_body`) for anything else, including a legacy v1 key record (not read by this client).
+ */
+export function decodeKeyRecordV2(ciphertext: Uint8Array): KeyEpochRecordV2 {
+  try {
+    return decode(KeyEpochRecordV2Def, unpad(ciphertext));
+  } catch (error) {
+    throw new InvalidRecordError(
+      "malformed_body",
+      `key record: ${error instanceof TetherlessError ? error.detail : "does not decode"}`,
+    );
+  }
+}
+
+/**
+ * Check a v2 key record against the verified devices of its `device_list_version` (§5.5 "Readers"): the
+ * creator is a grant-receiving device of the list and signed it; grants name distinct grant-receiving
+ * devices; a device with a `kem_key` has a wrap and one without none; a rotation grants exactly the list's
+ * grant-receiving devices; the commitments name `epoch` (the highest) and earlier epochs once each. Throws
+ * {@link InvalidRecordError} (`bad_signature`). Pure; idempotent.
+ */
+export function verifyKeyRecordV2(
+  record: KeyEpochRecordV2,
+  accountId: string,
+  epoch: number,
+  devices: readonly DeviceEntry[],
+): void {
+  const body = record.body;
+  const refuse = (why: string) => new InvalidRecordError("bad_signature", why);
+  if (body.account_id !== accountId || body.epoch !== epoch) throw refuse("key record for another account or epoch");
+  const receiving = new Map(devices.filter(receivesAccountKeyGrants).map((d) => [d.device_id, d]));
+  const creator = receiving.get(body.creator_device);
+  if (!creator) throw refuse("key record creator is not a key-holding device of the list");
+  try {
+    verify(creator.sign_key, keyEpochV2Layout(body), record.signature);
+  } catch {
+    throw refuse("key record signature does not verify");
+  }
+  const granted = body.grants.map((g) => g.device_id);
+  if (new Set(granted).size !== granted.length || granted.some((id) => !receiving.has(id))) {
+    throw refuse("key record grants a device outside the list");
+  }
+  if (body.rotation && granted.length !== receiving.size) {
+    throw refuse("key record does not grant exactly the list's devices");
+  }
+  if (body.grants.some((g) => g.wrapped.length > 0 !== receiving.get(g.device_id)!.kem_key.length > 0)) {
+    throw refuse("key record grant does not match the device's keys");
+  }
+  const epochs = body.commitments.map((c) => c.epoch);
+  if (!epochs.includes(epoch) || new Set(epochs).size !== epochs.length || Math.max(...epochs) !== epoch) {
+    throw refuse("key record commitments do not match its epoch");
+  }
+}
+
+/**
+ * This device's epoch keys from a *verified* v2 key record, each checked against the record's commitment;
+ * `null` when the record grants nothing to this device or grants it through a session (empty wrap). Throws
+ * {@link InvalidRecordError}: `malformed_body` when the wrap does not open (a tampered or swapped share),
+ * `bad_signature` when a key does not match its commitment or an epoch is missing.
+ */
+export function unwrapGrantV2(
+  record: KeyEpochRecordV2,
+  deviceId: string,
+  boxPrivateKey: Uint8Array,
+  kemSeed: Uint8Array,
+): Map<number, Uint8Array> | null {
+  const body = record.body;
+  const grant = body.grants.find((g) => g.device_id === deviceId);
+  if (!grant || !grant.wrapped.length || !kemSeed.length) return null;
+  const context = grantContext(body.account_id, body.epoch, body.device_list_version, body.creator_device, deviceId);
+  let payload: GrantPayload;
+  try {
+    payload = decode(GrantPayloadDef, openWrap(boxPrivateKey, kemSeed, grant.wrapped, context));
+  } catch {
+    throw new InvalidRecordError("malformed_body", "key grant does not open");
+  }
+  const commitments = new Map(body.commitments.map((c) => [c.epoch, c.commitment]));
+  const keys = new Map<number, Uint8Array>();
+  for (const item of payload.keys) {
+    const expected = commitments.get(item.epoch);
+    if (!expected || !equal(expected, keyCommitment(body.account_id, item.epoch, item.key))) {
+      throw new InvalidRecordError("bad_signature", "key grant does not match the key commitment");
+    }
+    keys.set(item.epoch, item.key);
+  }
+  if (keys.size !== commitments.size)
+    throw new InvalidRecordError("bad_signature", "key grant does not carry every committed epoch");
+  return keys;
+}
+
+// -- message frames and envelope keys (§9) ------------------------------------------------------------------
+
+/** The content type of a framed message: the session `Content.body` is a {@link MessageFrame}. */
+export const FRAME_CONTENT_TYPE = "application/vnd.tetherless.message+msgpack";
+/** Epoch keys between devices of one account travel as session messages of this type (crypto.md §12). */
+export const ACCOUNT_KEY_CONTENT_TYPE = "tetherless/account-key";
+
+/** The signed body of a message: the per-pair sequence number, the application's content type and body. */
+export interface MessageFrame {
+  pair_seq: number;
+  content_type: string;
+  body: Uint8Array;
+}
+export const MessageFrameDef: StructDef<MessageFrame> = {
+  name: "MessageFrame",
+  fields: [
+    { name: "pair_seq", type: int(1) },
+    { name: "content_type", type: str() },
+    { name: "body", type: bytes() },
+  ],
+};
+
+export function frameMessage(pairSeq: number, contentType: string, body: Uint8Array): Uint8Array {
+  return encode(MessageFrameDef, { pair_seq: pairSeq, content_type: contentType, body });
+}
+
+/** Throws {@link InvalidRecordError} (`malformed_body`) for bytes that are not a frame. */
+export function unframeMessage(body: Uint8Array): MessageFrame {
+  try {
+    return decode(MessageFrameDef, body);
+  } catch (error) {
+    throw new InvalidRecordError(
+      "malformed_body",
+      `message frame: ${error instanceof TetherlessError ? error.detail : "does not decode"}`,
+    );
+  }
+}
+
+/** `SHA-256(layout("envelope-key", message_uid, recipient))[:16]`: an envelope's idempotency key (§9). */
+export function envelopeKey(messageUid: Uint8Array, recipientDeviceAddress: string): Uint8Array {
+  return digest("envelope-key", messageUid, recipientDeviceAddress).slice(0, 16);
+}

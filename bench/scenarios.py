@@ -215,22 +215,30 @@ def raw_sqlite_batch100() -> dict[str, Any]:
     try:
         conn = _connect(directory / "raw.sqlite3", 64)
         migrate(conn)
-        # The relay's rows (migration 0008): recipients by devices.device_no, (sender, key) by a 12-byte hash.
+        # The relay's rows (migration 0009): recipients by devices.device_no, explicit cursors, each key a
+        # 12-byte hash pointing at its inbox row, one expiry-bucket upsert per batch.
         recipients = list(range(1, 101))
         rows = n = 0
         started = time.perf_counter()
         while time.perf_counter() - started < SIZES.raw_sqlite_seconds:
             conn.execute("BEGIN IMMEDIATE")
-            batch = [(recipients[(n * 7 + i) % 100], os.urandom(16), 1, 2**40, os.urandom(200)) for i in range(100)]
+            batch = [
+                (rows + i + 1, recipients[(n * 7 + i) % 100], os.urandom(16), 1, 2**40, os.urandom(200))
+                for i in range(100)
+            ]
             conn.executemany(
-                "INSERT INTO inbox (recipient_no, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO inbox (seq, recipient_no, envelope_id, sent_at_ms, expires_at_ms, ciphertext)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 batch,
             )
             conn.executemany(
-                "INSERT INTO idempotency_keys (key_hash, envelope_id, digest, sent_at_ms, forget_hour)"
-                " VALUES (?, ?, ?, 1, 2)",
-                [(key_hash("s" * 32, b"%09d%03d" % (n, i)), row[1], row[1][:8]) for i, row in enumerate(batch)],
+                "INSERT INTO idempotency_refs (key_hash, recipient_no, seq) VALUES (?, ?, ?)",
+                [(key_hash("s" * 32, b"%09d%03d" % (n, i)), row[1], row[0]) for i, row in enumerate(batch)],
+            )
+            conn.execute(
+                "INSERT INTO inbox_expiry_buckets (expiry_hour, first_seq, last_seq) VALUES (1, ?, ?)"
+                " ON CONFLICT (expiry_hour) DO UPDATE SET last_seq = excluded.last_seq",
+                (batch[0][0], batch[-1][0]),
             )
             conn.execute("COMMIT")
             rows += 100
@@ -589,8 +597,8 @@ def p8_storage() -> dict[str, Any]:
         by_table = dict(conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall())
         conn.close()
         per = (size_after - size_before) / SIZES.overhead_envelopes
-        envelope_objects = ("inbox", "inbox_recipient", "inbox_expiry")
-        idem_objects = ("idempotency_keys", "idempotency_keys_forget")
+        envelope_objects = ("inbox", "inbox_recipient", "inbox_expiry", "inbox_expiry_buckets")
+        idem_objects = ("idempotency_keys", "idempotency_keys_forget", "idempotency_refs")
         return {
             "envelopes": SIZES.overhead_envelopes,
             "bytes_per_envelope": per,

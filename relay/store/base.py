@@ -430,15 +430,23 @@ class InboxStore(Protocol):
     ) -> list[StoredEnvelope]:
         """Store a batch atomically, deduplicating per (sender, idempotency key).
 
-        Raises ``unknown_recipient``, ``idempotency_conflict`` or ``inbox_full``;
-        then nothing of the batch is stored.
+        A retry answers the original result (``duplicate=True``) while the key
+        is remembered: at least until the envelope expires, acknowledged or not.
+        ``forget_at_ms`` bounds keys kept as their own rows (envelopes for other
+        relays, and every key below the compact schema floor); in the compact
+        schema a key of a local envelope points at its inbox row or tombstone
+        and is forgotten with it (sql/inbox.py). Raises ``unknown_recipient``,
+        ``idempotency_conflict`` or ``inbox_full``; then nothing of the batch is
+        stored. Idempotent per key; a cancelled call may or may not have
+        committed (a retry with the same keys tells which).
         """
 
     async def read_inbox(self, device_id: str, after: int, limit: int, now_ms: int) -> list[InboxRecord]:
         """Unexpired envelopes with cursor > ``after``, in cursor order, at most ``limit``."""
 
     async def acknowledge(self, device_id: str, up_to: int | None, envelope_ids: Sequence[bytes]) -> int:
-        """Delete acknowledged envelopes of this device's inbox only; returns how many. Idempotent."""
+        """Remove acknowledged envelopes of this device's inbox only (in the compact schema a tombstone stays
+        until the envelope's expiry, for retries of its send); returns how many. Idempotent."""
 
     async def watch_inbox_commits(
         self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -26,7 +26,14 @@ upserts, ``DELETE … RETURNING``, which SQLite has since 3.35). An
 - the range of values a column can hold (:meth:`Engine.storable`);
 - a new device's number (:attr:`Engine.next_device_no`, migration 0008):
   PostgreSQL's identity column; SQLite, whose ``devices`` table has no
-  rowid, takes the next one under its single writer.
+  rowid, takes the next one under its single writer;
+- finding expired envelopes (:attr:`Engine.expiry_buckets`, migration 0009):
+  SQLite's cursors are one append-ordered sequence, so a small table of
+  (expiry hour → first and last cursor) replaces an index on the expiry
+  time; PostgreSQL's cursors are per device and keep the index;
+- an envelope's content digest in SQL (:attr:`Engine.content_digest`,
+  :func:`relay.store.inbox_rules.content_digest`): PostgreSQL's ``sha256``;
+  SQLite calls the Python function its connections register.
 
 Engines hold no connection and import no driver: a connection is anything
 with the DB-API ``execute`` / ``cursor().executemany`` both drivers provide.
@@ -67,6 +74,10 @@ class Engine:
     greatest: str = "max"  # two-argument maximum
     # The value of devices.device_no in an INSERT (the inbox's integer key for a device).
     next_device_no: str = "(SELECT coalesce(max(device_no), 0) + 1 FROM devices)"
+    # Whether expired envelopes are found through inbox_expiry_buckets (else through the inbox_expiry index).
+    expiry_buckets: bool = False
+    # SQL for relay.store.inbox_rules.content_digest of the column ``ciphertext``.
+    content_digest: str = "tetherless_content_digest(ciphertext)"
 
     def q(self, sql: str) -> str:
         """``sql`` with the engine's placeholders (written with ``?``)."""
@@ -168,6 +179,7 @@ class Engine:
 
 class _SQLite(Engine):
     name = "sqlite"
+    expiry_buckets = True
 
 
 class _Postgres(Engine):
@@ -176,6 +188,7 @@ class _Postgres(Engine):
     inbox_counter = "last_seq"
     greatest = "greatest"
     next_device_no = "DEFAULT"
+    content_digest = "substr(sha256(ciphertext), 1, 8)"
 
     def q(self, sql: str) -> str:
         return sql.replace("?", "%s")

@@ -28,6 +28,12 @@ FORGET_BUCKET_MS = 3_600_000
 
 
 KEY_HASH_BYTES = 12
+# From this schema floor on (migration 0009's ``-- contract: 9``, docs/decisions/0009-compact-idempotency.md)
+# a send keeps, for an envelope stored in a local inbox, only a pointer from its key to the inbox row, and an
+# acknowledgement leaves a tombstone: see ``sql/inbox.py``. Below it (PostgreSQL while replicas of the
+# previous version may share the database) the code writes the 0008 rows the previous version reads.
+COMPACT_SCHEMA = 9
+CONTENT_DIGEST_BYTES = 8
 
 
 def key_hash(sender_device: str, idempotency_key: bytes) -> bytes:
@@ -41,6 +47,13 @@ def key_hash(sender_device: str, idempotency_key: bytes) -> bytes:
     no one can aim a collision at another sender's key.
     """
     return hashlib.sha256(sender_device.encode() + b"\x00" + idempotency_key).digest()[:KEY_HASH_BYTES]
+
+
+def content_digest(ciphertext: bytes) -> bytes:
+    """What a tombstone keeps of an acknowledged envelope (migration 0009): the first 8 bytes of
+    SHA-256(ciphertext), so a retry after the acknowledgement is still told from a reused key.
+    PostgreSQL computes the same in SQL (``Engine.content_digest``)."""
+    return hashlib.sha256(ciphertext).digest()[:CONTENT_DIGEST_BYTES]
 
 
 def stored_digest(digest: bytes) -> bytes:
@@ -72,11 +85,29 @@ class Recipient:
 
 @dataclass(frozen=True, slots=True)
 class EarlierSend:
-    """The idempotency row stored for (sender, key) by an earlier send (``digest``: its :func:`stored_digest`)."""
+    """What an earlier send stored for (sender, key).
+
+    ``recipient_no`` 0: a 0008 idempotency row, ``digest`` its :func:`stored_digest`. Otherwise the key
+    points at an inbox row (migration 0009) of device ``recipient_no`` and ``digest`` is the
+    :func:`content_digest` of its ciphertext (computed from the row, or kept by its tombstone).
+    """
 
     envelope_id: bytes
     digest: bytes
     sent_at_ms: int
+    recipient_no: int = 0
+
+    def same_envelope(self, env: NewEnvelope, recipients: Mapping[str, Recipient]) -> bool:
+        """Whether ``env`` is a retry of this send (else its key was reused for another envelope)."""
+        if not self.recipient_no:
+            return self.digest == stored_digest(env.digest)
+        dev = recipients.get(env.recipient_device)
+        return (
+            not env.remote_relay
+            and dev is not None
+            and dev.device_no == self.recipient_no
+            and self.digest == content_digest(env.ciphertext)
+        )
 
 
 @dataclass(slots=True)
@@ -130,7 +161,7 @@ def plan_send(
     for env in envelopes:
         seen = pending.get(env.idempotency_key) or earlier.get(env.idempotency_key)
         if seen is not None:
-            if seen.digest != stored_digest(env.digest):
+            if not seen.same_envelope(env, recipients):
                 raise TetherlessError(
                     ErrorCode.IDEMPOTENCY_CONFLICT, "idempotency key already used for another envelope"
                 )

@@ -53,6 +53,7 @@ from protocol.errors import ErrorCode, TetherlessError
 
 from .base import StoreUnavailableError
 from .engine import INBOX_CHANNEL, POSTGRES, RetryTransaction
+from .inbox_rules import COMPACT_SCHEMA
 from .sql import identity
 from .sql.store import SQLStore
 
@@ -189,6 +190,10 @@ class PostgresStore(SQLStore):
                 open=False,
             )
             pool.open(wait=True, timeout=self._pool_timeout)
+            # Read once: the floor reaches the compact schema by a contract migration, which replicas of this
+            # version see at their next start (docs/decisions/0009-compact-idempotency.md).
+            with pool.connection() as conn:
+                self.compact_inbox = identity.code_floor(conn) >= COMPACT_SCHEMA
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot open {redact_url(self.url)}: {exc}") from exc
         self._pool = pool
@@ -335,6 +340,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "sessions": ("token_hash", "device_id", "account_id", "created_at_ms", "expires_at_ms", "revoked_at_ms"),
     "inbox": ("seq", "recipient_no", "envelope_id", "sent_at_ms", "expires_at_ms", "ciphertext"),
     "idempotency_keys": ("key_hash", "envelope_id", "digest", "sent_at_ms", "forget_hour"),
+    "idempotency_refs": ("key_hash", "recipient_no", "seq"),
     "federation_outbox": (
         "seq", "peer", "envelope_id", "recipient", "sent_at_ms", "expires_at_ms", "ciphertext", "attempts",
         "not_before_ms",
@@ -456,6 +462,13 @@ def copy_from_sqlite(sqlite_path: Path, url: str) -> list[TableCopy]:
                 conn.execute(
                     "SELECT setval(pg_get_serial_sequence('devices', 'device_no'),"
                     " (SELECT COALESCE(max(device_no), 0) + 1 FROM devices), false)"
+                )
+                # The copy holds tombstones and pointers (migration 0009): no replica of an older version may
+                # run on it, so it takes the source's floor and with it the compact inbox.
+                floor = source.execute("SELECT min_code_schema FROM schema_compat WHERE id = 1").fetchone()
+                conn.execute(
+                    "UPDATE schema_compat SET min_code_schema = greatest(min_code_schema, %s) WHERE id = 1",
+                    (floor[0] if floor else 0,),
                 )
                 # Outbox rows keep their seq; new ones continue above them.
                 conn.execute(

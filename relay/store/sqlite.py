@@ -31,7 +31,7 @@ from relay import metrics
 
 from .base import StartupRefusedError, StoreUnavailableError
 from .engine import SQLITE
-from .inbox_rules import key_hash
+from .inbox_rules import COMPACT_SCHEMA, content_digest, key_hash
 from .sql import identity
 from .sql.store import SQLStore
 
@@ -57,6 +57,8 @@ def _connect(path: Path, cache_mib: int) -> sqlite3.Connection:
     # rewritten by many commits between checkpoints, so each is copied back
     # once, not ten times (raw batched inserts +17 %, docs/performance.md).
     conn.execute("PRAGMA wal_autocheckpoint=10000")
+    # An acknowledgement leaves a tombstone with the envelope's digest (Engine.content_digest, migration 0009).
+    conn.create_function("tetherless_content_digest", 1, content_digest, deterministic=True)
     return conn
 
 
@@ -237,6 +239,8 @@ class SQLiteStore(SQLStore):
             raise
         if newer:
             log.warning("%s", newer)
+        # Always true once 0009 is applied (its floor is 9: one process, no replica of an older version).
+        self.compact_inbox = identity.code_floor(conn) >= COMPACT_SCHEMA
         self._writer = _Writer(conn, self._max_ops)
         self._writer.start()
         for _ in range(self._reader_count):

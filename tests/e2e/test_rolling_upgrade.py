@@ -3,7 +3,11 @@
 - a replica of the previous version (the code before the newest migration,
   from git) serves while a replica of this version migrates the shared
   database; both serve, messages sent through one are received through the
-  other, nothing is lost or doubled;
+  other, nothing is lost or doubled, and a retry through either replica of a
+  send the other acknowledged — before or after the recipient acknowledged
+  it — answers the original result (migration 0009 is expand-only on
+  PostgreSQL and this version writes the rows the previous one reads,
+  docs/decisions/0009-compact-idempotency.md);
 - a replica starting while another holds the migration lock waits and says why;
 - code that a contract migration left behind refuses to start (exit 2, one line).
 """
@@ -23,7 +27,7 @@ import psycopg
 import pytest
 
 from protocol import codec
-from protocol.messages import InboxPage
+from protocol.messages import Accepted, InboxPage, SendResponse
 from relay.store.postgres import MIGRATION_LOCK_KEY, migrations
 from tests.e2e.http11 import Http11, Peer, login, register
 from tests.relay.store.postgres_db import fresh_database
@@ -71,10 +75,24 @@ def new_relay(data: Path, url: str, key_from: Path) -> RelayProcess:
     return RelayProcess(data, extra_args=["--database", url, "--name", NAME], env=QUIET)
 
 
-def send(relay: RelayProcess, sender: Peer, recipient: Peer, text: bytes) -> None:
+def send(relay: RelayProcess, sender: Peer, recipient: Peer, text: bytes) -> Accepted:
+    """Send ``text`` with the idempotency key ``k-text``; returns the relay's result for it."""
     body = {"envelopes": [{"recipient": recipient.address, "idempotency_key": b"k-" + text, "ciphertext": text}]}
     answer = Http11(relay.url).msgpack("POST", "/v1/messages", body, sender.token)
     assert answer.status == 201, (relay.logs()[-2000:], answer.body)
+    (accepted,) = codec.decode(answer.body, SendResponse).accepted
+    return accepted
+
+
+def retry(relay: RelayProcess, sender: Peer, recipient: Peer, text: bytes, first: Accepted) -> None:
+    """A retry of an earlier send answers its original result and stores nothing."""
+    again = send(relay, sender, recipient, text)
+    assert again == Accepted(id=first.id, sent_at_ms=first.sent_at_ms, duplicate=True), (relay.name, first, again)
+
+
+def acknowledge_all(relay: RelayProcess, peer: Peer) -> None:
+    answer = Http11(relay.url).msgpack("POST", "/v1/inbox/ack", {"up_to": 2**62}, peer.token)
+    assert answer.status == 200, answer.body
 
 
 def inbox(relay: RelayProcess, peer: Peer) -> list[bytes]:
@@ -108,13 +126,13 @@ def test_previous_and_new_version_serve_one_database_during_the_upgrade(old_code
             alice, bob = register(Http11(old.url), "alice"), register(Http11(old.url), "bob")
             login(Http11(old.url), alice)
             login(Http11(old.url), bob)
-            send(old, alice, bob, b"before the upgrade")
+            before = send(old, alice, bob, b"before the upgrade")
 
             new = new_relay(tmp_path / "new", url, key_from=tmp_path / "old")
             new.start()  # migrates the database the old replica is serving from
             assert "applied PostgreSQL migrations" in new.logs()
-            send(new, alice, bob, b"through the new replica")
-            send(old, alice, bob, b"through the old replica after the migration")
+            through_new = send(new, alice, bob, b"through the new replica")
+            through_old = send(old, alice, bob, b"through the old replica after the migration")
             expected = [
                 b"before the upgrade",
                 b"through the new replica",
@@ -123,11 +141,44 @@ def test_previous_and_new_version_serve_one_database_during_the_upgrade(old_code
             for relay in (old, new):
                 got = inbox(relay, bob)
                 assert Counter(got) == Counter(expected), (relay.name, got)
+            # Retries cross versions both ways and store nothing again.
+            retry(new, alice, bob, b"before the upgrade", before)
+            retry(old, alice, bob, b"through the new replica", through_new)
+            retry(new, alice, bob, b"through the old replica after the migration", through_old)
+            assert Counter(inbox(old, bob)) == Counter(expected)
+            # The recipient acknowledges through one version; retries through either still answer.
+            acknowledge_all(old, bob)
+            assert inbox(new, bob) == []
+            retry(new, alice, bob, b"through the new replica", through_new)
+            retry(old, alice, bob, b"through the new replica", through_new)
+            retry(new, alice, bob, b"before the upgrade", before)
+            assert inbox(old, bob) == inbox(new, bob) == []
+            after_ack = send(new, alice, bob, b"after the acknowledgement")
+            acknowledge_all(new, bob)
+            retry(old, alice, bob, b"after the acknowledgement", after_ack)
             # The old replica restarts (a pod rescheduled mid-rollout) on the migrated schema and serves.
             assert old.stop() == 0
             old.start()
-            send(old, alice, bob, b"old replica restarted")
+            restarted = send(old, alice, bob, b"old replica restarted")
             assert inbox(new, bob)[-1] == b"old replica restarted"
+            # The rollout is over: no replica of the previous version is left. The contract step (the next
+            # release's migration raises the floor to 9) switches this version to the compact rows; what the
+            # previous version and the compatible mode wrote still answers.
+            assert old.stop() == 0
+            assert new.stop() == 0
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE schema_compat SET min_code_schema = 9")
+            new.start()
+            retry(new, alice, bob, b"old replica restarted", restarted)
+            retry(new, alice, bob, b"through the new replica", through_new)
+            compact = send(new, alice, bob, b"in the compact schema")
+            assert inbox(new, bob) == [b"old replica restarted", b"in the compact schema"]
+            acknowledge_all(new, bob)
+            retry(new, alice, bob, b"in the compact schema", compact)
+            assert inbox(new, bob) == []
+            with psycopg.connect(url, autocommit=True) as conn:  # one pointer; both acknowledged rows tombstones
+                assert conn.execute("SELECT count(*) FROM idempotency_refs").fetchone() == (1,)
+                assert conn.execute("SELECT count(*) FROM inbox WHERE recipient_no < 0").fetchone() == (2,)
         finally:
             old.stop()
             if new is not None:

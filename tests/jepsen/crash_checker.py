@@ -55,6 +55,7 @@ import psycopg
 from protocol import codec
 from protocol.messages import InboxPage
 from tests.e2e.http11 import Http11, Peer, login, register
+from tests.relay.store.postgres_db import drop_database
 from tests.relay_process import RelayProcess
 
 DB_FILE = "relay.sqlite3"
@@ -189,8 +190,7 @@ def scratch_database(server_url: str) -> Iterator[str]:
     try:
         yield urlunsplit(urlsplit(server_url)._replace(path="/" + name))
     finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(server_url, name)
 
 
 def run(

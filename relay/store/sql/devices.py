@@ -56,8 +56,15 @@ def revoke_device(conn: Any, e: Engine, device_id: str, version: int, now_ms: in
     conn.execute(
         e.q("UPDATE sessions SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms IS NULL"), (now_ms, device_id)
     )
+    # Tombstones, as an acknowledgement leaves them (sql/inbox.py): the ciphertext is gone, and a retry of a
+    # send to the device still answers its original result until the envelope's expiry. Invisible to the
+    # previous version's reads too (rolling upgrades, docs/decisions/0009-compact-idempotency.md).
     deleted: int = conn.execute(
-        e.q("DELETE FROM inbox WHERE recipient_no = (SELECT device_no FROM devices WHERE device_id = ?)"), (device_id,)
+        e.q(
+            f"UPDATE inbox SET recipient_no = -recipient_no, ciphertext = {e.content_digest}"
+            " WHERE recipient_no = (SELECT device_no FROM devices WHERE device_id = ?)"
+        ),
+        (device_id,),
     ).rowcount
     conn.execute(e.q("DELETE FROM challenges WHERE device_id = ?"), (device_id,))
     conn.execute(e.q("DELETE FROM webauthn_registrations WHERE device_id = ?"), (device_id,))

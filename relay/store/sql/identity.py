@@ -153,6 +153,12 @@ def raise_floor(conn: Any, e: Engine, sql: str) -> None:
         )
 
 
+def code_floor(conn: Any) -> int:
+    """The recorded floor: code knowing fewer migrations than this cannot run on the database. Reads only."""
+    row = conn.execute("SELECT min_code_schema FROM schema_compat WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
 def check_schema(conn: Any, e: Engine, *, known: int) -> str | None:
     """Whether code that knows migrations up to ``known`` may run on this database.
 
@@ -164,7 +170,7 @@ def check_schema(conn: Any, e: Engine, *, known: int) -> str | None:
     applied = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
     if applied <= known:
         return None
-    floor = conn.execute("SELECT min_code_schema FROM schema_compat WHERE id = 1").fetchone()[0]
+    floor = code_floor(conn)
     if known < floor:
         raise StartupRefusedError(
             f"the database schema is at migration {applied} and needs code that knows migration {floor} or newer;"

@@ -10,6 +10,21 @@ Rows name devices by ``devices.device_no`` (a small integer) rather than the
 32-character device id: the inbox and idempotency rows and their indexes are
 the relay's storage per envelope (docs/performance.md, P8). Lookups by device
 id translate with a scalar subquery, which both engines evaluate once.
+
+Idempotency in the compact schema (migration 0009, from the schema floor
+:data:`~relay.store.inbox_rules.COMPACT_SCHEMA` on): a key claimed by an
+envelope stored in a local inbox is a pointer ``idempotency_refs (key_hash →
+recipient_no, seq)`` to that inbox row, which holds the original result. An
+acknowledgement does not delete the row but leaves a tombstone: the
+recipient number negated (no read, acknowledgement or quota sees it again),
+the ciphertext replaced by its :func:`~relay.store.inbox_rules.content_digest`.
+The key is remembered until the envelope expires (the envelope TTL); expiry
+deletes rows and tombstones alike, then the pointers left dangling. Keys of
+envelopes for other relays (the outbox) keep the 0008 row
+``idempotency_keys``, read in both schemas. Below the floor (PostgreSQL while
+replicas of the previous version may share the database,
+docs/decisions/0009-compact-idempotency.md) sends write the 0008 rows and
+acknowledgements delete, exactly as the previous version does.
 """
 
 from __future__ import annotations
@@ -21,9 +36,11 @@ from typing import Any
 from ..base import InboxRecord, NewEnvelope, ReceivedEnvelope, StoredEnvelope
 from ..engine import INBOX_CHANNEL, Engine, clamp
 from ..inbox_rules import (
+    FORGET_BUCKET_MS,
     EarlierSend,
     InboxGrowth,
     Recipient,
+    content_digest,
     forget_bucket,
     forgettable_buckets,
     key_hash,
@@ -54,7 +71,10 @@ _IDEMPOTENCY_COLUMNS = (
     ("sent_at_ms", "bigint"),
     ("forget_hour", "bigint"),
 )
+_REF_COLUMNS = (("key_hash", "bytea"), ("recipient_no", "bigint"), ("seq", "bigint"))
 _DEVICE_NO = "(SELECT device_no FROM devices WHERE device_id = ?)"
+# The inbox row a pointer names, live (recipient_no) or a tombstone (-recipient_no).
+_POINTED_ROW = "i.seq = r.seq AND i.recipient_no IN (r.recipient_no, -r.recipient_no)"
 
 
 def read_recipients(conn: Any, e: Engine, device_ids: Iterable[str]) -> dict[str, Recipient]:
@@ -82,20 +102,42 @@ def insert_envelopes(
     envelopes: Sequence[tuple[int, NewEnvelope | ReceivedEnvelope]],
     now_ms: int,
     numbers: Mapping[str, int] | None = None,
-) -> None:
-    """Insert (cursor, envelope) pairs into their recipients' inboxes in list order, so cursors follow it; the
-    cursor is written only where the engine takes cursors from ``devices``. ``numbers``: the recipients'
+) -> list[tuple[int, int]]:
+    """Insert (cursor, envelope) pairs into their recipients' inboxes in list order, so cursors follow it, and
+    return each one's (recipient_no, seq). Where the engine assigns cursors (SQLite: one sequence, one writer)
+    the given cursors are ignored and the next values of the sequence taken. ``numbers``: the recipients'
     ``device_no`` when the caller read them (else they are read here); every recipient must be a device."""
+    if not envelopes:
+        return []
     if numbers is None:
         numbers = device_numbers(conn, e, (env.recipient_device for _, env in envelopes))
+    if e.inbox_counter is None:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'inbox'").fetchone()
+        base = row[0] if row else 0
+        envelopes = [(base + i, env) for i, (_, env) in enumerate(envelopes, start=1)]
     rows = [
         (seq, numbers[env.recipient_device], env.envelope_id, now_ms, env.expires_at_ms, env.ciphertext)
         for seq, env in envelopes
     ]
-    if e.inbox_counter is None:
-        e.insert_many(conn, "inbox", ENVELOPE_COLUMNS, [row[1:] for row in rows])
-    else:
-        e.insert_many(conn, "inbox", (("seq", "bigint"), *ENVELOPE_COLUMNS), rows)
+    e.insert_many(conn, "inbox", (("seq", "bigint"), *ENVELOPE_COLUMNS), rows)
+    if e.expiry_buckets:
+        _note_expiry_buckets(conn, rows)
+    return [(row[1], row[0]) for row in rows]
+
+
+def _note_expiry_buckets(conn: Any, rows: Sequence[Sequence[Any]]) -> None:
+    """SQLite: widen each expiry hour's cursor range to the new rows (seq, …, expires_at_ms at index 4)."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for row in rows:
+        hour = forget_bucket(row[4])
+        low, high = ranges.get(hour, (row[0], row[0]))
+        ranges[hour] = (min(low, row[0]), max(high, row[0]))
+    conn.cursor().executemany(
+        "INSERT INTO inbox_expiry_buckets (expiry_hour, first_seq, last_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (expiry_hour) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),"
+        " last_seq = max(last_seq, excluded.last_seq)",
+        [(hour, low, high) for hour, (low, high) in sorted(ranges.items())],
+    )
 
 
 def grow_inboxes(conn: Any, e: Engine, inboxes: Mapping[str, InboxGrowth]) -> None:
@@ -116,6 +158,39 @@ def grow_inboxes(conn: Any, e: Engine, inboxes: Mapping[str, InboxGrowth]) -> No
     e.notify(conn, INBOX_CHANNEL, grown)
 
 
+def read_earlier(conn: Any, e: Engine, keys: Mapping[bytes, bytes]) -> tuple[dict[bytes, EarlierSend], list[bytes]]:
+    """What earlier sends stored for ``keys`` (key hash -> idempotency key), by idempotency key, and the
+    hashes of pointers whose inbox row is gone (expired since the last sweep: the key is forgotten)."""
+    hashes = list(keys)
+    rows = e.fetch_in(
+        conn,
+        "SELECT key_hash, envelope_id, digest, sent_at_ms FROM idempotency_keys WHERE {one_of}",
+        (),
+        "key_hash",
+        hashes,
+        "bytea",
+    )
+    earlier = {keys[bytes(row[0])]: EarlierSend(bytes(row[1]), bytes(row[2]), row[3]) for row in rows}
+    dangling: list[bytes] = []
+    pointed = e.fetch_in(
+        conn,
+        "SELECT r.key_hash, i.recipient_no, i.envelope_id, i.sent_at_ms, i.ciphertext"
+        f" FROM idempotency_refs AS r LEFT JOIN inbox AS i ON {_POINTED_ROW} WHERE {{one_of}}",
+        (),
+        "r.key_hash",
+        hashes,
+        "bytea",
+    )
+    for hashed, recipient_no, envelope_id, sent_at_ms, ciphertext in pointed:
+        if recipient_no is None:
+            dangling.append(bytes(hashed))
+            continue
+        # A live row's digest is computed from its ciphertext; a tombstone's ciphertext is its digest.
+        digest = content_digest(bytes(ciphertext)) if recipient_no > 0 else bytes(ciphertext)
+        earlier[keys[bytes(hashed)]] = EarlierSend(bytes(envelope_id), digest, sent_at_ms, abs(recipient_no))
+    return earlier, dangling
+
+
 def store_envelopes(
     conn: Any,
     e: Engine,
@@ -125,23 +200,29 @@ def store_envelopes(
     now_ms: int,
     max_inbox: int,
     forget_at_ms: int,
+    compact: bool,
 ) -> list[StoredEnvelope]:
-    """See ``Store.store_envelopes``. Raises ``RetryTransaction`` when a concurrent send (another
-    replica) claimed one of the keys after they were read: the retry answers it as a duplicate."""
+    """See ``Store.store_envelopes``; ``compact``: the database is at the compact schema floor (module
+    docstring). Raises ``RetryTransaction`` when a concurrent send (another replica) claimed one of the keys
+    after they were read: the retry answers it as a duplicate."""
     if not envelopes:
         return []
     recipients = read_recipients(conn, e, (env.recipient_device for env in envelopes if not env.remote_relay))
     keys = {key_hash(sender_device, env.idempotency_key): env.idempotency_key for env in envelopes}
-    rows = e.fetch_in(
-        conn,
-        "SELECT key_hash, envelope_id, digest, sent_at_ms FROM idempotency_keys WHERE {one_of}",
-        (),
-        "key_hash",
-        list(keys),
-        "bytea",
-    )
-    earlier = {keys[bytes(row[0])]: EarlierSend(bytes(row[1]), bytes(row[2]), row[3]) for row in rows}
+    earlier, dangling = read_earlier(conn, e, keys)
     plan = plan_send(envelopes, recipients, earlier, now_ms, max_inbox)
+    if dangling:
+        e.execute_in(conn, "DELETE FROM idempotency_refs WHERE {one_of}", (), "key_hash", dangling, "bytea")
+    placed = insert_envelopes(conn, e, plan.local, now_ms, {device: r.device_no for device, r in recipients.items()})
+    where = {env.envelope_id: place for (_, env), place in zip(plan.local, placed, strict=True)}
+    pointers = [env for env in plan.keys if compact and env.envelope_id in where]
+    e.insert_new(
+        conn,
+        "idempotency_refs",
+        _REF_COLUMNS,
+        [(key_hash(sender_device, env.idempotency_key), *where[env.envelope_id]) for env in pointers],
+        race="an idempotency key was claimed by a concurrent send",
+    )
     bucket = forget_bucket(forget_at_ms)
     e.insert_new(
         conn,
@@ -150,10 +231,10 @@ def store_envelopes(
         [
             (key_hash(sender_device, env.idempotency_key), env.envelope_id, stored_digest(env.digest), now_ms, bucket)
             for env in plan.keys
+            if not (compact and env.envelope_id in where)
         ],
         race="an idempotency key was claimed by a concurrent send",
     )
-    insert_envelopes(conn, e, plan.local, now_ms, {device: r.device_no for device, r in recipients.items()})
     grow_inboxes(conn, e, plan.inboxes)
     insert_outbox(conn, e, plan.outbox, now_ms)
     return plan.results
@@ -206,33 +287,70 @@ def _shrink(conn: Any, e: Engine, key: str, counts: Mapping[Any, int]) -> None:
     )
 
 
-def acknowledge(conn: Any, e: Engine, *, device_id: str, up_to: int | None, envelope_ids: Sequence[bytes]) -> int:
-    """See ``Store.acknowledge``; only ever deletes from ``device_id``'s own inbox."""
-    deleted = 0
+def acknowledge(
+    conn: Any, e: Engine, *, device_id: str, up_to: int | None, envelope_ids: Sequence[bytes], compact: bool
+) -> int:
+    """See ``Store.acknowledge``; only ever touches ``device_id``'s own inbox. ``compact``: leave tombstones
+    (module docstring) instead of deleting."""
+    done = (
+        f"UPDATE inbox SET recipient_no = -recipient_no, ciphertext = {e.content_digest}"
+        if compact
+        else "DELETE FROM inbox"
+    )
+    acknowledged = 0
     if up_to is not None:
-        deleted += conn.execute(
-            e.q(f"DELETE FROM inbox WHERE recipient_no = {_DEVICE_NO} AND seq <= ?"), (device_id, clamp(up_to))
+        acknowledged += conn.execute(
+            e.q(f"{done} WHERE recipient_no = {_DEVICE_NO} AND seq <= ?"), (device_id, clamp(up_to))
         ).rowcount
-    deleted += e.execute_in(
+    acknowledged += e.execute_in(
         conn,
-        f"DELETE FROM inbox WHERE recipient_no = {_DEVICE_NO} AND {{one_of}}",
+        f"{done} WHERE recipient_no = {_DEVICE_NO} AND {{one_of}}",
         (device_id,),
         "envelope_id",
         envelope_ids,
         "bytea",
     )
-    if deleted:
-        _shrink(conn, e, "device_id", {device_id: deleted})
-    return deleted
+    if acknowledged:
+        _shrink(conn, e, "device_id", {device_id: acknowledged})
+    return acknowledged
 
 
 def expire_inbox(conn: Any, e: Engine, now_ms: int) -> tuple[int, int]:
-    """Delete expired envelopes and forgotten idempotency keys; returns how many of each."""
-    gone = conn.execute(e.q("DELETE FROM inbox WHERE expires_at_ms <= ? RETURNING recipient_no"), (now_ms,)).fetchall()
-    per_device = Counter(row[0] for row in gone)
+    """Delete expired envelopes and tombstones, and forgotten idempotency keys (0008 rows past their bucket,
+    pointers whose row is gone); returns (envelopes, keys) deleted, tombstones not counted as envelopes."""
+    gone: list[Any] = []
+    # Dangling pointers cost a pass over idempotency_refs to find (they are keyed by hash): SQLite makes
+    # it once per expiry hour that ended, so the writer thread is not held every sweep; a lookup treats a
+    # dangling pointer as a forgotten key meanwhile. PostgreSQL (no buckets) makes it per sweep that
+    # removed rows, on a pooled connection, not a single writer.
+    sweep_pointers = False
+    if e.expiry_buckets:
+        # Every row of hour h lies in its bucket's cursor range; rows of other hours in it are kept by the
+        # time condition. A bucket whose hour has ended is empty after its delete.
+        for hour, first, last in conn.execute(
+            "SELECT expiry_hour, first_seq, last_seq FROM inbox_expiry_buckets WHERE expiry_hour <= ?",
+            (now_ms // FORGET_BUCKET_MS + 1,),
+        ).fetchall():
+            gone += conn.execute(
+                "DELETE FROM inbox WHERE seq BETWEEN ? AND ? AND expires_at_ms <= ? RETURNING recipient_no",
+                (first, last, now_ms),
+            ).fetchall()
+            if hour * FORGET_BUCKET_MS <= now_ms:
+                conn.execute("DELETE FROM inbox_expiry_buckets WHERE expiry_hour = ?", (hour,))
+                sweep_pointers = True
+    else:
+        gone = conn.execute(
+            e.q("DELETE FROM inbox WHERE expires_at_ms <= ? RETURNING recipient_no"), (now_ms,)
+        ).fetchall()
+        sweep_pointers = bool(gone)
+    per_device = Counter(row[0] for row in gone if row[0] > 0)
     if per_device:
         _shrink(conn, e, "device_no", per_device)
     keys: int = conn.execute(
         e.q("DELETE FROM idempotency_keys WHERE forget_hour <= ?"), (forgettable_buckets(now_ms),)
     ).rowcount
-    return len(gone), keys
+    if sweep_pointers:
+        keys += conn.execute(
+            f"DELETE FROM idempotency_refs AS r WHERE NOT EXISTS (SELECT 1 FROM inbox AS i WHERE {_POINTED_ROW})"
+        ).rowcount
+    return sum(per_device.values()), keys

@@ -69,6 +69,8 @@ class SQLStore:
     """The ``Store`` methods over a backend's transactions; see the module docstring."""
 
     engine: Engine
+    # Whether the database is at the compact inbox schema floor (sql/inbox.py); set by the backend at open.
+    compact_inbox: bool = False
 
     # -- what a backend supplies ------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class SQLStore:
                 now_ms=now_ms,
                 max_inbox=max_inbox,
                 forget_at_ms=forget_at_ms,
+                compact=self.compact_inbox,
             )
         )
 
@@ -171,7 +174,13 @@ class SQLStore:
 
     async def acknowledge(self, device_id: str, up_to: int | None, envelope_ids: Sequence[bytes]) -> int:
         return await self._write(
-            self._op(inbox.acknowledge, device_id=device_id, up_to=up_to, envelope_ids=envelope_ids)
+            self._op(
+                inbox.acknowledge,
+                device_id=device_id,
+                up_to=up_to,
+                envelope_ids=envelope_ids,
+                compact=self.compact_inbox,
+            )
         )
 
     async def expire(self, now_ms: int) -> ExpiryReport:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,5 +63,22 @@ def fresh_database(prefix: str = "tl_test") -> Iterator[str]:
     try:
         yield with_database(admin, name)
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(admin, name)
+
+
+def drop_database(server_url: str, name: str, *, attempts: int = 20) -> None:
+    """``DROP DATABASE … WITH (FORCE)``, retried while an autovacuum worker holds the database.
+
+    FORCE terminates the other sessions, but a role without ``pg_signal_backend`` may not terminate an
+    autovacuum worker (it has no role): PostgreSQL 15 answers InsufficientPrivilege. That worker finishes in
+    moments, so retry briefly (seen on a loaded machine; .ci/run also grants ``pg_signal_backend``).
+    """
+    for attempt in range(attempts):
+        try:
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.25)

@@ -21,11 +21,11 @@ import pytest
 
 from protocol.errors import ErrorCode, TetherlessError
 from relay.store import StoredEnvelope
-from relay.store import postgres as postgres_backend
 from relay.store import sqlite as sqlite_backend
 from relay.store.base import InboxRecord
 from relay.store.inbox_rules import FORGET_BUCKET_MS
 from relay.store.sqlite import DB_FILE, _connect
+from tests.relay.store.old_schema import postgres_before, sqlite_before
 from tests.relay.store.postgres_db import fresh_database
 from tests.relay.store.test_store_contract import MAX_INBOX, Backend, device, envelope, open_store
 
@@ -42,11 +42,6 @@ OLD_ENVELOPES = [
 ACKED_SEQ = 4  # handed out, then acknowledged: never to be reused
 LIVE_KEY, EXPIRED_KEY = b"live-key-1", b"old-key-01"
 LIVE_DIGEST = LIVE_KEY[:4] + b"ct"  # what tests' envelope() computes for body b"ct"
-
-
-def _before_0008(module: Any) -> Any:
-    every = module.migrations()
-    return lambda: [(version, sql) for version, sql in every if version < 8]
 
 
 def _old_rows(placeholder: str) -> list[tuple[str, tuple[Any, ...]]]:
@@ -92,10 +87,7 @@ def _old_rows(placeholder: str) -> list[tuple[str, tuple[Any, ...]]]:
 
 
 def write_old_sqlite(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr(sqlite_backend, "migrations", _before_0008(sqlite_backend))
-        conn = _connect(directory / DB_FILE, 8)
-        sqlite_backend.migrate(conn)
+    conn = sqlite_before(directory, 8, monkeypatch)
     with conn:
         for sql, params in _old_rows("?"):
             conn.execute(sql, params)
@@ -110,10 +102,7 @@ def write_old_sqlite(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def write_old_postgres(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr(postgres_backend, "migrations", _before_0008(postgres_backend))
-        with psycopg.connect(url, autocommit=True) as conn:
-            postgres_backend.migrate(conn)
+    postgres_before(url, 8, monkeypatch)
     with psycopg.connect(url) as conn:
         for sql, params in _old_rows("%s"):
             conn.execute(sql, params)

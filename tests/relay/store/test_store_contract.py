@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -21,12 +22,16 @@ from relay.store import (
     Store,
     StoredEnvelope,
 )
+from relay.store.inbox_rules import COMPACT_SCHEMA
+from relay.store.postgres import migrate_url
 from tests.relay.store.postgres_db import fresh_database
 
 MAX_INBOX = 100
 FOREVER = 2**62
 
-BACKENDS = ["sqlite", "postgres"]
+# "postgres-compact": PostgreSQL at the compact inbox schema floor (relay/store/sql/inbox.py), which a
+# rolling upgrade reaches later; SQLite is there from migration 0009 on.
+BACKENDS = ["sqlite", "postgres", "postgres-compact"]
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,20 @@ async def with_devices(store: Store, *devices: DeviceRecord) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    if request.param == "postgres":
+    if request.param.startswith("postgres"):
         with fresh_database() as url:
+            if request.param == "postgres-compact":
+                raise_code_floor(url, COMPACT_SCHEMA)
             yield Backend("postgres", url)
     else:
         yield Backend("sqlite")
+
+
+def raise_code_floor(url: str, floor: int) -> None:
+    """Migrate the PostgreSQL database and record ``floor``, as a contract migration would."""
+    migrate_url(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_compat SET min_code_schema = %s", (floor,))
 
 
 Test = Callable[[Store], object]
@@ -176,19 +190,37 @@ async def test_idempotency_duplicate_and_conflict(backend: Backend, tmp_path: Pa
 async def test_idempotency_keys_outlive_acknowledgement_and_are_never_forgotten_early(
     backend: Backend, tmp_path: Path
 ) -> None:
+    """A retry within the envelope's TTL returns the original result, acknowledged or not.
+
+    0008 rows (PostgreSQL below the compact floor) are forgotten a whole hour bucket after ``forget_at``;
+    in the compact schema a key points at its inbox row or tombstone and is forgotten with it, when the
+    envelope expires (the service passes ``forget_at`` = now + the maximum TTL, never before the expiry).
+    """
     hour = 3_600_000
     forget_at = 1_000 * hour + 123  # mid-bucket: keys are forgotten a whole hour bucket at a time
+    expires = 900 * hour + 7
     async with open_store(backend, tmp_path) as store:
+        compact = getattr(store, "compact_inbox", False)
         a = device(1)
         await with_devices(store, a)
-        first = await store.store_envelopes("s", [envelope(a, b"keep-key")], 10, MAX_INBOX, forget_at)
+        first = await store.store_envelopes("s", [envelope(a, b"keep-key", expires=expires)], 10, MAX_INBOX, forget_at)
         assert await store.acknowledge(a.device_id, 1, []) == 1  # the envelope is gone, its key is not
-        for now in (forget_at - 1, forget_at, 1_001 * hour - 1):
+        assert await store.read_inbox(a.device_id, 0, 10, 0) == []
+        with pytest.raises(TetherlessError) as reused:
+            await store.store_envelopes("s", [envelope(a, b"keep-key", b"other")], 20, MAX_INBOX, FOREVER)
+        assert reused.value.code is ErrorCode.IDEMPOTENCY_CONFLICT  # told apart after the acknowledgement too
+        kept = (expires - 1,) if compact else (expires, forget_at - 1, forget_at, 1_001 * hour - 1)
+        for now in kept:
             assert (await store.expire(now)).idempotency_keys == 0
             retry = await store.store_envelopes("s", [envelope(a, b"keep-key")], now, MAX_INBOX, FOREVER)
             assert retry == [StoredEnvelope(first[0].envelope_id, 10, True, a.device_id)]
-        assert (await store.expire(1_001 * hour)).idempotency_keys == 1
-        anew = await store.store_envelopes("s", [envelope(a, b"keep-key")], 1_001 * hour, MAX_INBOX, FOREVER)
+        gone_at = expires if compact else 1_001 * hour
+        report = await store.expire(gone_at)
+        assert report.envelopes == 0  # a tombstone is not an envelope
+        # The dangling pointer is deleted by this sweep or (SQLite) when its expiry hour has ended.
+        later = await store.expire(901 * hour) if compact else report
+        assert report.idempotency_keys + (later.idempotency_keys if compact else 0) == 1
+        anew = await store.store_envelopes("s", [envelope(a, b"keep-key")], gone_at, MAX_INBOX, FOREVER)
         assert not anew[0].duplicate
         assert anew[0].envelope_id != first[0].envelope_id
 

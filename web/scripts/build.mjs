@@ -20,7 +20,7 @@ await build({
   minify: true,
   define: { __TETHERLESS_WEB_VERSION__: JSON.stringify(pkg.version) },
 });
-await copyFile(join(root, "src/app/index.html"), join(out, "index.html"));
+for (const file of ["index.html", "styles.css"]) await copyFile(join(root, "src/app", file), join(out, file));
 
 // The protocol and client code must stay browser-clean (no Node built-ins): bundle them for the browser,
 // write nothing.

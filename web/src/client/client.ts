@@ -149,6 +149,8 @@ export class TetherlessClient {
         this.store.setMark(fixed.accountId, [1, listHash(genesis.device_list)]);
       });
     }
+    // The keys are on disk before the relay knows the account: an account whose keys were lost is unusable.
+    await this.store.durable();
     try {
       const created = await this.api.createAccount(identity.genesis);
       if (created.account_id !== identity.accountId || created.device_id !== identity.deviceId) {
@@ -207,6 +209,7 @@ export class TetherlessClient {
         ...Array.from({ length: ONE_TIME_PREKEYS }, () => make("mlkem768-one-time")),
       ],
     }));
+    await this.store.durable();
     const counts = await this.api.putPrekeys(upload);
     if (
       counts.signed_prekey_id !== upload.signed_prekey.key_id ||
@@ -286,8 +289,11 @@ export class TetherlessClient {
       });
       const queued = { messageId, envelopes };
       this.store.putOutbox(queued);
+      this.store.keepMessage({ direction: "out", peer: canonicalAddress(to), sentAtMs, messageId, contentType, body });
       return queued;
     });
+    // Sealed envelopes advance ratchets: they reach the relay only once the outbox is on disk (crypto.md §8.5).
+    await this.store.durable();
     return this.post(entry);
   }
 
@@ -389,7 +395,16 @@ export class TetherlessClient {
         for (const envelope of page.envelopes) {
           if (this.store.isProcessed(envelope.id)) continue;
           try {
-            received.push(this.openEnvelope(envelope, senders));
+            const message = this.openEnvelope(envelope, senders);
+            received.push(message);
+            this.store.keepMessage({
+              direction: "in",
+              peer: message.sender,
+              sentAtMs: message.sentAtMs,
+              messageId: message.messageId,
+              contentType: message.contentType,
+              body: message.body,
+            });
           } catch (error) {
             if (!(error instanceof TetherlessError)) throw error;
             refusedList.push({
@@ -403,6 +418,8 @@ export class TetherlessClient {
         }
         this.store.setInboxCursor(Math.max(after, page.next_cursor));
       });
+      // The custody rule: the relay may delete what it hands over only once the local commit is on disk.
+      await this.store.durable();
       if (page.envelopes.length) await this.api.ack({ up_to: page.next_cursor, ids: [] });
       if (!page.more) return { received, refused: refusedList };
     }

@@ -1,11 +1,13 @@
 /**
  * The client's local state behind one interface: identity and device keys, device-list high-water marks,
- * prekey privates, ratchet sessions, the replay cache, processed envelopes and the inbox cursor. Only an
- * in-memory implementation exists yet ({@link MemoryStore}); the browser's IndexedDB store (encrypted under a
- * non-extractable WebCrypto key, issue 16 item 4) implements the same interface later.
+ * prekey privates, ratchet sessions, the replay cache, processed envelopes, the inbox cursor and the messages
+ * shown to the user. {@link MemoryStore} keeps it in memory; `PersistentStore` (persist.ts) adds a sealed copy
+ * on disk (the browser's IndexedDB, encrypted under a non-extractable WebCrypto key: issue 16 item 4).
  *
  * Every mutation the client makes for one operation runs inside one {@link ClientStore.transaction}: all of
- * it is kept or none (the custody rule: acknowledge to the relay only after the local commit).
+ * it is kept or none. The custody rule (acknowledge to the relay only after the local commit, post a message
+ * only after it is in the outbox on disk) is {@link ClientStore.durable}: the client awaits it before those
+ * requests.
  */
 import { toHex as hex } from "../protocol/bytes.js";
 import type { OutboundEnvelope, PrekeyKind, SignedDeviceList } from "../protocol/messages.js";
@@ -26,6 +28,17 @@ export interface DeviceIdentity {
   readonly relayName: string;
   /** The genesis list this device signed: posted again when account creation got no answer. */
   readonly genesis: SignedDeviceList;
+}
+
+/** A message as the user sees it: received (`in`) or sent (`out`), kept in the same commit as its state. */
+export interface StoredMessage {
+  readonly direction: "in" | "out";
+  /** The sender's device address (`in`), or the address it was sent to (`out`), canonical. */
+  readonly peer: string;
+  readonly sentAtMs: number;
+  readonly messageId: Uint8Array;
+  readonly contentType: string;
+  readonly body: Uint8Array;
 }
 
 /** One sent message's envelopes, sealed and committed before they are posted (crypto.md §8.5). */
@@ -75,11 +88,22 @@ export interface ClientStore {
   /** The next per-pair sequence number for messages to `peerAddress` (1, 2, …), reserved by the call. */
   takePairSeq(peerAddress: string): number;
 
+  /** Append a message to the history the user sees (received or sent). */
+  keepMessage(message: StoredMessage): void;
+  /** The history, oldest first. */
+  messages(): readonly StoredMessage[];
+
   /** Run `fn` atomically: every change inside is kept, or (when `fn` throws) none is. Not reentrant. */
   transaction<T>(fn: () => T): T;
+  /**
+   * Resolves once every transaction committed so far is on durable storage (at once for a store in memory);
+   * rejects when writing it failed. The client awaits it before a request that must follow a local commit.
+   */
+  durable(): Promise<void>;
 }
 
-interface MemoryState {
+/** The whole state of a {@link MemoryStore} (persist.ts encodes it). */
+export interface MemoryState {
   identity: DeviceIdentity | null;
   marks: Map<string, readonly [number, Uint8Array]>;
   prekeys: Map<string, Uint8Array>;
@@ -91,11 +115,14 @@ interface MemoryState {
   cursor: number;
   pairSeq: Map<string, number>;
   outbox: Map<string, OutboxEntry>;
+  messages: StoredMessage[];
+  /** The app's own small values (its relay URL, what it finished setting up), not the protocol's. */
+  settings: Map<string, string>;
 }
 
-/** Everything in memory (tests, Node scripts): lost when the process ends. */
-export class MemoryStore implements ClientStore {
-  private state: MemoryState = {
+/** A state with nothing in it (a new device). */
+export function emptyState(): MemoryState {
+  return {
     identity: null,
     marks: new Map(),
     prekeys: new Map(),
@@ -107,8 +134,19 @@ export class MemoryStore implements ClientStore {
     cursor: 0,
     pairSeq: new Map(),
     outbox: new Map(),
+    messages: [],
+    settings: new Map(),
   };
+}
+
+/** Everything in memory (tests, Node scripts): lost when the process ends. */
+export class MemoryStore implements ClientStore {
+  protected state: MemoryState;
   private inTransaction = false;
+
+  constructor(state: MemoryState = emptyState()) {
+    this.state = state;
+  }
 
   identity(): DeviceIdentity | null {
     return this.state.identity;
@@ -179,6 +217,21 @@ export class MemoryStore implements ClientStore {
     this.state.pairSeq.set(peerAddress, next);
     return next;
   }
+  keepMessage(message: StoredMessage): void {
+    this.state.messages.push(message);
+  }
+  messages(): readonly StoredMessage[] {
+    return this.state.messages;
+  }
+  setting(name: string): string | null {
+    return this.state.settings.get(name) ?? null;
+  }
+  setSetting(name: string, value: string): void {
+    this.state.settings.set(name, value);
+  }
+  durable(): Promise<void> {
+    return Promise.resolve();
+  }
   transaction<T>(fn: () => T): T {
     if (this.inTransaction) throw new Error("MemoryStore.transaction is not reentrant");
     // Values are never mutated in place (states are replaced), so a shallow copy of each container restores.
@@ -193,6 +246,8 @@ export class MemoryStore implements ClientStore {
       processed: new Set(this.state.processed),
       pairSeq: new Map(this.state.pairSeq),
       outbox: new Map(this.state.outbox),
+      messages: [...this.state.messages],
+      settings: new Map(this.state.settings),
     };
     this.inTransaction = true;
     try {

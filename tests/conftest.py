@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import Phase, settings
 
 from tests.relay_process import RelayProcess
 
@@ -30,6 +31,26 @@ from tests.relay_process import RelayProcess
 # (protocol/client/keystore.py: without the variable such a keystore is refused).
 os.environ.setdefault("TETHERLESS_PASSPHRASE", "correct horse battery staple")
 os.environ.setdefault("TETHERLESS_INSECURE_KDF", "1")
+
+# Mutation runs (`make mutation`, docs/security.md "Mutation testing") repeat the tests that reach a
+# mutated function once per mutant, so the property and state-machine tests run a few fixed examples
+# there instead of dozens of random ones: a mutant then costs seconds, not the 70 s of the device-list
+# state machine, and its verdict does not depend on the seed or on examples saved by another mutant.
+# mutmut sets MUTANT_UNDER_TEST in every process it starts (also the stats and clean-test runs).
+# No shrinking there: a mutant is killed by any failing example, and shrinking a failing state machine
+# takes minutes (the mutant then times out instead of failing).
+settings.register_profile(
+    "mutation",
+    max_examples=10,
+    stateful_step_count=20,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    report_multiple_bugs=False,
+)
+if "MUTANT_UNDER_TEST" in os.environ:
+    settings.load_profile("mutation")
 
 
 @pytest.hookimpl(tryfirst=True)

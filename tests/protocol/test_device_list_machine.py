@@ -274,7 +274,12 @@ class DeviceListMachine(RuleBasedStateMachine):
                 raise AssertionError("a rolled-back chain passed the mark")
 
 
+# never more than the loaded profile allows: the "mutation" profile (tests/conftest.py) runs a few steps
+_PROFILE = settings()
 DeviceListMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=min(50, _PROFILE.max_examples),
+    stateful_step_count=min(20, _PROFILE.stateful_step_count),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 TestDeviceLists = DeviceListMachine.TestCase

@@ -148,6 +148,17 @@ STATUS: Final[dict[ErrorCode, int]] = {
 
 TITLES: Final[dict[ErrorCode, str]] = {code: code.value.replace("_", " ").capitalize() for code in ErrorCode}
 
+
+class LocalErrorCode(enum.StrEnum):
+    """Stable codes of what a client finds wrong in its own local state (docs/crypto.md §13): the ``code`` of
+    ``protocol.client.localdb.LocalDBError`` and its subclasses. Never sent on the wire, so no HTTP status; the
+    message the CLI prints starts with the same words (``local state tampered: …``)."""
+
+    LOCAL_STATE_TAMPERED = "local_state_tampered"  # a sealed row does not open, or a guarded set lost/gained rows
+    LOCAL_STATE_ROLLED_BACK = "local_state_rolled_back"  # state.db (or the home) is older than evidence kept apart
+    LOCAL_STATE_TOO_NEW = "local_state_too_new"  # state.db was migrated by a newer client than this one
+
+
 PROBLEM_TYPE_BASE: Final = "https://tetherless.dev/problems/"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 

@@ -35,6 +35,7 @@ of an envelope, so a restarted client recomputes the same key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Annotated, Final, Literal
 
@@ -43,7 +44,7 @@ import nacl.exceptions
 import nacl.signing
 from msgspec import Meta
 
-from . import codec, device_list, hybrid, padding, signing
+from . import codec, device_list, hybrid, padding, recovery, signing
 from .errors import ErrorCode, TetherlessError
 from .messages import DeviceEntry, Message
 
@@ -390,6 +391,8 @@ KEY_GRANT_V2_DOMAIN: Final = "log-key-grant/2"
 RECORD_V2_DOMAIN: Final = "log-record/2"
 RECORD_SIGNATURE_DOMAIN: Final = "log-record-sig/2"
 KEY_RECORD_V2: Final = 2
+KEY_EPOCH_V3_DOMAIN: Final = "log-key-epoch/3"
+KEY_RECORD_V3: Final = 3
 
 
 class EpochKey(Message, frozen=True):
@@ -430,10 +433,21 @@ class KeyEpochBodyV2(Message, frozen=True):
     commitments: list[EpochCommitment]
 
 
-class KeyEpochRecordV2(Message, frozen=True):
-    v: Literal[2]
+class WriterMark(Message, frozen=True):
+    """A removed writer's close-out mark (§5.1 v3): the highest ``writer_seq`` of its records before the rotation."""
+
+    device_id: str
+    last_seq: Annotated[int, Meta(ge=0)]
+
+
+class KeyEpochRecordV2(Message, frozen=True, omit_defaults=True):
+    """A v2 key record, or a v3 one (§5.1 v3): a v2 body plus ``closed``, the rotation's close-out marks of the
+    writers it removes, signed under the v3 domain. A v2 record encodes exactly as before (``closed`` omitted)."""
+
+    v: Literal[2, 3]
     body: KeyEpochBodyV2
     signature: bytes
+    closed: list[WriterMark] = []
 
 
 class SignedRecordPayload(Message, frozen=True):
@@ -447,7 +461,9 @@ class SignedRecordPayload(Message, frozen=True):
 AnyKeyRecord = KeyEpochRecord | KeyEpochRecordV2
 
 
-def key_epoch_v2_layout(body: KeyEpochBodyV2) -> bytes:
+def key_epoch_v2_layout(body: KeyEpochBodyV2, closed: list[WriterMark] | None = None) -> bytes:
+    """What a key record's creator signs: the v2 layout, or with ``closed`` (not None) the v3 layout, which
+    appends the close-out marks under its own domain (so a v3 signature never verifies as v2 and back)."""
     fields: list[signing.Field] = [
         body.account_id,
         body.epoch,
@@ -462,7 +478,16 @@ def key_epoch_v2_layout(body: KeyEpochBodyV2) -> bytes:
     fields.append(len(body.commitments))
     for c in body.commitments:
         fields += [c.epoch, c.commitment]
-    return signing.layout(KEY_EPOCH_V2_DOMAIN, *fields)
+    if closed is None:
+        return signing.layout(KEY_EPOCH_V2_DOMAIN, *fields)
+    fields.append(len(closed))
+    for mark in closed:
+        fields += [mark.device_id, mark.last_seq]
+    return signing.layout(KEY_EPOCH_V3_DOMAIN, *fields)
+
+
+def _signed_layout(record: KeyEpochRecordV2) -> bytes:
+    return key_epoch_v2_layout(record.body, record.closed if record.v == KEY_RECORD_V3 else None)
 
 
 def grant_context(account_id: str, epoch: int, device_list_version: int, creator_device: str, device_id: str) -> bytes:
@@ -482,8 +507,12 @@ def make_key_record_v2(
     devices: list[DeviceEntry],
     created_at_ms: int,
     wrap_randomness: list[tuple[bytes, bytes, bytes]],
+    closed: dict[str, int] | None = None,
 ) -> bytes:
     """The ``ciphertext`` of a v2 key record granting every key in ``keys`` (which holds ``epoch``) to ``devices``.
+
+    ``closed``: device id → last ``writer_seq`` of each writer this rotation removes (§5.1 v3); when given and
+    not empty the record is a v3 record committing to those marks (sorted by device id), else a v2 record.
 
     ``wrap_randomness``: per device *with* a ``kem_key``, in order, ``(ephemeral X25519 private key, ML-KEM
     ciphertext, ML-KEM shared secret)`` from a fresh encapsulation to that key. A device without one (format 2)
@@ -522,8 +551,17 @@ def make_key_record_v2(
         grants=grants,
         commitments=[EpochCommitment(epoch=e, commitment=key_commitment(account_id, e, keys[e])) for e in sorted(keys)],
     )
-    signature = signing.sign(signing_key, key_epoch_v2_layout(body))
-    return padding.pad(codec.encode(KeyEpochRecordV2(v=KEY_RECORD_V2, body=body, signature=signature)))
+    if closed and not rotation:
+        raise ValueError("only a rotation closes writers")
+    if closed:
+        marks = [WriterMark(device_id=d, last_seq=closed[d]) for d in sorted(closed)]
+        signature = signing.sign(signing_key, key_epoch_v2_layout(body, marks))
+        record = KeyEpochRecordV2(v=KEY_RECORD_V3, body=body, signature=signature, closed=marks)
+    else:
+        record = KeyEpochRecordV2(
+            v=KEY_RECORD_V2, body=body, signature=signing.sign(signing_key, key_epoch_v2_layout(body))
+        )
+    return padding.pad(codec.encode(record))
 
 
 def decode_any_key_record(ciphertext: bytes) -> AnyKeyRecord:
@@ -532,10 +570,8 @@ def decode_any_key_record(ciphertext: bytes) -> AnyKeyRecord:
         plain = padding.unpad(ciphertext)
     except TetherlessError as exc:
         raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"key record: {exc.detail}") from exc
-    try:
+    with contextlib.suppress(TetherlessError):
         return codec.decode(plain, KeyEpochRecordV2)
-    except TetherlessError:
-        pass
     try:
         return codec.decode(plain, KeyEpochRecord)
     except TetherlessError as exc:
@@ -550,7 +586,9 @@ def verify_key_record_v2(record: KeyEpochRecordV2, *, account_id: str, epoch: in
     with a ``kem_key`` gets a hybrid wrap, one without gets none; a rotation
     grants exactly the list's grant-receiving devices (a removed device gets
     nothing), a grant-only record a subset; the commitments name ``epoch`` and
-    only earlier epochs, once each. Raises :class:`InvalidRecordError` (``bad_signature``).
+    only earlier epochs, once each. A v3 record (signed over its ``closed`` marks)
+    is a rotation that closes only writers it does not grant, once each; a v2 one
+    closes none. Raises :class:`InvalidRecordError` (``bad_signature``).
     """
     body = record.body
     if body.account_id != account_id or body.epoch != epoch:
@@ -560,9 +598,14 @@ def verify_key_record_v2(record: KeyEpochRecordV2, *, account_id: str, epoch: in
     if creator is None:
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record creator is not a key-holding device of the list")
     try:
-        signing.verify(creator.sign_key, key_epoch_v2_layout(body), record.signature)
+        signing.verify(creator.sign_key, _signed_layout(record), record.signature)
     except TetherlessError as exc:
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
+    closed = [m.device_id for m in record.closed]
+    if record.closed and (record.v != KEY_RECORD_V3 or not body.rotation):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "only a v3 rotation closes writers")
+    if len(set(closed)) != len(closed) or set(closed) & {g.device_id for g in body.grants}:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record closes a writer twice or one it grants")
     granted = [g.device_id for g in body.grants]
     if len(set(granted)) != len(granted) or not set(granted) <= set(receiving):
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
@@ -633,12 +676,43 @@ def seal_signed_record(
     if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES or len(record_id) != RECORD_ID_BYTES:
         raise ValueError("key 32, nonce 24 and record id 16 bytes")
     ad = record_v2_ad(account_id, record_id, epoch, kind)
-    payload = codec.encode(plaintext)
-    signature = signing.sign(signing_key, record_signature_layout(ad, plaintext.writer_device, payload))
-    signed = SignedRecordPayload(writer_device=plaintext.writer_device, signature=signature, payload=payload)
+    return _seal_signed(key, codec.encode(plaintext), plaintext.writer_device, signing_key, ad, nonce)
+
+
+def _seal_signed(
+    key: bytes, payload: bytes, writer_device: str, signing_key: nacl.signing.SigningKey, ad: bytes, nonce: bytes
+) -> bytes:
+    """§4.6: ``payload`` signed by ``writer_device`` over the v2 ``ad``, then sealed under ``key``."""
+    signature = signing.sign(signing_key, record_signature_layout(ad, writer_device, payload))
+    signed = SignedRecordPayload(writer_device=writer_device, signature=signature, payload=payload)
     return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
         padding.pad(codec.encode(signed)), ad, nonce, key
     )
+
+
+def _open_signed(key: bytes, ciphertext: bytes, writers: dict[str, bytes], ad: bytes, what: str) -> tuple[str, bytes]:
+    """Inverse of :func:`_seal_signed`: (the writer, the payload it signed). Raises :class:`InvalidRecordError`:
+    ``malformed_body`` when it does not open, ``bad_signature`` when the writer is not in ``writers`` or the
+    signature does not verify."""
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"{what} is truncated")
+    try:
+        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ciphertext[NONCE_BYTES:], ad, ciphertext[:NONCE_BYTES], key
+        )
+        signed = codec.decode(padding.unpad(padded), SignedRecordPayload)
+    except nacl.exceptions.CryptoError:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"{what} does not decrypt") from None
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"{what}: {exc.detail}") from exc
+    sign_key = writers.get(signed.writer_device)
+    if sign_key is None:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, f"{what} writer does not hold this epoch")
+    try:
+        signing.verify(sign_key, record_signature_layout(ad, signed.writer_device, signed.payload), signed.signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, f"{what} signature does not verify") from exc
+    return signed.writer_device, signed.payload
 
 
 def open_signed_record(
@@ -657,30 +731,13 @@ def open_signed_record(
     Raises :class:`InvalidRecordError`: ``malformed_body`` when it does not open or decode, ``bad_signature``
     when the writer is not allowed, the signature does not verify or the inner writer differs.
     """
-    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
-        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record is truncated")
     ad = record_v2_ad(account_id, record_id, epoch, kind)
+    writer, payload = _open_signed(key, ciphertext, writers, ad, "log record")
     try:
-        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            ciphertext[NONCE_BYTES:], ad, ciphertext[:NONCE_BYTES], key
-        )
-        signed = codec.decode(padding.unpad(padded), SignedRecordPayload)
-    except nacl.exceptions.CryptoError:
-        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "log record does not decrypt") from None
-    except TetherlessError as exc:
-        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"log record: {exc.detail}") from exc
-    sign_key = writers.get(signed.writer_device)
-    if sign_key is None:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record writer does not hold this epoch")
-    try:
-        signing.verify(sign_key, record_signature_layout(ad, signed.writer_device, signed.payload), signed.signature)
-    except TetherlessError as exc:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record signature does not verify") from exc
-    try:
-        plaintext = codec.decode(signed.payload, LogPlaintext)
+        plaintext = codec.decode(payload, LogPlaintext)
     except TetherlessError as exc:
         raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"log record plaintext: {exc.detail}") from exc
-    if plaintext.writer_device != signed.writer_device:
+    if plaintext.writer_device != writer:
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "log record names another writer than its signer")
     return plaintext
 
@@ -856,28 +913,256 @@ def open_snapshot_part(
     return part
 
 
+def _manifest_ad(account_id: str, snapshot: bytes, epoch: int, covers: int, parts: int, *, signed: bool) -> bytes:
+    domain = RECORD_V2_DOMAIN if signed else RECORD_DOMAIN
+    return record_ad(
+        account_id, snapshot_manifest_id(snapshot), epoch, "snapshot", snapshot, covers, parts, domain=domain
+    )
+
+
 def seal_snapshot_manifest(
-    key: bytes, manifest: SnapshotManifest, *, account_id: str, snapshot: bytes, epoch: int, nonce: bytes
+    key: bytes,
+    manifest: SnapshotManifest,
+    *,
+    account_id: str,
+    snapshot: bytes,
+    epoch: int,
+    nonce: bytes,
+    signing_key: nacl.signing.SigningKey | None = None,
 ) -> bytes:
-    """A ``snapshot`` manifest ciphertext; ``covers`` and the part count are bound into the AD (§4.2)."""
+    """A ``snapshot`` manifest ciphertext; ``covers`` and the part count are bound into the AD (§4.2).
+
+    With ``signing_key`` (every manifest under a v2 epoch, §6.1 "signed snapshots") it is signed by
+    ``manifest.writer_device`` like an event record (§4.6: the v2 AD, ``SignedRecordPayload``); its part hashes
+    then authenticate every part. Pure; raises ``ValueError`` for wrong lengths.
+    """
     parts = len(manifest.part_hashes)
-    ad = record_ad(account_id, snapshot_manifest_id(snapshot), epoch, "snapshot", snapshot, manifest.covers, parts)
-    return _seal_plain(key, codec.encode(manifest), ad, nonce)
+    ad = _manifest_ad(account_id, snapshot, epoch, manifest.covers, parts, signed=signing_key is not None)
+    if signing_key is None:
+        return _seal_plain(key, codec.encode(manifest), ad, nonce)
+    if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES:
+        raise ValueError("key 32 and nonce 24 bytes")
+    return _seal_signed(key, codec.encode(manifest), manifest.writer_device, signing_key, ad, nonce)
 
 
 def open_snapshot_manifest(
-    key: bytes, ciphertext: bytes, *, account_id: str, snapshot: bytes, epoch: int, covers: int, parts: int
+    key: bytes,
+    ciphertext: bytes,
+    *,
+    account_id: str,
+    snapshot: bytes,
+    epoch: int,
+    covers: int,
+    parts: int,
+    writers: dict[str, bytes] | None = None,
 ) -> SnapshotManifest:
-    """Inverse of :func:`seal_snapshot_manifest`; raises :class:`InvalidRecordError`."""
-    ad = record_ad(account_id, snapshot_manifest_id(snapshot), epoch, "snapshot", snapshot, covers, parts)
-    plain = _open_plain(key, ciphertext, ad, "snapshot manifest")
+    """Inverse of :func:`seal_snapshot_manifest`. ``writers`` (device id → Ed25519 key of the epoch's writers)
+    given: only a signed manifest opens (an unsigned one does not open under the v2 AD), signed by one of them
+    and naming its signer. None: the legacy unsigned layout (legacy epochs). Raises :class:`InvalidRecordError`
+    (``malformed_body``, ``bad_signature``)."""
+    ad = _manifest_ad(account_id, snapshot, epoch, covers, parts, signed=writers is not None)
+    if writers is None:
+        plain = _open_plain(key, ciphertext, ad, "snapshot manifest")
+    else:
+        signer, plain = _open_signed(key, ciphertext, writers, ad, "snapshot manifest")
     try:
         manifest = codec.decode(plain, SnapshotManifest)
     except TetherlessError as exc:
         raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"snapshot manifest: {exc.detail}") from exc
     if manifest.covers != covers or len(manifest.part_hashes) != parts:
         raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot manifest disagrees with its header")
+    if writers is not None and manifest.writer_device != signer:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "snapshot manifest names another writer than its signer")
     return manifest
+
+
+# -- recovery backup records (§5.7; crypto.md §3.4, §12.2) ------------------------------------------------
+
+RECOVERY_BACKUP_DOMAIN: Final = "log-recovery-backup"
+RECOVERY_BACKUP_WRAP_DOMAIN: Final = "log-recovery-backup-wrap"
+RECOVERY_BACKUP_ID_DOMAIN: Final = "log-recovery-backup-id"
+
+
+class RecoveryBackupBody(Message, frozen=True):
+    """A recovery backup (§5.7): epoch keys wrapped to the recovery backup key, whose public halves it names
+    (their hash must be the ``recovery_backup_key_hash`` of the list version it names)."""
+
+    account_id: str
+    epoch: Annotated[int, Meta(ge=1)]
+    device_list_version: Annotated[int, Meta(ge=1)]
+    writer_device: str
+    created_at_ms: int
+    x25519_public: Annotated[bytes, Meta(min_length=32, max_length=32)]
+    kem_public: Annotated[bytes, Meta(min_length=1184, max_length=1184)]
+    wrapped: bytes
+    commitments: list[EpochCommitment]
+
+    @property
+    def recipient(self) -> hybrid.HybridRecipient:
+        return hybrid.HybridRecipient(x25519_public=self.x25519_public, kem_public=self.kem_public)
+
+
+class RecoveryBackupRecord(Message, frozen=True):
+    """A ``key``-kind log record that is a recovery backup, not a key record (its fields differ from both)."""
+
+    backup: RecoveryBackupBody
+    signature: bytes
+
+
+def recovery_backup_layout(body: RecoveryBackupBody) -> bytes:
+    fields: list[signing.Field] = [
+        body.account_id,
+        body.epoch,
+        body.device_list_version,
+        body.writer_device,
+        body.created_at_ms,
+        body.x25519_public,
+        body.kem_public,
+        body.wrapped,
+        len(body.commitments),
+    ]
+    for c in body.commitments:
+        fields += [c.epoch, c.commitment]
+    return signing.layout(RECOVERY_BACKUP_DOMAIN, *fields)
+
+
+def recovery_backup_context(
+    account_id: str, epoch: int, device_list_version: int, writer_device: str, backup_key_hash: bytes
+) -> bytes:
+    """The hybrid wrap's context: a backup cannot be moved to another account, epoch, list version, writer or
+    recovery key."""
+    return signing.layout(
+        RECOVERY_BACKUP_WRAP_DOMAIN, account_id, epoch, device_list_version, writer_device, backup_key_hash
+    )
+
+
+def recovery_backup_id(account_id: str, epoch: int, backup_key_hash: bytes) -> bytes:
+    """The record id of the backup of ``epoch`` to one recovery key: two devices writing it race harmlessly
+    (the relay keeps the first, L3) and a retried append is idempotent."""
+    return signing.digest(RECOVERY_BACKUP_ID_DOMAIN, account_id, epoch, backup_key_hash)[:RECORD_ID_BYTES]
+
+
+def make_recovery_backup(
+    signing_key: nacl.signing.SigningKey,
+    *,
+    account_id: str,
+    writer_device: str,
+    epoch: int,
+    keys: dict[int, bytes],
+    device_list_version: int,
+    recipient: hybrid.HybridRecipient,
+    created_at_ms: int,
+    ephemeral_private_key: bytes,
+    kem_ciphertext: bytes,
+    kem_shared_secret: bytes,
+) -> bytes:
+    """The ``ciphertext`` of a recovery backup record wrapping every key in ``keys`` (which holds ``epoch`` and
+    no later one) to ``recipient``. ``(kem_ciphertext, kem_shared_secret)``: a fresh encapsulation to
+    ``recipient.kem_public``; ``ephemeral_private_key``: 32 fresh random bytes.
+
+    Pure and deterministic. Raises ``ValueError`` on inconsistent inputs.
+    """
+    if epoch not in keys or any(len(k) != KEY_BYTES for k in keys.values()) or any(e > epoch for e in keys):
+        raise ValueError("keys must hold the record's epoch and no later one, 32 bytes each")
+    key_hash = recovery.backup_key_hash(recipient)
+    wrapped = hybrid.seal(
+        recipient,
+        codec.encode(GrantPayload(keys=[EpochKey(epoch=e, key=keys[e]) for e in sorted(keys)])),
+        context=recovery_backup_context(account_id, epoch, device_list_version, writer_device, key_hash),
+        ephemeral_private_key=ephemeral_private_key,
+        kem_ciphertext=kem_ciphertext,
+        kem_shared_secret=kem_shared_secret,
+    )
+    body = RecoveryBackupBody(
+        account_id=account_id,
+        epoch=epoch,
+        device_list_version=device_list_version,
+        writer_device=writer_device,
+        created_at_ms=created_at_ms,
+        x25519_public=recipient.x25519_public,
+        kem_public=recipient.kem_public,
+        wrapped=wrapped,
+        commitments=[EpochCommitment(epoch=e, commitment=key_commitment(account_id, e, keys[e])) for e in sorted(keys)],
+    )
+    signature = signing.sign(signing_key, recovery_backup_layout(body))
+    return padding.pad(codec.encode(RecoveryBackupRecord(backup=body, signature=signature)))
+
+
+def decode_recovery_backup(ciphertext: bytes) -> RecoveryBackupRecord | None:
+    """The recovery backup in a ``key`` record, or None when it is not one (a key record, or garbage: the key
+    record decoder reports that). Never raises."""
+    try:
+        return codec.decode(padding.unpad(ciphertext), RecoveryBackupRecord)
+    except TetherlessError:
+        return None
+
+
+def verify_recovery_backup(
+    record: RecoveryBackupRecord,
+    *,
+    account_id: str,
+    epoch: int,
+    devices: list[DeviceEntry],
+    backup_key_hash: bytes,
+    epoch_list_version: int,
+) -> None:
+    """Check a recovery backup against the verified list of its ``device_list_version`` (§5.7).
+
+    ``devices`` and ``backup_key_hash``: that list version's devices and ``recovery_backup_key_hash``;
+    ``epoch_list_version``: the list version named by the verified key record that created ``epoch``. The
+    writer must be a role-``device`` entry of the list and have signed it; the named recovery key must be
+    the one the list commits to; the list version may not predate the epoch's (a device removed before the
+    epoch was created cannot write for it); the commitments name ``epoch`` (the highest) and earlier epochs
+    once each. Raises :class:`InvalidRecordError` (``bad_signature``).
+    """
+    body = record.backup
+    if body.account_id != account_id or body.epoch != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup for another account or epoch")
+    writer = next((d for d in devices if d.device_id == body.writer_device), None)
+    if writer is None or writer.role != device_list.ROLE_DEVICE:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup writer is not a device of the list")
+    try:
+        signing.verify(writer.sign_key, recovery_backup_layout(body), record.signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup signature does not verify") from exc
+    if not backup_key_hash or recovery.backup_key_hash(body.recipient) != backup_key_hash:
+        raise InvalidRecordError(
+            ErrorCode.BAD_SIGNATURE, "recovery backup names a key the device list does not commit to"
+        )
+    if body.device_list_version < epoch_list_version:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup names an older device list than its epoch")
+    epochs = [c.epoch for c in body.commitments]
+    if epoch not in epochs or len(set(epochs)) != len(epochs) or max(epochs) != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup commitments do not match its epoch")
+
+
+def open_recovery_backup(record: RecoveryBackupRecord, keys: recovery.RecoveryKeys) -> dict[int, bytes]:
+    """The epoch keys of a verified recovery backup, opened with the keys derived from the recovery secret and
+    each checked against the record's commitment.
+
+    Raises :class:`InvalidRecordError`: ``bad_signature`` when the backup is for another recovery key or a key
+    does not match its commitment, ``malformed_body`` when the wrap does not open (a zeroed or swapped
+    ML-KEM or X25519 share, a moved context).
+    """
+    body = record.backup
+    key_hash = recovery.backup_key_hash(body.recipient)
+    if key_hash != recovery.backup_key_hash(recovery.backup_recipient(keys)):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup is for another recovery key")
+    context = recovery_backup_context(
+        body.account_id, body.epoch, body.device_list_version, body.writer_device, key_hash
+    )
+    try:
+        plain = hybrid.open_wrap(keys.x25519_private, keys.mlkem_seed, body.wrapped, context=context)
+        payload = codec.decode(plain, GrantPayload)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.MALFORMED_BODY, "recovery backup does not open") from exc
+    commitments = {c.epoch: c.commitment for c in body.commitments}
+    opened = {item.epoch: item.key for item in payload.keys}
+    if set(opened) != set(commitments) or any(
+        commitments[e] != key_commitment(body.account_id, e, k) for e, k in opened.items()
+    ):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup keys do not match their commitments")
+    return opened
 
 
 __all__ = [
@@ -900,6 +1185,8 @@ __all__ = [
     "MessageFrame",
     "MessageReceived",
     "MessageSent",
+    "RecoveryBackupBody",
+    "RecoveryBackupRecord",
     "SignedRecordPayload",
     "SnapshotGap",
     "SnapshotKeyRecord",
@@ -907,8 +1194,10 @@ __all__ = [
     "SnapshotMessage",
     "SnapshotPart",
     "SnapshotState",
+    "WriterMark",
     "decode_any_key_record",
     "decode_key_record",
+    "decode_recovery_backup",
     "envelope_key",
     "frame_message",
     "grant_context",
@@ -917,14 +1206,19 @@ __all__ = [
     "key_epoch_v2_layout",
     "make_key_record",
     "make_key_record_v2",
+    "make_recovery_backup",
     "message_record_id",
     "open_record",
+    "open_recovery_backup",
     "open_signed_record",
     "open_snapshot_manifest",
     "open_snapshot_part",
     "record_ad",
     "record_signature_layout",
     "record_v2_ad",
+    "recovery_backup_context",
+    "recovery_backup_id",
+    "recovery_backup_layout",
     "seal_grant",
     "seal_record",
     "seal_signed_record",
@@ -940,5 +1234,6 @@ __all__ = [
     "unwrap_previous_key",
     "verify_key_record",
     "verify_key_record_v2",
+    "verify_recovery_backup",
     "wrap_previous_key",
 ]

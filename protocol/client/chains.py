@@ -2,7 +2,11 @@
 
 A client keeps, durably per account, the **high-water mark** ``(version,
 list_hash)`` of the highest version it verified, in the local database table
-``device_marks`` (key ``account_id@relay``). Every later chain must contain
+``device_marks``, keyed by a keyed hash of ``(account_id, relay)``
+(:meth:`LocalDB.blind`: a stolen disk does not say whose lists this device
+checked). The table is a guarded set (crypto.md §13.3): a deleted mark is
+reported as tampering, never taken for "never verified" (which would trust
+whatever list the relay serves next). Every later chain must contain
 that exact pair and must not end below it (``protocol.device_list.verify_chain``
 raises ``DeviceListForkError`` / ``DeviceListRollbackError``); a chain that
 fails any check is reported as :class:`DeviceListRejectedError` and none of
@@ -14,14 +18,11 @@ revoked (crypto.md §4): :class:`DeviceRevokedError`; it stops.
 
 from __future__ import annotations
 
-from typing import Final
-
 import msgspec
 
 from ..errors import ErrorCode, TetherlessError
 from .localdb import LocalDB
-
-MARK_TABLE: Final = "device_marks"
+from .store import MARK_TABLE, migrate
 
 
 class DeviceMark(msgspec.Struct, frozen=True):
@@ -55,26 +56,35 @@ class DeviceRevokedError(TetherlessError):
         )
 
 
-def mark_key(account_id: str, relay: str) -> str:
-    return f"{account_id}@{relay.lower()}"
+def mark_key(db: LocalDB, account_id: str, relay: str) -> bytes:
+    """The row key of an account's mark: a keyed hash (relay names compare case-insensitively)."""
+    return db.blind("device-mark", account_id, relay.lower())
 
 
 def load_mark(db: LocalDB | None, account_id: str, relay: str) -> tuple[int, bytes] | None:
-    """The stored high-water mark of an account (None: never verified, or no local database)."""
+    """The stored high-water mark of an account (None: never verified, or no local database).
+
+    Checks the whole set of marks first: raises :class:`~protocol.client.localdb.TamperedRowError` when a
+    mark row was deleted (or put back) outside tetherless, and for a mark that does not open. Reads only.
+    """
     if db is None:
         return None
-    mark = db.get_struct(MARK_TABLE, mark_key(account_id, relay), DeviceMark)
+    migrate(db)  # a database handed to the SDK directly may predate the guard (no-op when current)
+    db.check_members(MARK_TABLE)
+    mark = db.get_struct(MARK_TABLE, mark_key(db, account_id, relay), DeviceMark)
     return None if mark is None else (mark.version, mark.list_hash)
 
 
 def save_mark(db: LocalDB | None, account_id: str, relay: str, mark: tuple[int, bytes]) -> None:
-    """Durably raise an account's high-water mark (never lowers it)."""
+    """Durably raise an account's high-water mark (never lowers it). Idempotent; one transaction. Raises
+    what :func:`load_mark` raises."""
     if db is None:
         return
     with db.transaction():
         current = load_mark(db, account_id, relay)
         if current is None or mark[0] > current[0]:
-            db.put_struct(MARK_TABLE, mark_key(account_id, relay), DeviceMark(version=mark[0], list_hash=mark[1]))
+            value = msgspec.msgpack.encode(DeviceMark(version=mark[0], list_hash=mark[1]))
+            db.put_member(MARK_TABLE, mark_key(db, account_id, relay), value)
 
 
 __all__ = [
@@ -83,5 +93,6 @@ __all__ = [
     "DeviceMark",
     "DeviceRevokedError",
     "load_mark",
+    "mark_key",
     "save_mark",
 ]

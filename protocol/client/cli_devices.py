@@ -5,7 +5,8 @@
     device link --relay URL [--name NAME] [--ca-file PEM] [--timeout S]
         prints the link code on the first line of stdout, waits for an approval, joins, prints the address
     device link --relay URL --account ADDRESS --recovery-key [--recovery-key-file FILE] [--revoke ID]…
-        joins with the account's recovery key (read from FILE, else stdin / a prompt)
+        joins with the account's recovery key (read from FILE, else stdin / a prompt), then opens the
+        account's recovery backups with it (the whole history's keys, account-log.md §5.7)
     device approve CODE [--yes] [--timeout S]
         add the device showing CODE, wait until it joins, then grant it the account's history
     device list [--json]            the verified device list
@@ -32,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .. import device_list
+from .. import device_list, recovery
 from ..errors import ErrorCode, TetherlessError
 from ..ids import Address
 from ..messages import DeviceList, EnrolmentOffer
@@ -50,9 +51,11 @@ from .commands import (
 from .http import Origin
 from .keystore import KEM_SEED_BYTES, AlreadyInitialisedError, DeviceKeys, Keystore, keyring_available
 from .sdk import RelayClient
+from .sync import remember_recovery_backup_key
 
 RECOVERY_KEY_ENV = "TETHERLESS_RECOVERY_KEY"
 APPROVE_TIMEOUT_SECONDS = 300.0  # the new device polls every second; the relay keeps an offer 10 minutes
+BACKUP_TIMEOUT_SECONDS = 60.0  # the one sync that writes (init, recovery-key) or reads (link) the recovery backup
 
 
 def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -130,6 +133,63 @@ def show_recovery_key(text: str, path: str | None, *, stdout: bool = False) -> N
         file=sys.stderr,
         flush=True,
     )
+
+
+async def sync_with_recovery_key(
+    keystore: Keystore, keys: DeviceKeys, recovery_text: str, *, timeout_seconds: float
+) -> tuple[list[int], int]:
+    """One sync of this device while it holds the recovery secret (account-log.md §5.7): it opens every
+    recovery backup in the log (a device enrolled by the recovery key alone gets the history's keys) and backs
+    the newest epoch up to the recovery key the list commits to (``device init``, ``device recovery-key``).
+
+    Returns (epochs whose keys came from a backup, newest epoch backed up to this recovery key; 0: none).
+    Raises ``unavailable`` / ``log_rekey_required`` when the sync does not finish within ``timeout_seconds``.
+    The derived keys live only in this call; cancellation leaves the store consistent (the engine commits
+    each step) and the secret nowhere.
+    """
+    rk = recovery.recovery_keys(recovery.parse_recovery_secret(recovery_text), keys.account_id)
+    engine = cli_sync.make_engine(keys, cli_sync.open_store(keystore, keys))
+    engine.recovery = rk
+    try:
+        code = await engine.run(follow=False, timeout=timeout_seconds)
+        cli_sync._report_refusals(engine)
+        if code != EXIT_OK:
+            raise TetherlessError(
+                ErrorCode.LOG_REKEY_REQUIRED if engine.last_failure.startswith("log_") else ErrorCode.UNAVAILABLE,
+                f"the sync that reads and writes the recovery backup did not finish: "
+                f"{engine.last_failure or 'relay unreachable'}",
+            )
+        return sorted(engine.recovered_epochs), engine.backed_up_epoch(devices.backup_hash(rk))
+    finally:
+        engine.recovery = None
+        engine.store.db.close()
+
+
+def remember_new_recovery_key(keystore: Keystore, keys: DeviceKeys, recovery_text: str) -> None:
+    """``device init``: keep the *public* backup key of the recovery key just made (account-log.md §5.7), so this
+    device's first sync backs epoch 1 up to it once it creates the epoch. The secret is not kept."""
+    rk = recovery.recovery_keys(recovery.parse_recovery_secret(recovery_text), keys.account_id)
+    store = cli_sync.open_store(keystore, keys)
+    try:
+        with store.transaction():
+            remember_recovery_backup_key(store, recovery.backup_recipient(rk))
+    finally:
+        store.db.close()
+
+
+def report_backup(backed_up: int) -> None:
+    """The line ``device init`` / ``device recovery-key`` print on stderr about the recovery backup."""
+    if backed_up:
+        print(
+            f"recovery backup: the account keys up to epoch {backed_up} are backed up to this recovery key",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            "tetherless: warning: recovery backup: none written; a device enrolled by this recovery key alone "
+            "would read no history (run `tetherless device recovery-key` to make a new key with a backup)",
+            file=sys.stderr,
+        )
 
 
 def _iso(ms: int) -> str:
@@ -235,6 +295,7 @@ def cmd_device_link(args: argparse.Namespace) -> int:
             except TetherlessError as exc:
                 raise UsageError(f"not an account address: {args.account!r} (expected account@relay)") from exc
         keystore = _new_home(args)
+        text = ""
         async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
             if args.recovery_key:
                 text = _read_recovery_key(args)
@@ -259,9 +320,36 @@ def cmd_device_link(args: argparse.Namespace) -> int:
                 )
         await cli_sync.publish_prekeys(keystore, keys)
         print(keys.address, flush=True)
+        if text:
+            await _recover_history(keystore, keys, text, args.timeout)
         return EXIT_OK
 
     return _run(args, main, lambda: relay_url)
+
+
+async def _recover_history(keystore: Keystore, keys: DeviceKeys, text: str, timeout_seconds: float) -> None:
+    """After a join by the recovery key: open the recovery backups while the secret is still here (§5.7)."""
+    try:
+        recovered, _ = await sync_with_recovery_key(keystore, keys, text, timeout_seconds=timeout_seconds)
+    except TetherlessError as exc:
+        raise TetherlessError(
+            exc.code,
+            f"joined as {keys.address}, but {exc.detail}; the history's keys can only be read while the recovery "
+            "key is at hand: move this home aside and run `tetherless device link --recovery-key` again",
+        ) from exc
+    if recovered:
+        print(
+            f"recovered the account keys of {len(recovered)} epoch(s) from the recovery backup "
+            f"(epochs {recovered[0]}-{recovered[-1]})",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            "tetherless: warning: no recovery backup opened: this device reads only history written after it "
+            "joined (the account's devices back up to the recovery key since it was made or replaced by a "
+            "client with recovery backups)",
+            file=sys.stderr,
+        )
 
 
 def cmd_device_approve(args: argparse.Namespace) -> int:
@@ -351,6 +439,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
                     "require_user_verification": head.policy.require_user_verification,
                 },
                 "recovery_key": bool(head.recovery_key),
+                "recovery_backup": bool(head.recovery_backup_key_hash),
                 "devices": [
                     {
                         "device_id": d.device_id,
@@ -376,6 +465,8 @@ def cmd_device_list(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"account {keys.account_address}  (device list version {head.version})")
         print(f"policy: {_policy_text(head)};  recovery key: {'set' if head.recovery_key else 'not set'}")
+        if head.recovery_key and not head.recovery_backup_key_hash:
+            print("recovery backup: none (the recovery key predates backups: `device recovery-key` makes one)")
         for d in head.devices:
             mark = "  (this device)" if d.device_id == keys.device_id else ""
             role = "" if d.role == device_list.ROLE_DEVICE else f"  role {d.role} ({', '.join(d.scopes) or '-'})"
@@ -412,11 +503,19 @@ def cmd_device_recovery_key(args: argparse.Namespace) -> int:
         verified = await client.device_chain(keys.account_id)
         if verified.head.format == device_list.FORMAT_1:
             raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "recovery keys need format 2 or 3")
-        text = await devices.set_recovery_key(client)
-        show_recovery_key(text, args.recovery_key_file, stdout=True)
+        made.append(await devices.set_recovery_key(client))
+        show_recovery_key(made[0], args.recovery_key_file, stdout=True)
         return EXIT_OK
 
-    return _with_device(args, body, signs_list=True)
+    async def back_up(keystore: Keystore, keys: DeviceKeys, code: int) -> int:
+        # The list now commits to the new key only: back every epoch key up to it (account-log.md §5.7).
+        if code == EXIT_OK and made:
+            _, backed_up = await sync_with_recovery_key(keystore, keys, made[0], timeout_seconds=BACKUP_TIMEOUT_SECONDS)
+            report_backup(backed_up)
+        return code
+
+    made: list[str] = []
+    return _with_device(args, body, signs_list=True, after=back_up)
 
 
 def cmd_device_upgrade(args: argparse.Namespace) -> int:

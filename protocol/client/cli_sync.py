@@ -148,7 +148,7 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
     timeout = args.timeout if args.timeout is not None else DEFAULT_SYNC_TIMEOUT
     if not args.follow:
         code = await engine.run(follow=False, timeout=timeout)
-        _report_refusals(engine)
+        _report_refusals(engine, as_json=args.json)
         if code == 3 and engine.last_failure.startswith("log_"):
             # The relay answers, but the account log cannot be written safely (account-log.md §5.4).
             print(f"tetherless: error: {engine.last_failure} (gave up after {timeout:g} s)", file=sys.stderr)
@@ -177,16 +177,21 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(run)
-    _report_refusals(engine)
+    _report_refusals(engine, as_json=args.json)
     if result == 4:
         print("tetherless: error: device_revoked: this device was removed from its account", file=sys.stderr)
     return result
 
 
-def _report_refusals(engine: SyncEngine) -> None:
-    """One stderr line per log record the engine refused to trust (account-log.md §4.6, §5.4)."""
+def _report_refusals(engine: SyncEngine, *, as_json: bool = False) -> None:
+    """One stderr line per record or message the engine refused or found missing (account-log.md §4.6, §18.1);
+    with ``--json`` each is also a ``{"warning": CODE, "detail": LINE}`` line on stdout."""
     for line in engine.refusals:
         print(f"tetherless: warning: {line}", file=sys.stderr, flush=True)
+    if as_json:
+        for warning in engine.warnings:
+            sys.stdout.write(json.dumps(warning) + "\n")
+        sys.stdout.flush()
 
 
 async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: str | bytes) -> int:

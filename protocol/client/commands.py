@@ -275,7 +275,9 @@ def cmd_device_init(args: argparse.Namespace) -> int:
         if secret is not None:
             from . import cli_devices
 
-            cli_devices.show_recovery_key(recovery.new_recovery_secret(secret), args.recovery_key_file)
+            text = recovery.new_recovery_secret(secret)
+            cli_devices.show_recovery_key(text, args.recovery_key_file)
+            cli_devices.remember_new_recovery_key(keystore, keys, text)  # account-log.md §5.7
         return EXIT_OK
 
     return _run(args, main, lambda: relay_url)

@@ -726,8 +726,15 @@ async def revoke_device(client: RelayClient, target: str) -> DeviceListAccepted:
     return await post_version(client, signed)
 
 
+def backup_hash(rk: recovery.RecoveryKeys) -> bytes:
+    """The list's commitment to the recovery backup key of ``rk`` (crypto.md §3.4)."""
+    return recovery.backup_key_hash(recovery.backup_recipient(rk))
+
+
 async def set_recovery_key(client: RelayClient) -> str:
-    """Create a new recovery key, put it in the list (signed by itself and this device), return its text.
+    """Create a new recovery key, put it and its backup key's hash in the list (signed by itself and this
+    device), return its text. The caller then writes the backup (account-log.md §5.7): records written after
+    this version wrap only to the new key, so the old one opens nothing new.
 
     The text is shown once: no device keeps it (crypto.md §3.4).
     """
@@ -735,7 +742,13 @@ async def set_recovery_key(client: RelayClient) -> str:
     verified = await _own_head(client)
     text = recovery.new_recovery_secret(client._random_bytes(recovery.SECRET_BYTES))
     rk = recovery.recovery_keys(recovery.parse_recovery_secret(text), keys.account_id)
-    dl = _own_next_version(keys, verified.head, recovery_key=rk.public_key, now_ms=client._now_ms())
+    dl = _own_next_version(
+        keys,
+        verified.head,
+        recovery_key=rk.public_key,
+        recovery_backup_key_hash=backup_hash(rk),
+        now_ms=client._now_ms(),
+    )
     signed = device_list.signed_list(
         dl,
         [device_list.approve(dl, keys.signing_key)],
@@ -798,6 +811,7 @@ __all__ = [
     "PendingLink",
     "add_credential",
     "approve_link",
+    "backup_hash",
     "fetch_offer",
     "fingerprint",
     "finish_link",

@@ -76,7 +76,7 @@ from ..signing import digest
 from .localdb import DB_FILE, DEK_BYTES, NONCE_BYTES, LocalDB
 from .localdb import atomic_write as _atomic_write
 from .localdb import fsync_dir as _fsync_dir
-from .store import SEALED_COLUMNS
+from .store import SEALED_COLUMNS, migrate
 
 KEYSTORE_FILE: Final = "keystore.tlk"
 KEY_FILE: Final = "device.json"  # format 1 (plaintext), still read
@@ -597,11 +597,12 @@ class Keystore:
         """The home's ``state.db`` opened with the DEK (one per Keystore; unlocks if needed).
 
         Every first open checks ``state.db`` against the generation counter kept beside it and advances
-        both (:meth:`LocalDB.advance_generation`, crypto.md §13.2).
+        both (:meth:`LocalDB.advance_generation`, crypto.md §13.2), then brings it to the current schema
+        (:func:`protocol.client.store.migrate`).
 
         Raises :class:`NotProtectedError` for a format-1 home (it has no DEK), and
         :class:`~protocol.client.localdb.StateRolledBackError` for an old ``state.db`` put back (nothing is
-        opened then; :meth:`recover_from_rollback` is the way on).
+        opened then; :meth:`recover_from_rollback` is the way on), and the errors of ``migrate``.
         """
         if self._db is None:
             if self.unlock().previous_dek:
@@ -610,6 +611,7 @@ class Keystore:
             db = LocalDB.open(self.home, payload.dek)
             try:
                 self._record_generation(db.advance_generation(payload.state_generation))
+                migrate(db)
             except BaseException:
                 db.close()
                 raise
@@ -629,6 +631,7 @@ class Keystore:
                 payload = self.unlock()
             self._db = LocalDB.open(self.home, payload.dek)
         self._record_generation(self._db.accept_generation(payload.state_generation))
+        migrate(self._db)
         return self._db
 
     def _finish_dek_rotation(self) -> None:
@@ -644,6 +647,7 @@ class Keystore:
         if not done:
             old = LocalDB.open(self.home, payload.previous_dek)
             try:
+                migrate(old)  # SEALED_COLUMNS names the current layout: an older file is brought to it first
                 old.rekey(payload.dek, SEALED_COLUMNS)
             finally:
                 old.close()

@@ -19,6 +19,12 @@ ways to use it:
   :meth:`execute`, sealing each secret column with :meth:`seal` and opening it
   with :meth:`open` (alias :meth:`unseal`).
 
+Rows that name a peer are keyed by :meth:`blind` (an HMAC under the file's
+sealed index key), and key-value tables whose rows are checks are **guarded
+sets** (:meth:`guard_set`, :meth:`put_member`, :meth:`delete_member`,
+:meth:`check_members`): a row deleted behind tetherless's back is reported as
+tampering rather than turning its check off (crypto.md §13.3).
+
 Sealing is ``XAEAD(DEK, random 24-byte nonce, value, aad = layout("local-row",
 table, *pk))`` stored as ``nonce ‖ ciphertext`` (crypto.md §13): a blob only
 opens under its own table and primary key, so a row copied or moved to another
@@ -38,18 +44,21 @@ Blocking (small local writes); call from trio directly or via
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar, overload
+from typing import Any, ClassVar, Final, TypeVar, overload
 
 import msgspec
 import nacl.bindings
 import nacl.exceptions
 import sqlite_utils
 
+from ..errors import LocalErrorCode
 from ..signing import layout
 
 DB_FILE: Final = "state.db"
@@ -66,17 +75,32 @@ SealedColumns = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 META_TABLE: Final = "local_meta"
 _DEK_CHECK: Final = "dek_check"
 _GENERATION: Final = "generation"
+_INDEX_KEY: Final = "index_key"
+_SET_PREFIX: Final = "set:"
+INDEX_KEY_BYTES: Final = 32
+#: Length of a keyed hash (:meth:`LocalDB.blind`): 128 bits, no collisions among a home's rows.
+BLIND_BYTES: Final = 16
 S = TypeVar("S", bound=msgspec.Struct)
 
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 class LocalDBError(Exception):
-    """Base of local database problems; the message is meant for the user."""
+    """Base of local database problems; the message is meant for the user. ``code``: a stable
+    :class:`~protocol.errors.LocalErrorCode` where one applies."""
+
+    code: ClassVar[LocalErrorCode | None] = None
 
 
 class TamperedRowError(LocalDBError):
-    """A sealed value does not open: changed bytes, moved to another row, or another key (DEK)."""
+    """Local state was changed outside tetherless: a sealed value does not open (changed bytes, moved to
+    another row, another key), or rows of a guarded set were deleted or added (:meth:`LocalDB.check_members`).
+    The message starts with ``local state tampered:``."""
+
+    code = LocalErrorCode.LOCAL_STATE_TAMPERED
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"local state tampered: {detail}")
 
 
 class StateRolledBackError(LocalDBError):
@@ -84,6 +108,7 @@ class StateRolledBackError(LocalDBError):
     old copy of the whole home was put back. Nothing may be sent on the restored sessions (their ratchet
     keys were used already); ``tetherless sync --recover-rollback`` starts them afresh."""
 
+    code = LocalErrorCode.LOCAL_STATE_ROLLED_BACK
     RECOVERY: Final = (
         "Run `tetherless sync --recover-rollback` to start every session afresh; queued messages go out then "
         "(docs/crypto.md §13.2)"
@@ -144,6 +169,17 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+class _SetDigest(msgspec.Struct, frozen=True, array_like=True):
+    """A guarded set's count of keys and XOR of their keyed tags (:meth:`LocalDB.guard_set`)."""
+
+    count: int
+    xor: bytes
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
 def _column_pk(pk: Pk, column: str) -> tuple[PkField, ...]:
     return (*pk, column) if isinstance(pk, tuple) else (pk, column)
 
@@ -197,6 +233,7 @@ class LocalDB:
         self.db = sqlite_utils.Database(conn)
         self._depth = 0
         self._kv_tables: set[str] = set()
+        self._index_key: bytes | None = None
 
     @classmethod
     def connect(cls, home: str | os.PathLike[str], dek: bytes) -> LocalDB:
@@ -218,6 +255,8 @@ class LocalDB:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
+            # Deleted rows and rewritten tables (a migration) leave zeros, not old clear columns, in free pages.
+            conn.execute("PRAGMA secure_delete=ON")
         except BaseException:
             conn.close()
             raise
@@ -349,6 +388,99 @@ class LocalDB:
             self.put(META_TABLE, _GENERATION, generation.to_bytes(8, "big"))
         return generation
 
+    # -- keyed hashes and guarded sets (crypto.md §13.3) -----------------------------------------------
+
+    def create_index_key(self) -> bool:
+        """Create this file's index key (32 random bytes, sealed in ``local_meta``) unless it exists; True if
+        created. Only a migration calls this: afterwards a missing key is tampering (:meth:`blind`). Idempotent.
+        The key is a row, not derived from the DEK, so a DEK rotation re-seals it and every keyed hash stays."""
+        with self.transaction():
+            if self.get(META_TABLE, _INDEX_KEY) is not None:
+                return False
+            self.put(META_TABLE, _INDEX_KEY, os.urandom(INDEX_KEY_BYTES))
+        return True
+
+    def _index(self) -> bytes:
+        if self._index_key is None:
+            key = self.get(META_TABLE, _INDEX_KEY)
+            if key is None or len(key) != INDEX_KEY_BYTES:
+                raise TamperedRowError(
+                    f"the index key of {self.path} is missing: its row was deleted, and the rows keyed by it "
+                    "(device-list marks, history indexes) cannot be found without it; put back a backup of "
+                    "state.db, or link this device anew (docs/crypto.md §13.3)"
+                )
+            self._index_key = key
+        return self._index_key
+
+    def blind(self, label: str, *fields: PkField) -> bytes:
+        """A keyed hash (blind index) of ``fields``: ``HMAC-SHA256(index key, layout("local-index", label,
+        *fields))[:16]``. Equal inputs give equal values, so it can be a row key or a ``UNIQUE`` column, but
+        without the DEK a stolen file cannot be searched for a guessed address. Raises :class:`TamperedRowError`
+        when the index key is gone (or the file was never migrated, :func:`protocol.client.store.migrate`)."""
+        return hmac.new(self._index(), layout("local-index", label, *fields), hashlib.sha256).digest()[:BLIND_BYTES]
+
+    def _member_tag(self, table: str, key: PkField) -> bytes:
+        return hmac.new(self._index(), layout("local-set", table, key), hashlib.sha256).digest()
+
+    def _digest_of(self, table: str) -> _SetDigest:
+        keys = self.keys(table)
+        acc = bytes(hashlib.sha256().digest_size)
+        for key in keys:
+            acc = _xor(acc, self._member_tag(table, key))
+        return _SetDigest(count=len(keys), xor=acc)
+
+    def _set_digest(self, table: str) -> _SetDigest:
+        stored = self.get_struct(META_TABLE, _SET_PREFIX + table, _SetDigest)
+        if stored is None:
+            raise TamperedRowError(
+                f"the guard row of {table} in {self.path} is missing: it was deleted, so deleted rows of {table} "
+                "could not be noticed. " + StateRolledBackError.RECOVERY
+            )
+        return stored
+
+    def guard_set(self, table: str) -> None:
+        """Start (or restart) guarding the key-value table ``table``: a sealed row in ``local_meta`` holds the
+        count of its rows and the XOR of ``HMAC(index key, layout("local-set", table, key))`` over their keys,
+        kept up to date by :meth:`put_member` / :meth:`delete_member` and compared by :meth:`check_members`.
+        The rows present now are trusted: called by a migration, and by the user's explicit recovery.
+        Idempotent."""
+        with self.transaction():
+            self.put_struct(META_TABLE, _SET_PREFIX + table, self._digest_of(table))
+
+    def put_member(self, table: str, key: PkField, value: bytes) -> None:
+        """:meth:`put` in a guarded table, updating its guard row in the same transaction. Raises
+        :class:`TamperedRowError` when the guard row is missing."""
+        with self.transaction():
+            current = self._set_digest(table)
+            exists = self._conn.execute(f'SELECT 1 FROM "{self._kv(table)}" WHERE key = ?', (key,)).fetchone()
+            self.put(table, key, value)
+            if exists is None:
+                updated = _SetDigest(count=current.count + 1, xor=_xor(current.xor, self._member_tag(table, key)))
+                self.put_struct(META_TABLE, _SET_PREFIX + table, updated)
+
+    def delete_member(self, table: str, key: PkField) -> bool:
+        """:meth:`delete` in a guarded table, updating its guard row in the same transaction; True if it existed."""
+        with self.transaction():
+            current = self._set_digest(table)
+            if not self.delete(table, key):
+                return False
+            updated = _SetDigest(count=current.count - 1, xor=_xor(current.xor, self._member_tag(table, key)))
+            self.put_struct(META_TABLE, _SET_PREFIX + table, updated)
+        return True
+
+    def check_members(self, table: str) -> None:
+        """Raise :class:`TamperedRowError` unless the keys of the guarded ``table`` are exactly those written
+        through :meth:`put_member` / :meth:`delete_member`: a row deleted (or put back) behind tetherless's
+        back must not silently turn off the check it holds. Reads only; O(rows)."""
+        expected = self._set_digest(table)
+        actual = self._digest_of(table)
+        if actual != expected:
+            raise TamperedRowError(
+                f"{table} in {self.path} holds {actual.count} rows where tetherless wrote {expected.count}: rows "
+                "were deleted or put back outside tetherless, and the checks they hold cannot be trusted. "
+                + StateRolledBackError.RECOVERY
+            )
+
     def _kv_table_names(self) -> list[str]:
         names = [r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
         return [
@@ -372,6 +504,9 @@ class LocalDB:
             yield self
         except BaseException:
             self._depth -= 1
+            # Tables created and the index key read inside the rolled-back part may be gone: forget the caches.
+            self._kv_tables.clear()
+            self._index_key = None
             if self._depth == 0:
                 self._conn.execute("ROLLBACK")
             else:
@@ -448,8 +583,10 @@ class LocalDB:
 
 
 __all__ = [
+    "BLIND_BYTES",
     "DB_FILE",
     "DEK_BYTES",
+    "INDEX_KEY_BYTES",
     "LocalDB",
     "LocalDBError",
     "SealedColumns",

@@ -132,12 +132,22 @@ class ReceivedMessage:
 
 @dataclass(frozen=True, slots=True)
 class RejectedMessage:
-    """An envelope that did not decrypt or verify. Acknowledge it so it does not block the inbox."""
+    """An envelope that did not decrypt or verify. Acknowledge it so it does not block the inbox.
+
+    ``warning``: the stable client warning code ``sync`` reports it under (account-log.md §18.1):
+    ``payload_downgrade`` for a version-1 payload from a format-2+ sender, else ``message_refused``."""
 
     cursor: int
     id: bytes
     code: ErrorCode
     detail: str
+    warning: str = "message_refused"
+
+
+class PayloadDowngradeError(InvalidPayloadError):
+    """A version-1 payload (no forward secrecy) from a sender whose account uses sessions (crypto.md §14)."""
+
+    warning = "payload_downgrade"
 
 
 InboxItem = ReceivedMessage | RejectedMessage
@@ -236,6 +246,7 @@ class RelayClient:
         self._list_heads: dict[str, DeviceList] = {}
         # Every version of the last verified chain, per account: version -> its devices (see list_at()).
         self._list_versions: dict[str, dict[int, list[DeviceEntry]]] = {}
+        self._list_backup_hashes: dict[str, dict[int, bytes]] = {}  # recovery_backup_key_hash per version
 
     @classmethod
     @asynccontextmanager
@@ -397,18 +408,31 @@ class RelayClient:
             genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self._now_ms())
         else:
             recovery_signing_key = None
+            backup_hash = b""
             if recovery_secret is not None:
                 account = account_id_for(bytes(signing_key.verify_key))
-                recovery_signing_key = recovery.recovery_keys(recovery_secret, account).signing_key
+                recovery_keys = recovery.recovery_keys(recovery_secret, account)
+                recovery_signing_key = recovery_keys.signing_key
+                # The list commits to the recovery backup key (account-log.md §5.7).
+                backup_hash = recovery.backup_key_hash(recovery.backup_recipient(recovery_keys))
             now = self._now_ms()
             if kem_seed:
                 kem_key = mlkem_public(kem_seed)
                 genesis = device_list.genesis_v3(
-                    signing_key, box_public_key, kem_key, now_ms=now, recovery_key=recovery_signing_key
+                    signing_key,
+                    box_public_key,
+                    kem_key,
+                    now_ms=now,
+                    recovery_key=recovery_signing_key,
+                    recovery_backup_key_hash=backup_hash,
                 )
             else:
                 genesis = device_list.genesis_v2(
-                    signing_key, box_public_key, now_ms=now, recovery_key=recovery_signing_key
+                    signing_key,
+                    box_public_key,
+                    now_ms=now,
+                    recovery_key=recovery_signing_key,
+                    recovery_backup_key_hash=backup_hash,
                 )
         created = await self._call(
             "POST",
@@ -528,6 +552,9 @@ class RelayClient:
         self._list_versions[self._chain_cache_key(account_id, relay)] = {
             signed.device_list.version: list(signed.device_list.devices) for signed in chain.versions
         }
+        self._list_backup_hashes[self._chain_cache_key(account_id, relay)] = {
+            signed.device_list.version: signed.device_list.recovery_backup_key_hash for signed in chain.versions
+        }
         keys = self.keys
         own = keys is not None and not remote and account_id == keys.account_id
         if own and keys is not None and all(d.device_id != keys.device_id for d in verified.devices):
@@ -548,6 +575,15 @@ class RelayClient:
             await self.device_chain(account_id, relay=relay)
             versions = self._list_versions.get(key, {})
         return versions.get(version)
+
+    async def recovery_backup_hash_at(self, account_id: str, version: int) -> bytes | None:
+        """The ``recovery_backup_key_hash`` of version ``version`` of ``account_id``'s verified list (``b""``:
+        none set; None: no such version). Fetches and verifies the chain like :meth:`list_at`, raises what it
+        raises (account-log.md §5.7)."""
+        key = self._chain_cache_key(account_id, None)
+        if version not in self._list_backup_hashes.get(key, {}):
+            await self.device_chain(account_id)
+        return self._list_backup_hashes.get(key, {}).get(version)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -771,7 +807,7 @@ class RelayClient:
         await self._sender_entry(sender, 0)  # the sender's chain verifies and names the device
         head, _ = await self._verified_head(sender.account, sender.relay)
         if head.format >= device_list.FORMAT_2:
-            raise InvalidPayloadError(
+            raise PayloadDowngradeError(
                 ErrorCode.MALFORMED_BODY,
                 f"a version-1 payload from a format-{head.format} account (refused: a downgrade from sessions)",
             )
@@ -854,7 +890,10 @@ class RelayClient:
             if self._verify_senders:
                 await self._check_sender(opened.sender, opened.sender_sign_key)
         except InvalidPayloadError as exc:
-            return RejectedMessage(cursor=envelope.cursor, id=envelope.id, code=exc.code, detail=exc.detail)
+            warning = PayloadDowngradeError.warning if isinstance(exc, PayloadDowngradeError) else "message_refused"
+            return RejectedMessage(
+                cursor=envelope.cursor, id=envelope.id, code=exc.code, detail=exc.detail, warning=warning
+            )
         return ReceivedMessage(
             cursor=envelope.cursor,
             id=envelope.id,

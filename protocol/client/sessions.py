@@ -14,7 +14,9 @@ is pure). It
   them, and opens v2 envelopes (:meth:`SessionManager.open`), accepting a
   ``PrekeyMessage`` only when the named private keys exist, deleting one-time
   privates on first use and remembering transcript hashes (replay cache) for
-  as long as a prekey private that could open the same handshake again exists;
+  as long as a prekey private that could open the same handshake again exists
+  (on disk a guarded set, crypto.md §13.3: a deleted row is tampering, never a
+  replay let through);
 - refuses served signed and last-resort prekeys older than
   ``max_prekey_age_ms`` (their signed ``created_at_ms``): a relay cannot keep
   serving a key the device retired long ago;
@@ -52,8 +54,8 @@ from ..payload import InvalidPayloadError, Opened
 from ..session import ResponderKeys, SessionState
 from ..signing import digest
 from .keystore import DeviceKeys, Keystore
-from .localdb import StateRolledBackError
-from .store import ClientStore
+from .localdb import LocalDB, StateRolledBackError
+from .store import GUARDED_SETS, TRANSCRIPT_TABLE, ClientStore, migrate
 
 TARGET_ONE_TIME: Final = 50
 LOW_WATER: Final = 25
@@ -73,7 +75,7 @@ T_PREKEY: Final = "session_prekey"
 T_META: Final = "session_meta"
 T_STATE: Final = "session_state"
 T_PEER: Final = "session_peer"
-T_TRANSCRIPT: Final = "session_transcript"
+T_TRANSCRIPT: Final = TRANSCRIPT_TABLE  # a guarded set (crypto.md §13.3)
 T_PROCESSED: Final = "session_processed"
 TABLES: Final = (T_PREKEY, T_META, T_STATE, T_PEER, T_TRANSCRIPT, T_PROCESSED)
 
@@ -93,6 +95,12 @@ class KeyValueStore(Protocol):
 
     def transaction(self) -> AbstractContextManager[Any]: ...
 
+    def put_member(self, table: str, key: Key, value: bytes) -> None: ...
+
+    def delete_member(self, table: str, key: Key) -> bool: ...
+
+    def check_members(self, table: str) -> None: ...
+
 
 class MemoryStore:
     """An in-process :class:`KeyValueStore` (transactions roll back on an exception). Lost on exit."""
@@ -111,6 +119,13 @@ class MemoryStore:
 
     def keys(self, table: str) -> list[Key]:
         return sorted(self._tables.get(table, {}), key=repr)
+
+    # Guarded sets (LocalDB.check_members) protect rows on disk; nothing outside this process can delete these.
+    put_member = put
+    delete_member = delete
+
+    def check_members(self, table: str) -> None:
+        """Nothing to check: in-process rows cannot be deleted behind the manager's back."""
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[MemoryStore]:
@@ -235,6 +250,8 @@ class SessionManager:
         # disk shows how many peers, not who (crypto.md §13). The key comes from the device seed, so it
         # survives data-key rotations.
         self._row_key = digest("local-row-key", keys.signing_seed)
+        if isinstance(store, LocalDB):
+            migrate(store)  # the replay cache is a guarded set from schema 2 on
         self._migrate_peer_keys()
 
     def _peer_row(self, peer_address: str) -> bytes:
@@ -510,7 +527,8 @@ class SessionManager:
         named private prekeys (unknown id or a transcript seen before →
         rejected). On success stores, in one transaction, the session, the
         deletion of one-time privates used, the transcript hash and the
-        processed envelope. Raises ``InvalidPayloadError`` and stores nothing.
+        processed envelope. Raises ``InvalidPayloadError`` and stores nothing; for a session start,
+        :class:`~protocol.client.localdb.TamperedRowError` when rows of the replay cache were deleted.
         """
         now = self.now_ms()
         peer_address = _canonical(sealed.sender)
@@ -536,6 +554,8 @@ class SessionManager:
                 now_ms=now,
                 skipped_ttl_ms=ttl,
             )
+            # The whole cache is checked first: a deleted row must not make a replay look new (crypto.md §13.3).
+            self.store.check_members(T_TRANSCRIPT)
             if self.store.get(T_TRANSCRIPT, new_state.transcript_hash) is not None:
                 raise InvalidPayloadError(ErrorCode.MALFORMED_BODY, "a replayed session start")
         else:
@@ -559,7 +579,7 @@ class SessionManager:
                 if message.pq_last_resort:
                     reusable.append(_prekey_row(prekeys.MLKEM_LAST_RESORT, message.pq_prekey_id))
                 row = Transcript(expires_at_ms=now + self.max_ttl_ms + GRACE_MS, prekeys=reusable)
-                self.store.put(T_TRANSCRIPT, new_state.transcript_hash, codec.encode(row))
+                self.store.put_member(T_TRANSCRIPT, new_state.transcript_hash, codec.encode(row))
             self.store.put(
                 T_PROCESSED,
                 envelope_id,
@@ -621,7 +641,7 @@ class SessionManager:
                     continue
                 row = _decode_transcript(raw)
                 if row.expires_at_ms < now and all(self.store.get(T_PREKEY, name) is None for name in row.prekeys):
-                    removed += self.store.delete(T_TRANSCRIPT, key)
+                    removed += self.store.delete_member(T_TRANSCRIPT, key)
         return removed
 
     def one_time_privates(self) -> dict[str, int]:
@@ -681,6 +701,9 @@ def recover_home_from_rollback(keystore: Keystore) -> None:
     prekey private goes (:func:`forget_after_rollback`), and this device's log-record counter moves past
     any value the lost future used, so its own later records in the log read as history again.
 
+    The same recovery follows :class:`~protocol.client.localdb.TamperedRowError` for a deleted row of a
+    guarded set (crypto.md §13.3): the replay cache and the device-list marks are accepted as they are.
+
     What the lost future did is not undone: messages it sent and received come back from the account
     log at the next sync; envelopes acknowledged then and never logged are gone. Idempotent in effect.
     Raises the errors of :meth:`Keystore.unlock`.
@@ -690,6 +713,11 @@ def recover_home_from_rollback(keystore: Keystore) -> None:
     store = ClientStore(db)
     with store.transaction():
         store.advance_counter("writer_seq", ROLLBACK_ID_JUMP)
+        # Accept the guarded sets as they are now (crypto.md §13.3): a replay-cache row that was deleted lets
+        # that one session start be replayed once, a deleted device-list mark means the next list of that
+        # account is trusted as first seen. The user asked for this recovery; without it the checks refuse.
+        for table in GUARDED_SETS:
+            db.guard_set(table)
 
 
 def _canonical(address: str) -> str:

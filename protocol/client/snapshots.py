@@ -5,7 +5,7 @@ history up to the log cursor (``covers`` = the cursor) is serialised as a
 :class:`~protocol.log.SnapshotState`, cut into ``snapshot_part`` records
 (at most :data:`~protocol.log.SNAPSHOT_PART_BYTES` of plaintext each, sealed
 under the newest epoch key like every other record), appended in batches, then
-the ``snapshot`` manifest (SHA-256 of every part) is appended. The snapshot id
+the ``snapshot`` manifest (SHA-256 of every part; signed under a v2 epoch) is appended. The snapshot id
 and every record id are derived from ``(account, writer device, covers)``,
 and the plan (``covers``, the retention floor) is stored in
 ``log_snapshot_writes`` before the first part goes out, so a retry after a
@@ -30,7 +30,10 @@ then those after ``covers`` through the engine's own key checks (which accept
 a grant-only record only after the record that created its epoch), and loads
 the history in one transaction only if the key those checks accepted is the
 one that opened the parts. Parts are checked (indexes, ``total``, ``covers``,
-all inside the AEAD), so the manifest is not fetched. When no grant after
+all inside the AEAD); under a v2 epoch the manifest (paged with the records
+after ``covers``) must be signed by a writer of the epoch still in the list
+and name exactly the parts' hashes, else the snapshot is refused and the log
+read instead (§6.1 "Signed snapshots"). When no grant after
 ``covers`` helps (it predates the snapshot), the key records up to ``covers``
 are scanned from the log instead (slow path). So a new device fetches the
 parts plus the records after ``covers``. Positions ``(cursor, horizon]`` that
@@ -56,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import log
 from ..errors import ErrorCode, RemoteError, TetherlessError
 from ..ids import Address
-from ..messages import AppendRequest, AppendResponse, LogPage, LogRecord, LogRecordIn, LogRetention
+from ..messages import AppendRequest, AppendResponse, DeviceEntry, LogPage, LogRecord, LogRecordIn, LogRetention
 from .http import TransportError
 from .keystore import DeviceKeys, Keystore
 from .store import ClientStore, HistoryMessage
@@ -71,6 +74,10 @@ _APPEND_RECORDS: Final = 200
 _PAGE: Final = 500
 _DAY_MS: Final = 86_400_000
 _KEYS_CURSOR: Final = "snapshot_keys"  # log_cursors: key records up to here are copied in log_snapshot_keys
+# log_counters, per snapshot id (hex): refused once (never chosen again), and the cursor before its load + 1
+# (where the reader goes back to when it refuses it).
+_REFUSED: Final = "snapshot_refused:"
+_FROM: Final = "snapshot_from:"
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS log_snapshot_writes (
@@ -360,6 +367,8 @@ async def append_manifest(engine: SyncEngine, plan: SnapshotPlan, chunks: list[b
         covers=plan.covers,
         part_hashes=[log.sha256(chunk) for chunk in chunks],
     )
+    info = engine.store.epoch_info(epoch)
+    signed = info is not None and info.record_format >= 2  # §6.1: signed like event records under v2 epochs
     ciphertext = log.seal_snapshot_manifest(
         key,
         manifest,
@@ -367,6 +376,7 @@ async def append_manifest(engine: SyncEngine, plan: SnapshotPlan, chunks: list[b
         snapshot=plan.snapshot_id,
         epoch=epoch,
         nonce=engine.random_bytes(log.NONCE_BYTES),
+        signing_key=engine.keys.signing_key if signed else None,
     )
     record = LogRecordIn(
         record_id=log.snapshot_manifest_id(plan.snapshot_id),
@@ -424,6 +434,7 @@ async def before_read(engine: SyncEngine) -> bool:
         if (
             snapshot is not None
             and snapshot.covers > cursor
+            and not store.counter(_REFUSED + snapshot.snapshot_id.hex())
             and _pending_load(store) is None
             and (cursor == 0 or cursor < page.horizon or snapshot.covers - cursor > SNAPSHOT_THRESHOLD)
         ):
@@ -434,6 +445,8 @@ async def before_read(engine: SyncEngine) -> bool:
                     (snapshot.snapshot_id, snapshot.position, snapshot.covers, snapshot.parts, snapshot.epoch),
                 )
                 _note_gap(store, max(cursor, snapshot.covers), page.horizon)
+                if not store.counter(_FROM + snapshot.snapshot_id.hex()):
+                    store.advance_counter(_FROM + snapshot.snapshot_id.hex(), cursor + 1)
                 store.set_cursor("log", snapshot.covers)
             moved = True
         elif cursor < page.horizon:
@@ -519,11 +532,17 @@ async def _bootstrap(engine: SyncEngine, pending: PendingLoad) -> bool:
         fetched = await _fetch_state(engine, pending, {})
         if fetched is _SUPERSEDED:
             return True
-    state = fetched if isinstance(fetched, log.SnapshotState) else None
+    state, hashes = fetched if isinstance(fetched, tuple) else (None, [])
     if state is not None:
         await engine._apply_keys([_as_log_record(k) for k in sorted(state.key_records, key=lambda k: k.position)])
     await engine._apply_keys(keys_after)
     if state is not None and all(store.epoch_key(epoch) == key for epoch, key in tentative.items()):
+        _, current = await engine.device_list()
+        try:
+            _check_manifest(engine, pending, records, hashes, current)
+        except TetherlessError as exc:
+            _refuse_snapshot(engine, pending, exc)
+            return True
         _load_state(engine, pending, state)
     left = engine._apply_records(records)
     engine.blocked_on_key = bool(left) and not engine.blocked_on_rotation
@@ -539,9 +558,10 @@ _SUPERSEDED: Final = _Superseded()
 
 async def _fetch_state(
     engine: SyncEngine, pending: PendingLoad, tentative: dict[int, bytes]
-) -> log.SnapshotState | _Superseded | None:
-    """Fetch and open the parts; None when an epoch key is missing, ``_SUPERSEDED`` (and the load is reset)
-    when the relay no longer serves this snapshot. Raises :class:`~protocol.log.InvalidRecordError`."""
+) -> tuple[log.SnapshotState, list[bytes]] | _Superseded | None:
+    """Fetch and open the parts: the state and the SHA-256 of every part's data in order (for the manifest);
+    None when an epoch key is missing, ``_SUPERSEDED`` (and the load is reset) when the relay no longer serves
+    this snapshot. Raises :class:`~protocol.log.InvalidRecordError`."""
     store = engine.store
     if store.epoch_key(pending.epoch) is None and pending.epoch not in tentative:
         return None
@@ -582,7 +602,56 @@ async def _fetch_state(
         )
     if len(parts) != pending.parts:
         raise log.InvalidRecordError(ErrorCode.MALFORMED_BODY, "the relay served another number of parts")
-    return log.join_snapshot(parts, pending.covers)
+    state = log.join_snapshot(parts, pending.covers)
+    return state, [log.sha256(p.data) for p in sorted(parts, key=lambda p: p.index)]
+
+
+def _check_manifest(
+    engine: SyncEngine, pending: PendingLoad, records: list[LogRecord], hashes: list[bytes], current: list[DeviceEntry]
+) -> None:
+    """Under a v2 epoch a snapshot is loaded only with its manifest signed by one of the epoch's writers that
+    is still in the verified list (``current``), written before any later epoch began, and naming exactly the
+    parts' data (account-log.md §6.1 "signed snapshots"). Snapshots of legacy epochs keep the unsigned layout. Raises
+    :class:`~protocol.errors.TetherlessError` (``malformed_body``, ``bad_signature``, ``log_epoch_stale``)."""
+    store = engine.store
+    info = store.epoch_info(pending.epoch)
+    key = store.epoch_key(pending.epoch)
+    if info is None or info.record_format < 2 or key is None:
+        return
+    if any(i.epoch > pending.epoch and i.position < pending.position for i in store.epoch_infos()):
+        raise TetherlessError(ErrorCode.LOG_EPOCH_STALE, "snapshot written under an epoch after a later one began")
+    manifest_record = next((r for r in records if r.position == pending.position and r.kind == "snapshot"), None)
+    if manifest_record is None:
+        raise log.InvalidRecordError(ErrorCode.MALFORMED_BODY, "the relay did not serve the snapshot's manifest")
+    manifest = log.open_snapshot_manifest(
+        key,
+        manifest_record.ciphertext,
+        account_id=engine.keys.account_id,
+        snapshot=pending.snapshot_id,
+        epoch=pending.epoch,
+        covers=pending.covers,
+        parts=pending.parts,
+        writers=info.writers,
+    )
+    if manifest.writer_device not in {d.device_id for d in current}:
+        raise log.InvalidRecordError(ErrorCode.BAD_SIGNATURE, "snapshot written by a device no longer in the list")
+    if manifest.part_hashes != hashes:
+        raise log.InvalidRecordError(ErrorCode.MALFORMED_BODY, "snapshot parts do not match its signed manifest")
+
+
+def _refuse_snapshot(engine: SyncEngine, pending: PendingLoad, exc: TetherlessError) -> None:
+    """Never load it, never choose it again, and read the log from where this device was instead: a snapshot
+    is only a shortcut, the records it covers are still in the log (except those retention removed)."""
+    store = engine.store
+    engine._warn(
+        "snapshot_refused",
+        f"refused snapshot at position {pending.position} (epoch {pending.epoch}, covers {pending.covers}): "
+        f"{exc.code.value}: {exc.detail}; reading the log instead",
+    )
+    with store.transaction():
+        store.db.execute("DELETE FROM log_snapshot_loads WHERE snapshot_id = ?", (pending.snapshot_id,))
+        store.advance_counter(_REFUSED + pending.snapshot_id.hex(), 1)
+        store.set_cursor("log", max(0, store.counter(_FROM + pending.snapshot_id.hex()) - 1))
 
 
 def _load_state(engine: SyncEngine, pending: PendingLoad, state: log.SnapshotState) -> None:

@@ -3,13 +3,18 @@
 Tables live in the client's :class:`~protocol.client.localdb.LocalDB` (one
 file per home, WAL, ``synchronous=FULL``); every secret column is sealed with
 ``LocalDB.seal(table, pk, value)`` (XChaCha20-Poly1305, AD = the row's table
-and primary key), so a stolen disk shows ids, positions, counts and times but
-not with whom or what. Tables (topic-prefixed, §8 names in brackets):
+and primary key), and peers appear only as keyed hashes (:meth:`LocalDB.blind`),
+so a stolen disk shows ids, positions, counts and order but not with whom,
+which way, when or what (§8 lists what stays clear, crypto.md §13.3). The
+layout is versioned: :func:`migrate` runs the numbered :data:`MIGRATIONS` at
+every open. Tables (topic-prefixed, §8 names in brackets):
 
-- ``history_messages`` [messages]: one row per logical message, unique on
-  ``(sender_device, message_uid)``; 🔒 sender, recipients, content type, body.
+- ``history_messages`` [messages]: one row per logical message, unique on a
+  keyed hash of ``(sender_device, message_uid)``; 🔒 sender device, direction
+  and times (``meta``), sender, recipients, content type, body.
 - ``outbox_entries`` [outbox] and ``outbox_envelopes``: what the user sent,
-  with the exact sealed envelopes (so a retry reuses the same bytes and keys).
+  with the exact sealed envelopes (so a retry reuses the same bytes and keys);
+  🔒 times and last error (``status``).
 - ``log_pending``: records to append, 🔒 plaintext (encrypted under the
   newest epoch key at append time; the record id never changes).
 - ``log_cursors`` [cursors], ``log_counters`` [counters], ``log_epoch_keys``
@@ -23,21 +28,30 @@ small, local: called from the engine's trio task directly.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import msgspec
 
 from .. import codec, log
+from ..errors import LocalErrorCode
 from ..signing import digest
-from .localdb import LocalDB, SealedColumns
+from .localdb import LocalDB, LocalDBError, SealedColumns, TamperedRowError
 
-SCHEMA_VERSION: Final = 1
+#: The replay cache of :mod:`protocol.client.sessions` (its ``T_TRANSCRIPT``; that module imports this one).
+TRANSCRIPT_TABLE: Final = "session_transcript"
+#: The device-list high-water marks of :mod:`protocol.client.chains` (which imports this module).
+MARK_TABLE: Final = "device_marks"
+#: Key-value tables whose rows are checks: deleting one must not turn its check off (crypto.md §13.3).
+GUARDED_SETS: Final = (MARK_TABLE, TRANSCRIPT_TABLE)
 
-_SCHEMA: Final = """
+# Schema 1 (before numbered migrations): what every home made before schema 2 holds. Migration 1 creates it
+# (a no-op on those homes: they have it), migration 2 rewrites it; never edit it, add a migration instead.
+_SCHEMA_1: Final = """
 CREATE TABLE IF NOT EXISTS history_messages (
   msg_key BLOB PRIMARY KEY, message_uid BLOB NOT NULL, sender_device TEXT NOT NULL, direction TEXT NOT NULL,
   pair_seq INTEGER NOT NULL DEFAULT 0, sent_at_ms INTEGER NOT NULL, relay_sent_at_ms INTEGER NOT NULL DEFAULT 0,
@@ -71,16 +85,41 @@ CREATE TABLE IF NOT EXISTS log_epoch_keys (epoch INTEGER PRIMARY KEY, key BLOB N
 CREATE TABLE IF NOT EXISTS log_grants (epoch INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (epoch, device_id));
 """
 
+# Schema 2's history: who, which way and when are sealed (``meta``, ``held_since``); the sender appears only
+# as keyed hashes (``sender_index`` for the per-sender order, ``uid_index`` for uniqueness). What stays clear
+# is listed, with its reason, in docs/account-log.md §8.
+_HISTORY_2: Final = """
+CREATE TABLE history_messages (
+  msg_key BLOB PRIMARY KEY, message_uid BLOB NOT NULL, uid_index BLOB NOT NULL UNIQUE, sender_index BLOB NOT NULL,
+  pair_seq INTEGER NOT NULL DEFAULT 0, log_position INTEGER, via TEXT NOT NULL, late INTEGER NOT NULL DEFAULT 0,
+  local_seq INTEGER NOT NULL, inbox_seen INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
+  held_cursor INTEGER, held_since BLOB,
+  meta BLOB NOT NULL, sender BLOB NOT NULL, recipients BLOB NOT NULL, content_type BLOB NOT NULL, body BLOB NOT NULL
+);
+CREATE INDEX history_messages_pos ON history_messages(log_position);
+CREATE INDEX history_messages_sender ON history_messages(sender_index, pair_seq);
+"""
+
 #: Every column this module seals (LocalDB.seal_column labels), for LocalDB.rekey when the DEK rotates
 #: (Keystore.change_passphrase). A new sealed column must be added here, or rotation leaves it unreadable
 #: (tests/protocol/client/test_offline_store.py checks the schema against this table).
 SEALED_COLUMNS: Final[dict[str, SealedColumns]] = {
     "history_messages": (
         ("msg_key",),
-        (("sender", "sender"), ("recipients", "recipients"), ("content_type", "content_type"), ("body", "body")),
+        (
+            ("meta", "meta"),
+            ("held_since", "held_since"),
+            ("sender", "sender"),
+            ("recipients", "recipients"),
+            ("content_type", "content_type"),
+            ("body", "body"),
+        ),
     ),
-    "outbox_entries": (("local_id",), (("recipient", "recipient"), ("content_type", "content_type"), ("body", "body"))),
-    "outbox_envelopes": (("local_id", "n"), (("recipient_device", "recipient"),)),
+    "outbox_entries": (
+        ("local_id",),
+        (("status", "status"), ("recipient", "recipient"), ("content_type", "content_type"), ("body", "body")),
+    ),
+    "outbox_envelopes": (("local_id", "n"), (("recipient_device", "recipient"), ("relay_sent_at", "relay_sent_at"))),
     "log_pending": (("record_id",), (("plaintext", "plaintext"),)),
     "log_epoch_keys": (("epoch",), (("key", "key"),)),
 }
@@ -165,6 +204,208 @@ class PendingRecord:
     plaintext: bytes
 
 
+class _HistoryMeta(msgspec.Struct, frozen=True, array_like=True):
+    """The sealed ``meta`` column of ``history_messages``: who sent it, which way, and when."""
+
+    sender_device: str
+    direction: str
+    sent_at_ms: int
+    relay_sent_at_ms: int
+
+
+class _OutboxStatus(msgspec.Struct, frozen=True, array_like=True):
+    """The sealed ``status`` column of ``outbox_entries``: when, and the last error (it can name peers)."""
+
+    created_at_ms: int
+    sent_at_ms: int
+    next_attempt_at_ms: int = 0
+    last_error: str = ""
+
+
+def _seal_status(db: LocalDB, local_id: int, status: _OutboxStatus) -> bytes:
+    return db.seal_column("outbox_entries", local_id, "status", msgspec.msgpack.encode(status))
+
+
+def _seal_relay_time(db: LocalDB, local_id: int, n: int, relay_sent_at_ms: int) -> bytes:
+    return db.seal_column("outbox_envelopes", (local_id, n), "relay_sent_at", _ms(relay_sent_at_ms))
+
+
+def _sender_index(db: LocalDB, sender_device: str) -> bytes:
+    return db.blind("history-sender", sender_device)
+
+
+def _uid_index(db: LocalDB, sender_device: str, message_uid: bytes) -> bytes:
+    return db.blind("history-message", sender_device, message_uid)
+
+
+def _pair_seq_counter(db: LocalDB, peer: str) -> str:
+    return "pair_seq:" + db.blind("pair-seq", peer).hex()
+
+
+# -- numbered migrations of state.db (PRAGMA user_version) ------------------------------------------------
+
+
+class StateTooNewError(LocalDBError):
+    """``state.db`` was migrated by a newer tetherless than this one: refused rather than misread."""
+
+    code: ClassVar[LocalErrorCode | None] = LocalErrorCode.LOCAL_STATE_TOO_NEW
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Step ``version`` of ``state.db``: ``apply`` runs inside the runner's transaction and must not commit."""
+
+    version: int
+    summary: str
+    apply: Callable[[LocalDB], None]
+
+
+def _create_schema_1(db: LocalDB) -> None:
+    for statement in _SCHEMA_1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _seal_metadata(db: LocalDB) -> None:
+    """Migration 2 (docs/account-log.md §8, crypto.md §13.3): the history's sender, direction and times move
+    into sealed columns and its keys become keyed hashes; device-list marks and per-peer ``pair_seq`` counters
+    are keyed by keyed hashes; the marks and the replay cache are guarded sets."""
+    db.create_index_key()
+    # History: the sealed columns keep their table, primary key and labels, so their blobs move unchanged.
+    db.execute("ALTER TABLE history_messages RENAME TO history_messages_1")
+    db.execute("DROP INDEX IF EXISTS history_messages_pos")
+    for statement in _HISTORY_2.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    table = "history_messages"
+    rows = db.execute(
+        "SELECT msg_key, message_uid, sender_device, direction, pair_seq, sent_at_ms, relay_sent_at_ms, "
+        "log_position, via, late, local_seq, inbox_seen, held, held_cursor, held_since_ms, sender, recipients, "
+        "content_type, body FROM history_messages_1"
+    ).fetchall()
+    for r in rows:
+        meta = _HistoryMeta(sender_device=r[2], direction=r[3], sent_at_ms=r[5], relay_sent_at_ms=r[6])
+        held_since = None if r[14] is None else db.seal_column(table, r[0], "held_since", _ms(r[14]))
+        db.execute(
+            "INSERT INTO history_messages (msg_key, message_uid, uid_index, sender_index, pair_seq, log_position, "
+            "via, late, local_seq, inbox_seen, held, held_cursor, held_since, meta, sender, recipients, content_type, "
+            "body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r[0],
+                r[1],
+                _uid_index(db, r[2], r[1]),
+                _sender_index(db, r[2]),
+                r[4],
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+                r[11],
+                r[12],
+                r[13],
+                held_since,
+                db.seal_column(table, r[0], "meta", msgspec.msgpack.encode(meta)),
+                *r[15:],
+            ),
+        )
+    db.execute("DROP TABLE history_messages_1")
+    # Outbox: times and the last error (which can name a peer) move into sealed columns.
+    db.execute("ALTER TABLE outbox_entries ADD COLUMN status BLOB NOT NULL DEFAULT x''")
+    for local_id, created, sent, next_at, error in db.execute(
+        "SELECT local_id, created_at_ms, sent_at_ms, next_attempt_at_ms, last_error FROM outbox_entries"
+    ).fetchall():
+        status = _OutboxStatus(created_at_ms=created, sent_at_ms=sent, next_attempt_at_ms=next_at, last_error=error)
+        db.execute(
+            "UPDATE outbox_entries SET status = ? WHERE local_id = ?", (_seal_status(db, local_id, status), local_id)
+        )
+    for column in ("created_at_ms", "sent_at_ms", "next_attempt_at_ms", "last_error"):
+        db.execute(f"ALTER TABLE outbox_entries DROP COLUMN {column}")
+    db.execute("ALTER TABLE outbox_envelopes ADD COLUMN relay_sent_at BLOB")
+    for local_id, n, relay_ms in db.execute(
+        "SELECT local_id, n, relay_sent_at_ms FROM outbox_envelopes WHERE relay_sent_at_ms IS NOT NULL"
+    ).fetchall():
+        db.execute(
+            "UPDATE outbox_envelopes SET relay_sent_at = ? WHERE local_id = ? AND n = ?",
+            (_seal_relay_time(db, local_id, n, relay_ms), local_id, n),
+        )
+    db.execute("ALTER TABLE outbox_envelopes DROP COLUMN relay_sent_at_ms")
+    db.execute("UPDATE log_cursors SET updated_at_ms = NULL")  # when each sync ran: no longer written
+    # pair_seq counters were named by an unkeyed hash of the peer: rename those of every peer this device ever
+    # queued a message to (every counter has an outbox row, which keeps its sealed recipient).
+    for local_id, blob in db.execute("SELECT local_id, recipient FROM outbox_entries").fetchall():
+        recipient = db.open_column("outbox_entries", local_id, "recipient", blob).decode()
+        for peer in {recipient, _account_of(recipient)}:
+            old = "pair_seq:" + digest("peer-index", peer).hex()[:32]
+            db.execute("UPDATE log_counters SET name = ? WHERE name = ?", (_pair_seq_counter(db, peer), old))
+    # Device-list marks: ``account@relay`` keys become keyed hashes (protocol.client.chains.mark_key).
+    for key in db.keys(MARK_TABLE):
+        if isinstance(key, str):
+            account, _, relay = key.partition("@")
+            value = db.get(MARK_TABLE, key)
+            assert value is not None
+            db.put(MARK_TABLE, db.blind("device-mark", account, relay.lower()), value)
+            db.delete(MARK_TABLE, key)
+    for guarded in GUARDED_SETS:
+        db.guard_set(guarded)
+
+
+def _account_of(address: str) -> str:
+    """``account@relay`` of a device address (``device.account@relay``), or the address itself."""
+    local, at, relay = address.partition("@")
+    return local.split(".", 1)[1] + at + relay if "." in local else address
+
+
+def _ms(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+#: Every step, in order. A new storage format adds one here (issue 14 builds on this runner); never edit one.
+MIGRATIONS: Final = (
+    Migration(1, "the offline store's tables (schema 1)", _create_schema_1),
+    Migration(2, "sealed history metadata, keyed row keys, guarded marks and replay cache", _seal_metadata),
+)
+SCHEMA_VERSION: Final = MIGRATIONS[-1].version
+
+
+def schema_version(db: LocalDB) -> int:
+    """The version ``state.db`` is at (``PRAGMA user_version``; 0 in a new file or one made before schema 2)."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: LocalDB) -> int:
+    """Bring ``state.db`` to :data:`SCHEMA_VERSION`; returns how many migrations ran (0: already there).
+
+    All pending steps run in one ``BEGIN IMMEDIATE`` transaction together with the version update, so a
+    crash or a cancellation leaves the file at its old version, untouched, and the next open runs them
+    again; two processes opening one home at once migrate once (the second re-reads the version under the
+    write lock). Idempotent. Raises :class:`StateTooNewError` for a file from a newer client, and
+    :class:`~protocol.client.localdb.TamperedRowError` when a step fails on rows it cannot read (a sealed
+    value that does not open, or a layout that does not match its version: changed outside tetherless).
+    """
+    if schema_version(db) == SCHEMA_VERSION:
+        return 0
+    applied = 0
+    with db.transaction():
+        current = schema_version(db)
+        if current > SCHEMA_VERSION:
+            raise StateTooNewError(
+                f"{db.path} is at schema {current}, newer than this tetherless knows ({SCHEMA_VERSION}): "
+                "update tetherless"
+            )
+        for step in MIGRATIONS:
+            if step.version <= current:
+                continue
+            try:
+                step.apply(db)
+            except (sqlite3.Error, msgspec.DecodeError, ValueError) as exc:
+                raise TamperedRowError(
+                    f"migration {step.version} of {db.path} ({step.summary}) failed and changed nothing: {exc}"
+                ) from exc
+            db.execute(f"PRAGMA user_version = {int(step.version)}")
+            applied += 1
+    return applied
+
+
 def default_dek(home: Path, signing_seed: bytes) -> bytes:
     """The local DEK when the keystore does not provide one (interim: derived from the device's secret seed)."""
     return digest("local-dek", signing_seed)
@@ -177,10 +418,7 @@ class ClientStore:
         self.db = db
         self._random = random_bytes
         self._clock = wall_clock
-        with db.transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        migrate(db)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -202,9 +440,9 @@ class ClientStore:
 
     def set_cursor(self, name: str, value: int) -> None:
         self.db.execute(
-            "INSERT INTO log_cursors (name, value, updated_at_ms) VALUES (?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-            (name, value, self.now_ms()),
+            "INSERT INTO log_cursors (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
         )
 
     def counter(self, name: str) -> int:
@@ -305,46 +543,52 @@ class ClientStore:
         late: bool = False,
         inbox_seen: bool = False,
     ) -> bool:
-        """Insert the message, or merge into the existing row (position, relay time). True when it is new."""
+        """Insert the message, or merge into the existing row (position, relay time). True when it is new.
+
+        Unique per ``(sender_device, message_uid)``, found by its keyed hash (``uid_index``)."""
+        table = "history_messages"
+        uid_index = _uid_index(self.db, sender_device, message_uid)
         row = self.db.execute(
-            "SELECT msg_key, log_position, inbox_seen FROM history_messages "
-            "WHERE sender_device = ? AND message_uid = ?",
-            (sender_device, message_uid),
+            "SELECT msg_key, log_position, inbox_seen, meta FROM history_messages WHERE uid_index = ?", (uid_index,)
         ).fetchone()
         if row is not None:
             if log_position is not None and row[1] is None:
                 self.db.execute(
                     # Logged (by another device, or seen again in the log): no longer held back here.
-                    "UPDATE history_messages SET log_position = ?, held = 0 WHERE msg_key = ?",
+                    "UPDATE history_messages SET log_position = ?, held = 0, held_since = NULL WHERE msg_key = ?",
                     (log_position, row[0]),
                 )
             if relay_sent_at_ms:
-                self.db.execute(
-                    "UPDATE history_messages SET relay_sent_at_ms = max(relay_sent_at_ms, ?) WHERE msg_key = ?",
-                    (relay_sent_at_ms, row[0]),
-                )
+                meta = self._meta(row[0], row[3])
+                if relay_sent_at_ms > meta.relay_sent_at_ms:
+                    meta = msgspec.structs.replace(meta, relay_sent_at_ms=relay_sent_at_ms)
+                    self.db.execute(
+                        "UPDATE history_messages SET meta = ? WHERE msg_key = ?",
+                        (self._seal(table, row[0], "meta", msgspec.msgpack.encode(meta)), row[0]),
+                    )
             if inbox_seen and not row[2]:
                 self.db.execute("UPDATE history_messages SET inbox_seen = 1 WHERE msg_key = ?", (row[0],))
             return False
         local_seq = self.next_counter("local_seq")
-        table = "history_messages"
+        meta = _HistoryMeta(
+            sender_device=sender_device, direction=direction, sent_at_ms=sent_at_ms, relay_sent_at_ms=relay_sent_at_ms
+        )
         self.db.execute(
-            "INSERT INTO history_messages (msg_key, message_uid, sender_device, direction, pair_seq, sent_at_ms, "
-            "relay_sent_at_ms, log_position, via, late, local_seq, inbox_seen, sender, recipients, content_type, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO history_messages (msg_key, message_uid, uid_index, sender_index, pair_seq, log_position, via, "
+            "late, local_seq, inbox_seen, meta, sender, recipients, content_type, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 msg_key,
                 message_uid,
-                sender_device,
-                direction,
+                uid_index,
+                _sender_index(self.db, sender_device),
                 pair_seq,
-                sent_at_ms,
-                relay_sent_at_ms,
                 log_position,
                 via,
                 int(late),
                 local_seq,
                 int(inbox_seen),
+                self._seal(table, msg_key, "meta", msgspec.msgpack.encode(meta)),
                 self._seal(table, msg_key, "sender", sender.encode()),
                 self._seal(table, msg_key, "recipients", codec.encode(recipients)),
                 self._seal(table, msg_key, "content_type", content_type.encode()),
@@ -359,49 +603,58 @@ class ClientStore:
             (position, msg_key),
         )
 
+    _HISTORY_COLUMNS: Final = (
+        "msg_key, message_uid, pair_seq, log_position, via, late, meta, sender, recipients, content_type, body"
+    )
+
     def history(self, *, since_position: int = 0, since_ms: int = 0, limit: int | None = None) -> list[HistoryMessage]:
-        """Messages in log order (logged ones by position, then not-yet-logged ones in local order)."""
+        """Messages in log order (logged ones by position, then not-yet-logged ones in local order).
+
+        ``since_ms`` compares the sealed send time, so it is applied after opening each row."""
         sql = (
-            "SELECT msg_key, message_uid, sender_device, direction, pair_seq, sent_at_ms, relay_sent_at_ms, "
-            "log_position, via, late, sender, recipients, content_type, body FROM history_messages "
-            "WHERE coalesce(log_position, 9223372036854775807) > ? AND sent_at_ms >= ? "
+            f"SELECT {self._HISTORY_COLUMNS} FROM history_messages "
+            "WHERE coalesce(log_position, 9223372036854775807) > ? "
             "ORDER BY log_position IS NULL, log_position, local_seq"
         )
-        params: tuple[Any, ...] = (since_position, since_ms)
-        if limit is not None:
+        params: tuple[Any, ...] = (since_position,)
+        if limit is not None and not since_ms:
             sql += " LIMIT ?"
             params += (limit,)
-        return [self._message_row(r) for r in self.db.execute(sql, params).fetchall()]
+        messages = (self._message_row(r) for r in self.db.execute(sql, params).fetchall())
+        selected = [m for m in messages if m.sent_at_ms >= since_ms]
+        return selected if limit is None else selected[:limit]
 
     def message(self, msg_key: bytes) -> HistoryMessage | None:
         row = self.db.execute(
-            "SELECT msg_key, message_uid, sender_device, direction, pair_seq, sent_at_ms, relay_sent_at_ms, "
-            "log_position, via, late, sender, recipients, content_type, body FROM history_messages WHERE msg_key = ?",
-            (msg_key,),
+            f"SELECT {self._HISTORY_COLUMNS} FROM history_messages WHERE msg_key = ?", (msg_key,)
         ).fetchone()
         return self._message_row(row) if row else None
+
+    def _meta(self, msg_key: bytes, blob: bytes) -> _HistoryMeta:
+        return msgspec.msgpack.decode(self._open("history_messages", msg_key, "meta", blob), type=_HistoryMeta)
 
     def _message_row(self, r: Any) -> HistoryMessage:
         table = "history_messages"
         key = r[0]
         stored = self.db.get("history_writers", key)
         writer = stored.decode() if stored else None
-        authenticated = bool(writer) if stored is not None else r[8] != "log"
+        authenticated = bool(writer) if stored is not None else r[4] != "log"
+        meta = self._meta(key, r[6])
         return HistoryMessage(
             msg_key=key,
             message_uid=r[1],
-            sender_device=r[2],
-            direction=r[3],
-            pair_seq=r[4],
-            sent_at_ms=r[5],
-            relay_sent_at_ms=r[6],
-            log_position=r[7],
-            via=r[8],
-            late=bool(r[9]),
-            sender=self._open(table, key, "sender", r[10]).decode(),
-            recipients=codec.decode(self._open(table, key, "recipients", r[11]), list[str]),
-            content_type=self._open(table, key, "content_type", r[12]).decode(),
-            body=self._open(table, key, "body", r[13]),
+            sender_device=meta.sender_device,
+            direction=meta.direction,
+            pair_seq=r[2],
+            sent_at_ms=meta.sent_at_ms,
+            relay_sent_at_ms=meta.relay_sent_at_ms,
+            log_position=r[3],
+            via=r[4],
+            late=bool(r[5]),
+            sender=self._open(table, key, "sender", r[7]).decode(),
+            recipients=codec.decode(self._open(table, key, "recipients", r[8]), list[str]),
+            content_type=self._open(table, key, "content_type", r[9]).decode(),
+            body=self._open(table, key, "body", r[10]),
             writer=writer,
             authenticated=authenticated,
         )
@@ -414,19 +667,20 @@ class ClientStore:
     def enqueue(self, recipient: str, content_type: str, body: bytes, *, peer: str) -> OutboxEntry:
         """Step 1 of §10: the outbox row and its ``pair_seq``, in one transaction."""
         with self.db.transaction():
-            pair_seq = self.next_counter("pair_seq:" + digest("peer-index", peer).hex()[:32])
+            pair_seq = self.next_counter(_pair_seq_counter(self.db, peer))
             uid = self._random(log.MESSAGE_UID_BYTES)
             now = self.now_ms()
             table = "outbox_entries"
             cur = self.db.execute(
-                "INSERT INTO outbox_entries (message_uid, pair_seq, state, created_at_ms, sent_at_ms, recipient, "
-                "content_type, body) VALUES (?, ?, 'queued', ?, ?, x'', x'', x'')",
-                (uid, pair_seq, now, now),
+                "INSERT INTO outbox_entries (message_uid, pair_seq, state, status, recipient, content_type, body) "
+                "VALUES (?, ?, 'queued', x'', x'', x'', x'')",
+                (uid, pair_seq),
             )
             local_id = int(cur.lastrowid or 0)
             self.db.execute(
-                "UPDATE outbox_entries SET recipient = ?, content_type = ?, body = ? WHERE local_id = ?",
+                "UPDATE outbox_entries SET status = ?, recipient = ?, content_type = ?, body = ? WHERE local_id = ?",
                 (
+                    _seal_status(self.db, local_id, _OutboxStatus(created_at_ms=now, sent_at_ms=now)),
                     self._seal(table, local_id, "recipient", recipient.encode()),
                     self._seal(table, local_id, "content_type", content_type.encode()),
                     self._seal(table, local_id, "body", body),
@@ -440,25 +694,35 @@ class ClientStore:
     def _outbox_row(self, r: Any) -> OutboxEntry:
         table = "outbox_entries"
         local_id = r[0]
+        status = self._status(local_id, r[5])
         return OutboxEntry(
             local_id=local_id,
             message_uid=r[1],
             pair_seq=r[2],
             state=r[3],
             attempts=r[4],
-            next_attempt_at_ms=r[5],
-            last_error=r[6],
-            created_at_ms=r[7],
-            sent_at_ms=r[8],
-            recipient=self._open(table, local_id, "recipient", r[9]).decode(),
-            content_type=self._open(table, local_id, "content_type", r[10]).decode(),
-            body=self._open(table, local_id, "body", r[11]),
+            next_attempt_at_ms=status.next_attempt_at_ms,
+            last_error=status.last_error,
+            created_at_ms=status.created_at_ms,
+            sent_at_ms=status.sent_at_ms,
+            recipient=self._open(table, local_id, "recipient", r[6]).decode(),
+            content_type=self._open(table, local_id, "content_type", r[7]).decode(),
+            body=self._open(table, local_id, "body", r[8]),
         )
 
-    _OUTBOX_COLUMNS: Final = (
-        "local_id, message_uid, pair_seq, state, attempts, next_attempt_at_ms, last_error, created_at_ms, "
-        "sent_at_ms, recipient, content_type, body"
-    )
+    def _status(self, local_id: int, blob: bytes) -> _OutboxStatus:
+        return msgspec.msgpack.decode(self._open("outbox_entries", local_id, "status", blob), type=_OutboxStatus)
+
+    def _update_status(self, local_id: int, **changes: Any) -> None:
+        row = self.db.execute("SELECT status FROM outbox_entries WHERE local_id = ?", (local_id,)).fetchone()
+        if row is not None:
+            status = msgspec.structs.replace(self._status(local_id, row[0]), **changes)
+            self.db.execute(
+                "UPDATE outbox_entries SET status = ? WHERE local_id = ?",
+                (_seal_status(self.db, local_id, status), local_id),
+            )
+
+    _OUTBOX_COLUMNS: Final = "local_id, message_uid, pair_seq, state, attempts, status, recipient, content_type, body"
 
     def outbox_entry(self, local_id: int) -> OutboxEntry | None:
         r = self.db.execute(
@@ -474,19 +738,15 @@ class ClientStore:
         return [self._outbox_row(r) for r in rows]
 
     def set_outbox_state(self, local_id: int, state: str, *, error: str | None = None) -> None:
-        if error is None:
+        with self.db.transaction():
             self.db.execute("UPDATE outbox_entries SET state = ? WHERE local_id = ?", (state, local_id))
-        else:
-            self.db.execute(
-                "UPDATE outbox_entries SET state = ?, last_error = ? WHERE local_id = ?", (state, error, local_id)
-            )
+            if error is not None:
+                self._update_status(local_id, last_error=error)
 
     def note_attempt(self, local_id: int, error: str, next_attempt_at_ms: int) -> None:
-        self.db.execute(
-            "UPDATE outbox_entries SET attempts = attempts + 1, last_error = ?, next_attempt_at_ms = ? "
-            "WHERE local_id = ?",
-            (error[:200], next_attempt_at_ms, local_id),
-        )
+        with self.db.transaction():
+            self.db.execute("UPDATE outbox_entries SET attempts = attempts + 1 WHERE local_id = ?", (local_id,))
+            self._update_status(local_id, last_error=error[:200], next_attempt_at_ms=next_attempt_at_ms)
 
     def put_envelopes(self, local_id: int, envelopes: list[tuple[str, bytes, bytes]]) -> None:
         """``(recipient device address, idempotency key, ciphertext)`` per device, sealed once."""
@@ -505,19 +765,29 @@ class ClientStore:
 
     def envelopes(self, local_id: int) -> list[tuple[int, str, bytes, bytes, bytes | None, int | None]]:
         rows = self.db.execute(
-            "SELECT n, recipient_device, idempotency_key, ciphertext, accepted_id, relay_sent_at_ms "
+            "SELECT n, recipient_device, idempotency_key, ciphertext, accepted_id, relay_sent_at "
             "FROM outbox_envelopes WHERE local_id = ? ORDER BY n",
             (local_id,),
         ).fetchall()
+        table = "outbox_envelopes"
         return [
-            (r[0], self._open("outbox_envelopes", (local_id, r[0]), "recipient", r[1]).decode(), r[2], r[3], r[4], r[5])
+            (
+                r[0],
+                self._open(table, (local_id, r[0]), "recipient", r[1]).decode(),
+                r[2],
+                r[3],
+                r[4],
+                None
+                if r[5] is None
+                else int.from_bytes(self._open(table, (local_id, r[0]), "relay_sent_at", r[5]), "big"),
+            )
             for r in rows
         ]
 
     def set_receipt(self, local_id: int, n: int, accepted_id: bytes, relay_sent_at_ms: int) -> None:
         self.db.execute(
-            "UPDATE outbox_envelopes SET accepted_id = ?, relay_sent_at_ms = ? WHERE local_id = ? AND n = ?",
-            (accepted_id, relay_sent_at_ms, local_id, n),
+            "UPDATE outbox_envelopes SET accepted_id = ?, relay_sent_at = ? WHERE local_id = ? AND n = ?",
+            (accepted_id, _seal_relay_time(self.db, local_id, n, relay_sent_at_ms), local_id, n),
         )
 
     # -- log_pending -----------------------------------------------------------------------------
@@ -589,33 +859,39 @@ class ClientStore:
 
     def hold(self, msg_key: bytes, inbox_cursor: int) -> None:
         """Hold a received message back (not logged, not acknowledged) until its predecessors are here (§9)."""
+        since = self._seal("history_messages", msg_key, "held_since", _ms(self.now_ms()))
         self.db.execute(
             "UPDATE history_messages SET held = 1, held_cursor = coalesce(held_cursor, ?), "
-            "held_since_ms = coalesce(held_since_ms, ?) WHERE msg_key = ? AND log_position IS NULL",
-            (inbox_cursor, self.now_ms(), msg_key),
+            "held_since = coalesce(held_since, ?) WHERE msg_key = ? AND log_position IS NULL",
+            (inbox_cursor, since, msg_key),
         )
 
     def held(self) -> list[tuple[bytes, str, int, int, int]]:
-        """``(msg_key, sender_device, pair_seq, held_cursor, held_since_ms)`` per held message, by sender and seq."""
-        return [
-            (r[0], r[1], r[2], r[3], r[4])
-            for r in self.db.execute(
-                "SELECT msg_key, sender_device, pair_seq, held_cursor, held_since_ms FROM history_messages "
-                "WHERE held = 1 ORDER BY sender_device, pair_seq"
-            ).fetchall()
-        ]
+        """``(msg_key, sender_device, pair_seq, held_cursor, held_since_ms)`` per held message, grouped by
+        sender (in keyed-hash order) and by ``pair_seq`` within a sender."""
+        held: list[tuple[bytes, str, int, int, int]] = []
+        for key, pair_seq, cursor, since, meta in self.db.execute(
+            "SELECT msg_key, pair_seq, held_cursor, held_since, meta FROM history_messages "
+            "WHERE held = 1 ORDER BY sender_index, pair_seq"
+        ).fetchall():
+            since_ms = int.from_bytes(self._open("history_messages", key, "held_since", since), "big") if since else 0
+            held.append((key, self._meta(key, meta).sender_device, pair_seq, cursor, since_ms))
+        return held
 
     def has_predecessors(self, sender_device: str, pair_seq: int) -> bool:
         """Whether messages 1 … pair_seq-1 of the sender are all here and not held."""
         row = self.db.execute(
-            "SELECT count(DISTINCT pair_seq) FROM history_messages WHERE sender_device = ? AND pair_seq >= 1 "
+            "SELECT count(DISTINCT pair_seq) FROM history_messages WHERE sender_index = ? AND pair_seq >= 1 "
             "AND pair_seq < ? AND held = 0",
-            (sender_device, pair_seq),
+            (_sender_index(self.db, sender_device), pair_seq),
         ).fetchone()
         return int(row[0]) == pair_seq - 1
 
     def release(self, msg_key: bytes, *, late: bool) -> None:
-        self.db.execute("UPDATE history_messages SET held = 0, late = ? WHERE msg_key = ?", (int(late), msg_key))
+        # The hold time is dropped with the hold: it would date the message's arrival for no further use.
+        self.db.execute(
+            "UPDATE history_messages SET held = 0, late = ?, held_since = NULL WHERE msg_key = ?", (int(late), msg_key)
+        )
 
     def iter_rows(self, sql: str, params: tuple[Any, ...] = ()) -> Iterator[Any]:
         yield from self.db.execute(sql, params).fetchall()
@@ -630,12 +906,21 @@ def decode_plaintext(data: bytes) -> log.LogPlaintext:
 
 
 __all__ = [
+    "GUARDED_SETS",
+    "MARK_TABLE",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "TRANSCRIPT_TABLE",
     "ClientStore",
     "EpochInfo",
     "HistoryMessage",
+    "Migration",
     "OutboxEntry",
     "PendingRecord",
+    "StateTooNewError",
     "decode_plaintext",
     "default_dek",
     "encode_plaintext",
+    "migrate",
+    "schema_version",
 ]

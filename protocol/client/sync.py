@@ -54,7 +54,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from .. import codec, device_list, handshake, log
+from .. import codec, device_list, handshake, hybrid, log, recovery
 from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
 from ..ids import Address
 from ..messages import (
@@ -90,6 +90,12 @@ _LOG_PAGE: Final = 500
 _APPEND_BATCH: Final = 200
 _POST_BATCH: Final = 100
 _MAX_WAIT_SECONDS: Final = 300.0
+# The recovery backup key this device backs up to (account-log.md §5.7): a sealed key-value table of state.db.
+RECOVERY_BACKUP_TABLE: Final = "recovery_backup"
+#: Per-writer counters in ``log_counters`` (account-log.md §4.6, §5.1 v3): highest ``writer_seq`` applied, and a
+#: removed writer's close-out mark + 1 from the rotation that removed it.
+_HIGH_WATER: Final = "writer_hw:"
+_CLOSED: Final = "writer_closed:"
 #: Scheduled rotation (account-log.md §5.3): a new epoch after this many records or this age, whichever first.
 DEFAULT_ROTATE_AFTER_RECORDS: Final = 1000
 DEFAULT_ROTATE_AFTER_SECONDS: Final = 7 * 86400.0
@@ -193,6 +199,10 @@ class SyncEngine:
         self.rejected = 0
         self.last_failure = ""  # the reason of the last retried failure (the CLI's error line on giving up)
         self.refusals: list[str] = []  # per record refused (§4.6, §5.4) or epoch without a key (§5.5), for the CLI
+        # The same, structured for ``sync --json``: {"warning": code, "detail": line} (account-log.md §18.1).
+        self.warnings: list[dict[str, str]] = []
+        self._held_marks: dict[str, int] = {}  # removed writers' records waiting for the rotation (§5.1 v3)
+        self._assigned_seqs: dict[bytes, int] = {}  # writer_seq given to a pending record in this process
         # At least one record and one second: a rotation must never make its own epoch due at once.
         self.rotate_after_records = max(1, rotate_after_records)
         self.rotate_after_seconds = max(1.0, rotate_after_seconds)
@@ -204,6 +214,11 @@ class SyncEngine:
         self._stale_appends = 0
         self._stale_epochs = 0
         self._waited: set[int] = set()  # outbox entries that waited in this run: their backoff applies
+        # Recovery backup (account-log.md §5.7): the keys derived from the recovery secret, only while a command
+        # that holds it runs (init, recovery-key, link --recovery-key); never stored.
+        self.recovery: recovery.RecoveryKeys | None = None
+        self.recovered_epochs: set[int] = set()
+        self._backup_conflicts = 0
 
     # -- supervisor ----------------------------------------------------------------------------
 
@@ -406,6 +421,7 @@ class SyncEngine:
         while True:
             changed = await self.read_log()
             changed |= await self.ensure_epoch()
+            changed |= await self.ensure_recovery_backup()
             if inbox:
                 changed |= await self.read_inbox()
             changed |= await self.flush_outbox()
@@ -439,12 +455,15 @@ class SyncEngine:
         moved = await snapshots.before_read(self)
         await self.device_list()  # the verified list judges writers (§4.6)
         self.blocked_on_rotation = False
+        self._held_marks = {}
         start = self.store.cursor("log")
         buffered: list[LogRecord] = []
         after = start
         while True:
             page: LogPage = await self._call("GET", f"/v1/log?after={after}&limit={_LOG_PAGE}", None, LogPage)
             self.log_head = page.head
+            if not self._positions_dense(after, page):
+                break  # the rest up to the head is gone: never page forever on a relay that dropped it
             if page.records:
                 await self._apply_keys([r for r in page.records if r.kind == "key"])
                 buffered += page.records
@@ -460,11 +479,33 @@ class SyncEngine:
                 f"no key for epoch {buffered[0].epoch}: {len(buffered)} log record(s) from position "
                 f"{buffered[0].position} wait until a device of this account grants it"
             )
-            if line not in self.refusals:
-                self.refusals.append(line)
+            self._warn("log_key_missing", line)
         self.read_upto = max(after, self.store.cursor("log"))
         moved |= await snapshots.after_read(self)  # log-snapshots hook: load a pending snapshot once its key is here
         return moved or self.store.cursor("log") != start
+
+    def _positions_dense(self, after: int, page: LogPage) -> bool:
+        """Warn (``log_records_missing``) about positions above the horizon that the page skips: the log is dense
+        there (account-log.md L1; emptied snapshot parts keep their positions), so the relay deleted or withholds
+        them. Withholding cannot be prevented, only made visible. False when the page holds nothing although the
+        relay claims more up to its head: the reader stops there instead of asking again forever."""
+        previous = after
+        for record in page.records:
+            if record.position - 1 > max(previous, page.horizon):
+                self._missing(max(previous, page.horizon) + 1, record.position - 1)
+            previous = max(previous, record.position)
+        if page.records or not page.more:
+            return True
+        if page.head > max(after, page.horizon):
+            self._missing(max(after, page.horizon) + 1, page.head)
+        return False
+
+    def _missing(self, first: int, last: int) -> None:
+        self._warn(
+            "log_records_missing",
+            f"log_records_missing: log positions {first}-{last} are missing below the relay's head: "
+            "the relay deleted or withholds them",
+        )
 
     async def _verified_key_record(self, record: LogRecord) -> tuple[log.AnyKeyRecord, list[DeviceEntry]]:
         """Decode a ``key`` record and check it against the verified list of its ``device_list_version`` (§5.1).
@@ -516,6 +557,9 @@ class SyncEngine:
         names an older device-list version than the epoch before it (§5.4 "clients enforce").
         """
         for record in records:
+            if (backup := log.decode_recovery_backup(record.ciphertext)) is not None:
+                await self._apply_recovery_backup(record, backup)
+                continue
             try:
                 key_record, devices = await self._verified_key_record(record)
                 keys = self._granted_keys(key_record)
@@ -541,6 +585,9 @@ class SyncEngine:
                 if isinstance(key_record, log.KeyEpochRecordV2):
                     for c in key_record.body.commitments:
                         self.store.put_commitment(c.epoch, c.commitment)
+                    for mark in key_record.closed:  # v3: the first rotation that removed a writer closes it
+                        if not self.store.counter(_CLOSED + mark.device_id):
+                            self.store.advance_counter(_CLOSED + mark.device_id, mark.last_seq + 1)
                 else:
                     self.store.put_commitment(record.epoch, key_record.body.key_commitment)
                 info = self.store.epoch_info(record.epoch)
@@ -584,9 +631,16 @@ class SyncEngine:
     def _refuse(self, record: LogRecord, exc: TetherlessError) -> None:
         """A record this client will not trust (§5.4, §4.6): skipped, counted and reported, never applied."""
         line = f"refused log record at position {record.position} (epoch {record.epoch}): {_describe(exc)}"
-        logger.warning("%s", line)
         self.rejected += 1
+        self._warn(exc.code.value, line)
+
+    def _warn(self, code: str, line: str) -> None:
+        """Report ``line`` once per run (stderr, and ``sync --json``) under the stable ``code`` (§18.1)."""
+        if line in self.refusals:
+            return
+        logger.warning("%s", line)
         self.refusals.append(line)
+        self.warnings.append({"warning": code, "detail": line})
 
     def _apply_records(self, records: list[LogRecord]) -> list[LogRecord]:
         """Apply records in order, in one transaction; return the ones waiting (for an epoch key, or for the
@@ -606,6 +660,7 @@ class SyncEngine:
                     else:
                         if opened is None:
                             self.blocked_on_rotation = True
+                            self._note_held_ahead(records[index + 1 :], infos)
                             return records[index:]
                         self.store.next_counter(f"epoch_records:{record.epoch}")
                         self._apply_plaintext(record, opened[0], new_messages, writer=opened[1])
@@ -615,6 +670,40 @@ class SyncEngine:
             if self.on_message is not None and message.direction == "received":
                 self.on_message(message, None, None)
         return []
+
+    def _note_held_ahead(self, records: list[LogRecord], infos: dict[int, EpochInfo]) -> None:
+        """Raise the close-out marks of removed writers to their highest record in ``records`` (the rest of the
+        page after the first one waiting for the rotation): the rotation this device is about to write must close
+        each removed writer after *all* of its records that precede the rotation in the log, not after the first
+        one read, or its later pre-removal records would be refused as written after it. Reads only; a record
+        that does not open is left to be refused when it is applied. A removed writer's records beyond this page
+        are not seen (the rotation then closes it earlier, and those records are refused: account-log.md §18)."""
+        current = self._chain[1] if self._chain is not None else None
+        if current is None:
+            return
+        present = {d.device_id for d in current}
+        for record in records:
+            info = infos.get(record.epoch)
+            key = self.store.epoch_key(record.epoch) if record.kind in ("event", "state") else None
+            if key is None or info is None or info.record_format < 2:
+                continue
+            if any(i.epoch > record.epoch and i.position < record.position for i in infos.values()):
+                continue  # refused as stale when applied
+            try:
+                plaintext = log.open_signed_record(
+                    key,
+                    record.ciphertext,
+                    writers=info.writers,
+                    account_id=self.keys.account_id,
+                    record_id=record.record_id,
+                    epoch=record.epoch,
+                    kind=record.kind,
+                )
+            except TetherlessError:
+                continue
+            writer = plaintext.writer_device
+            if writer not in present:
+                self._held_marks[writer] = max(self._held_marks.get(writer, 0), plaintext.writer_seq)
 
     def _open_event(
         self, record: LogRecord, key: bytes, infos: dict[int, EpochInfo]
@@ -661,11 +750,44 @@ class SyncEngine:
                 f"writing only {self.store.counter('writer_seq')}: this home was restored from an older copy, and "
                 "sending on its sessions would reuse ratchet keys. " + StateRolledBackError.RECOVERY
             )
+        writer, seq = plaintext.writer_device, plaintext.writer_seq
+        closed = self.store.counter(_CLOSED + writer)  # the close-out mark + 1 (§5.1 v3); 0: not closed
+        if closed and seq > closed - 1:
+            raise TetherlessError(
+                ErrorCode.LOG_EPOCH_STALE,
+                f"record #{seq} of {writer}, whose removal closed it at #{closed - 1}: written after the rotation",
+            )
         current = self._chain[1] if self._chain is not None else None
-        removed = current is not None and plaintext.writer_device not in {d.device_id for d in current}
+        removed = current is not None and writer not in {d.device_id for d in current}
         if removed and not any(i.epoch > record.epoch for i in infos.values()):
+            self._held_marks[writer] = max(self._held_marks.get(writer, 0), seq)  # the rotation closes it here
             return None
-        return plaintext, plaintext.writer_device
+        self._check_writer_seq(record, writer, seq)
+        return plaintext, writer
+
+    def _check_writer_seq(self, record: LogRecord, writer: str, seq: int) -> None:
+        """Per-writer ``writer_seq`` order (account-log.md §4.6 "writer order"), kept as ``writer_hw:<device>``.
+
+        A record at or below its writer's high-water mark that is not one this device already applied (a replay
+        of the same record id is harmless) is refused ``log_epoch_stale``: an honest writer appends in order, so
+        the relay reordered it. A jump above the mark is flagged ``log_writer_gap`` (records withheld, or lost
+        to benign races, §18.1) and applied: withholding cannot be prevented, only made visible.
+        """
+        high = self.store.counter(_HIGH_WATER + writer)
+        if seq <= high:
+            if self.store.message(record.record_id) is not None:
+                return
+            raise TetherlessError(
+                ErrorCode.LOG_EPOCH_STALE,
+                f"record #{seq} of {writer} after its #{high}: the relay reordered or replayed its records",
+            )
+        if high and seq > high + 1 and writer != self.keys.device_id:
+            self._warn(
+                "log_writer_gap",
+                f"log_writer_gap: records #{high + 1}-#{seq - 1} of device {writer} are missing before log "
+                f"position {record.position}: the relay may withhold them",
+            )
+        self.store.advance_counter(_HIGH_WATER + writer, seq - high)
 
     def _apply_plaintext(
         self, record: LogRecord, plaintext: log.LogPlaintext, new: list[HistoryMessage], *, writer: str | None
@@ -742,13 +864,31 @@ class SyncEngine:
             # rotation then carries the older keys too (to every device it grants; they check commitments).
             older = history if v2 and missing else {}
             return await self._write_key_record(
-                epoch + 1, {**older, epoch + 1: self.random_bytes(log.KEY_BYTES)}, version, receiving, v2
+                epoch + 1,
+                {**older, epoch + 1: self.random_bytes(log.KEY_BYTES)},
+                version,
+                receiving,
+                v2,
+                closed=self._close_out_marks(devices) if v2 else None,
             )
         if not missing:
             return False
         if not v2:
             return await self._write_key_record(epoch, {epoch: held}, version, missing, v2)
         return await self._write_key_record(epoch, history, version, missing, v2)
+
+    def _close_out_marks(self, devices: list[DeviceEntry]) -> dict[str, int]:
+        """What a rotation commits to (account-log.md §5.1 v3): for each writer of a known epoch that is no longer
+        in the verified list ``devices`` and not closed yet, the highest ``writer_seq`` of its records before the
+        rotation (applied, or read and waiting for this rotation). Readers refuse its records beyond the mark,
+        wherever the relay places them."""
+        present = {d.device_id for d in devices}
+        writers = {w for info in self.store.epoch_infos() for w in info.writers}
+        return {
+            w: max(self.store.counter(_HIGH_WATER + w), self._held_marks.get(w, 0))
+            for w in sorted(writers - present)
+            if not self.store.counter(_CLOSED + w)
+        }
 
     def history_granted(self, device_id: str) -> bool:
         """Whether ``device_id`` is named by a grant of the newest epoch this device knows (account-log.md §5.5).
@@ -785,14 +925,22 @@ class SyncEngine:
         return None
 
     async def _write_key_record(
-        self, epoch: int, keys: dict[int, bytes], version: int, devices: list[DeviceEntry], v2: bool
+        self,
+        epoch: int,
+        keys: dict[int, bytes],
+        version: int,
+        devices: list[DeviceEntry],
+        v2: bool,
+        *,
+        closed: dict[str, int] | None = None,
     ) -> bool:
         """Append one key record (``expected_head`` = the cursor) granting ``keys`` to ``devices``.
 
         ``epoch`` not yet held here: a new epoch (epoch 1 or a rotation) with the fresh key ``keys[epoch]``,
         granted to exactly ``devices`` (this device among them). Otherwise a grant-only record. v2 grants
         wrap to each device's ML-KEM and X25519 keys; a device without an ML-KEM key gets the keys through
-        its v2 session only (never a classical sealed box). Raises :class:`RetryError` after 3 refusals in a row.
+        its v2 session only (never a classical sealed box). ``closed``: the removed writers' close-out marks a
+        rotation commits to (a v3 record when not empty). Raises :class:`RetryError` after 3 refusals in a row.
         """
         creating = self.store.epoch_key(epoch) is None
         created_at_ms = int(self.wall_clock() * 1000)
@@ -813,6 +961,7 @@ class SyncEngine:
                 devices=devices,
                 created_at_ms=created_at_ms,
                 wrap_randomness=randomness,
+                closed=closed,
             )
         else:
             previous = self.store.epoch_key(epoch - 1) if creating and epoch > 1 else None
@@ -878,6 +1027,157 @@ class SyncEngine:
             await self._send_account_key(e, key, version, session_only)
         return True
 
+    # -- recovery backup (account-log.md §5.7) -------------------------------------------------------------
+
+    async def _apply_recovery_backup(self, record: LogRecord, backup: log.RecoveryBackupRecord) -> None:
+        """Check a recovery backup record; note it when it backs up to the current list's recovery key; open it
+        when this engine holds that recovery key (a device enrolled by the recovery key alone).
+
+        A backup that does not verify is refused like a key record (counted, reported, skipped): a writer that is
+        not a role-``device`` entry of its list version, a key the list does not commit to, a list version older
+        than its epoch's, or an epoch older than one created before it (a removed device's late backup).
+        """
+        assert self.client is not None
+        body = backup.backup
+        try:
+            version = body.device_list_version
+            devices = await self._list_at(version)
+            committed = await self._guard(self.client.recovery_backup_hash_at(self.keys.account_id, version))
+            if devices is None or committed is None:
+                raise log.InvalidRecordError(
+                    ErrorCode.BAD_SIGNATURE,
+                    f"recovery backup names device list version {version}, which does not exist",
+                )
+            info = self.store.epoch_info(record.epoch)
+            if info is None:
+                raise log.InvalidRecordError(ErrorCode.BAD_SIGNATURE, "recovery backup for an epoch with no key record")
+            newer = self.store.epoch_info(record.epoch + 1)
+            if newer is not None and newer.position < record.position:
+                raise log.InvalidRecordError(
+                    ErrorCode.LOG_EPOCH_STALE, f"recovery backup under epoch {record.epoch} after a newer epoch"
+                )
+            log.verify_recovery_backup(
+                backup,
+                account_id=self.keys.account_id,
+                epoch=record.epoch,
+                devices=devices,
+                backup_key_hash=committed,
+                epoch_list_version=info.list_version,
+            )
+            opened: dict[int, bytes] = {}
+            if self.recovery is not None and committed == self._recovery_hash():
+                opened = log.open_recovery_backup(backup, self.recovery)
+        except TetherlessError as exc:
+            self._refuse(record, exc)
+            return
+        current, _ = await self.device_list()
+        current_hash = await self._guard(self.client.recovery_backup_hash_at(self.keys.account_id, current))
+        with self.store.transaction():
+            for epoch, key in sorted(opened.items()):
+                if self.store.epoch_key(epoch) is None and self._matches_commitment(epoch, key):
+                    self.store.put_epoch_key(epoch, key, record.record_id)
+                    self.recovered_epochs.add(epoch)
+            if committed == current_hash:
+                remember_recovery_backup_key(self.store, body.recipient, backed_up_epoch=record.epoch)
+
+    def backed_up_epoch(self, key_hash: bytes) -> int:
+        """The newest epoch a verified backup in the log wraps to the recovery key with hash ``key_hash`` (0: none
+        known to this device)."""
+        note = _backup_note(self.store)
+        return note.backed_up_epoch if note is not None and note.key_hash == key_hash else 0
+
+    def _recovery_hash(self) -> bytes:
+        assert self.recovery is not None
+        return recovery.backup_key_hash(recovery.backup_recipient(self.recovery))
+
+    async def ensure_recovery_backup(self) -> bool:
+        """Back the newest epoch's key (with every older key this device holds) up to the recovery key the current
+        list commits to, unless a verified backup of that epoch to that key is in the log (account-log.md §5.7).
+
+        The backup public keys come from the recovery keys this engine holds (``device recovery-key``, ``device
+        link --recovery-key``), else from the ones remembered by ``device init`` or from the newest verified
+        backup record (:func:`remember_recovery_backup_key`); when the list commits to a key this device does not
+        know (a replacement whose backup failed) nothing can be written and ``sync`` says so once. Idempotent (a
+        deterministic record id); returns True when it appended or must read again. Raises what the relay calls
+        raise (:class:`RetryError` for transport failures). Cancellation: an append whose answer was lost is
+        found again by its record id on the next run.
+        """
+        epoch = self.store.key_epochs_seen()
+        if self._list_format < device_list.FORMAT_2 or epoch == 0 or self.blocked_on_key:
+            return False
+        if self.store.epoch_key(epoch) is None:
+            return False
+        version, devices = await self.device_list()
+        assert self.client is not None
+        wanted = await self._guard(self.client.recovery_backup_hash_at(self.keys.account_id, version))
+        own = next((d for d in devices if d.device_id == self.keys.device_id), None)
+        if not wanted or own is None or own.role != device_list.ROLE_DEVICE:
+            return False
+        if self.backed_up_epoch(wanted) >= epoch:
+            return False
+        recipient = self._backup_recipient(wanted)
+        if recipient is None:
+            line = (
+                "recovery backup: the device list's recovery key has no backup record, so epoch "
+                f"{epoch} is not backed up; run `tetherless device recovery-key` to make a new recovery key"
+            )
+            self._warn("recovery_backup_missing", line)
+            return False
+        held = {e: k for e in range(1, epoch + 1) if (k := self.store.epoch_key(e)) is not None}
+        kem_ct, kem_ss = handshake.encapsulate(recipient.kem_public)
+        ciphertext = log.make_recovery_backup(
+            self.keys.signing_key,
+            account_id=self.keys.account_id,
+            writer_device=self.keys.device_id,
+            epoch=epoch,
+            keys=held,
+            device_list_version=version,
+            recipient=recipient,
+            created_at_ms=int(self.wall_clock() * 1000),
+            ephemeral_private_key=self.random_bytes(32),
+            kem_ciphertext=kem_ct,
+            kem_shared_secret=kem_ss,
+        )
+        record = LogRecordIn(
+            record_id=log.recovery_backup_id(self.keys.account_id, epoch, wanted),
+            kind="key",
+            epoch=epoch,
+            ciphertext=ciphertext,
+            device_list_version=version,
+        )
+        # The relay takes key-kind records only at the head this device has read (account-log.md §3.2).
+        request = AppendRequest(records=[record], expected_head=max(self.store.cursor("log"), self.read_upto))
+        try:
+            await self._call("POST", "/v1/log", request, AppendResponse)
+        except RemoteError as exc:
+            if exc.code not in (ErrorCode.LOG_CONFLICT, ErrorCode.LOG_EPOCH_STALE, ErrorCode.LOG_REKEY_REQUIRED):
+                raise
+            # Someone appended first, or a newer epoch exists or is due: read (and rotate), then decide again;
+            # never spin on it: after three refusals in a row the next sync tries again.
+            self._backup_conflicts += 1
+            if self._backup_conflicts > 3:
+                self._backup_conflicts = 0
+                self._warn(
+                    "recovery_backup_not_written",
+                    f"recovery backup of epoch {epoch} not written: the relay answered {exc.code.value}",
+                )
+                return False
+            return True
+        self._backup_conflicts = 0
+        with self.store.transaction():
+            remember_recovery_backup_key(self.store, recipient, backed_up_epoch=epoch)
+        return True
+
+    def _backup_recipient(self, wanted: bytes) -> hybrid.HybridRecipient | None:
+        """The recovery backup public keys whose hash is ``wanted``: derived from the recovery keys this engine
+        holds, or remembered from ``device init`` / a verified backup record; never keys of another hash."""
+        if self.recovery is not None and self._recovery_hash() == wanted:
+            return recovery.backup_recipient(self.recovery)
+        note = _backup_note(self.store)
+        if note is None or note.key_hash != wanted:
+            return None
+        return hybrid.HybridRecipient(x25519_public=note.x25519_public, kem_public=note.kem_public)
+
     # -- inbox ----------------------------------------------------------------------------------------
 
     async def read_inbox(self) -> bool:
@@ -896,7 +1196,13 @@ class SyncEngine:
         with self.store.transaction():
             for item in items:
                 if isinstance(item, RejectedMessage):
+                    # Acknowledged with the page (one bad message never blocks the others), never silent.
                     self.rejected += 1
+                    self._warn(
+                        item.warning,
+                        f"refused message (envelope {item.id.hex()}, inbox cursor {item.cursor}): "
+                        f"{item.warning}: {item.code.value}: {item.detail}",
+                    )
                     continue
                 assert isinstance(item, ReceivedMessage)
                 if item.content_type == log.ACCOUNT_KEY_CONTENT_TYPE:
@@ -996,7 +1302,7 @@ class SyncEngine:
             assert message is not None
             plaintext = log.LogPlaintext(
                 writer_device=self.keys.device_id,
-                writer_seq=self.store.next_counter("writer_seq"),
+                writer_seq=0,  # given when it is first sealed (append_pending)
                 created_at_ms=now,
                 body=log.MessageReceived(
                     message_uid=message.message_uid,
@@ -1232,12 +1538,6 @@ class SyncEngine:
             ),
         )
         with self.store.transaction():
-            plaintext = log.LogPlaintext(
-                writer_device=plaintext.writer_device,
-                writer_seq=self.store.next_counter("writer_seq"),
-                created_at_ms=plaintext.created_at_ms,
-                body=plaintext.body,
-            )
             self.store.upsert_message(
                 msg_key=record_id,
                 message_uid=entry.message_uid,
@@ -1298,11 +1598,13 @@ class SyncEngine:
             pending = self.store.pending(_APPEND_BATCH)
             if not pending:
                 return changed
+            with self.store.transaction():  # the counter is durable before any record carrying it leaves
+                plaintexts = [self._numbered(p.record_id, decode_plaintext(p.plaintext)) for p in pending]
             records = [
                 LogRecordIn(record_id=p.record_id, kind="event", epoch=epoch, ciphertext=self._seal_event(
-                    key, p.record_id, epoch, decode_plaintext(p.plaintext), signed=signed
+                    key, p.record_id, epoch, plaintext, signed=signed
                 ))
-                for p in pending
+                for p, plaintext in zip(pending, plaintexts, strict=True)
             ]  # fmt: skip
             try:
                 response: AppendResponse = await self._call(
@@ -1322,7 +1624,20 @@ class SyncEngine:
             with self.store.transaction():
                 for result in response.results:
                     self._mark_logged(result.record_id, result.position)
+                    self._assigned_seqs.pop(result.record_id, None)
             changed = True
+
+    def _numbered(self, record_id: bytes, plaintext: log.LogPlaintext) -> log.LogPlaintext:
+        """``plaintext`` with this device's next ``writer_seq``, given when the record is first sealed rather than
+        queued, and the same on every retry in this process: a record dropped because another device logged the
+        same message first never burns a number, so readers see no gap for it (account-log.md §4.6). A pending
+        record queued by an older client keeps the number it has."""
+        if plaintext.writer_seq:
+            return plaintext
+        seq = self._assigned_seqs.get(record_id)
+        if seq is None:
+            seq = self._assigned_seqs[record_id] = self.store.next_counter("writer_seq")
+        return msgspec.structs.replace(plaintext, writer_seq=seq)
 
 
 class AccountKeyMessage(msgspec.Struct, frozen=True):
@@ -1348,6 +1663,35 @@ class _Wait:
     """The entry stays ``queued`` (e.g. the recipient has no prekeys now) and is retried later."""
 
     reason: str
+
+
+class RecoveryBackupNote(msgspec.Struct, frozen=True):
+    """The recovery backup key this device backs epochs up to, and the newest epoch a backup to it covers."""
+
+    x25519_public: bytes
+    kem_public: bytes
+    backed_up_epoch: int = 0
+
+    @property
+    def key_hash(self) -> bytes:
+        return recovery.backup_key_hash(hybrid.HybridRecipient(self.x25519_public, self.kem_public))
+
+
+def _backup_note(store: ClientStore) -> RecoveryBackupNote | None:
+    return store.db.get_struct(RECOVERY_BACKUP_TABLE, "current", RecoveryBackupNote)
+
+
+def remember_recovery_backup_key(
+    store: ClientStore, recipient: hybrid.HybridRecipient, *, backed_up_epoch: int = 0
+) -> None:
+    """Remember the public recovery backup key (account-log.md §5.7): ``device init`` does it for the key it made,
+    the engine for every verified backup to the key the current list commits to. Public keys only; the hash is
+    checked against the list before each use. Keeps the higher ``backed_up_epoch`` for the same key. Idempotent."""
+    note = RecoveryBackupNote(recipient.x25519_public, recipient.kem_public, backed_up_epoch)
+    old = _backup_note(store)
+    if old is not None and old.key_hash == note.key_hash:
+        note = msgspec.structs.replace(note, backed_up_epoch=max(old.backed_up_epoch, backed_up_epoch))
+    store.db.put_struct(RECOVERY_BACKUP_TABLE, "current", note)
 
 
 def _describe(exc: Exception) -> str:

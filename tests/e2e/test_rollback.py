@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 from protocol import session as sealed_v2
@@ -53,6 +54,17 @@ def refused(home: Path, *args: str) -> str:
     return result.stderr
 
 
+def alice_sent_bob_one(relay: RelayProcess, tmp_path: Path) -> tuple[Path, Path, str]:
+    """Alice and Bob, one message from Alice read by Bob, and Alice synced: ``(alice_home, bob_home, bob)``."""
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    init_device(relay, alice_home)
+    bob = init_device(relay, bob_home)
+    ok(cli(alice_home, "send", bob, "--text", "one"))
+    assert texts(bob_home) == ["one"]
+    ok(cli(alice_home, "sync"))
+    return alice_home, bob_home, bob
+
+
 def test_state_db_put_back_is_refused_and_nothing_is_sent(relay: RelayProcess, tmp_path: Path) -> None:
     alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
     alice, bob = init_device(relay, alice_home), init_device(relay, bob_home)
@@ -82,12 +94,7 @@ def test_state_db_put_back_is_refused_and_nothing_is_sent(relay: RelayProcess, t
 
 
 def test_whole_home_put_back_is_refused_from_the_account_log(relay: RelayProcess, tmp_path: Path) -> None:
-    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
-    init_device(relay, alice_home)
-    bob = init_device(relay, bob_home)
-    ok(cli(alice_home, "send", bob, "--text", "one"))
-    assert texts(bob_home) == ["one"]
-    ok(cli(alice_home, "sync"))
+    alice_home, bob_home, bob = alice_sent_bob_one(relay, tmp_path)
     shutil.copytree(alice_home, tmp_path / "saved")  # a backup, or a VM snapshot: keystore and state together
 
     ok(cli(alice_home, "send", bob, "--text", "two"))
@@ -108,3 +115,58 @@ def test_whole_home_put_back_is_refused_from_the_account_log(relay: RelayProcess
     assert history == ["one", "two", "would reuse the key of 'two'"]  # "two" came back from the account log
     ok(cli(alice_home, "send", bob, "--text", "three"))
     assert texts(bob_home) == ["would reuse the key of 'two'", "three"]
+
+
+# -- deleted rows (crypto.md §13.3): a deleted check is tampering, never a check turned off --------------------
+
+
+def delete_one_row(home: Path, table: str) -> None:
+    """What someone with write access to the file (and no data key) can do: delete one row."""
+    conn = sqlite3.connect(home / "state.db")
+    try:
+        with conn:
+            assert conn.execute(f"DELETE FROM {table} WHERE rowid = (SELECT min(rowid) FROM {table})").rowcount == 1
+    finally:
+        conn.close()
+
+
+def tampered(home: Path, *args: str) -> str:
+    error = refused(home, *args)
+    assert "local state tampered: " in error, error
+    return error
+
+
+def test_a_deleted_device_list_mark_is_refused_not_trusted_on_first_use(relay: RelayProcess, tmp_path: Path) -> None:
+    alice_home, bob_home, bob = alice_sent_bob_one(relay, tmp_path)
+    # Peers appear in Alice's state.db only as keyed hashes (account-log.md §8): not Bob's account, not his device.
+    on_disk = b"".join((alice_home / name).read_bytes() for name in DB_FILES if (alice_home / name).exists())
+    bob_device, bob_account = bob.split("@", 1)[0].split(".", 1)
+    assert bob_account.encode() not in on_disk
+    assert bob_device.encode() not in on_disk
+    delete_one_row(alice_home, "device_marks")
+
+    posted = len(relay_envelopes(relay))
+    assert "device_marks" in tampered(alice_home, "send", bob, "--text", "two")
+    tampered(alice_home, "sync")
+    assert len(relay_envelopes(relay)) == posted  # no device list was trusted afresh, nothing was sent
+
+    ok(cli(alice_home, "sync", "--recover-rollback"))  # the user accepts the state as it is
+    ok(cli(alice_home, "send", bob, "--text", "three"))
+    assert texts(bob_home) == ["two", "three"]  # the refused message stayed queued
+
+
+def test_a_deleted_replay_cache_row_is_refused_at_the_next_session_start(relay: RelayProcess, tmp_path: Path) -> None:
+    alice_home, bob_home, carol_home = tmp_path / "alice", tmp_path / "bob", tmp_path / "carol"
+    init_device(relay, alice_home)
+    bob = init_device(relay, bob_home)
+    init_device(relay, carol_home)
+    ok(cli(alice_home, "send", bob, "--text", "from alice"))
+    assert texts(bob_home) == ["from alice"]  # a session start: its transcript is in Bob's replay cache
+    delete_one_row(bob_home, "session_transcript")
+
+    ok(cli(carol_home, "send", bob, "--text", "from carol"))
+    assert "session_transcript" in tampered(bob_home, "sync")
+    ok(cli(bob_home, "sync", "--recover-rollback"))
+    assert "from carol" in texts(bob_home) + [
+        json.loads(line)["text"] for line in ok(cli(bob_home, "history", "--json")).splitlines()
+    ]

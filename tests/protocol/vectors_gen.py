@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import nacl.signing
 
-from protocol import auth, codec, device_list, enrolment, handshake, recovery, signing
+from protocol import auth, codec, device_list, enrolment, handshake, log, recovery, signing
 from protocol.errors import TetherlessError
 from protocol.ids import Address, account_id_for, device_id_for
 from protocol.messages import (
@@ -444,8 +444,66 @@ def build_v3() -> dict[str, Any]:
     return {"version": "v3", **{name: section() for name, section in V3_SECTIONS.items()}}
 
 
+# -- recovery backup records (protocol/vectors/recovery-v2.json, docs/account-log.md §5.7) ----------------
+# ML-KEM encapsulation draws its own randomness, so its ciphertext is an *input* (kept from the file when it
+# exists); the shared secret follows by deterministic decapsulation, everything else is recomputed.
+
+VECTORS_RECOVERY_V2 = VECTORS.with_name("recovery-v2.json")
+
+
+def build_recovery_v2(existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recovery text -> backup public keys -> a backup record (epochs 1-2, written by SEEDS[1]) that opens."""
+    entropy = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
+    writer = _seed_key(SEEDS[1])
+    account_id, writer_device = ids(SEEDS[1])["account_id"], ids(SEEDS[1])["device_id"]
+    keys = recovery.recovery_keys(entropy, account_id)
+    recipient = recovery.backup_recipient(keys)
+    key_hash = recovery.backup_key_hash(recipient)
+    epoch_keys = {1: bytes([0x11]) * 32, 2: bytes([0x22]) * 32}
+    if existing is not None:
+        kem_ciphertext = bytes.fromhex(existing["kem_ciphertext"])
+    else:
+        kem_ciphertext, _ = handshake.encapsulate(recipient.kem_public)
+    ephemeral = bytes(range(32))
+    version, created_at_ms = 3, 1_764_000_000_000
+    ciphertext = log.make_recovery_backup(
+        writer,
+        account_id=account_id,
+        writer_device=writer_device,
+        epoch=2,
+        keys=epoch_keys,
+        device_list_version=version,
+        recipient=recipient,
+        created_at_ms=created_at_ms,
+        ephemeral_private_key=ephemeral,
+        kem_ciphertext=kem_ciphertext,
+        kem_shared_secret=handshake.mlkem_decapsulate(keys.mlkem_seed, kem_ciphertext),
+    )
+    return {
+        "version": "recovery-v2",
+        "text": recovery.new_recovery_secret(entropy),
+        "account_id": account_id,
+        "backup_x25519_public": recipient.x25519_public.hex(),
+        "backup_kem_public": recipient.kem_public.hex(),
+        "recovery_backup_key_hash": key_hash.hex(),
+        "writer_device": writer_device,
+        "writer_sign_key": bytes(writer.verify_key).hex(),
+        "device_list_version": version,
+        "epoch": 2,
+        "created_at_ms": created_at_ms,
+        "keys": {str(e): k.hex() for e, k in epoch_keys.items()},
+        "ephemeral_private_key": ephemeral.hex(),
+        "kem_ciphertext": kem_ciphertext.hex(),
+        "context": log.recovery_backup_context(account_id, 2, version, writer_device, key_hash).hex(),
+        "record_id": log.recovery_backup_id(account_id, 2, key_hash).hex(),
+        "ciphertext": ciphertext.hex(),
+    }
+
+
 if __name__ == "__main__":
     VECTORS.write_text(json.dumps(build(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     VECTORS_V2.write_text(json.dumps(build_v2(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     VECTORS_V3.write_text(json.dumps(build_v3(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {VECTORS}, {VECTORS_V2} and {VECTORS_V3}", file=sys.stderr)
+    old = json.loads(VECTORS_RECOVERY_V2.read_text(encoding="utf-8")) if VECTORS_RECOVERY_V2.exists() else None
+    VECTORS_RECOVERY_V2.write_text(json.dumps(build_recovery_v2(old), indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {VECTORS}, {VECTORS_V2}, {VECTORS_V3} and {VECTORS_RECOVERY_V2}", file=sys.stderr)

@@ -91,9 +91,9 @@ def test_messages_are_unique_per_sender_and_uid(store: ClientStore) -> None:
     assert store.message_count() == 1
     with pytest.raises(sqlite3.IntegrityError):
         store.db.execute(
-            "INSERT INTO history_messages SELECT ?, message_uid, sender_device, direction, pair_seq, sent_at_ms, "
-            "relay_sent_at_ms, log_position, via, late, local_seq, inbox_seen, held, held_cursor, held_since_ms, "
-            "sender, recipients, content_type, body FROM history_messages",
+            "INSERT INTO history_messages (msg_key, message_uid, uid_index, sender_index, via, local_seq, meta, "
+            "sender, recipients, content_type, body) SELECT ?, message_uid, uid_index, sender_index, via, local_seq, "
+            "meta, sender, recipients, content_type, body FROM history_messages",
             (b"z" * 16,),
         )
     [message] = [m for m in store.history() if m.msg_key == b"k" * 16]
@@ -121,6 +121,8 @@ def test_rekey_covers_every_sealed_column(store: ClientStore, tmp_path: Path) ->
     entry = store.enqueue("bob@relay.example", "text/plain", b"queued body", peer="bob@relay.example")
     store.put_envelopes(entry.local_id, [("dev.bob@relay.example", b"i" * 16, b"ciphertext")])
     _received(store, b"k" * 16, message_uid=b"u" * 16, body=b"hi")
+    _received(store, b"h" * 16, pair_seq=3)
+    store.hold(b"h" * 16, 4)
     store.add_pending(b"r" * 16, "event", b"pending plaintext")
     store.put_epoch_key(1, b"e" * 32, b"src")
     new_dek = os.urandom(32)
@@ -132,6 +134,7 @@ def test_rekey_covers_every_sealed_column(store: ClientStore, tmp_path: Path) ->
     message = fresh.message(b"k" * 16)
     assert message is not None
     assert (message.sender, message.recipients, message.body) == ("dev.acct@relay", ["me.acct2@relay"], b"hi")
+    assert [h[1:4] for h in fresh.held()] == [("dev", 3, 4)]
     assert [p.plaintext for p in fresh.pending()] == [b"pending plaintext"]
     assert fresh.epoch_key(1) == b"e" * 32
     assert fresh.db.dek_check_opens()
@@ -139,8 +142,38 @@ def test_rekey_covers_every_sealed_column(store: ClientStore, tmp_path: Path) ->
     plain = {("outbox_envelopes", "idempotency_key"), ("outbox_envelopes", "ciphertext"),
              ("outbox_envelopes", "accepted_id"), ("history_messages", "msg_key"),
              ("history_messages", "message_uid"), ("outbox_entries", "message_uid"), ("log_pending", "record_id"),
-             ("log_epoch_keys", "source")}  # fmt: skip
+             ("log_epoch_keys", "source"),
+             ("history_messages", "uid_index"), ("history_messages", "sender_index")}  # keyed hashes  # fmt: skip
     for table in SEALED_COLUMNS:
         blobs = {r[1] for r in fresh.db.execute(f'PRAGMA table_info("{table}")') if r[2].upper() == "BLOB"}
         sealed = {column for column, _ in SEALED_COLUMNS[table][1]}
         assert blobs - sealed == {c for t, c in plain if t == table}, table
+
+
+def test_history_metadata_is_sealed_and_still_ordered_and_filtered(store: ClientStore, tmp_path: Path) -> None:
+    """account-log.md §8: the sender, direction and times are sealed; ordering and the ``since_ms`` filter
+    still work (on opened values), and the per-sender order runs on a keyed hash."""
+    for n, sent_at in enumerate((1_700_000_000_111, 1_700_000_000_222, 1_700_000_000_333), start=1):
+        _received(store, bytes([n]) * 16, sender_device="devsecret", pair_seq=n, sent_at_ms=sent_at,
+                  relay_sent_at_ms=sent_at + 7, log_position=10 * n)  # fmt: skip
+    rows = store.db.execute("SELECT * FROM history_messages").fetchall()
+    cells = {cell for row in rows for cell in row}
+    assert not cells & {"devsecret", "received", 1_700_000_000_111, 1_700_000_000_118}
+    raw = (tmp_path / "home" / "state.db").read_bytes() + (tmp_path / "home" / "state.db-wal").read_bytes()
+    assert b"devsecret" not in raw
+    assert [m.sent_at_ms for m in store.history(since_ms=1_700_000_000_200)] == [1_700_000_000_222, 1_700_000_000_333]
+    assert [m.pair_seq for m in store.history(since_ms=1_700_000_000_200, limit=1)] == [2]
+    assert [m.pair_seq for m in store.history(since_position=10, limit=1)] == [2]
+    assert store.has_predecessors("devsecret", 3)
+    assert not store.has_predecessors("other", 2)
+    # The merge of a later relay time reaches the sealed column.
+    _received(
+        store, b"\x01" * 16, sender_device="devsecret", message_uid=b"\x01" * 16, relay_sent_at_ms=1_800_000_000_000
+    )
+    message = store.message(b"\x01" * 16)
+    assert message is not None
+    assert (message.sender_device, message.direction, message.relay_sent_at_ms) == (
+        "devsecret",
+        "received",
+        1_800_000_000_000,
+    )

@@ -19,7 +19,7 @@ import pytest
 from protocol import codec, prekeys
 from protocol import session as sealed_v2
 from protocol.client.keystore import DeviceKeys
-from protocol.client.localdb import LocalDB, StateRolledBackError
+from protocol.client.localdb import LocalDB, StateRolledBackError, TamperedRowError
 from protocol.client.sessions import (
     DEFAULT_MAX_PREKEY_AGE_MS,
     ENROLMENT_PREKEYS_TABLE,
@@ -253,6 +253,50 @@ def test_replayed_session_start_is_rejected_after_the_session_is_gone(clock: Clo
     with pytest.raises(InvalidPayloadError) as err:
         _open(bob, alice, first)
     assert err.value.code is ErrorCode.MALFORMED_BODY
+
+
+def test_a_deleted_replay_cache_row_does_not_reopen_the_replay(clock: Clock, tmp_path: Path) -> None:
+    """crypto.md §13.3: the replay cache is a guarded set. Deleting the row of an accepted session start (from
+    the file, without the DEK) must not let the relay replay that start: the check refuses as tampering."""
+    db = LocalDB.open(tmp_path / "bob", os.urandom(32))
+    alice = SessionManager(_keys("alice"), MemoryStore(), wall_clock=clock)
+    bob = SessionManager(_keys("bob"), db, wall_clock=clock)
+    relay = FakeRelayPrekeys(bob.keys)
+    relay.put(bob.prekey_upload(None))
+    alice.establish(relay.claim(one_time=False), _entry(bob.keys))  # no one-time key: only the cache refuses
+    first = _seal(alice, bob, "hello")
+    assert _open(bob, alice, first) == "hello"
+    sealed = _sealed(bob, first)
+    db.delete(T_STATE, sealed.session_id)
+    (transcript,) = db.keys(T_TRANSCRIPT)
+    db.execute(f'DELETE FROM "{T_TRANSCRIPT}" WHERE key = ?', (transcript,))
+    with pytest.raises(TamperedRowError, match=rf"local state tampered: {T_TRANSCRIPT} .* holds 0 rows where"):
+        _open(bob, alice, first)
+    assert db.get(T_STATE, sealed.session_id) is None  # nothing was accepted
+    db.close()
+
+
+def test_the_guarded_replay_cache_follows_prune_and_new_starts(clock: Clock, tmp_path: Path) -> None:
+    db = LocalDB.open(tmp_path / "bob", os.urandom(32))
+    alice = SessionManager(_keys("alice"), MemoryStore(), wall_clock=clock)
+    bob = SessionManager(_keys("bob"), db, wall_clock=clock)
+    relay = FakeRelayPrekeys(bob.keys)
+    relay.put(bob.prekey_upload(None))
+    for text in ("one", "two"):
+        alice.establish(relay.claim(), _entry(bob.keys))
+        assert _open(bob, alice, _seal(alice, bob, text)) == text
+    assert len(db.keys(T_TRANSCRIPT)) == 2
+    relay.put(bob.prekey_upload(relay.counts()))
+    clock.now += ROTATE_MS / 1000 + 1
+    relay.put(bob.prekey_upload(relay.counts()))  # rotation
+    clock.now += (bob.max_ttl_ms + 2 * GRACE_MS) / 1000 + 1
+    relay.put(bob.prekey_upload(relay.counts()))  # prune removes both rows through the guard
+    assert db.keys(T_TRANSCRIPT) == []
+    db.check_members(T_TRANSCRIPT)
+    alice.establish(relay.claim(), _entry(bob.keys))
+    assert _open(bob, alice, _seal(alice, bob, "three")) == "three"
+    db.check_members(T_TRANSCRIPT)
+    db.close()
 
 
 def test_unknown_prekey_and_wrong_sender_change_nothing(clock: Clock) -> None:

@@ -105,7 +105,7 @@ def parse_link_qr(text: str) -> tuple[str, bytes]:
     params = parse_qs(urlsplit(text).query, strict_parsing=False)
     if params.get("v") != ["1"]:
         raise ValueError("unsupported link code version")
-    relay, code = params.get("r", [""]), params.get("k", [""])
+    relay, code = params.get("r", [""]), params.get("k", [])
     if len(relay) != 1 or not relay[0] or len(code) != 1:
         raise ValueError("the QR link code lacks the relay or the code")
     return relay[0].lower(), parse_link_code(code[0])

@@ -12,7 +12,12 @@ median over ``--runs`` of microseconds per operation (account-log.md §4.6, §5.
 - ``signed_record_seal`` / ``signed_record_open``: the same record signed by its writer (v2 layout);
 - ``rotation_3_devices`` / ``rotation_10_devices``: a whole v2 rotation record for 3 / 10 devices
   (key, encapsulations, wraps, signature) — the client's CPU cost of one rotation;
-- ``verify_rotation_10_devices``: a reader's check of that record plus opening its own grant.
+- ``verify_rotation_10_devices``: a reader's check of that record plus opening its own grant;
+- ``rotation_v3_closing_1_writer``: a v3 rotation for the 9 remaining devices that closes one removed writer
+  at its last ``writer_seq`` (§5.1 v3) — what a revocation costs the device that rotates;
+- ``recovery_backup_write_12_epochs`` / ``recovery_backup_open_12_epochs``: a recovery backup record (§5.7)
+  holding 12 epoch keys (a year of monthly rotations), and its opening with the keys derived from the
+  recovery secret at enrolment (derivation included).
 
 Sizes (bytes per grant, per record, of a rotation record) are exact, reported under ``sizes``.
 Writes JSON to bench/results/log-grants-<time>.json (or ``--out``).
@@ -30,7 +35,7 @@ import nacl.signing
 
 from bench.common import machine, summary
 from bench.crypto import bench_main, measure
-from protocol import codec, handshake, hybrid, log
+from protocol import codec, handshake, hybrid, log, recovery
 from protocol.messages import DeviceEntry
 
 ACCOUNT = "a" * 26
@@ -68,7 +73,7 @@ def _plaintext() -> log.LogPlaintext:
     )
 
 
-def _rotation(creator: _Device, devices: list[_Device]) -> bytes:
+def _rotation(creator: _Device, devices: list[_Device], closed: dict[str, int] | None = None) -> bytes:
     randomness = []
     for d in devices:
         ct, ss = handshake.encapsulate(d.entry.kem_key)
@@ -84,6 +89,24 @@ def _rotation(creator: _Device, devices: list[_Device]) -> bytes:
         devices=[d.entry for d in devices],
         created_at_ms=1,
         wrap_randomness=randomness,
+        closed=closed,
+    )
+
+
+def _backup(writer: _Device, keys: dict[int, bytes], recipient: hybrid.HybridRecipient) -> bytes:
+    ct, ss = handshake.encapsulate(recipient.kem_public)
+    return log.make_recovery_backup(
+        writer.signing_key,
+        account_id=ACCOUNT,
+        writer_device=writer.entry.device_id,
+        epoch=max(keys),
+        keys=keys,
+        device_list_version=1,
+        recipient=recipient,
+        created_at_ms=1,
+        ephemeral_private_key=os.urandom(32),
+        kem_ciphertext=ct,
+        kem_shared_secret=ss,
     )
 
 
@@ -126,6 +149,16 @@ def operations() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
         log.verify_key_record_v2(record, account_id=ACCOUNT, epoch=2, devices=entries)
         log.unwrap_grant_v2(record, device_id=me.entry.device_id, box_private_key=me.box_private, kem_seed=me.kem_seed)
 
+    secret = os.urandom(20)
+    backup_recipient = recovery.backup_recipient(recovery.recovery_keys(secret, ACCOUNT))
+    epoch_keys = {e: os.urandom(32) for e in range(1, 13)}
+    backup = _backup(devices[0], epoch_keys, backup_recipient)
+
+    def open_backup() -> dict[int, bytes]:
+        record = log.decode_recovery_backup(backup)
+        assert record is not None
+        return log.open_recovery_backup(record, recovery.recovery_keys(secret, ACCOUNT))
+
     ops: dict[str, Callable[[], Any]] = {
         "v1_grant_seal": lambda: log.seal_grant(key, 2, me.entry.box_key, os.urandom(32)),
         "v1_grant_open": v1_grant_open,
@@ -150,6 +183,9 @@ def operations() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
         "rotation_3_devices": lambda: _rotation(devices[0], devices[:3]),
         "rotation_10_devices": lambda: _rotation(devices[0], devices),
         "verify_rotation_10_devices": verify_rotation,
+        "rotation_v3_closing_1_writer": lambda: _rotation(devices[0], devices[:9], closed={"dev09": 41}),
+        "recovery_backup_write_12_epochs": lambda: _backup(devices[0], epoch_keys, backup_recipient),
+        "recovery_backup_open_12_epochs": open_backup,
     }
     sizes = {
         "v1_grant_bytes": len(v1_grant),
@@ -159,6 +195,8 @@ def operations() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
         "signed_record_bytes": len(signed),
         "rotation_record_3_devices_bytes": len(rotation_3),
         "rotation_record_10_devices_bytes": len(rotation_10),
+        "rotation_v3_record_9_devices_1_closed_bytes": len(_rotation(devices[0], devices[:9], closed={"dev09": 41})),
+        "recovery_backup_12_epochs_bytes": len(backup),
     }
     return ops, sizes
 

@@ -619,6 +619,14 @@ def evaluate_version(
     recovery_key_changed = dl.recovery_key != prev.recovery_key
     if dl.recovery_key and recovery_key_changed and dl.recovery_key not in recovery_signed:
         raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the new recovery key has not signed L")
+    # The backup key (docs/account-log.md §5.7) is derived from the recovery secret: only its holder can name a
+    # new one. A device alone could otherwise send every later backup to a key of its own choosing; clearing it
+    # (no more backups) needs no secret.
+    backup_changed = dl.recovery_backup_key_hash != prev.recovery_backup_key_hash
+    if backup_changed and dl.recovery_backup_key_hash and not (dl.recovery_key and dl.recovery_key in recovery_signed):
+        raise TetherlessError(
+            ErrorCode.POLICY_NOT_MET, "the recovery backup key changed without a signature by L's recovery key"
+        )
     return VersionChange(
         added=added,
         removed=removed,

@@ -201,6 +201,22 @@ def test_any_one_device_adds_a_device() -> None:
     assert [d.device_id for d in c.head.devices] == sorted([device_id(1), device_id(2)])
 
 
+def test_the_backup_key_hash_changes_only_with_the_recovery_keys_signature() -> None:
+    """account-log.md §5.7: a device alone cannot point the recovery backups at a key of its own choosing."""
+    c = Chain(recovery=True)
+    hash_a, hash_b = bytes([0xA]) * 32, bytes([0xB]) * 32
+    dl = c.build(recovery_backup_key_hash=hash_a)
+    assert code_of(c.head, sign(dl, [1])) is ErrorCode.POLICY_NOT_MET
+    c.push(sign(dl, [1], recovery=[RECOVERY]))  # the secret's holder (device init, device recovery-key)
+    new_recovery = nacl.signing.SigningKey(b"\x22" * 32)
+    dl = c.build(recovery_key=bytes(new_recovery.verify_key), recovery_backup_key_hash=hash_b)
+    c.push(sign(dl, [1], recovery=[new_recovery]))  # replaced together with the recovery key it belongs to
+    dl = c.build(recovery_backup_key_hash=b"")
+    c.push(sign(dl, [1]))  # clearing stops the backups and needs no secret
+    dl = c.build(recovery_backup_key_hash=hash_a)
+    assert code_of(c.head, sign(dl, [1])) is ErrorCode.POLICY_NOT_MET
+
+
 def test_added_device_must_self_sign() -> None:
     c = Chain()
     dl = c.build(add_devices=[entry(2)])

@@ -220,6 +220,19 @@ describe("format-3 refusals", () => {
       );
     }
   });
+  it("a device alone cannot name a new recovery backup key (account-log.md §5.7)", () => {
+    const next = {
+      ...head,
+      version: head.version + 1,
+      prev_hash: listHash(head),
+      created_at_ms: head.created_at_ms + 1,
+      recovery_backup_key_hash: new Uint8Array(32).fill(7),
+    };
+    assert.throws(
+      () => evaluateVersion(head, signedBy(next, [seeds(v.roles)[0]!])),
+      (e: unknown) => isCode("policy_not_met")(e) && String(e).includes("recovery backup key"),
+    );
+  });
   it("an added device needs a kem_key in format 3", () => {
     const next = adding({ ...newEntry(), kem_key: new Uint8Array(0) });
     assert.throws(

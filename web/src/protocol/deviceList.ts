@@ -488,6 +488,18 @@ export function evaluateVersion(
   if (dl.recovery_key.length && recoveryKeyChanged && !recoverySigned.has(toHex(dl.recovery_key))) {
     throw new TetherlessError("policy_not_met", "the new recovery key has not signed L");
   }
+  // The backup key is derived from the recovery secret (account-log.md §5.7): only its holder names a new one.
+  const backupChanged = !equal(dl.recovery_backup_key_hash, prev.recovery_backup_key_hash);
+  if (
+    backupChanged &&
+    dl.recovery_backup_key_hash.length &&
+    !(dl.recovery_key.length && recoverySigned.has(toHex(dl.recovery_key)))
+  ) {
+    throw new TetherlessError(
+      "policy_not_met",
+      "the recovery backup key changed without a signature by L's recovery key",
+    );
+  }
   return {
     added,
     removed,

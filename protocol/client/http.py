@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Final
@@ -431,12 +431,27 @@ class HTTP2Connection:
             if size <= 0:
                 await self._progress.wait()  # woken by WINDOW_UPDATE / SETTINGS
                 continue
-            self._h2.send_data(stream.stream_id, bytes(view[:size]))
+            self._h2_send(self._h2.send_data, stream.stream_id, bytes(view[:size]))
             view = view[size:]
             await self._flush()
-        self._h2.end_stream(stream.stream_id)
+        self._check_alive()
+        self._h2_send(self._h2.end_stream, stream.stream_id)
         stream.request_sent = True
         await self._flush()
+
+    def _h2_send(self, action: Callable[..., None], *args: object) -> None:
+        """Run an h2 send call; a connection that closed meanwhile (GOAWAY or loss noticed by the reader while
+        this task awaited a flush) is a :class:`ConnectionLostError`, never h2's ``ProtocolError``. The request
+        was not complete, so the relay cannot have acted on it (``maybe_processed`` False)."""
+        try:
+            action(*args)
+        except h2.exceptions.StreamClosedError:
+            raise
+        except h2.exceptions.ProtocolError as exc:
+            self._check_alive()
+            raise ConnectionLostError(
+                f"connection closed while sending the request body ({exc.__class__.__name__})", maybe_processed=False
+            ) from exc
 
     def _check_alive(self) -> None:
         if self._closed is not None:

@@ -220,6 +220,30 @@ async def test_dropped_connection_fails_requests() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_sending_on_a_connection_closed_meanwhile_is_connection_lost_not_an_h2_error() -> None:
+    """The reader may close the h2 state machine (GOAWAY, loss) while a sender awaits a flush: the sender's
+    next send_data / end_stream must surface as ConnectionLostError (not h2's ProtocolError, which escaped
+    the SDK under load in bench p7_mixed), and as not processed: the request never ended."""
+
+    async def never(server: FakeServer, sid: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        conn, _ = await start(nursery, never)
+        stream_id = conn._h2.get_next_available_stream_id()
+        conn._h2.send_headers(
+            stream_id, [(":method", "POST"), (":path", "/x"), (":scheme", "http"), (":authority", "a")]
+        )
+        conn._h2.close_connection()  # what GOAWAY or a loss does to the state machine, behind the sender's back
+        for send in (lambda: conn._h2_send(conn._h2.send_data, stream_id, b"body"),
+                     lambda: conn._h2_send(conn._h2.end_stream, stream_id)):  # fmt: skip
+            with pytest.raises(ConnectionLostError) as info:
+                send()
+            assert not info.value.maybe_processed
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_refused_stream_is_safe_to_retry() -> None:
     async def refuse(server: FakeServer, sid: int, headers: list[tuple[str, str]], body: bytes) -> None:
         server.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)

@@ -336,6 +336,39 @@ def decode_key_record(ciphertext: bytes) -> KeyEpochRecord:
         raise InvalidRecordError(ErrorCode.MALFORMED_BODY, f"key record: {exc.detail}") from exc
 
 
+def _check_creator_and_signature(
+    body_account: str,
+    body_epoch: int,
+    creator_device: str,
+    *,
+    account_id: str,
+    epoch: int,
+    holders: dict[str, DeviceEntry],
+    layout: bytes,
+    signature: bytes,
+    not_holder: str,
+) -> None:
+    """The checks every key record starts with (v1 and v2/v3): its account and epoch, a creator among
+    ``holders`` (detail ``key record creator {not_holder}``), and the creator's signature over ``layout``."""
+    if body_account != account_id or body_epoch != epoch:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record for another account or epoch")
+    creator = holders.get(creator_device)
+    if creator is None:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, f"key record creator {not_holder}")
+    try:
+        signing.verify(creator.sign_key, layout, signature)
+    except TetherlessError as exc:
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
+
+
+def _check_grantees(granted: list[str], holders: dict[str, DeviceEntry], *, exact: bool) -> None:
+    """Every grant names a distinct device of ``holders``; with ``exact`` (a full or rotation record), all."""
+    if len(set(granted)) != len(granted) or not set(granted) <= set(holders):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
+    if exact and set(granted) != set(holders):
+        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record does not grant exactly the list's devices")
+
+
 def verify_key_record(
     record: KeyEpochRecord, *, account_id: str, epoch: int, devices: list[DeviceEntry], grant_only: bool = False
 ) -> None:
@@ -347,21 +380,12 @@ def verify_key_record(
     the list's devices. Raises :class:`InvalidRecordError` (``bad_signature``).
     """
     body = record.body
-    if body.account_id != account_id or body.epoch != epoch:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record for another account or epoch")
     by_id = {d.device_id: d for d in devices}
-    creator = by_id.get(body.creator_device)
-    if creator is None:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record creator is not in the device list")
-    try:
-        signing.verify(creator.sign_key, key_epoch_layout(body), record.signature)
-    except TetherlessError as exc:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
-    granted = [g.device_id for g in body.grants]
-    if len(set(granted)) != len(granted) or not set(granted) <= set(by_id):
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
-    if not grant_only and set(granted) != set(by_id):
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record does not grant exactly the list's devices")
+    _check_creator_and_signature(
+        body.account_id, body.epoch, body.creator_device, account_id=account_id, epoch=epoch, holders=by_id,
+        layout=key_epoch_layout(body), signature=record.signature, not_holder="is not in the device list",
+    )  # fmt: skip
+    _check_grantees([g.device_id for g in body.grants], by_id, exact=not grant_only)
 
 
 def unwrap_grant(record: KeyEpochRecord, *, device_id: str, box_private_key: bytes) -> bytes | None:
@@ -591,26 +615,17 @@ def verify_key_record_v2(record: KeyEpochRecordV2, *, account_id: str, epoch: in
     closes none. Raises :class:`InvalidRecordError` (``bad_signature``).
     """
     body = record.body
-    if body.account_id != account_id or body.epoch != epoch:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record for another account or epoch")
     receiving = {d.device_id: d for d in devices if device_list.receives_account_key_grants(d)}
-    creator = receiving.get(body.creator_device)
-    if creator is None:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record creator is not a key-holding device of the list")
-    try:
-        signing.verify(creator.sign_key, _signed_layout(record), record.signature)
-    except TetherlessError as exc:
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record signature does not verify") from exc
+    _check_creator_and_signature(
+        body.account_id, body.epoch, body.creator_device, account_id=account_id, epoch=epoch, holders=receiving,
+        layout=_signed_layout(record), signature=record.signature, not_holder="is not a key-holding device of the list",
+    )  # fmt: skip
     closed = [m.device_id for m in record.closed]
     if record.closed and (record.v != KEY_RECORD_V3 or not body.rotation):
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "only a v3 rotation closes writers")
     if len(set(closed)) != len(closed) or set(closed) & {g.device_id for g in body.grants}:
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record closes a writer twice or one it grants")
-    granted = [g.device_id for g in body.grants]
-    if len(set(granted)) != len(granted) or not set(granted) <= set(receiving):
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grants a device outside the list")
-    if body.rotation and set(granted) != set(receiving):
-        raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record does not grant exactly the list's devices")
+    _check_grantees([g.device_id for g in body.grants], receiving, exact=body.rotation)
     if any(bool(g.wrapped) != bool(receiving[g.device_id].kem_key) for g in body.grants):
         raise InvalidRecordError(ErrorCode.BAD_SIGNATURE, "key record grant does not match the device's keys")
     epochs = [c.epoch for c in body.commitments]

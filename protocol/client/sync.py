@@ -690,20 +690,25 @@ class SyncEngine:
             if any(i.epoch > record.epoch and i.position < record.position for i in infos.values()):
                 continue  # refused as stale when applied
             try:
-                plaintext = log.open_signed_record(
-                    key,
-                    record.ciphertext,
-                    writers=info.writers,
-                    account_id=self.keys.account_id,
-                    record_id=record.record_id,
-                    epoch=record.epoch,
-                    kind=record.kind,
-                )
+                plaintext = self._open_signed(record, key, info)
             except TetherlessError:
                 continue
             writer = plaintext.writer_device
             if writer not in present:
                 self._held_marks[writer] = max(self._held_marks.get(writer, 0), plaintext.writer_seq)
+
+    def _open_signed(self, record: LogRecord, key: bytes, info: EpochInfo) -> log.LogPlaintext:
+        """Open a signed (v2-epoch) record with ``key``, its signature checked against the epoch's writers.
+        Raises ``bad_signature`` / ``malformed_body`` (:class:`TetherlessError`). Pure over its arguments."""
+        return log.open_signed_record(
+            key,
+            record.ciphertext,
+            writers=info.writers,
+            account_id=self.keys.account_id,
+            record_id=record.record_id,
+            epoch=record.epoch,
+            kind=record.kind,
+        )
 
     def _open_event(
         self, record: LogRecord, key: bytes, infos: dict[int, EpochInfo]
@@ -735,15 +740,7 @@ class SyncEngine:
                 kind=record.kind,
             )
             return plaintext, None
-        plaintext = log.open_signed_record(
-            key,
-            record.ciphertext,
-            writers=info.writers,
-            account_id=self.keys.account_id,
-            record_id=record.record_id,
-            epoch=record.epoch,
-            kind=record.kind,
-        )
+        plaintext = self._open_signed(record, key, info)
         if plaintext.writer_device == self.keys.device_id and plaintext.writer_seq > self.store.counter("writer_seq"):
             raise StateRolledBackError(
                 f"the account log holds record #{plaintext.writer_seq} written by this device, which remembers "

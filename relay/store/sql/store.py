@@ -10,6 +10,7 @@ idempotence, cancellation) are on the ``Store`` protocols in ``base.py``.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -65,8 +66,11 @@ def expire(conn: Any, e: Engine, *, now_ms: int) -> ExpiryReport:
     return ExpiryReport(envelopes, challenges, sessions, keys, federated, enrolments=enrolments)
 
 
-class SQLStore:
-    """The ``Store`` methods over a backend's transactions; see the module docstring."""
+class SQLStore(abc.ABC):
+    """The ``Store`` methods over a backend's transactions; see the module docstring.
+
+    Abstract: a backend (``SQLiteStore``, ``PostgresStore``) supplies the five hooks below; a class that
+    misses one cannot be instantiated."""
 
     engine: Engine
     # Whether the database is at the compact inbox schema floor (sql/inbox.py); set by the backend at open.
@@ -74,25 +78,26 @@ class SQLStore:
 
     # -- what a backend supplies ------------------------------------------------------------
 
+    @abc.abstractmethod
     async def _write(self, fn: Operation[T]) -> T:
         """Run ``fn(conn)`` in one write transaction; return after the commit. Raises what ``fn`` raises (then
         nothing of it is stored) or ``StoreUnavailableError``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _read(self, fn: Operation[T]) -> T:
         """Run ``fn(conn)`` on a reader connection (no write)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _snapshot(self, fn: Operation[T]) -> T:
         """Run ``fn(conn)`` in one read transaction: every statement sees the same committed state."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _watch(self, channel: str, notify: Callable[[str], None], task_status: trio.TaskStatus[None]) -> None:
         """Call ``notify(payload)`` in the trio thread for every wake-up on ``channel`` until cancelled."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        raise NotImplementedError
+        """Close every connection; idempotent."""
 
     def _op(self, fn: Callable[..., T], /, **arguments: Any) -> Operation[T]:
         return partial(fn, e=self.engine, **arguments)

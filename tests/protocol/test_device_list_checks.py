@@ -347,6 +347,8 @@ def _version_case(how: str) -> Case:
         return recovery.head, sign(recovery.build(), [1], recovery=[RECOVERY, RECOVERY]), set()
     if how == "a new recovery key not signing":
         return recovery.head, sign(recovery.build(recovery_key=bytes(NEW_RECOVERY.verify_key)), [1]), set()
+    if how == "a backup key set by a device alone":
+        return recovery.head, sign(recovery.build(recovery_backup_key_hash=bytes([0xA]) * 32), [1]), set()
     raise AssertionError(how)
 
 
@@ -398,6 +400,11 @@ VERSION_REFUSALS = [
     ),
     ("the recovery key signing twice", ErrorCode.INVALID_DEVICE_LIST, "the recovery key signed twice"),
     ("a new recovery key not signing", ErrorCode.POLICY_NOT_MET, "the new recovery key has not signed L"),
+    (
+        "a backup key set by a device alone",
+        ErrorCode.POLICY_NOT_MET,
+        "the recovery backup key changed without a signature by L's recovery key",
+    ),
 ]
 
 

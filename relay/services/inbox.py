@@ -13,12 +13,15 @@ Rules decided here (the store only enforces them atomically):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from itertools import starmap
+from typing import Protocol, cast
 
+import msgspec
 import trio
 
 from protocol.errors import ErrorCode, TetherlessError
@@ -35,7 +38,7 @@ from protocol.messages import (
     SendResponse,
 )
 from relay import metrics
-from relay.store import InboxRecord, NewEnvelope, Store
+from relay.store import InboxRecord, NewEnvelope, Store, StoredEnvelope
 
 from .abuse import AbuseLimits
 from .auth import Principal
@@ -108,14 +111,65 @@ class StreamChunk:
     device_list: DeviceListChanged | None = None
 
 
-def _to_wire(record: InboxRecord) -> InboxEnvelope:
-    return InboxEnvelope(
-        cursor=record.cursor,
-        id=record.envelope_id,
-        sent_at_ms=record.sent_at_ms,
-        expires_at_ms=record.expires_at_ms,
-        ciphertext=record.ciphertext,
+def positional_twin(message: type[msgspec.Struct], *, keep_defaults: bool = False) -> type[msgspec.Struct]:
+    """A struct type that encodes exactly as ``message`` does, but whose fields can be given positionally.
+
+    Same field names and order, wire names, tag, ``omit_defaults`` and ``array_like``, so MessagePack and JSON bytes are
+    the same; it is built without keyword arguments (``starmap`` over tuples, in C) and is not tracked by the
+    garbage collector. Only for messages whose fields hold no containers (nothing can form a cycle); raises
+    ``TypeError`` for a message with a default unless ``keep_defaults``: the twin then keeps the defaults (so
+    ``omit_defaults`` leaves out the same values) and its callers must still give every field, in order. It
+    does not validate: use it for values the relay produced itself, never to decode.
+    """
+    config = message.__struct_config__
+    fields = msgspec.structs.fields(message)
+    if not keep_defaults and not all(f.required for f in fields):
+        raise TypeError(f"{message.__name__} has fields with defaults: its twin would need keyword arguments")
+    return msgspec.defstruct(
+        f"Positional{message.__name__}",
+        [(f.name, f.type) if f.required else (f.name, f.type, f.default) for f in fields],
+        rename={f.name: f.encode_name for f in fields},
+        tag=config.tag,
+        tag_field=config.tag_field,
+        omit_defaults=config.omit_defaults,
+        array_like=config.array_like,
+        frozen=True,
+        gc=False,
     )
+
+
+# InboxEnvelope as the page and the stream encode it. The record's fields are in InboxEnvelope's order
+# (cursor, id, sent_at_ms, expires_at_ms, ciphertext), so a record's tuple is the twin's arguments.
+_WireEnvelope = positional_twin(InboxEnvelope)
+
+
+def wire_envelopes(records: Sequence[InboxRecord]) -> list[InboxEnvelope]:
+    """``records`` as ``InboxEnvelope`` values for the codec: same attributes, byte-identical encoding.
+
+    The values are instances of a positional twin of ``InboxEnvelope`` (:func:`positional_twin`), not of
+    ``InboxEnvelope`` itself (hence the cast): building 1,000 keyword-argument structs per page from Python
+    cost more than reading the rows (docs/performance.md, P5). ``tests/relay/services/test_inbox_wire.py``
+    checks the bytes against ``InboxEnvelope`` for random records, in both media types.
+    """
+    return cast(list[InboxEnvelope], list(starmap(_WireEnvelope, map(msgspec.structs.astuple, records))))
+
+
+# Accepted as a send's response encodes it; a StoredEnvelope's first three fields are its arguments.
+_WireAccepted = positional_twin(Accepted, keep_defaults=True)
+
+
+def send_response(stored: Sequence[StoredEnvelope]) -> SendResponse:
+    """The response to a send whose store results are ``stored``: byte-identical to keyword-built ``Accepted``
+    values (``tests/relay/services/test_send_path.py``), built positionally in C (docs/performance.md, P2)."""
+    return SendResponse(
+        accepted=cast(list[Accepted], [_WireAccepted(r.envelope_id, r.sent_at_ms, r.duplicate) for r in stored])
+    )
+
+
+# A sender writes to the same few recipients again and again: their addresses are parsed once per process.
+# Bounded, so a sender naming a new address in every envelope costs a parse each, as without the cache;
+# an address that does not parse raises every time (lru_cache keeps results, not exceptions).
+parse_recipient = functools.lru_cache(maxsize=4096)(Address.parse)
 
 
 class InboxService:
@@ -154,60 +208,63 @@ class InboxService:
             )
         self._abuse.envelopes(sender.device_id, sender.account_id, len(request.envelopes))
         now = self._ctx.clock_ms()
+        max_bytes, relay_name = limits.max_envelope_bytes, self._ctx.relay_name
+        default_ttl, max_ttl = limits.default_ttl_seconds, limits.max_ttl_seconds
+        # One draw for the batch's ids: 16 bytes each, as uniform as 100 draws, for one call instead of 100.
+        ids = self._ctx.random_bytes(16 * len(request.envelopes))
         items: list[NewEnvelope] = []
         seen_keys: set[bytes] = set()
         for index, env in enumerate(request.envelopes):
-            if len(env.ciphertext) > limits.max_envelope_bytes:
+            if len(env.ciphertext) > max_bytes:
                 raise TetherlessError(
-                    ErrorCode.ENVELOPE_TOO_LARGE,
-                    f"envelopes[{index}]: ciphertext above {limits.max_envelope_bytes} bytes",
+                    ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes[{index}]: ciphertext above {max_bytes} bytes"
                 )
             if env.idempotency_key in seen_keys:
                 raise TetherlessError(ErrorCode.INVALID_FIELD, f"envelopes[{index}]: idempotency_key repeated in batch")
             seen_keys.add(env.idempotency_key)
-            address = Address.parse(env.recipient)
+            address = parse_recipient(env.recipient)
             if not address.device:
                 raise TetherlessError(ErrorCode.INVALID_FIELD, f"envelopes[{index}]: recipient must name a device")
             remote_relay = ""
-            if address.relay != self._ctx.relay_name:
+            if address.relay != relay_name:
                 if self._federation is None:
                     raise TetherlessError(
                         ErrorCode.REMOTE_RECIPIENT, f"envelopes[{index}]: {address.relay} is not this relay"
                     )
                 self._federation.check_peer(address.relay)
                 remote_relay = address.relay
-            ttl = env.ttl_seconds if env.ttl_seconds is not None else limits.default_ttl_seconds
-            ttl = min(ttl, limits.max_ttl_seconds)
+            ttl = env.ttl_seconds if env.ttl_seconds is not None else default_ttl
             items.append(
                 NewEnvelope(
-                    recipient_device=address.device,
-                    recipient_account=address.account,
-                    idempotency_key=env.idempotency_key,
-                    digest=envelope_digest(env.recipient, env.ciphertext),
-                    envelope_id=self._ctx.random_bytes(16),
-                    expires_at_ms=now + ttl * 1000,
-                    ciphertext=env.ciphertext,
-                    remote_relay=remote_relay,
+                    address.device,
+                    address.account,
+                    env.idempotency_key,
+                    envelope_digest(env.recipient, env.ciphertext),
+                    ids[16 * index : 16 * index + 16],
+                    now + min(ttl, max_ttl) * 1000,
+                    env.ciphertext,
+                    remote_relay,
                 )
             )
-        forget_at = now + limits.max_ttl_seconds * 1000
+        forget_at = now + max_ttl * 1000
         stored = await self._store.store_envelopes(sender.device_id, items, now, limits.max_inbox_envelopes, forget_at)
         fresh = 0
         outbox = False
+        woken: set[str] = set()
         for item, result in zip(items, stored, strict=True):
             if not result.duplicate:
                 fresh += 1
                 if item.remote_relay:
                     outbox = True
                 else:
-                    self._notifier.notify(result.recipient_device)
+                    woken.add(result.recipient_device)
+        for device in woken:
+            self._notifier.notify(device)
         if outbox and self._federation is not None:
             self._federation.outbox_committed()
         metrics.envelopes_accepted_total.inc(fresh)
         metrics.envelopes_duplicate_total.inc(len(stored) - fresh)
-        return SendResponse(
-            accepted=[Accepted(id=r.envelope_id, sent_at_ms=r.sent_at_ms, duplicate=r.duplicate) for r in stored]
-        )
+        return send_response(stored)
 
     def check_owner(self, principal: Principal, device_id: str) -> None:
         """Raises ``forbidden`` unless ``device_id`` is the caller's own device."""
@@ -223,7 +280,7 @@ class InboxService:
             raise TetherlessError(ErrorCode.INVALID_QUERY, f"limit must be between 1 and {max_page}")
         records = await self._store.read_inbox(device_id, after, limit + 1, self._ctx.clock_ms())
         more = len(records) > limit
-        envelopes = [_to_wire(r) for r in records[:limit]]
+        envelopes = wire_envelopes(records[:limit])
         next_cursor = envelopes[-1].cursor if envelopes else after
         metrics.envelopes_delivered_total.labels("page").inc(len(envelopes))
         return InboxPage(envelopes=envelopes, next_cursor=next_cursor, more=more)
@@ -252,7 +309,7 @@ class InboxService:
                 if records:
                     cursor = records[-1].cursor
                     metrics.envelopes_delivered_total.labels("stream").inc(len(records))
-                    yield StreamChunk([_to_wire(r) for r in records])
+                    yield StreamChunk(wire_envelopes(records))
                     continue
                 if check:
                     check = False

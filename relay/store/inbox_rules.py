@@ -157,9 +157,15 @@ def plan_send(
     Any error refuses the whole batch (the caller's transaction rolls back).
     """
     plan = SendPlan(results=[])
-    pending: dict[bytes, EarlierSend] = {}
+    # Keys claimed earlier in this batch; their EarlierSend is built only when one repeats (rarely).
+    pending: dict[bytes, NewEnvelope] = {}
     for env in envelopes:
-        seen = pending.get(env.idempotency_key) or earlier.get(env.idempotency_key)
+        first = pending.get(env.idempotency_key)
+        seen = (
+            EarlierSend(first.envelope_id, stored_digest(first.digest), now_ms)
+            if first is not None
+            else earlier.get(env.idempotency_key)
+        )
         if seen is not None:
             if not seen.same_envelope(env, recipients):
                 raise TetherlessError(
@@ -185,7 +191,7 @@ def plan_send(
             inbox.added += 1
             plan.local.append((inbox.last_seq, env))
         plan.keys.append(env)
-        pending[env.idempotency_key] = EarlierSend(env.envelope_id, stored_digest(env.digest), now_ms)
+        pending[env.idempotency_key] = env
         plan.results.append(StoredEnvelope(env.envelope_id, now_ms, False, env.recipient_device))
     return plan
 

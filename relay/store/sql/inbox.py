@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import starmap
 from typing import Any
 
 from ..base import InboxRecord, NewEnvelope, ReceivedEnvelope, StoredEnvelope
@@ -127,11 +128,14 @@ def insert_envelopes(
 
 def _note_expiry_buckets(conn: Any, rows: Sequence[Sequence[Any]]) -> None:
     """SQLite: widen each expiry hour's cursor range to the new rows (seq, …, expires_at_ms at index 4)."""
-    ranges: dict[int, tuple[int, int]] = {}
+    # Cursors grow along ``rows``: an hour's range runs from its first row to its last.
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
     for row in rows:
-        hour = forget_bucket(row[4])
-        low, high = ranges.get(hour, (row[0], row[0]))
-        ranges[hour] = (min(low, row[0]), max(high, row[0]))
+        hour, seq = forget_bucket(row[4]), row[0]
+        first.setdefault(hour, seq)
+        last[hour] = seq
+    ranges = {hour: (first[hour], last[hour]) for hour in first}
     conn.cursor().executemany(
         "INSERT INTO inbox_expiry_buckets (expiry_hour, first_seq, last_seq) VALUES (?, ?, ?)"
         " ON CONFLICT (expiry_hour) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),"
@@ -162,13 +166,21 @@ def read_earlier(conn: Any, e: Engine, keys: Mapping[bytes, bytes]) -> tuple[dic
     """What earlier sends stored for ``keys`` (key hash -> idempotency key), by idempotency key, and the
     hashes of pointers whose inbox row is gone (expired since the last sweep: the key is forgotten)."""
     hashes = list(keys)
-    rows = e.fetch_in(
-        conn,
-        "SELECT key_hash, envelope_id, digest, sent_at_ms FROM idempotency_keys WHERE {one_of}",
-        (),
-        "key_hash",
-        hashes,
-        "bytea",
+    # 0008 rows hold only the keys of envelopes for other relays (and, below the compact floor, every key):
+    # without federation the table is empty, and probing for one row costs less than looking up every key
+    # (docs/performance.md, P2). An empty table gives no rows either way: a row committed concurrently after
+    # the probe is the race a row committed after the lookup already was.
+    rows = (
+        e.fetch_in(
+            conn,
+            "SELECT key_hash, envelope_id, digest, sent_at_ms FROM idempotency_keys WHERE {one_of}",
+            (),
+            "key_hash",
+            hashes,
+            "bytea",
+        )
+        if conn.execute("SELECT 1 FROM idempotency_keys LIMIT 1").fetchone()
+        else []
     )
     earlier = {keys[bytes(row[0])]: EarlierSend(bytes(row[1]), bytes(row[2]), row[3]) for row in rows}
     dangling: list[bytes] = []
@@ -208,8 +220,9 @@ def store_envelopes(
     if not envelopes:
         return []
     recipients = read_recipients(conn, e, (env.recipient_device for env in envelopes if not env.remote_relay))
-    keys = {key_hash(sender_device, env.idempotency_key): env.idempotency_key for env in envelopes}
-    earlier, dangling = read_earlier(conn, e, keys)
+    # Each key is hashed once per send: the lookups take hash -> key, the writes key -> hash.
+    hashed = {env.idempotency_key: key_hash(sender_device, env.idempotency_key) for env in envelopes}
+    earlier, dangling = read_earlier(conn, e, {h: key for key, h in hashed.items()})
     plan = plan_send(envelopes, recipients, earlier, now_ms, max_inbox)
     if dangling:
         e.execute_in(conn, "DELETE FROM idempotency_refs WHERE {one_of}", (), "key_hash", dangling, "bytea")
@@ -220,7 +233,7 @@ def store_envelopes(
         conn,
         "idempotency_refs",
         _REF_COLUMNS,
-        [(key_hash(sender_device, env.idempotency_key), *where[env.envelope_id]) for env in pointers],
+        [(hashed[env.idempotency_key], *where[env.envelope_id]) for env in pointers],
         race="an idempotency key was claimed by a concurrent send",
     )
     bucket = forget_bucket(forget_at_ms)
@@ -229,7 +242,7 @@ def store_envelopes(
         "idempotency_keys",
         _IDEMPOTENCY_COLUMNS,
         [
-            (key_hash(sender_device, env.idempotency_key), env.envelope_id, stored_digest(env.digest), now_ms, bucket)
+            (hashed[env.idempotency_key], env.envelope_id, stored_digest(env.digest), now_ms, bucket)
             for env in plan.keys
             if not (compact and env.envelope_id in where)
         ],
@@ -275,7 +288,9 @@ def read_inbox(conn: Any, e: Engine, *, device_id: str, after: int, limit: int, 
         ),
         (device_id, clamp(after), clamp(now_ms), max(0, clamp(limit))),
     ).fetchall()
-    return [InboxRecord(row[0], bytes(row[1]), row[2], row[3], bytes(row[4])) for row in rows]
+    # Both drivers return BLOB/bytea as bytes, so the row tuples are the records' fields as they are: starmap
+    # builds the records in C, with no Python code per row (the page read is P5's hot path).
+    return list(starmap(InboxRecord, rows))
 
 
 def _shrink(conn: Any, e: Engine, key: str, counts: Mapping[Any, int]) -> None:

@@ -35,7 +35,8 @@ $(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
 	@touch $@
 
 run: $(RUNTIME_STAMP)
-	$(BIN)/tetherless serve --data $(DATA) --listen $(LISTEN)
+	@echo "make: starting the relay: $(BIN)/tetherless serve --data $(DATA) --listen $(LISTEN) (Ctrl-C stops it)"
+	@$(BIN)/tetherless serve --data $(DATA) --listen $(LISTEN)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

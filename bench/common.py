@@ -73,7 +73,7 @@ class Relay:
             [
                 sys.executable,
                 "-m",
-                "relay.cli",
+                "tetherless_cli",
                 "serve",
                 "--data",
                 str(self.dir / "data"),

@@ -38,7 +38,7 @@ def start(data: Path, database: str, relay_key: Path | None) -> tuple[subprocess
     data.mkdir(parents=True, mode=0o700)
     if relay_key is not None:
         shutil.copy2(relay_key, data / "relay.key")
-    cmd = [sys.executable, "-m", "relay.cli", "serve", "--data", str(data), "--listen", "127.0.0.1:0"]
+    cmd = [sys.executable, "-m", "tetherless_cli", "serve", "--data", str(data), "--listen", "127.0.0.1:0"]
     cmd += ["--name", "bench.test", "--log-level", "warning"] + (["--database", database] if database else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **NO_RATE_LIMITS}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -58,6 +58,7 @@ class ErrorCode(enum.StrEnum):
     PEER_FORBIDDEN = "peer_forbidden"  # federation with that relay is not allowed by policy
     PEER_UNAVAILABLE = "peer_unavailable"  # the other relay cannot be reached or answered garbage
     PEER_ADDRESS_REFUSED = "peer_address_refused"  # relay name is an IP literal or resolves to a non-public address
+    UNKNOWN_RELAY = "unknown_relay"  # the relay name does not exist in DNS (no such name, or no address for it)
     # -- device lists v2, revocation, WebAuthn (docs/crypto.md) ---------------------
     DEVICE_LIST_CONFLICT = "device_list_conflict"  # version is not head + 1 / prev_hash is not the head's hash
     POLICY_NOT_MET = "policy_not_met"  # the approvals do not satisfy the previous version's policy
@@ -124,6 +125,7 @@ STATUS: Final[dict[ErrorCode, int]] = {
     E.PEER_FORBIDDEN: 403,
     E.PEER_UNAVAILABLE: 502,
     E.PEER_ADDRESS_REFUSED: 403,
+    E.UNKNOWN_RELAY: 404,
     E.DEVICE_LIST_CONFLICT: 409,
     E.POLICY_NOT_MET: 403,
     E.DEVICE_REVOKED: 401,
@@ -147,6 +149,9 @@ STATUS: Final[dict[ErrorCode, int]] = {
 }
 
 TITLES: Final[dict[ErrorCode, str]] = {code: code.value.replace("_", " ").capitalize() for code in ErrorCode}
+
+#: The codes that say "not now" rather than "not this": the same request may succeed later (``retryable``).
+RETRYABLE_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
 
 
 class LocalErrorCode(enum.StrEnum):
@@ -203,6 +208,14 @@ class TetherlessError(Exception):
     def status(self) -> int:
         return STATUS[self.code]
 
+    @property
+    def retryable(self) -> bool:
+        """The rule of the whole client exception tree (docs/cli.md "Errors"): True when the same request may
+        succeed later with nothing changed on this side — the relay is busy, restarting or failed for the moment
+        (:data:`RETRYABLE_CODES`; a :class:`RemoteError` also for any 5xx). False when only a change (of the
+        request, the settings or the account) helps. A retry backs off and honours ``retry_after_seconds``."""
+        return self.code in RETRYABLE_CODES
+
     def to_problem(self) -> Problem:
         return Problem(
             type=PROBLEM_TYPE_BASE + self.code.value,
@@ -232,6 +245,11 @@ class RemoteError(TetherlessError):
         super().__init__(code, detail, retry_after_seconds=retry_after_seconds, head=head, epoch=epoch)
         self.http_status = http_status
 
+    @property
+    def retryable(self) -> bool:
+        """:attr:`TetherlessError.retryable`, and any 5xx answer (the relay failed, not the request)."""
+        return super().retryable or self.http_status >= 500
+
 
 class UnknownRemoteError(Exception):
     """The other side answered with an error we cannot parse as a problem."""
@@ -240,6 +258,11 @@ class UnknownRemoteError(Exception):
         super().__init__(f"HTTP {http_status}: {body[:200]!r}")
         self.http_status = http_status
         self.body = body
+
+    @property
+    def retryable(self) -> bool:
+        """As :attr:`TetherlessError.retryable`: a 5xx or 429 without a problem document (e.g. from a proxy)."""
+        return self.http_status >= 500 or self.http_status == 429
 
 
 def problem_json(error: TetherlessError) -> bytes:

@@ -11,6 +11,12 @@ one :class:`~protocol.errors.TetherlessError` ``webauthn_invalid``.
 What is *not* checked here is the sign counter against a stored value: the
 caller compares :attr:`AssertionResult.sign_count` (the relay with its store,
 clients along the chain, :mod:`protocol.device_list`).
+
+fido2 is imported inside the functions that parse WebAuthn data, not at module
+level: it pulls in cryptography.x509 and the attestation formats (~150-220 ms
+of CPU at start-up), and :mod:`protocol.device_list` imports this module for
+every chain it checks, including the many that hold no credential (``send``,
+``sync``). A list with a credential pays the import once, on first use.
 """
 
 from __future__ import annotations
@@ -19,17 +25,14 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
-
-from fido2 import cbor
-from fido2.attestation.base import NoneAttestation
-from fido2.attestation.packed import PackedAttestation
-from fido2.cose import CoseKey
-from fido2.rpid import verify_rp_id
-from fido2.webauthn import AttestationObject, AuthenticatorData, CollectedClientData
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .errors import ErrorCode, TetherlessError
 from .messages import WebAuthnAssertion, WebAuthnCredential
+
+if TYPE_CHECKING:
+    from fido2.cose import CoseKey
+    from fido2.webauthn import AuthenticatorData, CollectedClientData
 
 # ES256, EdDSA and the fully specified Ed25519 (docs/crypto.md §0).
 ALLOWED_ALGORITHMS: Final = (-7, -8, -19)
@@ -80,6 +83,9 @@ class RegistrationLike(Protocol):
 
 def parse_public_key(cose_key: bytes) -> CoseKey:
     """Decode a COSE_Key (CBOR map) with an allowed algorithm. Raises ``webauthn_invalid``."""
+    from fido2 import cbor  # deferred: see the module doc
+    from fido2.cose import CoseKey
+
     try:
         decoded = cbor.decode(cose_key)
         if not isinstance(decoded, Mapping):
@@ -94,10 +100,15 @@ def parse_public_key(cose_key: bytes) -> CoseKey:
 
 def encode_public_key(key: CoseKey) -> bytes:
     """The canonical CBOR bytes of a COSE key, as stored in :attr:`WebAuthnCredential.public_key`."""
+    from fido2 import cbor  # deferred: see the module doc
+
     return cbor.encode(dict(key))
 
 
 def _client_data(raw: bytes, expected_type: str, challenge: bytes, rp_id: str) -> CollectedClientData:
+    from fido2.rpid import verify_rp_id  # deferred: see the module doc
+    from fido2.webauthn import CollectedClientData
+
     try:
         client_data = CollectedClientData(raw)
         kind, origin, got_challenge = client_data.type, client_data.origin, client_data.challenge
@@ -141,6 +152,8 @@ def verify_assertion(
     the credential's COSE key. Raises ``webauthn_invalid`` for any failure,
     malformed input included. The sign counter is returned, not judged.
     """
+    from fido2.webauthn import AuthenticatorData  # deferred: see the module doc
+
     if not hmac.compare_digest(assertion.credential_id, credential.credential_id):
         raise _invalid("the assertion is by another credential")
     key = parse_public_key(credential.public_key)
@@ -182,6 +195,10 @@ def verify_registration(
     the certificate chain is left to the caller's trust list). Raises
     ``webauthn_invalid``.
     """
+    from fido2.attestation.base import NoneAttestation  # deferred: see the module doc
+    from fido2.attestation.packed import PackedAttestation
+    from fido2.webauthn import AttestationObject
+
     client_data = _client_data(registration.client_data_json, "webauthn.create", challenge, rp_id)
     try:
         attestation = AttestationObject(registration.attestation_object)

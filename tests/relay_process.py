@@ -20,9 +20,17 @@ class RelayProcess:
     """One ``tetherless serve`` child process; its stdout/stderr go to ``log_path``."""
 
     def __init__(
-        self, data_dir: Path, *, port: int = 0, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        module: str = "tetherless_cli",
     ) -> None:
+        """``module``: what ``python -m`` runs (an older tree's front door is ``relay.cli``)."""
         self.data_dir = data_dir
+        self.module = module
         self.port = port
         self.extra_args = extra_args or []
         self.env = env or {}
@@ -37,7 +45,7 @@ class RelayProcess:
         cmd = [
             sys.executable,
             "-m",
-            "relay.cli",
+            self.module,
             "serve",
             "--data",
             str(self.data_dir),

@@ -1,6 +1,6 @@
 """Device management for format-2/3 accounts: link, approve, list, revoke, recovery key, hardware keys, upgrade.
 
-The SDK side of crypto.md §3-§6 (the CLI is :mod:`protocol.client.commands`).
+The SDK side of crypto.md §3-§6 (the CLI is :mod:`tetherless_cli.devices`).
 Every function takes a connected :class:`~protocol.client.sdk.RelayClient`;
 every chain it relies on is fetched and verified from the genesis (or from
 the stored high-water mark) by :meth:`RelayClient.device_chain`, so a relay
@@ -45,7 +45,7 @@ import nacl.signing
 import trio
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
-from .. import codec, device_list, enrolment, handshake, prekeys, recovery
+from .. import codec, device_list, enrolment, handshake, prekeys, recovery, webauthn
 from ..errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
 from ..ids import Address, device_id_for
 from ..messages import (
@@ -227,6 +227,59 @@ def _own_next_version(keys: DeviceKeys, head: DeviceList, **changes: Any) -> Dev
     own = next((d for d in head.devices if d.device_id == keys.device_id), None)
     set_kem = {keys.device_id: keys.kem_public_key} if own is not None and not own.kem_key else {}
     return device_list.next_version(head, format=device_list.FORMAT_3, set_kem_keys=set_kem, **changes)
+
+
+def key_assertion(
+    verified: device_list.VerifiedChain, dl: DeviceList, get_assertion: AssertionProvider
+) -> WebAuthnAssertion:
+    """A hardware key's assertion over ``dl`` (the version after ``verified``'s head), checked here before any
+    relay sees it: by a credential of the head, verifying over ``list_hash(dl)`` for that credential's rp id
+    (UV when the policy requires it), its sign counter above the highest this chain carries (crypto.md §6).
+
+    Raises ``policy_not_met`` (the head has no hardware key), ``webauthn_invalid`` (another credential, rp
+    id or signature), ``webauthn_replayed`` (a counter that did not advance: a replay or a cloned key), and
+    what ``get_assertion`` raises. Uses the key once.
+    """
+    head = verified.head
+    if not head.credentials:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the account has no hardware key in its device list")
+    assertion = get_assertion(device_list.list_hash(dl), list(head.credentials))
+    credential = next((c for c in head.credentials if c.credential_id == assertion.credential_id), None)
+    if credential is None:
+        raise TetherlessError(ErrorCode.WEBAUTHN_INVALID, "the key answered with a credential the list does not hold")
+    try:
+        result = webauthn.verify_assertion(
+            credential,
+            assertion,
+            challenge=device_list.list_hash(dl),
+            require_user_verification=head.policy.require_user_verification,
+        )
+        device_list.check_counter(
+            credential.credential_id, verified.counters.get(credential.credential_id), result.sign_count
+        )
+    except TetherlessError as exc:  # said as the client's own refusal: nothing was sent
+        raise TetherlessError(exc.code, f"refused the security key's approval, not sent: {exc.detail}") from exc
+    return assertion
+
+
+def _own_approvals(
+    keys: DeviceKeys,
+    verified: device_list.VerifiedChain,
+    dl: DeviceList,
+    get_assertion: AssertionProvider | None,
+) -> SignedDeviceList:
+    """``dl`` signed by this device when its role may approve (crypto.md §3.6), plus a hardware key's
+    assertion when ``get_assertion`` is given (:func:`key_assertion`). Raises ``policy_not_met`` when that
+    leaves no approval at all, and what :func:`key_assertion` raises."""
+    own = next((d for d in verified.head.devices if d.device_id == keys.device_id), None)
+    signs = own is not None and device_list.may_approve(own)
+    signatures = [device_list.approve(dl, keys.signing_key)] if signs else []
+    assertions = [key_assertion(verified, dl, get_assertion)] if get_assertion is not None else []
+    if not signatures and not assertions:
+        raise TetherlessError(
+            ErrorCode.POLICY_NOT_MET, "this device may not approve list changes: approve with a hardware key"
+        )
+    return device_list.signed_list(dl, signatures, webauthn_assertions=assertions)
 
 
 def _save_new_home(
@@ -529,13 +582,20 @@ async def fetch_offer(client: RelayClient, code: str) -> tuple[bytes, EnrolmentO
 
 
 async def approve_link(
-    client: RelayClient, code: str, *, confirm: Callable[[EnrolmentOffer, str], bool] | None = None
+    client: RelayClient,
+    code: str,
+    *,
+    confirm: Callable[[EnrolmentOffer, str], bool] | None = None,
+    get_assertion: AssertionProvider | None = None,
 ) -> ApprovedLink:
     """Approve the device showing ``code``: propose the version of our list that adds it (crypto.md §5.2 steps 2-3).
 
     ``confirm(offer, fingerprint)`` may refuse (then ``PermissionError``).
-    Raises what :func:`fetch_offer` raises, :class:`DeviceRevokedError`,
-    :class:`DeviceListRejectedError` and relay errors.
+    ``get_assertion``: a hardware key of the list approves too (after the
+    confirmation; :func:`key_assertion`), which a policy requiring one needs
+    and which lets a device whose role may not approve propose alone.
+    Raises what :func:`fetch_offer` and :func:`key_assertion` raise,
+    :class:`DeviceRevokedError`, :class:`DeviceListRejectedError` and relay errors.
     """
     keys = _own(client)
     secret, offer = await fetch_offer(client, code)
@@ -555,7 +615,7 @@ async def approve_link(
         offer.sign_key, offer.box_key, added_at_ms=added_at, kem_key=offer.kem_key if format_3 else b""
     )
     dl = _own_next_version(keys, verified.head, add_devices=[entry], now_ms=now)
-    signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
+    signed = _own_approvals(keys, verified, dl, get_assertion)
     relay = Address.parse(keys.address).relay
     tag = enrolment.approval_tag(secret, relay, dl.account_id, dl.version, device_list.list_hash(dl))
     await client._call(
@@ -667,13 +727,16 @@ async def join_with_authenticator(
     *,
     keystore: Keystore,
     name: str = "",
+    revoke: Sequence[str] = (),
 ) -> DeviceKeys:
-    """Join ``account_address`` approved by a hardware key registered in its list (crypto.md §5.3).
+    """Join ``account_address`` approved by a hardware key registered in its list (crypto.md §5.3), optionally
+    revoking lost devices in the same version.
 
     The user typed the self-certifying account address, so the chain verified
     from its genesis is the right account. ``get_assertion(list_hash(L),
-    credentials)`` returns the authenticator's assertion over the new version.
-    Raises the errors of the chain and of ``POST /v1/accounts/{id}/devices``
+    credentials)`` returns the authenticator's assertion over the new version,
+    checked here first (:func:`key_assertion`). Raises what that raises, the
+    errors of the chain and of ``POST /v1/accounts/{id}/devices``
     (``webauthn_invalid``, ``webauthn_replayed``, ``policy_not_met``).
     """
     _check_home_free(keystore)
@@ -684,9 +747,13 @@ async def join_with_authenticator(
     device = _new_device(client)
     now = client._now_ms()
     dl = device_list.next_version(
-        head, add_devices=[device.entry(max(now, head.created_at_ms))], format=device_list.FORMAT_3, now_ms=now
+        head,
+        add_devices=[device.entry(max(now, head.created_at_ms))],
+        remove_device_ids=[resolve_device_id(target, head) for target in revoke],
+        format=device_list.FORMAT_3,
+        now_ms=now,
     )
-    assertion = get_assertion(device_list.list_hash(dl), list(head.credentials))
+    assertion = key_assertion(verified, dl, get_assertion)
     signed = device_list.signed_list(dl, [device_list.approve(dl, device.signing_key)], webauthn_assertions=[assertion])
     return await _join(client, keystore, device, signed, relay=address.relay, name=name)
 
@@ -707,23 +774,70 @@ def resolve_device_id(target: str, head: DeviceList) -> str:
     return device_id
 
 
-async def revoke_device(client: RelayClient, target: str) -> DeviceListAccepted:
+async def revoke_device(
+    client: RelayClient, target: str, *, get_assertion: AssertionProvider | None = None
+) -> DeviceListAccepted:
     """Remove a device (id or device address; may be this device) from the account's list (crypto.md §4).
 
+    ``get_assertion``: a hardware key of the list co-signs (:func:`key_assertion`).
     Raises ``unknown_device``, ``invalid_device_list`` (the last device
-    cannot go), the chain errors and those of ``POST …/devices``.
+    cannot go), what :func:`key_assertion` raises, the chain errors and those of ``POST …/devices``.
     """
     keys = _own(client)
     verified = await _own_head(client)
     device_id = resolve_device_id(target, verified.head)
     if len(verified.head.devices) == 1 and not verified.head.credentials:
         raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "the account's only device cannot be revoked")
-    dl = _own_next_version(keys, verified.head, remove_device_ids=[device_id], now_ms=client._now_ms())
-    approvers = sum(map(device_list.may_approve, dl.devices))
-    if dl.policy.threshold > approvers + len(dl.credentials):
-        dl = msgspec.structs.replace(dl, policy=msgspec.structs.replace(dl.policy, threshold=max(approvers, 1)))
-    signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)])
-    return await post_version(client, signed)
+    dl = _fit_threshold(_own_next_version(keys, verified.head, remove_device_ids=[device_id], now_ms=client._now_ms()))
+    return await post_version(client, _own_approvals(keys, verified, dl, get_assertion))
+
+
+def _fit_threshold(dl: DeviceList) -> DeviceList:
+    """A removal may leave fewer approvers than the threshold (crypto.md §3.6: the list must keep enough):
+    lower it to what is left."""
+    approvers = sum(map(device_list.may_approve, dl.devices)) + len(dl.credentials)
+    if dl.policy.threshold <= approvers:
+        return dl
+    return msgspec.structs.replace(dl, policy=msgspec.structs.replace(dl.policy, threshold=max(approvers, 1)))
+
+
+def resolve_credential_id(target: str, head: DeviceList) -> bytes:
+    """The id of the list's hardware key whose hex id is or starts with ``target`` (at least 8 hex digits).
+
+    Raises ``unknown_device`` when none matches, ``invalid_field`` for a malformed or ambiguous prefix.
+    """
+    prefix = target.strip().lower()
+    if len(prefix) < 8 or any(ch not in "0123456789abcdef" for ch in prefix):
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"not a hardware key id: {target!r} (8 or more hex digits)")
+    found = [c.credential_id for c in head.credentials if c.credential_id.hex().startswith(prefix)]
+    if not found:
+        raise TetherlessError(ErrorCode.UNKNOWN_DEVICE, f"no hardware key {prefix} in the account's device list")
+    if len(found) > 1:
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"{prefix} names {len(found)} hardware keys: give more digits")
+    return found[0]
+
+
+async def remove_credential(
+    client: RelayClient, target: str, *, get_assertion: AssertionProvider | None = None
+) -> DeviceListAccepted:
+    """Remove a hardware key (hex id or a unique prefix, :func:`resolve_credential_id`) from the account's list.
+
+    Approved by this device, and by a hardware key when ``get_assertion`` is given (a policy that requires
+    one). The account-key epoch advances, as for a revoked device (crypto.md §3.2 step 5). Raises what
+    :func:`resolve_credential_id` and :func:`key_assertion` raise, ``invalid_device_list`` (the policy
+    requires a hardware key and this is the last one), the chain errors and those of ``POST …/devices``.
+    """
+    keys = _own(client)
+    verified = await _own_head(client)
+    credential_id = resolve_credential_id(target, verified.head)
+    if verified.head.policy.require_webauthn and len(verified.head.credentials) == 1:
+        raise TetherlessError(
+            ErrorCode.INVALID_DEVICE_LIST, "the policy requires a hardware key: the last one cannot be removed"
+        )
+    dl = _fit_threshold(
+        _own_next_version(keys, verified.head, remove_credential_ids=[credential_id], now_ms=client._now_ms())
+    )
+    return await post_version(client, _own_approvals(keys, verified, dl, get_assertion))
 
 
 def backup_hash(rk: recovery.RecoveryKeys) -> bytes:
@@ -765,7 +879,10 @@ async def add_credential(
 
     The new version carries this device's approval and the credential's
     proof of possession (an assertion over its ``list_hash``, crypto.md §3.2
-    step 4). Raises ``webauthn_invalid``, challenge errors and those of ``POST …/devices``.
+    step 4). The credential the relay answers must be the one this client reads
+    from the key's own registration (id, COSE key, rp id): a relay that swaps in
+    a key of its own would otherwise become an approver of the account.
+    Raises ``webauthn_invalid``, challenge errors and those of ``POST …/devices``.
     """
     keys = _own(client)
     options = await client._call("POST", "/v1/webauthn/register/begin", None, WebAuthnRegistrationOptions)
@@ -773,6 +890,13 @@ async def add_credential(
     credential = await client._call(
         "POST", "/v1/webauthn/register/complete", registration, WebAuthnCredential, retry=False
     )
+    created = webauthn.verify_registration(
+        registration, challenge=options.challenge, rp_id=options.rp_id, added_at_ms=credential.added_at_ms
+    ).credential
+    if created != credential:
+        raise TetherlessError(
+            ErrorCode.WEBAUTHN_INVALID, "the relay answered with another credential than the security key created"
+        )
     verified = await _own_head(client)
     dl = _own_next_version(keys, verified.head, add_credentials=[credential], now_ms=client._now_ms())
     assertion = get_assertion(device_list.list_hash(dl), [credential])
@@ -817,7 +941,10 @@ __all__ = [
     "finish_link",
     "join_with_authenticator",
     "join_with_recovery",
+    "key_assertion",
     "post_version",
+    "remove_credential",
+    "resolve_credential_id",
     "resolve_device_id",
     "revoke_device",
     "set_recovery_key",

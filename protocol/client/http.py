@@ -52,9 +52,14 @@ class TransportError(Exception):
     ``maybe_processed`` is False only when the relay certainly did not act on
     the request (it never reached it, or GOAWAY said it was not processed),
     so even a non-idempotent request may be retried.
+
+    ``retryable`` (the rule of ``TetherlessError.retryable``: the same request may succeed later with nothing
+    changed here) is True for every transport error — a relay restarting, a network dropping — except
+    :class:`TLSSetupError`, which only a change of the URL or the trusted CAs fixes.
     """
 
     maybe_processed: bool = True
+    retryable: bool = True
 
     def __init__(self, message: str, *, maybe_processed: bool = True) -> None:
         super().__init__(message)
@@ -62,10 +67,41 @@ class TransportError(Exception):
 
 
 class ConnectError(TransportError):
-    """Could not establish the connection (refused, DNS, TLS handshake, no ALPN h2)."""
+    """Could not establish the connection (refused, DNS, TLS handshake, no ALPN h2); :class:`TLSSetupError` when
+    the relay's TLS and the client's URL or trusted CAs do not match."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, maybe_processed=False)
+
+
+class TLSSetupError(ConnectError):
+    """The relay's TLS and this client's URL or trust settings do not match: trying again does not help until one
+    of them changes (unlike the other :class:`ConnectError` cases, which may be a relay restarting)."""
+
+    retryable = False
+
+
+class TLSTrustError(TLSSetupError):
+    """The relay's TLS certificate is not trusted (unknown CA, self-signed, expired, or issued for another name).
+
+    ``host`` is the name the certificate was checked against; trusting its CA (``ca_file``) is the way on.
+    """
+
+    def __init__(self, message: str, *, host: str) -> None:
+        super().__init__(message)
+        self.host = host
+
+
+class NotTLSError(TLSSetupError):
+    """``https://`` was asked for, but the port does not speak TLS (a plain-HTTP relay port, most likely)."""
+
+
+class TLSRequiredError(TLSSetupError):
+    """``http://`` was asked for, but the port speaks TLS only: the relay must be reached with ``https://``."""
+
+
+class _ClosedUnansweredError(Exception):
+    """A cleartext connection closed before the relay sent a byte (internal: the connect step probes for TLS)."""
 
 
 class ConnectionLostError(TransportError):
@@ -224,6 +260,32 @@ class HTTP2Connection:
             }
         )
         self._h2.increment_flow_control_window(RECEIVE_WINDOW_BYTES - 65535)
+        await self._flush()
+
+    async def _receive_preface(self) -> None:
+        """Cleartext only, before the read loop starts: wait for the relay's first bytes (its SETTINGS), so a port
+        that speaks TLS or something other than HTTP/2 fails while connecting, as a :class:`ConnectError`, instead
+        of as a lost request later. Costs one round trip per new cleartext connection (a TLS connection has paid
+        more than that in its handshake already).
+
+        Raises :class:`TLSRequiredError` (the bytes are a TLS record), :class:`ConnectError` (not HTTP/2), and
+        ``_ClosedUnansweredError`` (closed with nothing said: the caller probes for TLS).
+        """
+        try:
+            data = await self._socket.receive_some(READ_CHUNK_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _ClosedUnansweredError from exc
+        if not data:
+            raise _ClosedUnansweredError
+        authority = self.origin.authority
+        if data[:1] in (b"\x15", b"\x16") and data[1:2] == b"\x03":  # a TLS alert or handshake record
+            raise TLSRequiredError(f"{authority} speaks TLS on that port: use https://{authority}")
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            raise ConnectError(f"{authority} does not speak HTTP/2 (it answered {data[:24]!r})") from exc
+        for event in events:
+            self._dispatch(event)
         await self._flush()
 
     async def aclose(self) -> None:
@@ -552,8 +614,11 @@ async def _connect(url: str, *, ca_file: str | None, verify: bool, connect_timeo
                 tls = trio.SSLStream(tcp, _ssl_context(ca_file, verify), server_hostname=origin.host)
                 try:
                     await tls.do_handshake()
-                except BaseException:
+                except BaseException as exc:
                     await trio.aclose_forcefully(tcp)
+                    typed = _tls_failure(exc, origin)
+                    if typed is not None:
+                        raise typed from exc
                     raise
                 if tls.selected_alpn_protocol() != "h2":
                     await trio.aclose_forcefully(tls)
@@ -562,6 +627,15 @@ async def _connect(url: str, *, ca_file: str | None, verify: bool, connect_timeo
             conn = HTTP2Connection(socket_stream, origin)
             try:
                 await conn._start()
+                if origin.scheme == "http":
+                    await conn._receive_preface()
+            except _ClosedUnansweredError as exc:
+                await trio.aclose_forcefully(socket_stream)
+                if await _speaks_tls(origin):
+                    raise TLSRequiredError(
+                        f"{origin.authority} speaks TLS on that port: use https://{origin.authority}"
+                    ) from exc
+                raise ConnectError(f"{origin.authority} closed the connection before answering HTTP/2") from exc
             except BaseException:
                 await trio.aclose_forcefully(socket_stream)
                 raise
@@ -574,6 +648,43 @@ async def _connect(url: str, *, ca_file: str | None, verify: bool, connect_timeo
         raise ConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
     except ConnectionLostError as exc:
         raise ConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
+
+
+# OpenSSL's reasons for a handshake answered by bytes that are not TLS: a plain-HTTP port answers the ClientHello
+# with an HTTP/2 GOAWAY or an HTTP/1.1 "400", whose first bytes read as a record of an unknown version or length.
+_NOT_TLS_REASONS: Final = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
+
+
+def _tls_failure(exc: BaseException, origin: Origin) -> ConnectError | None:
+    """The typed error for a failed TLS handshake (trio raises BrokenResourceError *from* the ssl error), or None."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return TLSTrustError(
+            f"the TLS certificate of {origin.authority} is not trusted ({cause.verify_message})", host=origin.host
+        )
+    if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS_REASONS:
+        return NotTLSError(f"{origin.authority} does not speak TLS on that port (a plain-HTTP port: use http://)")
+    return None
+
+
+async def _speaks_tls(origin: Origin) -> bool:
+    """Whether ``origin``'s port completes a TLS handshake: asked only after a cleartext connection was closed
+    unanswered, to tell "this port wants https://" from a relay that hangs up. Nothing is sent after the
+    handshake, so not checking the certificate here trusts nothing. Never raises (except Cancelled)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        tcp = await trio.open_tcp_stream(origin.host, origin.port)
+    except OSError:
+        return False
+    try:
+        await trio.SSLStream(tcp, context, server_hostname=origin.host).do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError, OSError):
+        return False
+    finally:
+        await trio.aclose_forcefully(tcp)
+    return True
 
 
 def _all_refused(exc: BaseException) -> bool:

@@ -6,6 +6,8 @@ Layout (crypto.md §13)::
       keystore.tlk     0600  the DEK and the device keys, wrapped under a passphrase-derived key (KEK)
       state.db         0600  SQLite (WAL): every other piece of state, sealed row by row with the DEK
                              (:mod:`protocol.client.localdb`)
+      identity.json    0600  public copy of the device's address and relay URL, for ``whoami`` without the
+                             passphrase (:mod:`protocol.client.identity`; written on create and every unlock)
 
 ``keystore.tlk`` is::
 
@@ -73,6 +75,7 @@ from msgspec import Meta
 
 from ..handshake import MLKEM_SEED_BYTES, mlkem_public
 from ..signing import digest
+from .identity import IDENTITY_FILE, encode_identity
 from .localdb import DB_FILE, DEK_BYTES, NONCE_BYTES, LocalDB
 from .localdb import atomic_write as _atomic_write
 from .localdb import fsync_dir as _fsync_dir
@@ -501,6 +504,7 @@ class Keystore:
         payload = KeystorePayload(dek=os.urandom(DEK_BYTES), keys=keys)
         self._write_keystore(payload, use_keyring=use_keyring)
         self._payload = payload
+        self._remember_identity(keys)
 
     def _write_keystore(self, payload: KeystorePayload, *, use_keyring: bool) -> None:
         if use_keyring:
@@ -568,7 +572,22 @@ class Keystore:
             kek = bytes.fromhex(secret)
         self._payload = open_keystore(header, nonce, ciphertext, kek)
         self._sealing = (header.raw, kek)
+        self._remember_identity(self._payload.keys)
         return self._payload
+
+    def _remember_identity(self, keys: DeviceKeys) -> None:
+        """Keep ``identity.json`` (the public copy ``whoami`` reads) equal to the sealed keys' address.
+
+        Best effort: a home that cannot be written (read-only medium) still unlocks; ``whoami`` then unlocks too.
+        """
+        data = encode_identity(keys.address, keys.relay_url)
+        path = self.home / IDENTITY_FILE
+        try:
+            if path.exists() and path.read_bytes() == data:
+                return
+            _atomic_write(path, data)
+        except OSError:
+            pass
 
     def load(self) -> DeviceKeys:
         """The stored device keys (a protected home is unlocked; a format-1 home is read as before).
@@ -765,6 +784,7 @@ class Keystore:
         payload = KeystorePayload(dek=dek, keys=keys)
         self._write_keystore(payload, use_keyring=use_keyring)
         self._payload = payload
+        self._remember_identity(keys)
         self.save_state(state)  # into state.db now that keystore.tlk exists
         self._remove_plaintext()
 

@@ -72,6 +72,7 @@ from ..messages import (
     WellKnown,
 )
 from ..payload import InvalidPayloadError, Opened, PayloadCipher, SealedBoxCipher, open_plaintext
+from . import outbox
 from .chains import DeviceListRejectedError, DeviceRevokedError, load_mark, save_mark
 from .http import (
     ConnectError,
@@ -96,6 +97,8 @@ IDEMPOTENCY_KEY_BYTES: Final = 16
 DEFAULT_BATCH_ENVELOPES: Final = 100
 DEVICE_LIST_CACHE_SECONDS: Final = 30.0
 STREAM_IDLE_TIMEOUT_SECONDS: Final = 90.0
+WELL_KNOWN_PATH: Final = "/.well-known/tetherless"
+PREKEYS_PATH: Final = "/v1/prekeys"
 _REAUTH_CODES: Final = frozenset({ErrorCode.TOKEN_EXPIRED, ErrorCode.INVALID_TOKEN})
 _RETRY_LATER_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
 _HEADERS: Final = (("content-type", codec.MSGPACK), ("accept", codec.MSGPACK))
@@ -180,6 +183,16 @@ class Sent:
     id: bytes
     sent_at_ms: int
     duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswer:
+    """What :meth:`RelayClient.probe` read: the relay's document, its ``Date`` header (None when it sent none) and
+    this device's clock in seconds at the middle of the request (``Date`` minus it is the clock skew)."""
+
+    well_known: WellKnown
+    date: str | None
+    local_seconds: float
 
 
 # -- device-list checks ----------------------------------------------------------------------
@@ -312,11 +325,18 @@ class RelayClient:
         authenticated: bool = True,
         retry: bool = True,
     ) -> T:
-        """One API call with retries.
+        """One API call with retries, its 2xx body decoded as ``response_type``.
 
         ``retry``: the request is safe to repeat (idempotent); otherwise it is
         only repeated when the relay certainly did not process it.
         """
+        response = await self._request(method, path, body, authenticated=authenticated, retry=retry)
+        return codec.decode(response.body, response_type, _media_type(response))
+
+    async def _request(
+        self, method: str, path: str, body: msgspec.Struct | None, *, authenticated: bool = True, retry: bool = True
+    ) -> Response:
+        """:meth:`_call`'s retry, re-authentication and backoff (the one place); returns the 2xx response as is."""
         encoded = codec.encode(body) if body is not None else None
         reauthenticated = False
         attempt = 0
@@ -342,7 +362,7 @@ class RelayClient:
                 await self._backoff(attempt)
                 continue
             if 200 <= response.status < 300:
-                return codec.decode(response.body, response_type, _media_type(response))
+                return response
             error = error_from_problem(response.status, response.body)
             if isinstance(error, RemoteError):
                 if authenticated and error.code in _REAUTH_CODES and not reauthenticated:
@@ -367,8 +387,23 @@ class RelayClient:
     async def well_known(self) -> WellKnown:
         """``GET /.well-known/tetherless`` (cached)."""
         if self._well_known is None:
-            self._well_known = await self._call("GET", "/.well-known/tetherless", None, WellKnown, authenticated=False)
+            self._well_known = await self._call("GET", WELL_KNOWN_PATH, None, WellKnown, authenticated=False)
         return self._well_known
+
+    async def probe(self) -> ProbeAnswer:
+        """``GET /.well-known/tetherless`` without the cache, with the relay's ``Date`` header and this device's
+        clock (``wall_clock``) at the middle of the request: what ``tetherless doctor`` compares clocks with.
+
+        Unauthenticated and read-only; idempotent (it refreshes :meth:`well_known`'s cache). Connects first, so
+        the two clock readings bracket the request, not the TCP and TLS set-up. Raises what every method raises
+        (``TLSSetupError`` when the relay's TLS and this client's URL or trusted CAs do not match;
+        ``msgspec.ValidationError`` for a document that is not a relay's). Cancellation aborts the request."""
+        await self._conn()
+        before = self._wall_clock()
+        response = await self._request("GET", WELL_KNOWN_PATH, None, authenticated=False)
+        after = self._wall_clock()
+        self._well_known = codec.decode(response.body, WellKnown, _media_type(response))
+        return ProbeAnswer(self._well_known, response.header("date"), (before + after) / 2)
 
     async def register(
         self,
@@ -597,7 +632,10 @@ class RelayClient:
         Transport failures are retried with the *same* idempotency key and
         ciphertext, so the relay stores each envelope once. Raises
         ``invalid_field`` for a bad address, ``unknown_recipient`` when the
-        device is not in its account's latest device list, and relay errors.
+        device is not in its account's latest device list,
+        :class:`~protocol.client.outbox.MessageTooLargeError` (naming the
+        limit, before anything is sealed) for a body no envelope of the
+        relay's ``max_envelope_bytes`` can hold, and relay errors.
         """
         return await self.send_many([Outgoing(address, message, content_type, ttl_seconds)])
 
@@ -627,6 +665,11 @@ class RelayClient:
                 body, default_type = outgoing.body.encode("utf-8"), TEXT_CONTENT_TYPE
             else:
                 body, default_type = outgoing.body, BINARY_CONTENT_TYPE
+            limit = outbox.max_body_bytes(
+                self._well_known.limits.max_envelope_bytes if self._well_known else outbox.DEFAULT_MAX_ENVELOPE_BYTES
+            )
+            if len(body) > limit:  # before anything is sealed: a session's ratchet never advances for it
+                raise outbox.MessageTooLargeError(len(body), limit)
             if self.sessions is not None:
                 v2 = await self._session_envelopes(outgoing, body, outgoing.content_type or default_type)
                 if v2 is not None:
@@ -693,11 +736,17 @@ class RelayClient:
         """
         if self.sessions is None:
             raise RuntimeError("sessions are not enabled")
-        counts = await self._call("GET", "/v1/prekeys", None, PrekeyCounts)
+        counts = await self.prekey_counts()
         upload = self.sessions.prekey_upload(counts)
         if upload is not None:
-            counts = await self._call("PUT", "/v1/prekeys", upload, PrekeyCounts)
+            counts = await self._call("PUT", PREKEYS_PATH, upload, PrekeyCounts)
         return counts
+
+    async def prekey_counts(self) -> PrekeyCounts:
+        """``GET /v1/prekeys``: the prekeys the relay holds for this device, read without uploading any (what
+        :meth:`maintain_prekeys` tops up). Authenticated (``RemoteError`` ``device_revoked`` for a removed device);
+        needs no sessions. Read-only and idempotent; cancellation aborts the request."""
+        return await self._call("GET", PREKEYS_PATH, None, PrekeyCounts)
 
     async def _verified_head(
         self, account_id: str, relay: str | None, *, fresh: bool = False
@@ -1083,6 +1132,7 @@ __all__ = [
     "InboxStream",
     "Outgoing",
     "PrekeysUnavailableError",
+    "ProbeAnswer",
     "ReceivedMessage",
     "RejectedMessage",
     "RelayClient",

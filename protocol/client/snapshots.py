@@ -47,12 +47,7 @@ The writer copies the ``key`` records up to ``covers`` into the snapshot
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import json
-import sys
 import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -60,8 +55,6 @@ from .. import log
 from ..errors import ErrorCode, RemoteError, TetherlessError
 from ..ids import Address
 from ..messages import AppendRequest, AppendResponse, DeviceEntry, LogPage, LogRecord, LogRecordIn, LogRetention
-from .http import TransportError
-from .keystore import DeviceKeys, Keystore
 from .store import ClientStore, HistoryMessage
 
 if TYPE_CHECKING:
@@ -695,173 +688,6 @@ def _load_state(engine: SyncEngine, pending: PendingLoad, state: log.SnapshotSta
             engine.on_message(message, None, None)
 
 
-# -- history with retention gaps (``tetherless history``) -----------------------------------------------
-
-
-def gap_line(gap: Gap) -> str:
-    return (
-        f"---- up to {gap.positions} older records removed by retention (log positions {gap.after + 1}-{gap.upto};"
-        " no snapshot covers them) ----"
-    )
-
-
-def gap_json(gap: Gap) -> dict[str, Any]:
-    return {"gap": "retention", "after": gap.after, "upto": gap.upto, "positions": gap.positions}
-
-
-def print_history(store: ClientStore, *, as_json: bool, since: str | None, peer: str | None, limit: int | None) -> None:
-    """``cli_sync.print_history`` plus the retention gaps, each where it falls in log order."""
-    from .cli_sync import history_json, parse_since
-
-    position, since_ms = parse_since(since, store.now_ms()) if since else (0, 0)
-    pending_gaps = [g for g in gaps(store) if g.upto > position]
-
-    def emit_gaps(before: int | None) -> None:
-        while pending_gaps and (before is None or pending_gaps[0].upto < before):
-            gap = pending_gaps.pop(0)
-            print(json.dumps(gap_json(gap)) if as_json else gap_line(gap))
-
-    for message in store.history(since_position=position, since_ms=since_ms, limit=limit):
-        if (
-            peer
-            and peer not in message.recipients
-            and message.sender != peer
-            and not message.sender.endswith("." + peer)
-            and not any(r.endswith("." + peer) for r in message.recipients)
-        ):
-            continue
-        emit_gaps(message.log_position)
-        if as_json:
-            print(json.dumps(history_json(message), ensure_ascii=False))
-            continue
-        stamp = dt.datetime.fromtimestamp(message.sent_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        shown = message.text if message.text is not None else f"<{len(message.body)} bytes of {message.content_type}>"
-        if message.direction == "sent":
-            print(f"{stamp}  → {', '.join(message.recipients):<40} {shown}")
-        else:
-            print(f"{stamp}  ← {message.sender:<40} {shown}")
-    emit_gaps(None)
-    sys.stdout.flush()
-
-
-# -- CLI: tetherless log snapshot | log retention --------------------------------------------------------
-
-
-async def run_log_command(
-    keystore: Keystore, keys: DeviceKeys, action: Callable[[SyncEngine], Awaitable[int]], *, drain: bool
-) -> int:
-    """Connect an engine for one command (after a drain when ``drain``), run ``action``; exit 3 when the relay
-    stays unreachable, 4 when this device was revoked."""
-    from .cli_sync import make_engine, open_store
-    from .sdk import RelayClient
-    from .sync import EXIT_REVOKED, EXIT_UNREACHABLE, RetryError, RevokedError
-
-    store = open_store(keystore, keys)
-    engine = make_engine(keys, store)
-    try:
-        async with RelayClient.connect(
-            keys.relay_url, keys=keys, max_attempts=2, request_timeout_seconds=60, local_db=store.db
-        ) as client:
-            engine.client = client
-            await engine._guard(client.authenticate())
-            if drain:
-                await engine.enable_sessions()
-                await engine.drain()
-            return await action(engine)
-    except (RetryError, TransportError) as exc:
-        print(f"tetherless: error: cannot reach the relay at {keys.relay_url} ({exc})", file=sys.stderr, flush=True)
-        return EXIT_UNREACHABLE
-    except RevokedError:
-        print("tetherless: error: device_revoked: this device was removed from its account", file=sys.stderr)
-        return EXIT_REVOKED
-    except SnapshotError as exc:
-        print(f"tetherless: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        engine.client = None
-        store.db.close()
-
-
-async def run_log_snapshot(keystore: Keystore, keys: DeviceKeys, *, as_json: bool, part_bytes: int | None) -> int:
-    """``log snapshot [--json]``: sync to the head, then write (or finish) a snapshot at the cursor."""
-
-    async def action(engine: SyncEngine) -> int:
-        written = await write_snapshot(engine, part_bytes=part_bytes or log.SNAPSHOT_PART_BYTES)
-        print(json.dumps(snapshot_json(written)) if as_json else describe_snapshot(written), flush=True)
-        return 0
-
-    return await run_log_command(keystore, keys, action, drain=True)
-
-
-async def run_log_retention(keystore: Keystore, keys: DeviceKeys, value: str | None, *, as_json: bool) -> int:
-    """``log retention [forever|DAYS] [--json]``: print, or set and print, the account log's retention.
-    ``value`` must already be validated by :func:`parse_retention`."""
-    days = parse_retention(value) if value is not None else None
-
-    async def action(engine: SyncEngine) -> int:
-        policy = await (retention(engine) if value is None else set_retention(engine, days))
-        if as_json:
-            print(json.dumps(retention_json(policy)), flush=True)
-        else:
-            text = describe_retention(policy)
-            print(text if value is None else text.replace("retention:", "retention set to", 1), flush=True)
-        return 0
-
-    return await run_log_command(keystore, keys, action, drain=False)
-
-
-def parse_retention(value: str) -> int | None:
-    """``forever`` → None, ``DAYS`` (a positive integer, ``30`` or ``30d``) → days; raises ValueError."""
-    text = value.strip().lower()
-    if text == "forever":
-        return None
-    if text.endswith("d"):
-        text = text[:-1]
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"retention: expected `forever` or a number of days (1 or more), not {value!r}")
-    return int(text)
-
-
-def describe_retention(policy: LogRetention) -> str:
-    if policy.mode == "forever":
-        what = "forever (the relay deletes nothing but superseded snapshots)"
-    else:
-        days = f"{policy.days} day" + ("" if policy.days == 1 else "s")
-        what = (
-            f"{days} (the relay deletes records committed more than {days} ago,"
-            " except the newest snapshot and key records)"
-        )
-    changed = ""
-    if policy.updated_at_ms:
-        stamp = dt.datetime.fromtimestamp(policy.updated_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        changed = f"; last changed {stamp} UTC"
-    return f"retention: {what}; horizon: log position {policy.horizon}{changed}"
-
-
-def retention_json(policy: LogRetention) -> dict[str, Any]:
-    return {"mode": policy.mode, "days": policy.days, "horizon": policy.horizon, "updated_at_ms": policy.updated_at_ms}
-
-
-def snapshot_json(written: SnapshotWritten) -> dict[str, Any]:
-    return {
-        "snapshot_id": written.snapshot_id.hex(),
-        "covers": written.covers,
-        "parts": written.parts,
-        "messages": written.messages,
-        "position": written.position,
-        "duplicate": written.duplicate,
-    }
-
-
-def describe_snapshot(written: SnapshotWritten) -> str:
-    again = " (already stored)" if written.duplicate else ""
-    return (
-        f"snapshot {base64.b32encode(written.snapshot_id).decode().rstrip('=').lower()} covers log positions"
-        f" 1-{written.covers}: {written.messages} messages in {written.parts} parts, manifest at position"
-        f" {written.position}{again}"
-    )
-
-
 __all__ = [
     "SNAPSHOT_THRESHOLD",
     "Gap",
@@ -876,20 +702,10 @@ __all__ = [
     "begin_snapshot",
     "build_state",
     "collect_key_records",
-    "describe_retention",
-    "describe_snapshot",
-    "gap_json",
-    "gap_line",
     "gaps",
     "loaded_snapshots",
-    "parse_retention",
     "prepare_chunks",
-    "print_history",
     "retention",
-    "retention_json",
-    "run_log_retention",
-    "run_log_snapshot",
     "set_retention",
-    "snapshot_json",
     "write_snapshot",
 ]

@@ -20,6 +20,8 @@ every open. Tables (topic-prefixed, §8 names in brackets):
 - ``log_cursors`` [cursors], ``log_counters`` [counters], ``log_epoch_keys``
   [epoch_keys] 🔒, ``log_grants`` (which device holds which epoch), ``log_key_commitments``
   and ``log_session_keys`` 🔒 (keys received through sessions, kept until their key record is read).
+- ``contacts`` (migration 3): short names for addresses, 🔒 name and address (``entry``), keyed hashes of
+  the folded name and of the address (:mod:`protocol.client.contacts`).
 
 Every multi-table change is one :meth:`LocalDB.transaction` (§10). Blocking,
 small, local: called from the engine's trio task directly.
@@ -27,6 +29,7 @@ small, local: called from the engine's trio task directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -122,6 +125,7 @@ SEALED_COLUMNS: Final[dict[str, SealedColumns]] = {
     "outbox_envelopes": (("local_id", "n"), (("recipient_device", "recipient"), ("relay_sent_at", "relay_sent_at"))),
     "log_pending": (("record_id",), (("plaintext", "plaintext"),)),
     "log_epoch_keys": (("epoch",), (("key", "key"),)),
+    "contacts": (("name_index",), (("entry", "entry"),)),
 }
 
 OUTBOX_STATES: Final = ("queued", "sealed", "posted", "logged", "failed")
@@ -189,6 +193,10 @@ class OutboxEntry:
     recipient: str
     content_type: str
     body: bytes
+    # Why it waits or failed (account-log.md §10 "Outbox entry states"): a stable code of protocol/errors.py
+    # (empty: none), and the relay that cannot be reached for a ``retrying`` entry (empty: not about reachability).
+    reason_code: str = ""
+    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +228,9 @@ class _OutboxStatus(msgspec.Struct, frozen=True, array_like=True):
     sent_at_ms: int
     next_attempt_at_ms: int = 0
     last_error: str = ""
+    # Trailing fields with defaults: rows written before them decode unchanged (no migration needed).
+    reason_code: str = ""
+    destination: str = ""
 
 
 def _seal_status(db: LocalDB, local_id: int, status: _OutboxStatus) -> bytes:
@@ -349,6 +360,20 @@ def _seal_metadata(db: LocalDB) -> None:
         db.guard_set(guarded)
 
 
+#: The contacts of :mod:`protocol.client.contacts` (docs/account-log.md §8, "Contacts"): one row per name,
+#: keyed by a keyed hash of the case-folded name; the name and address are sealed in ``entry``, and the address
+#: appears only as a keyed hash (``address_index``, unique: one name per address).
+CONTACTS_TABLE: Final = "contacts"
+
+
+def _create_contacts(db: LocalDB) -> None:
+    """Migration 3: the contacts table (empty; nothing older holds contacts)."""
+    db.execute(
+        f"CREATE TABLE {CONTACTS_TABLE} (name_index BLOB PRIMARY KEY, address_index BLOB NOT NULL UNIQUE, "
+        "entry BLOB NOT NULL)"
+    )
+
+
 def _account_of(address: str) -> str:
     """``account@relay`` of a device address (``device.account@relay``), or the address itself."""
     local, at, relay = address.partition("@")
@@ -363,6 +388,7 @@ def _ms(value: int) -> bytes:
 MIGRATIONS: Final = (
     Migration(1, "the offline store's tables (schema 1)", _create_schema_1),
     Migration(2, "sealed history metadata, keyed row keys, guarded marks and replay cache", _seal_metadata),
+    Migration(3, "contacts: short names for addresses (protocol/client/contacts.py)", _create_contacts),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 
@@ -418,6 +444,10 @@ class ClientStore:
         self.db = db
         self._random = random_bytes
         self._clock = wall_clock
+        # Counters read inside :meth:`page` (valid while ``db.rollbacks`` is unchanged); None outside a page.
+        self._page_counters: dict[str, int] | None = None
+        self._page_rollbacks = 0
+        self._sender_indexes: dict[str, bytes] = {}  # keyed hashes are fixed for a file (its index key)
         migrate(db)
 
     def now_ms(self) -> int:
@@ -425,6 +455,21 @@ class ClientStore:
 
     def transaction(self) -> Any:
         return self.db.transaction()
+
+    @contextlib.contextmanager
+    def page(self) -> Iterator[None]:
+        """One transaction for a page of log records (account-log.md §10 "Read"): everything written inside
+        commits together, durably, or (on an exception or cancellation) not at all. The counters it reads are
+        kept in memory until it ends (each write still goes to the file at once); a rolled-back savepoint
+        inside drops them. No other process can change them meanwhile: the transaction holds the file's write
+        lock (``BEGIN IMMEDIATE``). Nests inside a transaction (then a savepoint); a page nested in a page
+        ends the outer one's cache (correct, only slower)."""
+        with self.db.transaction():
+            self._page_counters, self._page_rollbacks = {}, self.db.rollbacks
+            try:
+                yield
+            finally:
+                self._page_counters = None
 
     def _seal(self, table: str, pk: Any, column: str, value: bytes) -> bytes:
         return self.db.seal_column(table, pk, column, value)
@@ -446,8 +491,17 @@ class ClientStore:
         )
 
     def counter(self, name: str) -> int:
+        cache = self._page_counters
+        if cache is not None and self.db.rollbacks != self._page_rollbacks:
+            cache.clear()
+            self._page_rollbacks = self.db.rollbacks
+        if cache is not None and name in cache:
+            return cache[name]
         row = self.db.execute("SELECT value FROM log_counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
+        value = int(row[0]) if row else 0
+        if cache is not None:
+            cache[name] = value
+        return value
 
     def advance_counter(self, name: str, by: int) -> int:
         """Move counter ``name`` on by ``by`` (the rollback recovery: past values a lost future used)."""
@@ -457,6 +511,8 @@ class ClientStore:
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+        if self._page_counters is not None:
+            self._page_counters[name] = value
         return value
 
     def next_counter(self, name: str) -> int:
@@ -573,6 +629,17 @@ class ClientStore:
         meta = _HistoryMeta(
             sender_device=sender_device, direction=direction, sent_at_ms=sent_at_ms, relay_sent_at_ms=relay_sent_at_ms
         )
+        sealed = self.db.seal_columns(
+            table,
+            msg_key,
+            {
+                "meta": msgspec.msgpack.encode(meta),
+                "sender": sender.encode(),
+                "recipients": codec.encode(recipients),
+                "content_type": content_type.encode(),
+                "body": body,
+            },
+        )
         self.db.execute(
             "INSERT INTO history_messages (msg_key, message_uid, uid_index, sender_index, pair_seq, log_position, via, "
             "late, local_seq, inbox_seen, meta, sender, recipients, content_type, body) "
@@ -581,21 +648,27 @@ class ClientStore:
                 msg_key,
                 message_uid,
                 uid_index,
-                _sender_index(self.db, sender_device),
+                self._sender_index(sender_device),
                 pair_seq,
                 log_position,
                 via,
                 int(late),
                 local_seq,
                 int(inbox_seen),
-                self._seal(table, msg_key, "meta", msgspec.msgpack.encode(meta)),
-                self._seal(table, msg_key, "sender", sender.encode()),
-                self._seal(table, msg_key, "recipients", codec.encode(recipients)),
-                self._seal(table, msg_key, "content_type", content_type.encode()),
-                self._seal(table, msg_key, "body", body),
+                sealed["meta"],
+                sealed["sender"],
+                sealed["recipients"],
+                sealed["content_type"],
+                sealed["body"],
             ),
         )
         return True
+
+    def _sender_index(self, sender_device: str) -> bytes:
+        index = self._sender_indexes.get(sender_device)
+        if index is None:
+            index = self._sender_indexes[sender_device] = _sender_index(self.db, sender_device)
+        return index
 
     def set_position(self, msg_key: bytes, position: int) -> None:
         self.db.execute(
@@ -607,22 +680,46 @@ class ClientStore:
         "msg_key, message_uid, pair_seq, log_position, via, late, meta, sender, recipients, content_type, body"
     )
 
-    def history(self, *, since_position: int = 0, since_ms: int = 0, limit: int | None = None) -> list[HistoryMessage]:
+    def history(
+        self,
+        *,
+        since_position: int = 0,
+        since_ms: int = 0,
+        limit: int | None = None,
+        newest: int | None = None,
+        where: Callable[[HistoryMessage], bool] | None = None,
+    ) -> list[HistoryMessage]:
         """Messages in log order (logged ones by position, then not-yet-logged ones in local order).
 
-        ``since_ms`` compares the sealed send time, so it is applied after opening each row."""
+        ``limit``: the oldest ``limit`` that match; ``newest``: the newest ``newest`` that match, still returned
+        oldest first (``history --limit``). ``since_ms`` and ``where`` (e.g. "involves this peer") test sealed
+        values, so they run on each opened row: rows are then opened one at a time, newest first for ``newest``,
+        until enough match — without them the SQL ``LIMIT`` does it and no other row is opened. Read-only."""
+        if limit is not None and newest is not None:
+            raise ValueError("history: give limit or newest, not both")
+        order = "log_position IS NULL, log_position, local_seq"
+        if newest is not None:
+            order = "log_position IS NULL DESC, log_position DESC, local_seq DESC"
         sql = (
             f"SELECT {self._HISTORY_COLUMNS} FROM history_messages "
-            "WHERE coalesce(log_position, 9223372036854775807) > ? "
-            "ORDER BY log_position IS NULL, log_position, local_seq"
+            f"WHERE coalesce(log_position, 9223372036854775807) > ? ORDER BY {order}"
         )
         params: tuple[Any, ...] = (since_position,)
-        if limit is not None and not since_ms:
+        wanted = limit if limit is not None else newest
+        filtered = bool(since_ms) or where is not None
+        if wanted is not None and not filtered:
             sql += " LIMIT ?"
-            params += (limit,)
-        messages = (self._message_row(r) for r in self.db.execute(sql, params).fetchall())
-        selected = [m for m in messages if m.sent_at_ms >= since_ms]
-        return selected if limit is None else selected[:limit]
+            params += (max(0, wanted),)
+        selected: list[HistoryMessage] = []
+        if wanted is None or wanted > 0:
+            # Not fetchall(): with a filter, only the rows up to the last one needed are read and opened.
+            for row in self.db.execute(sql, params):
+                message = self._message_row(row)
+                if message.sent_at_ms >= since_ms and (where is None or where(message)):
+                    selected.append(message)
+                    if wanted is not None and len(selected) >= wanted:
+                        break
+        return selected[::-1] if newest is not None else selected
 
     def message(self, msg_key: bytes) -> HistoryMessage | None:
         row = self.db.execute(
@@ -664,10 +761,11 @@ class ClientStore:
 
     # -- outbox ------------------------------------------------------------------------------------
 
-    def enqueue(self, recipient: str, content_type: str, body: bytes, *, peer: str) -> OutboxEntry:
-        """Step 1 of §10: the outbox row and its ``pair_seq``, in one transaction."""
+    def enqueue(self, recipient: str, content_type: str, body: bytes, *, peer: str | None = None) -> OutboxEntry:
+        """Step 1 of §10: the outbox row and its ``pair_seq``, in one transaction. ``peer`` (whose ``pair_seq``
+        counter it takes) defaults to the recipient's account address, as :meth:`give_back_pair_seq` reads it."""
         with self.db.transaction():
-            pair_seq = self.next_counter(_pair_seq_counter(self.db, peer))
+            pair_seq = self.next_counter(_pair_seq_counter(self.db, peer or _account_of(recipient)))
             uid = self._random(log.MESSAGE_UID_BYTES)
             now = self.now_ms()
             table = "outbox_entries"
@@ -708,6 +806,8 @@ class ClientStore:
             recipient=self._open(table, local_id, "recipient", r[6]).decode(),
             content_type=self._open(table, local_id, "content_type", r[7]).decode(),
             body=self._open(table, local_id, "body", r[8]),
+            reason_code=status.reason_code,
+            destination=status.destination,
         )
 
     def _status(self, local_id: int, blob: bytes) -> _OutboxStatus:
@@ -737,16 +837,85 @@ class ClientStore:
         ).fetchall()
         return [self._outbox_row(r) for r in rows]
 
-    def set_outbox_state(self, local_id: int, state: str, *, error: str | None = None) -> None:
+    def set_outbox_state(
+        self, local_id: int, state: str, *, error: str | None = None, reason_code: str | None = None
+    ) -> None:
+        """Move an entry to ``state``; ``error`` / ``reason_code`` replace the stored reason when given."""
         with self.db.transaction():
             self.db.execute("UPDATE outbox_entries SET state = ? WHERE local_id = ?", (state, local_id))
+            changes: dict[str, Any] = {}
             if error is not None:
-                self._update_status(local_id, last_error=error)
+                changes["last_error"] = error[:200]
+            if reason_code is not None:
+                changes["reason_code"] = reason_code
+            if changes:
+                self._update_status(local_id, **changes)
 
-    def note_attempt(self, local_id: int, error: str, next_attempt_at_ms: int) -> None:
+    def note_attempt(
+        self, local_id: int, error: str, next_attempt_at_ms: int, *, reason_code: str = "", destination: str = ""
+    ) -> None:
+        """A transient failure: one more attempt, its reason and the destination that failed, the next time."""
         with self.db.transaction():
             self.db.execute("UPDATE outbox_entries SET attempts = attempts + 1 WHERE local_id = ?", (local_id,))
-            self._update_status(local_id, last_error=error[:200], next_attempt_at_ms=next_attempt_at_ms)
+            self._update_status(
+                local_id,
+                last_error=error[:200],
+                next_attempt_at_ms=next_attempt_at_ms,
+                reason_code=reason_code,
+                destination=destination,
+            )
+
+    def reschedule(self, local_id: int, state: str) -> None:
+        """Make an entry due now in ``state`` (``queued`` or ``sealed``), its reason cleared (``outbox retry``)."""
+        with self.db.transaction():
+            self.db.execute("UPDATE outbox_entries SET state = ? WHERE local_id = ?", (state, local_id))
+            self._update_status(local_id, last_error="", next_attempt_at_ms=0, reason_code="", destination="")
+
+    def delete_outbox_entry(self, local_id: int) -> None:
+        """Remove an entry and its envelopes (``outbox cancel``). Idempotent."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM outbox_envelopes WHERE local_id = ?", (local_id,))
+            self.db.execute("DELETE FROM outbox_entries WHERE local_id = ?", (local_id,))
+
+    def drop_envelope(self, local_id: int, n: int) -> None:
+        """Forget one envelope the relay refused for good (a device removed from an account since sealing)."""
+        self.db.execute(
+            "DELETE FROM outbox_envelopes WHERE local_id = ? AND n = ? AND accepted_id IS NULL", (local_id, n)
+        )
+
+    def give_back_pair_seq(self, entry: OutboxEntry) -> bool:
+        """Undo the ``pair_seq`` of an entry that will never reach its peer (cancelled, or failed before any
+        envelope was accepted), so the recipient does not hold later messages back for the gap (§9).
+
+        Possible only when every later number of that peer belongs to an entry that is still ``queued``
+        (nothing sealed carries it yet): those move down by one, the peer's counter with them, and the entry's
+        own number becomes 0 ("none": :meth:`renumber` gives it a fresh one if it is retried). Otherwise
+        nothing changes and the result is False: the gap stays, and the recipient logs the later messages
+        ``late`` after its hold-back. Call inside a transaction.
+        """
+        if entry.pair_seq <= 0:
+            return False
+        peer = _account_of(entry.recipient)
+        later = [
+            e
+            for e in self.outbox(OUTBOX_STATES)
+            if e.local_id != entry.local_id and e.pair_seq > entry.pair_seq and _account_of(e.recipient) == peer
+        ]
+        counter = _pair_seq_counter(self.db, peer)
+        if self.counter(counter) != entry.pair_seq + len(later) or any(e.state != "queued" for e in later):
+            return False
+        for e in later:
+            self.db.execute("UPDATE outbox_entries SET pair_seq = ? WHERE local_id = ?", (e.pair_seq - 1, e.local_id))
+        self.db.execute("UPDATE outbox_entries SET pair_seq = 0 WHERE local_id = ?", (entry.local_id,))
+        self.advance_counter(counter, -1)
+        return True
+
+    def renumber(self, local_id: int) -> None:
+        """Give an entry whose ``pair_seq`` was given back (0) the peer's next one (``outbox retry``)."""
+        entry = self.outbox_entry(local_id)
+        if entry is not None and entry.pair_seq <= 0:
+            pair_seq = self.next_counter(_pair_seq_counter(self.db, _account_of(entry.recipient)))
+            self.db.execute("UPDATE outbox_entries SET pair_seq = ? WHERE local_id = ?", (pair_seq, local_id))
 
     def put_envelopes(self, local_id: int, envelopes: list[tuple[str, bytes, bytes]]) -> None:
         """``(recipient device address, idempotency key, ciphertext)`` per device, sealed once."""
@@ -883,7 +1052,7 @@ class ClientStore:
         row = self.db.execute(
             "SELECT count(DISTINCT pair_seq) FROM history_messages WHERE sender_index = ? AND pair_seq >= 1 "
             "AND pair_seq < ? AND held = 0",
-            (_sender_index(self.db, sender_device), pair_seq),
+            (self._sender_index(sender_device), pair_seq),
         ).fetchone()
         return int(row[0]) == pair_seq - 1
 
@@ -906,6 +1075,7 @@ def decode_plaintext(data: bytes) -> log.LogPlaintext:
 
 
 __all__ = [
+    "CONTACTS_TABLE",
     "GUARDED_SETS",
     "MARK_TABLE",
     "MIGRATIONS",

@@ -5,7 +5,8 @@ supervisor: ``Connecting → CatchingUp → Live`` (with ``follow``) or
 ``Stopped`` once quiescent (without), and ``Backoff`` on any transport error,
 5xx or 429, with "full jitter" ``uniform(0, min(max_backoff, 0.5 s · 2^attempt))``
 (``Retry-After`` a floor; ``attempt`` resets after 30 s live). 403
-``device_revoked`` ends in ``RevokedError`` (exit 4).
+``device_revoked`` ends in ``RevokedError`` (:attr:`SyncOutcome.REVOKED`). A TLS set-up error
+(``TLSSetupError``: untrusted certificate, ``http://`` vs ``https://``) is not retried: waiting fixes nothing.
 
 One *drain* step (``CatchingUp``; repeated until nothing changes):
 
@@ -43,11 +44,13 @@ envelopes are redelivered and deduplicated by ``(sender_device, message_uid)``.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -69,27 +72,23 @@ from ..messages import (
     SendRequest,
     SendResponse,
 )
-from . import snapshots  # log-snapshots hook (read_log)
+from . import outbox, snapshots  # snapshots: the log-snapshots hook (read_log)
 from .chains import DeviceRevokedError
 from .http import TransportError
 from .keystore import DeviceKeys
 from .localdb import StateRolledBackError
+from .outbox import describe as _describe
 from .sdk import Outgoing, ReceivedMessage, RejectedMessage, RelayClient
 from .sessions import PrekeysUnavailableError
 from .store import ClientStore, EpochInfo, HistoryMessage, OutboxEntry, decode_plaintext, encode_plaintext
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK: Final = 0
-EXIT_UNREACHABLE: Final = 3
-EXIT_REVOKED: Final = 4
 LIVE_RESET_SECONDS: Final = 30.0
 DEVICE_LIST_REFRESH_SECONDS: Final = 30.0
-_RETRY_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL})
 _LOG_PAGE: Final = 500
 _APPEND_BATCH: Final = 200
 _POST_BATCH: Final = 100
-_MAX_WAIT_SECONDS: Final = 300.0
 # The recovery backup key this device backs up to (account-log.md §5.7): a sealed key-value table of state.db.
 RECOVERY_BACKUP_TABLE: Final = "recovery_backup"
 #: Per-writer counters in ``log_counters`` (account-log.md §4.6, §5.1 v3): highest ``writer_seq`` applied, and a
@@ -115,6 +114,16 @@ TRANSITIONS: Final[dict[tuple[str, str], str]] = {
     **{(s, "cancel"): "stopped" for s in ("connecting", "catching_up", "live", "backoff")},
     **{(s, "revoked"): "revoked" for s in ("connecting", "catching_up", "live", "backoff")},
 }
+
+
+class SyncOutcome(enum.Enum):
+    """How :meth:`SyncEngine.run` ended (the command line maps each to its exit code, tetherless_cli.messages).
+
+    Per-entry outbox failures are not outcomes: they stay on their entries (account-log.md §10)."""
+
+    DONE = "done"  # quiescent: everything that could be done now is done
+    HOME_UNREACHABLE = "home_unreachable"  # the home relay stayed unreachable (or refused the log) past the timeout
+    REVOKED = "revoked"  # this device was removed from its account's device list
 
 
 class RevokedError(Exception):
@@ -214,6 +223,9 @@ class SyncEngine:
         self._stale_appends = 0
         self._stale_epochs = 0
         self._waited: set[int] = set()  # outbox entries that waited in this run: their backoff applies
+        # Destination relays found unreachable in this run, with the verdict and until when (ms) entries to them wait.
+        self._unreachable: dict[str, tuple[outbox.Transient, int]] = {}
+        self._limits_noted = False  # the home relay's envelope size limit was remembered (outbox.check_body)
         # Recovery backup (account-log.md §5.7): the keys derived from the recovery secret, only while a command
         # that holds it runs (init, recovery-key, link --recovery-key); never stored.
         self.recovery: recovery.RecoveryKeys | None = None
@@ -241,8 +253,15 @@ class SyncEngine:
         s.outbox = len(self.store.outbox(("queued", "sealed", "posted")))
         s.pending = self.store.pending_count()
 
-    async def run(self, *, follow: bool, timeout: float | None = None) -> int:
-        """Run until quiescent (``follow`` False) or cancelled. Returns the exit code (0, 3 or 4)."""
+    async def run(self, *, follow: bool, timeout: float | None = None) -> SyncOutcome:
+        """Run until quiescent (``follow`` False) or cancelled; retry transient failures with backoff.
+
+        Returns :attr:`SyncOutcome.DONE` when quiescent, :attr:`~SyncOutcome.HOME_UNREACHABLE` when the next retry
+        would pass ``timeout`` (seconds, without ``follow``; :attr:`last_failure` says why), and
+        :attr:`~SyncOutcome.REVOKED` when this device was revoked. Raises ``TLSSetupError`` at once (the URL or the
+        trusted CA is wrong: not retried), ``StateRolledBackError``, and what a non-transient relay answer raises.
+        Not idempotent in effect (it sends, receives and logs) but safe to run again: every step commits before
+        the next. Cancellation stops at once; the local state is that of the last committed step."""
         started = trio.current_time()
         self._transition("start")
         attempt = 0
@@ -266,7 +285,7 @@ class SyncEngine:
                         live_since = trio.current_time()
                         if not follow:
                             self._transition("quiescent")
-                            return EXIT_OK
+                            return SyncOutcome.DONE
                         await self._live()
                 except RetryError as exc:
                     self.last_failure = str(exc)
@@ -278,14 +297,14 @@ class SyncEngine:
                     self._transition("failed", reason=str(exc), delay_s=round(delay, 3))
                     if not follow and timeout is not None and trio.current_time() - started + delay > timeout:
                         self._transition("cancel", reason="relay unreachable")
-                        return EXIT_UNREACHABLE
+                        return SyncOutcome.HOME_UNREACHABLE
                     await trio.sleep(delay)
                     self._transition("timer")
                 finally:
                     self.client = None
         except RevokedError:
             self._transition("revoked", reason="device revoked")
-            return EXIT_REVOKED
+            return SyncOutcome.REVOKED
         except trio.Cancelled:
             if self.status.state not in ("stopped", "revoked"):
                 self.status.state = "stopped"
@@ -294,23 +313,57 @@ class SyncEngine:
             raise
 
     async def _guard(self, awaitable: Any) -> Any:
-        """Await a relay call, turning transport errors, 5xx and 429 into :class:`RetryError`."""
+        """Await a relay call, turning every ``retryable`` error (docs/cli.md "Errors": transport errors, 5xx,
+        429, ``unavailable``) into :class:`RetryError` and ``device_revoked`` into :class:`RevokedError`; the rest
+        stays as it is — a TLS set-up error among them (retrying does not fix a wrong URL scheme or an untrusted
+        certificate)."""
         try:
             return await awaitable
         except TransportError as exc:
+            if not exc.retryable:
+                raise
             raise RetryError(str(exc) or type(exc).__name__) from exc
         except RemoteError as exc:
             if exc.code is ErrorCode.DEVICE_REVOKED:
                 raise RevokedError() from exc
-            if exc.code in _RETRY_CODES or exc.http_status >= 500:
+            if exc.retryable:
                 raise RetryError(exc.code.value, exc.retry_after_seconds) from exc
             raise
         except DeviceRevokedError as exc:  # our own verified device list no longer has this device
             raise RevokedError() from exc
         except UnknownRemoteError as exc:
-            if exc.http_status >= 500 or exc.http_status == 429:
+            if exc.retryable:
                 raise RetryError(f"HTTP {exc.http_status}") from exc
             raise
+
+    @asynccontextmanager
+    async def connected(
+        self, *, drain: bool = False, max_attempts: int = 2, request_timeout_seconds: float = 60.0
+    ) -> AsyncIterator[RelayClient]:
+        """``async with engine.connected(drain=…) as client:`` — one connection to the home relay for a single
+        command (``log snapshot``, ``log retention``), authenticated, and with ``drain`` the log read and one
+        drain step done first; the engine's relay calls (snapshots, retention) use it until the block ends.
+
+        Unlike :meth:`run` nothing is retried beyond the client's ``max_attempts``: raises :class:`RetryError`
+        (transport error, 5xx, 429: the relay is unreachable for now), :class:`RevokedError`, ``TLSSetupError``
+        (not retried), and the other errors of the steps. Not idempotent when ``drain`` (it syncs); cancellation
+        closes the connection and leaves the local state of the last committed step."""
+        async with RelayClient.connect(
+            self.keys.relay_url,
+            keys=self.keys,
+            max_attempts=max_attempts,
+            request_timeout_seconds=request_timeout_seconds,
+            local_db=self.store.db,
+        ) as client:
+            self.client = client
+            try:
+                await self._guard(client.authenticate())
+                if drain:
+                    await self.enable_sessions()
+                    await self.drain()
+                yield client
+            finally:
+                self.client = None
 
     async def _call(self, method: str, path: str, body: Any, response_type: type[Any]) -> Any:
         assert self.client is not None
@@ -643,16 +696,27 @@ class SyncEngine:
         self.warnings.append({"warning": code, "detail": line})
 
     def _apply_records(self, records: list[LogRecord]) -> list[LogRecord]:
-        """Apply records in order, in one transaction; return the ones waiting (for an epoch key, or for the
-        rotation after a removed writer's last records, see :meth:`_open_event`)."""
+        """Apply records in order, in one transaction (:meth:`ClientStore.page`) with the cursor moved past the
+        last one applied; return the ones waiting (for an epoch key, or for the rotation after a removed writer's
+        last records, see :meth:`_open_event`). Every record is checked on its own; what is batched is the
+        bookkeeping: epoch keys opened once per page, per-epoch record counts and the cursor written once.
+        An exception (a tampered row, a rolled-back home) or a cancellation leaves the store and the cursor as
+        before the page."""
         new_messages: list[HistoryMessage] = []
         infos = {i.epoch: i for i in self.store.epoch_infos()}
-        with self.store.transaction():
+        keys: dict[int, bytes | None] = {}  # no key is written while a page applies (_apply_keys ran before)
+        counted: dict[int, int] = {}
+        waiting: list[LogRecord] = []
+        applied: int | None = None
+        with self.store.page():
             for index, record in enumerate(records):
                 if record.kind in ("event", "state"):
-                    key = self.store.epoch_key(record.epoch)
+                    if record.epoch not in keys:
+                        keys[record.epoch] = self.store.epoch_key(record.epoch)
+                    key = keys[record.epoch]
                     if key is None:
-                        return records[index:]  # the cursor stays before this record
+                        waiting = records[index:]  # the cursor stays before this record
+                        break
                     try:
                         opened = self._open_event(record, key, infos)
                     except TetherlessError as exc:
@@ -661,15 +725,20 @@ class SyncEngine:
                         if opened is None:
                             self.blocked_on_rotation = True
                             self._note_held_ahead(records[index + 1 :], infos)
-                            return records[index:]
-                        self.store.next_counter(f"epoch_records:{record.epoch}")
+                            waiting = records[index:]
+                            break
+                        counted[record.epoch] = counted.get(record.epoch, 0) + 1
                         self._apply_plaintext(record, opened[0], new_messages, writer=opened[1])
-                self.store.set_cursor("log", record.position)
+                applied = record.position
+            for epoch, count in counted.items():
+                self.store.advance_counter(f"epoch_records:{epoch}", count)
+            if applied is not None:
+                self.store.set_cursor("log", applied)
             self._release_held()
         for message in new_messages:
             if self.on_message is not None and message.direction == "received":
                 self.on_message(message, None, None)
-        return []
+        return waiting
 
     def _note_held_ahead(self, records: list[LogRecord], infos: dict[int, EpochInfo]) -> None:
         """Raise the close-out marks of removed writers to their highest record in ``records`` (the rest of the
@@ -1190,7 +1259,7 @@ class SyncEngine:
 
     def _apply_inbox(self, items: list[Any], next_cursor: int) -> None:
         new: list[tuple[HistoryMessage, int, bytes]] = []
-        with self.store.transaction():
+        with self.store.page():  # the page and inbox_received together, or neither (§10 "Receive")
             for item in items:
                 if isinstance(item, RejectedMessage):
                     # Acknowledged with the page (one bad message never blocks the others), never silent.
@@ -1358,18 +1427,26 @@ class SyncEngine:
         Sealing follows crypto.md §8.5: the recipients and sessions are resolved first (network), then
         one local transaction re-checks that the entry is still ``queued``, advances the ratchets (v2)
         or seals the boxes (v1), and stores the finished envelopes with ``state = sealed``; only then
-        are they posted, and every retry posts those identical bytes. An entry whose recipient has no
-        prekeys left stays ``queued`` with the reason in ``last_error`` and is retried after a backoff
-        (``next_attempt_at_ms``; a new engine, e.g. the next ``tetherless sync``, and ``only`` try it
-        once at once) — never sent as v1 instead.
+        are they posted, and every retry posts those identical bytes.
+
+        One entry never stops another (account-log.md §10 "Outbox entry states"): each failure is
+        classified by :func:`protocol.client.outbox.classify`. A permanent one fails that entry only; a
+        transient one (its destination relay unreachable, no prekeys, the recipient's inbox full) makes
+        that entry — and, in this run, the other entries to the same destination — wait with a backoff
+        (``next_attempt_at_ms``; a new engine, e.g. the next ``tetherless sync``, and ``only`` try it once
+        at once); only a failure of the home relay (:class:`RetryError`) or this device's revocation
+        (:class:`RevokedError`) leaves this method. Cancellation: the local transactions are atomic and
+        every step is redone from the stored state.
         """
         changed = False
         now = self.store.now_ms()
-        queued = [
-            e
-            for e in self.store.outbox(("queued",))
-            if e.local_id == only or (only is None and (e.local_id not in self._waited or e.next_attempt_at_ms <= now))
-        ]
+        due = [e for e in self.store.outbox(("queued", "sealed")) if self._due(e, only, now)]
+        if due and not self._limits_noted:
+            assert self.client is not None
+            known = await self._guard(self.client.well_known())
+            outbox.remember_max_envelope_bytes(self.store, known.limits.max_envelope_bytes)
+            self._limits_noted = True
+        queued = [e for e in due if e.state == "queued"]
         for start in range(0, len(queued), _POST_BATCH):
             chunk = queued[start : start + _POST_BATCH]
             prepared = [(entry, await self._prepare(entry)) for entry in chunk]
@@ -1377,19 +1454,19 @@ class SyncEngine:
                 for entry, outcome in prepared:
                     current = self.store.outbox_entry(entry.local_id)
                     if current is None or current.state != "queued":
-                        continue  # another process sealed it first: its envelopes win
-                    if isinstance(outcome, _Wait):
-                        self._waited.add(entry.local_id)
-                        delay_ms = int(min(_MAX_WAIT_SECONDS, 2 ** min(current.attempts, 16)) * 1000)
-                        self.store.note_attempt(entry.local_id, outcome.reason, self.store.now_ms() + delay_ms)
-                        continue
-                    if isinstance(outcome, str):
-                        self.store.set_outbox_state(entry.local_id, "failed", error=outcome)
+                        continue  # another process sealed (or cancelled) it first: its outcome wins
+                    if isinstance(outcome, outbox.Transient):
+                        self._wait(current, outcome)
+                    elif isinstance(outcome, outbox.Permanent):
+                        self._fail(current, outcome)
+                        changed = True
                     else:
-                        self.store.put_envelopes(entry.local_id, self._seal(entry, outcome))
-                        self.store.set_outbox_state(entry.local_id, "sealed")
-                    changed = True
-        sealed = [e for e in self.store.outbox(("sealed",)) if only is None or e.local_id == only]
+                        # ``current``, not ``entry``: a failure just before may have given its pair_seq back.
+                        self.store.put_envelopes(current.local_id, self._seal(current, outcome))
+                        self.store.reschedule(current.local_id, "sealed")
+                        changed = True
+        now = self.store.now_ms()
+        sealed = [e for e in self.store.outbox(("sealed",)) if self._due(e, only, now)]
         for start in range(0, len(sealed), _POST_BATCH):
             chunk = sealed[start : start + _POST_BATCH]
             batch: list[tuple[int, int, OutboundEnvelope]] = []
@@ -1398,56 +1475,115 @@ class SyncEngine:
                     if accepted is None:
                         envelope = OutboundEnvelope(recipient=recipient, idempotency_key=key, ciphertext=ciphertext)
                         batch.append((entry.local_id, n, envelope))
+            refused: set[int] = set()
             for i in range(0, len(batch), _POST_BATCH):
-                await self._post(batch[i : i + _POST_BATCH])
+                await self._post(batch[i : i + _POST_BATCH], refused)
             with self.store.transaction():
                 for entry in chunk:
                     self._posted(entry.local_id)
             changed = True
         return changed
 
-    async def _prepare(self, entry: OutboxEntry) -> _Recipients | _Wait | str:
+    def _due(self, entry: OutboxEntry, only: int | None, now_ms: int) -> bool:
+        """Whether to work on ``entry`` now: ``only`` names it, or it did not wait in this run, or its wait is over."""
+        if only is not None:
+            return entry.local_id == only
+        return entry.local_id not in self._waited or entry.next_attempt_at_ms <= now_ms
+
+    async def _prepare(self, entry: OutboxEntry) -> _Recipients | outbox.Transient | outbox.Permanent:
         """Who gets an entry and how (network only, nothing sealed yet), or why it waits or fails for good.
 
         v2 (sessions, crypto.md §9) when this device has sessions and the recipient's account has a
         format-2 list: sessions are started from claimed prekey bundles where missing (through this
-        relay, also for remote addresses). Otherwise v1 sealed boxes to the devices' box keys.
+        relay, also for remote addresses). Otherwise v1 sealed boxes to the devices' box keys. When the
+        recipient's relay cannot be reached, the targets of the last successful preparation are used if
+        every session exists already (account-log.md §10: the home relay queues remote envelopes itself).
+        Raises :class:`RetryError` / :class:`RevokedError` only (the home relay, this device).
         """
+        refused = outbox.special_use_relay(entry.recipient)
+        if refused is not None:
+            return refused
+        try:
+            address = Address.parse(entry.recipient)
+        except TetherlessError as exc:
+            return outbox.Permanent(exc.code.value, _describe(exc))
+        blocked = self._unreachable.get(address.relay)
+        if blocked is not None and blocked[1] > self.store.now_ms():
+            return await self._cached_recipients(entry) or blocked[0]
+        try:
+            recipients = await self._resolve(entry, address)
+        except Exception as exc:  # classified; a failure of the home relay or of this device is re-raised
+            verdict = outbox.classify(exc, address.relay)
+            if isinstance(verdict, outbox.Home):
+                await self._guard(_raise(exc))
+                raise
+            if isinstance(verdict, outbox.Transient) and verdict.destination:
+                delay = outbox.retry_delay_seconds(entry.attempts, self.rng, verdict.retry_after_seconds)
+                self._unreachable[address.relay] = (verdict, self.store.now_ms() + int(delay * 1000))
+                return await self._cached_recipients(entry) or verdict
+            return verdict
+        outbox.remember_targets(self.store, entry.recipient, outbox.CachedTargets(v2=recipients.v2, v1=recipients.v1))
+        return recipients
+
+    async def _resolve(self, entry: OutboxEntry, address: Address) -> _Recipients:
+        """The verified recipient devices of ``entry`` and, for v2, their sessions. Raises what the SDK raises."""
         client = self.client
         assert client is not None
-        try:
-            if client.sessions is not None:
-                address = Address.parse(entry.recipient)
-                head, entries = await self._guard(client._verified_head(address.account, address.relay))
-                if head.format >= device_list.FORMAT_2:
-                    targets = [
-                        (str(Address(account=address.account, relay=address.relay, device=e.device_id)), e)
-                        for e in entries
-                        if e.device_id == address.device or (not address.device and e.device_id != self.keys.device_id)
-                    ]
-                    if address.device and not targets:
-                        return "unknown_recipient: the device is not in its account's current device list"
-                    if not targets:
-                        return "unknown_recipient: that account has no other device to send to"
-                    await self._guard(client._ensure_sessions(targets))
-                    version, _ = await self.device_list()
-                    return _Recipients(v2=[a for a, _ in targets], sender_list_version=version)
-            devices = await self._guard(client._recipient_devices(entry.recipient))
-        except PrekeysUnavailableError as exc:
-            return _Wait(f"waiting for prekeys: {exc}")
-        except RemoteError as exc:
-            if exc.code in _RETRY_CODES:
-                raise
-            if exc.code is ErrorCode.PREKEY_INVALID:
-                return _Wait(_describe(exc))
-            return _describe(exc)
-        except TetherlessError as exc:
-            if exc.code is ErrorCode.PREKEY_INVALID:
-                return _Wait(_describe(exc))
-            return _describe(exc)
+        if client.sessions is not None:
+            head, entries = await client._verified_head(address.account, address.relay)
+            if head.format >= device_list.FORMAT_2:
+                targets = [
+                    (str(Address(account=address.account, relay=address.relay, device=e.device_id)), e)
+                    for e in entries
+                    if e.device_id == address.device or (not address.device and e.device_id != self.keys.device_id)
+                ]
+                if address.device and not targets:
+                    raise TetherlessError(
+                        ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list"
+                    )
+                if not targets:
+                    raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "that account has no other device to send to")
+                await client._ensure_sessions(targets)
+                version, _ = await self.device_list()
+                return _Recipients(v2=[a for a, _ in targets], sender_list_version=version)
+        devices = await client._recipient_devices(entry.recipient)
         if not devices:
-            return "unknown_recipient: that account has no other device to send to"
+            raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "that account has no other device to send to")
         return _Recipients(v1=devices)
+
+    async def _cached_recipients(self, entry: OutboxEntry) -> _Recipients | None:
+        """The last verified targets of ``entry``'s recipient, if they can be used without its relay (v2: every
+        session exists), else None."""
+        cached = outbox.cached_targets(self.store, entry.recipient)
+        client = self.client
+        if cached is None or client is None:
+            return None
+        if cached.v2 is not None:
+            sessions = client.sessions
+            if sessions is None or not cached.v2 or not all(sessions.has_session(a) for a in cached.v2):
+                return None
+            version, _ = await self.device_list()
+            return _Recipients(v2=list(cached.v2), sender_list_version=version)
+        return _Recipients(v1=list(cached.v1)) if cached.v1 else None
+
+    def _wait(self, entry: OutboxEntry, verdict: outbox.Transient) -> None:
+        """A transient failure: ``entry`` waits (``retrying``) with a backoff; the others go on."""
+        self._waited.add(entry.local_id)
+        delay = outbox.retry_delay_seconds(entry.attempts, self.rng, verdict.retry_after_seconds)
+        self.store.note_attempt(
+            entry.local_id,
+            verdict.reason,
+            self.store.now_ms() + int(delay * 1000),
+            reason_code=verdict.code,
+            destination=verdict.destination,
+        )
+
+    def _fail(self, entry: OutboxEntry, verdict: outbox.Permanent) -> None:
+        """A permanent failure of ``entry`` only. Before anything was sealed, its ``pair_seq`` is given back."""
+        with self.store.transaction():
+            if not self.store.envelopes(entry.local_id):
+                self.store.give_back_pair_seq(entry)
+            self.store.set_outbox_state(entry.local_id, "failed", error=verdict.reason, reason_code=verdict.code)
 
     def _seal(self, entry: OutboxEntry, recipients: _Recipients) -> list[tuple[str, bytes, bytes]]:
         """The envelopes of one entry (one per recipient device). Called inside the outbox transaction:
@@ -1491,21 +1627,60 @@ class SyncEngine:
             for address, box_key in recipients.v1 or []
         ]
 
-    async def _post(self, batch: list[tuple[int, int, OutboundEnvelope]]) -> None:
+    async def _post(self, batch: list[tuple[int, int, OutboundEnvelope]], refused: set[int]) -> None:
+        """``POST /v1/messages`` with the stored bytes and keys; the receipts in one transaction.
+
+        The relay takes or refuses a batch as a whole (protocol.md §5), so a batch refused for an entry's
+        reason is split in halves until the refused envelope is alone: every other envelope is committed.
+        A refused envelope fails its entry (added to ``refused``: its other envelopes are not posted), or
+        makes it wait (``inbox_full``); a device removed from an account address since sealing loses only
+        its own envelope. Raises :class:`RetryError` / :class:`RevokedError` for the home relay and this device.
+        """
+        batch = [b for b in batch if b[0] not in refused]
+        if not batch:
+            return
+        assert self.client is not None
         try:
-            response: SendResponse = await self._call(
+            response: SendResponse = await self.client._call(
                 "POST", "/v1/messages", SendRequest(envelopes=[b[2] for b in batch]), SendResponse
             )
-        except RemoteError as exc:
-            if exc.code in (ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.RECIPIENT_REVOKED, ErrorCode.IDEMPOTENCY_CONFLICT):
-                with self.store.transaction():
-                    for local_id in {b[0] for b in batch}:
-                        self.store.set_outbox_state(local_id, "failed", error=_describe(exc))
+        except Exception as exc:  # classified; a failure of the home relay or of this device is re-raised
+            verdict = outbox.classify(exc, "")
+            if isinstance(verdict, outbox.Home):
+                await self._guard(_raise(exc))
+                raise
+            if len(batch) > 1:
+                half = len(batch) // 2
+                await self._post(batch[:half], refused)
+                await self._post(batch[half:], refused)
                 return
-            raise
+            self._refused(batch[0], verdict, refused)
+            return
+        if len(response.accepted) != len(batch):
+            raise RetryError(f"the relay answered {len(response.accepted)} receipts for {len(batch)} envelopes")
         with self.store.transaction():
             for (local_id, n, _), accepted in zip(batch, response.accepted, strict=True):
                 self.store.set_receipt(local_id, n, accepted.id, accepted.sent_at_ms)
+
+    def _refused(
+        self, item: tuple[int, int, OutboundEnvelope], verdict: outbox.Transient | outbox.Permanent, refused: set[int]
+    ) -> None:
+        local_id, n, _ = item
+        with self.store.transaction():
+            entry = self.store.outbox_entry(local_id)
+            if entry is None or entry.state != "sealed":
+                return  # cancelled meanwhile
+            if isinstance(verdict, outbox.Transient):
+                self._wait(entry, verdict)
+                refused.add(local_id)
+                return
+            removed = verdict.code in (ErrorCode.UNKNOWN_RECIPIENT.value, ErrorCode.RECIPIENT_REVOKED.value)
+            to_account = "." not in entry.recipient.split("@", 1)[0]
+            if removed and to_account and len(self.store.envelopes(local_id)) > 1:
+                self.store.drop_envelope(local_id, n)  # that device left the account; the others still get it
+                return
+            self._fail(entry, verdict)
+            refused.add(local_id)
 
     def _posted(self, local_id: int) -> None:
         """Step 4 of §10: the ``message-sent`` record and the local message, with ``state = posted``."""
@@ -1655,13 +1830,6 @@ class _Recipients:
     sender_list_version: int = 0
 
 
-@dataclass(frozen=True)
-class _Wait:
-    """The entry stays ``queued`` (e.g. the recipient has no prekeys now) and is retried later."""
-
-    reason: str
-
-
 class RecoveryBackupNote(msgspec.Struct, frozen=True):
     """The recovery backup key this device backs epochs up to, and the newest epoch a backup to it covers."""
 
@@ -1689,12 +1857,6 @@ def remember_recovery_backup_key(
     if old is not None and old.key_hash == note.key_hash:
         note = msgspec.structs.replace(note, backed_up_epoch=max(old.backed_up_epoch, backed_up_epoch))
     store.db.put_struct(RECOVERY_BACKUP_TABLE, "current", note)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, TetherlessError):
-        return f"{exc.code.value}: {exc.detail}" if exc.detail else exc.code.value
-    return str(exc)
 
 
 async def _raise(exc: BaseException) -> None:
@@ -1728,15 +1890,13 @@ def status_json(status: Status) -> dict[str, Any]:
 
 
 __all__ = [
-    "EXIT_OK",
-    "EXIT_REVOKED",
-    "EXIT_UNREACHABLE",
     "TRANSITIONS",
     "AccountKeyMessage",
     "RetryError",
     "RevokedError",
     "Status",
     "SyncEngine",
+    "SyncOutcome",
     "backoff_delay",
     "format_status",
     "status_json",

@@ -54,6 +54,7 @@ async def peer_device_list(api: Api, call: Call) -> DeviceListChain:
         E.PEER_FORBIDDEN,
         E.PEER_ADDRESS_REFUSED,
         E.PEER_UNAVAILABLE,
+        E.UNKNOWN_RELAY,
     ),
 )
 async def remote_device_list(api: Api, call: Call) -> DeviceListChain:

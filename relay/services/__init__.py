@@ -13,7 +13,14 @@ from .auth import AuthService, Principal
 from .context import ServiceContext, limits_from, wall_clock_ms
 from .devices import DeviceService, WebAuthnSettings, default_rp_id
 from .enrolment import EnrolmentService
-from .federation import FederationService, FederationSettings, PeerResponse, PeerTransport, PeerUnreachableError
+from .federation import (
+    FederationService,
+    FederationSettings,
+    PeerNameNotFoundError,
+    PeerResponse,
+    PeerTransport,
+    PeerUnreachableError,
+)
 from .inbox import InboxNotifier, InboxService, StreamChunk
 from .log import LogChunk, LogNotifier, LogService
 from .prekeys import PrekeyService, PrekeySettings
@@ -82,6 +89,7 @@ __all__ = [
     "LogChunk",
     "LogNotifier",
     "LogService",
+    "PeerNameNotFoundError",
     "PeerResponse",
     "PeerTransport",
     "PeerUnreachableError",

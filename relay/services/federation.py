@@ -92,12 +92,23 @@ class PeerUnreachableError(Exception):
     """The peer could not be reached, timed out, broke the protocol, or answered too much."""
 
 
+class PeerNameNotFoundError(PeerUnreachableError):
+    """The peer's name does not exist: its lookup answered "no such name" (or no address), not "try again".
+
+    A subclass, so every caller that retries unreachable peers still does; the callers that answer a client
+    tell it apart (``unknown_relay``: asking again gets the same answer until the name's DNS changes).
+    """
+
+
 class PeerTransport(Protocol):
     async def resolve(self, host: str, port: int, *, timeout_seconds: float) -> list[str]:
         """Every address ``host`` resolves to (IP strings, no duplicates), within ``timeout_seconds``.
 
-        Raises :class:`PeerUnreachableError` when the name does not resolve.
-        Cancellation abandons the lookup.
+        Raises :class:`PeerNameNotFoundError` when the resolver answers that
+        the name does not exist or has no address, and
+        :class:`PeerUnreachableError` when the lookup fails otherwise (a
+        temporary resolver failure, a timeout). Cancellation abandons the
+        lookup.
         """
 
     async def request(
@@ -366,9 +377,10 @@ class FederationService:
         refused if any address is not public (:func:`public_address`); the
         caller passes the checked addresses to the transport, so a DNS answer
         that changes in between (rebinding) cannot redirect the connection.
-        Raises ``invalid_field`` / ``peer_address_refused`` and
-        :class:`PeerUnreachableError` (no transport, the name does not
-        resolve). Cancellation abandons the lookup.
+        Raises ``invalid_field`` / ``peer_address_refused``,
+        :class:`PeerNameNotFoundError` (the name does not exist) and
+        :class:`PeerUnreachableError` (no transport, the lookup failed for
+        now). Cancellation abandons the lookup.
         """
         base_url = self.resolver.url_for(relay)
         if self.resolver.is_static(relay):
@@ -393,7 +405,7 @@ class FederationService:
                     f"{relay} resolves to a loopback, private, link-local, multicast or reserved address",
                 )
         if not addresses:
-            raise PeerUnreachableError(f"{host} has no address")
+            raise PeerNameNotFoundError(f"{host} has no address")
         return base_url, tuple(addresses)
 
     def peer_label(self, relay: str) -> str:
@@ -437,8 +449,8 @@ class FederationService:
         except TetherlessError:
             metrics.federation_requests_total.labels(label, "out", kind, "refused").inc()
             raise
-        except PeerUnreachableError:
-            metrics.federation_requests_total.labels(label, "out", kind, "unreachable").inc()
+        except PeerUnreachableError as exc:
+            metrics.federation_requests_total.labels(label, "out", kind, _unreachable_outcome(exc)).inc()
             raise
         assert self._transport is not None  # endpoint() raised otherwise
         headers = self._signed_headers(base_url, method, path, body, peer)
@@ -604,7 +616,9 @@ class FederationService:
             metrics.federation_requests_total.labels(label, "out", "keys", "failed").inc()
             raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"cannot fetch the keys of {origin}") from exc
         except PeerUnreachableError as exc:
-            metrics.federation_requests_total.labels(label, "out", "keys", "failed").inc()
+            # An origin whose name does not resolve is still peer_unavailable to the relay that claims it.
+            outcome = "unresolved" if isinstance(exc, PeerNameNotFoundError) else "failed"
+            metrics.federation_requests_total.labels(label, "out", "keys", outcome).inc()
             raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"cannot fetch the keys of {origin}") from exc
         metrics.federation_requests_total.labels(label, "out", "keys", "200").inc()
         if doc.relay.lower() != origin:
@@ -686,7 +700,8 @@ class FederationService:
         (the account id is derived from the genesis key). Raises
         ``unknown_account``, ``remote_recipient`` / ``peer_forbidden`` (policy),
         ``invalid_field`` / ``peer_address_refused`` (address rules: nothing
-        is sent) and ``peer_unavailable``. Idempotent (a read).
+        is sent), ``unknown_relay`` (the name does not exist) and
+        ``peer_unavailable``. Idempotent (a read).
         """
         relay = relay.lower()
         if relay == self._ctx.relay_name:
@@ -697,7 +712,7 @@ class FederationService:
                 relay, "GET", f"{PREFIX}/accounts/{account_id}/devices", b"", "device_list"
             )
         except PeerUnreachableError as exc:
-            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} cannot be reached") from exc
+            raise _unreachable_error(relay, exc) from exc
         if response.status == 200:
             try:
                 chain = codec.decode(response.body, DeviceListChain, _media_type(response))
@@ -717,15 +732,16 @@ class FederationService:
         For request/response calls of other services (prekey claims). Raises
         ``remote_recipient`` / ``peer_forbidden`` (policy),
         ``invalid_field`` / ``peer_address_refused`` (address rules: nothing
-        is sent) and ``peer_unavailable`` (unreachable, any other status, or
-        garbage). Not retried; nothing is stored.
+        is sent), ``unknown_relay`` (the name does not exist) and
+        ``peer_unavailable`` (unreachable, any other status, or garbage).
+        Not retried; nothing is stored.
         """
         relay = relay.lower()
         self.check_peer(relay)
         try:
             response = await self._signed_request(relay, "POST", PREFIX + path, codec.encode(message), kind)
         except PeerUnreachableError as exc:
-            raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} cannot be reached") from exc
+            raise _unreachable_error(relay, exc) from exc
         if response.status != 200:
             raise TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} answered HTTP {response.status}")
         try:
@@ -850,6 +866,8 @@ class FederationService:
         )
         try:
             response = await self._signed_request(peer, "POST", DELIVER_PATH, codec.encode(request), "deliver")
+        except PeerNameNotFoundError as exc:  # retried all the same: the name may be registered (again) later
+            raise _DeliveryFailedError(f"{ErrorCode.UNKNOWN_RELAY.value}: {exc}") from exc
         except PeerUnreachableError as exc:
             raise _DeliveryFailedError(f"unreachable: {exc}") from exc
         except TetherlessError as exc:  # an address rule: nothing was sent; DNS may change, so retried later
@@ -896,6 +914,19 @@ def _result_for(envelope_id: bytes, outcome: ReceivedOutcome) -> DeliveryResult:
     if outcome is ReceivedOutcome.RECIPIENT_REVOKED:
         return DeliveryResult(id=envelope_id, outcome="rejected", code=ErrorCode.RECIPIENT_REVOKED.value)
     return DeliveryResult(id=envelope_id, outcome="rejected", code=ErrorCode.UNKNOWN_RECIPIENT.value)
+
+
+def _unreachable_outcome(exc: PeerUnreachableError) -> str:
+    """The ``outcome`` label of an outbound request that got no answer."""
+    return "unresolved" if isinstance(exc, PeerNameNotFoundError) else "unreachable"
+
+
+def _unreachable_error(relay: str, exc: PeerUnreachableError) -> TetherlessError:
+    """What a client is told when ``relay`` gave no answer: ``unknown_relay`` when its name does not exist
+    (asking again gets the same answer), else ``peer_unavailable`` (it may answer later)."""
+    if isinstance(exc, PeerNameNotFoundError):
+        return TetherlessError(ErrorCode.UNKNOWN_RELAY, f"{relay} does not exist: its name does not resolve")
+    return TetherlessError(ErrorCode.PEER_UNAVAILABLE, f"{relay} cannot be reached")
 
 
 def _media_type(response: PeerResponse) -> str:

@@ -4,12 +4,14 @@ Implements :class:`relay.services.PeerTransport`. Defensive by design, since
 peers are untrusted: one deadline bounds the whole exchange (connect, TLS,
 request, response), the response body is capped, and any protocol
 violation, timeout or oversize answer becomes
-:class:`~relay.services.PeerUnreachableError`. Idle keep-alive connections
-are reused per base URL (a few at most); a connection that misbehaves once
-is closed. Which addresses may be connected to is decided by the federation
-service: it resolves names with :meth:`OutboundClient.resolve`, checks the
-answer, and passes the checked addresses back as ``connect_to``, which is
-all a new connection then uses (no second lookup for DNS to change).
+:class:`~relay.services.PeerUnreachableError` (a name the resolver says does
+not exist: its subclass :class:`~relay.services.PeerNameNotFoundError`). Idle
+keep-alive connections are reused per base URL (a few at most); a connection
+that misbehaves once is closed. Which addresses may be connected to is
+decided by the federation service: it resolves names with
+:meth:`OutboundClient.resolve`, checks the answer, and passes the checked
+addresses back as ``connect_to``, which is all a new connection then uses
+(no second lookup for DNS to change).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from relay.services import PeerResponse, PeerUnreachableError
+from relay.services import PeerNameNotFoundError, PeerResponse, PeerUnreachableError
 
 MAX_IDLE_PER_PEER: Final = 4
 MAX_RESPONSE_HEADERS_BYTES: Final = 64 * 1024
 READ_BYTES: Final = 64 * 1024
 USER_AGENT: Final = "tetherless-federation/1"
+# getaddrinfo's answers that the name does not exist (NXDOMAIN) or has no address (NODATA; glibc and the BSDs
+# define EAI_NODATA, others fold it into EAI_NONAME). EAI_AGAIN (no answer yet), EAI_FAIL (SERVFAIL, a DNSSEC
+# failure) and the rest say nothing about the name: those stay "unreachable", retried.
+NO_SUCH_NAME: Final = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 
 
 class _Connection:
@@ -59,11 +67,19 @@ class OutboundClient:
                 await conn.aclose()
 
     async def resolve(self, host: str, port: int, *, timeout_seconds: float) -> list[str]:
-        """Every TCP address of ``host`` (system resolver); see :class:`relay.services.PeerTransport`."""
+        """Every TCP address of ``host`` (system resolver); see :class:`relay.services.PeerTransport`.
+
+        Raises :class:`PeerNameNotFoundError` for an answer in :data:`NO_SUCH_NAME`, else
+        :class:`PeerUnreachableError`. Cancellation abandons the lookup (its thread finishes alone).
+        """
         with trio.move_on_after(timeout_seconds):
             try:
                 infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError; IDNA failures are UnicodeError
+            except socket.gaierror as exc:
+                if exc.errno in NO_SUCH_NAME:
+                    raise PeerNameNotFoundError(f"{host} does not resolve: {exc.strerror}") from exc
+                raise PeerUnreachableError(f"cannot resolve {host}: {exc}") from exc
+            except (OSError, UnicodeError) as exc:  # IDNA failures are UnicodeError
                 raise PeerUnreachableError(f"cannot resolve {host}: {exc}") from exc
             return list(dict.fromkeys(str(info[4][0]) for info in infos))
         raise PeerUnreachableError(f"cannot resolve {host} within {timeout_seconds}s")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.client.cli_sync import open_store
+from protocol.client.home import open_store
 from protocol.client.keystore import DeviceKeys, Keystore
 from protocol.client.store import ClientStore
 
@@ -31,7 +31,7 @@ def cli(
     home: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), *args],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -75,7 +75,7 @@ class Follower:
     def start(self) -> None:
         with self.out.open("ab") as out, self.err.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "--home", str(self.home), "sync", "--follow", "--status"],
+                [sys.executable, "-m", "tetherless_cli", "--home", str(self.home), "sync", "--follow", "--status"],
                 stdout=out,
                 stderr=err,
                 cwd=ROOT,
@@ -133,12 +133,14 @@ def enqueue_many(home: Path, recipient: str, texts: list[str]) -> None:
 
 
 async def run_engine(home: Path) -> int:
-    """One ``sync`` (until quiescent) of the device at ``home``, in this process."""
-    from protocol.client.cli_sync import make_engine
+    """One ``sync`` (until quiescent) of the device at ``home``, in this process; the exit status ``tetherless sync``
+    would give (0, 3, 4)."""
+    from protocol.client.home import make_engine
+    from tetherless_cli.messages import sync_exit_code
 
     ks, keys, store = load(home)
     try:
-        return await make_engine(keys, store).run(follow=False, timeout=60)
+        return sync_exit_code(await make_engine(keys, store).run(follow=False, timeout=60))
     finally:
         store.db.close()
         ks.close()

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(home: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), *args],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_streaming_device_receives_without_polling(relay: RelayProcess, tmp_path
     alice = init_device(relay, alice_home, "alice")
     bob = init_device(relay, bob_home, "bob")
     follower = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "--home", str(bob_home), "sync", "--follow", "--json"],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(bob_home), "sync", "--follow", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -203,7 +203,7 @@ def test_sigterm_drains_open_streams_and_exits_zero(relay: RelayProcess, tmp_pat
     bob_home = tmp_path / "bob"
     init_device(relay, bob_home, "bob")
     follower = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "--home", str(bob_home), "sync", "--follow"],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(bob_home), "sync", "--follow"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -250,7 +250,7 @@ def test_config_show_reports_sources(tmp_path: Path) -> None:
     config.write_text('listen = "127.0.0.1:9999"\nmax_batch_envelopes = 7\n')
     env = {**os.environ, "TETHERLESS_MAX_BATCH_ENVELOPES": "8", "TETHERLESS_LOG_FORMAT": "json"}
     result = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "config", "show", "--config", str(config), "--log-format", "text"],
+        [sys.executable, "-m", "tetherless_cli", "config", "show", "--config", str(config), "--log-format", "text"],
         capture_output=True,
         text=True,
         env=env,
@@ -266,7 +266,7 @@ def test_config_show_reports_sources(tmp_path: Path) -> None:
     assert "(flag)" in rows["log_format"]
     assert "(default)" in rows["max_body_bytes"]
     bad = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "config", "show"],
+        [sys.executable, "-m", "tetherless_cli", "config", "show"],
         capture_output=True,
         text=True,
         env={**os.environ, "TETHERLESS_MAX_BODY_BYTES": "lots"},

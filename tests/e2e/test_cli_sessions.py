@@ -101,15 +101,15 @@ def test_format2_recipient_without_prekeys_stays_queued_until_it_has_some(relay:
     assert relay_envelopes(relay) == []  # never a v1 fallback
 
     (row,) = [json.loads(line) for line in ok(cli(alice_home, "outbox", "--json")).splitlines()]
-    assert row["state"] == "queued"
+    assert row["state"] == "retrying"  # waiting for prekeys: the entry's own state (account-log §10)
     assert row["attempts"] == 1
     assert "prekeys_unavailable" in row["last_error"]
 
-    # A sync while carol still has no prekeys: still queued, nothing sent, sync itself succeeds.
+    # A sync while carol still has no prekeys: still waiting, nothing sent, sync itself succeeds.
     ok(cli(alice_home, "sync"))
     assert relay_envelopes(relay) == []
     (row,) = [json.loads(line) for line in ok(cli(alice_home, "outbox", "--json")).splitlines()]
-    assert row["state"] == "queued"
+    assert row["state"] == "retrying"
     assert row["attempts"] == 2
 
     assert texts(carol_home) == []  # carol's first sync publishes her prekeys

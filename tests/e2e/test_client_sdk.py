@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,7 +17,6 @@ import pytest
 import trio
 
 from protocol import payload
-from protocol.client.commands import resolve_home
 from protocol.client.keystore import DeviceKeys
 from protocol.client.sdk import Outgoing, ReceivedMessage, RejectedMessage, RelayClient
 from protocol.errors import ErrorCode, RemoteError, TetherlessError
@@ -218,7 +218,7 @@ async def test_stream_delivers_live_and_resumes_after_a_relay_restart(relay: Rel
 
 def cli(home: Path, *args: str, stdin: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), *args],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), *args],
         input=stdin.decode() if stdin is not None else None,
         capture_output=True,
         text=True,
@@ -239,8 +239,8 @@ def test_cli_round_trip(relay: RelayProcess, tmp_path: Path) -> None:
     bob_address = cli(bob_home, "device", "init", "--relay", relay.url).stdout.strip()
     sent = cli(alice_home, "send", bob_address, "--text", "hi bob")
     assert sent.returncode == 0, sent.stderr
-    envelope_id = sent.stdout.strip()
-    assert len(bytes.fromhex(envelope_id)) == 16
+    message_id = sent.stdout.strip()  # the message id (docs/cli.md "Message ids")
+    assert len(base64.b32decode(message_id.upper() + "======")) == 16
     assert cli(alice_home, "send", bob_address, stdin=b"line one\nline two\n").returncode == 0
 
     synced = cli(bob_home, "sync", "--json")
@@ -248,7 +248,7 @@ def test_cli_round_trip(relay: RelayProcess, tmp_path: Path) -> None:
     records = [json.loads(line) for line in synced.stdout.splitlines()]
     assert [r["text"] for r in records] == ["hi bob", "line one\nline two"]
     assert records[0]["from"] == alice_address
-    assert records[0]["id"] == envelope_id
+    assert records[0]["message_id"] == message_id
     assert records[0]["sent_at"].endswith("Z")
     assert records[0]["cursor"] < records[1]["cursor"]
     # Acknowledged: a second sync prints nothing.
@@ -287,7 +287,7 @@ def test_cli_sync_follow_until_sigint(relay: RelayProcess, tmp_path: Path) -> No
     bob_address = cli(bob_home, "device", "init", "--relay", relay.url).stdout.strip()
     cli(alice_home, "send", bob_address, "--text", "queued")
     follower = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "--home", str(bob_home), "sync", "--follow", "--json"],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(bob_home), "sync", "--follow", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -310,14 +310,3 @@ def test_cli_sync_follow_until_sigint(relay: RelayProcess, tmp_path: Path) -> No
             if stream is not None:
                 stream.close()
     assert cli(bob_home, "sync").stdout == ""
-
-
-def test_resolve_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TETHERLESS_HOME", str(tmp_path / "env"))
-    assert resolve_home(str(tmp_path / "arg")) == tmp_path / "arg"
-    assert resolve_home(None) == tmp_path / "env"
-    monkeypatch.delenv("TETHERLESS_HOME")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert resolve_home(None) == tmp_path / "xdg" / "tetherless"
-    monkeypatch.delenv("XDG_DATA_HOME")
-    assert resolve_home(None) == Path.home() / ".local" / "share" / "tetherless"

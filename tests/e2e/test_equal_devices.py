@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(home: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), *args],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -78,7 +78,7 @@ def recovery_file(home: Path) -> Path:
 def start_link(relay: RelayProcess, home: Path) -> tuple[subprocess.Popen[str], str]:
     """Start ``device link`` and read the link code from its first stdout line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), "device", "link", "--relay", relay.url],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), "device", "link", "--relay", relay.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -126,6 +126,13 @@ def sync_texts(home: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def sent_to(home: Path, message_id: str) -> list[str]:
+    """The devices the sender's history says message ``message_id`` reached."""
+    entries = [json.loads(line) for line in ok(cli(home, "history", "--json")).splitlines() if line.strip()]
+    (entry,) = [e for e in entries if e.get("message_id") == message_id]
+    return sorted(entry["recipients"])
+
+
 def relay_db(relay: RelayProcess) -> sqlite3.Connection:
     conn = sqlite3.connect(relay.data_dir / "relay.sqlite3", timeout=30, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=30000")
@@ -171,7 +178,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 def follow(home: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), "sync", "--follow", "--json"],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), "sync", "--follow", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -229,11 +236,12 @@ def test_three_equal_devices_link_code_then_hardware_key_with_the_others_offline
 
     # A device of another account writes to the account address: every device reads it.
     init_device(relay, other_home)
-    sent = ok(cli(other_home, "send", account, "--text", "hello, all of you"))
-    assert len(sent.split()) == 3, sent
+    sent = ok(cli(other_home, "send", account, "--text", "hello, all of you")).strip()
+    assert len(sent.split()) == 1, sent  # the message id (docs/cli.md): one for all three devices
+    assert len(sent_to(other_home, sent)) == 3
     for home in (d1_home, d2_home, d3_home):
-        texts = [m["text"] for m in sync_texts(home)]
-        assert "hello, all of you" in texts, home.name
+        got = [(m["text"], m["message_id"]) for m in sync_texts(home)]
+        assert ("hello, all of you", sent) in got, home.name
 
     # Each device sees what its siblings sent (fan-out to the sender's own devices).
     other = ok(cli(other_home, "whoami")).strip()
@@ -257,11 +265,11 @@ def test_revoked_device_cannot_authenticate_and_gets_nothing_new(relay: RelayPro
     ok(cli(other_home, "send", account, "--text", "before"))
     assert [m["text"] for m in sync_texts(d2_home)] == ["before"]
 
-    revoked = ok(cli(d1_home, "device", "revoke", d2))
+    revoked = ok(cli(d1_home, "device", "revoke", d2, "--yes"))
     assert d2.split(".")[0] in revoked
 
-    sent = ok(cli(other_home, "send", account, "--text", "after"))
-    assert len(sent.split()) == 1  # only d1 is a recipient now
+    sent = ok(cli(other_home, "send", account, "--text", "after")).strip()
+    assert sent_to(other_home, sent) == [d1]  # only d1 is a recipient now
 
     result = cli(d2_home, "sync")
     assert result.returncode == 4, (result.stdout, result.stderr)
@@ -289,7 +297,7 @@ def test_revoked_device_cannot_authenticate_and_gets_nothing_new(relay: RelayPro
     # Revoking oneself works too; afterwards this device stops with exit code 4.
     d3_home = tmp_path / "d3"
     d3 = link_device(relay, d3_home, d1_home)
-    ok(cli(d3_home, "device", "revoke", d3.split(".")[0]))
+    ok(cli(d3_home, "device", "revoke", d3.split(".")[0], "--yes"))
     after_self = cli(d3_home, "device", "list")
     assert after_self.returncode == 4
     assert "revoked" in after_self.stderr
@@ -380,7 +388,7 @@ def test_malformed_unknown_expired_and_used_link_codes(relay: RelayProcess, tmp_
     d1_home = tmp_path / "d1"
     init_device(relay, d1_home)
 
-    malformed = cli(d1_home, "device", "approve", "tl-this-is-not-a-code!")
+    malformed = cli(d1_home, "device", "approve", "tl-this-is-not-a-code!", "--yes")
     assert malformed.returncode == 2
     assert "not a link code" in malformed.stderr
 
@@ -422,7 +430,7 @@ def test_link_with_a_wrong_home_or_no_passphrase(relay: RelayProcess, tmp_path: 
     assert "already exists" in taken.stderr
     env = {k: v for k, v in os.environ.items() if k != "TETHERLESS_PASSPHRASE"}
     result = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(tmp_path / "n"), "device", "link", "--relay", relay.url],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(tmp_path / "n"), "device", "link", "--relay", relay.url],
         capture_output=True,
         text=True,
         timeout=60,
@@ -439,7 +447,7 @@ def test_approval_by_a_revoked_device_is_refused(relay: RelayProcess, tmp_path: 
     d1_home, d2_home = tmp_path / "d1", tmp_path / "d2"
     d1 = init_device(relay, d1_home)
     d2 = link_device(relay, d2_home, d1_home)
-    ok(cli(d1_home, "device", "revoke", d2))
+    ok(cli(d1_home, "device", "revoke", d2, "--yes"))
 
     # Through the CLI the revoked device cannot even fetch the offer.
     proc, code = start_link(relay, tmp_path / "n1")

@@ -227,7 +227,7 @@ def test_recovery_key_alone_reads_the_whole_history_after_every_device_is_gone(t
         # C revokes the lost devices and rotates; without the secret now, it backs the new epoch up to the
         # recovery key named by the newest verified backup record in the log.
         for lost in (a_id, b_id):
-            assert cli(c, "device", "revoke", lost).returncode == 0
+            assert cli(c, "device", "revoke", lost, "--yes").returncode == 0
         synced = cli(c, "sync")
         assert synced.returncode == 0, synced.stderr
         assert "warning" not in synced.stderr
@@ -316,7 +316,7 @@ def test_backup_forged_with_a_revoked_devices_keys_after_its_removal_is_refused(
         assert _approve_and_join(relay, a, b).returncode == 0
         assert cli(b, "sync").returncode == 0  # B reads A's records while A is still listed
         old_version = json.loads(cli(b, "device", "list", "--json").stdout)["version"]
-        assert cli(b, "device", "revoke", a_id).returncode == 0
+        assert cli(b, "device", "revoke", a_id, "--yes").returncode == 0
         assert cli(b, "sync").returncode == 0  # B rotates to epoch 2 and backs it up
         shutil.rmtree(a)
         recipient = recovery.backup_recipient(_recovery_keys(_key_file(tmp_path), account))

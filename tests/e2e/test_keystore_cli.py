@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from protocol.client import keystore as ks
+from protocol.client.identity import IDENTITY_FILE
 from protocol.client.sdk import RelayClient
 from tests.relay_process import RelayProcess
 
@@ -23,7 +24,7 @@ def run(home: Path, *args: str, env_passphrase: str | None = None) -> subprocess
     if env_passphrase is not None:
         env[ks.PASSPHRASE_ENV] = env_passphrase
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--home", str(home), *args],
+        [sys.executable, "-m", "tetherless_cli", "--home", str(home), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -39,26 +40,34 @@ def test_passphrase_file_env_and_missing(relay: RelayProcess, tmp_path: Path) ->
     created = run(home, "--passphrase-file", str(secret), "device", "init", "--relay", relay.url, "--no-recovery-key")
     assert created.returncode == 0, created.stderr
     address = created.stdout.strip()
-    assert sorted(p.name for p in home.iterdir() if not p.name.startswith("state.db")) == [ks.KEYSTORE_FILE]
+    assert sorted(p.name for p in home.iterdir() if not p.name.startswith("state.db")) == [
+        IDENTITY_FILE,
+        ks.KEYSTORE_FILE,
+    ]
     assert stat.S_IMODE((home / ks.KEYSTORE_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / IDENTITY_FILE).stat().st_mode) == 0o600
 
     # The file's first line is the passphrase (the newline is not part of it) …
-    assert run(home, "--passphrase-file", str(secret), "whoami").stdout.strip() == address
+    assert run(home, "--passphrase-file", str(secret), "outbox").returncode == 0
     # … and so is the environment variable.
-    assert run(home, "whoami", env_passphrase="a long passphrase").stdout.strip() == address
+    assert run(home, "outbox", env_passphrase="a long passphrase").returncode == 0
 
-    wrong = run(home, "whoami", env_passphrase="another one")
-    assert wrong.returncode == 1
+    wrong = run(home, "outbox", env_passphrase="another one")
+    assert wrong.returncode == 2  # off a terminal: no second try (tests/cli/test_prompts.py has the retry)
     assert wrong.stderr.startswith("tetherless: error: the keystore does not open: wrong passphrase")
     assert wrong.stdout == ""
 
-    missing = run(home, "whoami")
+    missing = run(home, "outbox")
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1
     assert "--passphrase-file" in missing.stderr
     assert ks.PASSPHRASE_ENV in missing.stderr
 
-    unreadable = run(home, "--passphrase-file", str(tmp_path / "nope"), "whoami")
+    # whoami reads the public identity: no passphrase (docs/decisions/0010-cli-package.md).
+    assert run(home, "whoami").stdout.strip() == address
+    assert run(home, "whoami", "--account").stdout.strip() == address.split(".", 1)[1]
+
+    unreadable = run(home, "--passphrase-file", str(tmp_path / "nope"), "outbox")
     assert unreadable.returncode == 2
     assert "cannot read --passphrase-file" in unreadable.stderr
 
@@ -89,8 +98,8 @@ def test_v1_home_keeps_working_and_is_protected_on_request(relay: RelayProcess, 
     assert protected.returncode == 0, protected.stderr
     assert not (home / ks.KEY_FILE).exists()
     assert (home / ks.KEYSTORE_FILE).exists()
-    assert run(home, "whoami").returncode == 2  # now it needs the passphrase
-    assert run(home, "whoami", env_passphrase="new passphrase").stdout.strip() == address
+    assert run(home, "outbox").returncode == 2  # now it needs the passphrase
+    assert run(home, "whoami").stdout.strip() == address  # but not to say who it is: the public copy
     synced = run(home, "sync", env_passphrase="new passphrase")
     assert synced.returncode == 0, synced.stderr
     assert "to the old home" in synced.stdout
@@ -99,7 +108,7 @@ def test_v1_home_keeps_working_and_is_protected_on_request(relay: RelayProcess, 
     listed = run(home, "device", "list", env_passphrase="new passphrase")
     assert listed.returncode == 0, listed.stderr
     assert "format 1" in listed.stdout
-    revoke = run(home, "device", "revoke", address.split(".")[0], env_passphrase="new passphrase")
+    revoke = run(home, "device", "revoke", address.split(".")[0], "--yes", env_passphrase="new passphrase")
     assert revoke.returncode == 1
     assert "format" in revoke.stderr
 

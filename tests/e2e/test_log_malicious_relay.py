@@ -20,8 +20,9 @@ import trio
 
 from protocol import handshake, log
 from protocol.client import devices
-from protocol.client.cli_sync import make_engine
+from protocol.client.home import make_engine
 from protocol.client.sdk import RelayClient
+from protocol.client.sync import SyncOutcome
 from protocol.errors import ErrorCode, RemoteError
 from protocol.messages import AppendRequest, LogPage
 from tests.e2e.offline_client import cli, history, init_device, keystore, link_device, load, run_engine
@@ -282,7 +283,7 @@ def test_relay_answering_409_to_the_rotation_gets_no_record_under_the_old_epoch(
     # stands in for the relay only from `sync` on; the gate must already hold for the send's own drain step.
     assert cli(account.a1, "send", account.bob, "--text", "after").returncode == 0
 
-    async def lying_sync() -> tuple[int, str, int]:
+    async def lying_sync() -> tuple[SyncOutcome, str, int]:
         ks, keys, store = load(account.a1)
         try:
             engine = make_engine(keys, store)
@@ -294,7 +295,7 @@ def test_relay_answering_409_to_the_rotation_gets_no_record_under_the_old_epoch(
             ks.close()
 
     code, failure, refused = trio.run(lying_sync)
-    assert code == 3
+    assert code is SyncOutcome.HOME_UNREACHABLE
     assert failure.startswith("log_rekey_required: ")
     assert refused >= 1
 

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from protocol.client import snapshots
-from protocol.client.cli_sync import make_engine
+from protocol.client.home import make_engine
 from protocol.client.sdk import RelayClient
 from protocol.client.sync import SyncEngine
 from protocol.messages import LogPage, LogRecord, SnapshotRef

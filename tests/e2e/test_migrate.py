@@ -30,7 +30,7 @@ def page(client: Http11, peer: Peer, after: int) -> InboxPage:
 
 def migrate(data: Path, url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "migrate", "--data", str(data), "--to", url],
+        [sys.executable, "-m", "tetherless_cli", "migrate", "--data", str(data), "--to", url],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tests.e2e.offline_client import Follower, cli, history, init_device, load, wait_until
@@ -19,7 +20,7 @@ def test_send_while_the_relay_is_down_is_delivered_without_user_action(tmp_path:
         bob = init_device(relay.url, bob_home, "bob")
         online = cli(alice_home, "send", bob, "--text", "before the outage")
         assert online.returncode == 0, online.stderr
-        assert len(bytes.fromhex(online.stdout.strip())) == 16  # sent at once: the envelope id
+        assert re.fullmatch(r"[a-z2-7]{26}\n", online.stdout)  # sent at once: the message id (docs/cli.md)
 
         follower.start()
         _, _, store = load(alice_home)

@@ -243,7 +243,7 @@ def test_sigkill_one_replica_under_load_loses_and_duplicates_nothing(replicas: l
 def serve_refused(data: Path, *args: str) -> tuple[int, str]:
     """Start ``tetherless serve`` expecting a refusal: (exit code, stderr)."""
     done = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "serve", "--data", str(data), "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "tetherless_cli", "serve", "--data", str(data), "--listen", "127.0.0.1:0", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -51,9 +51,11 @@ def previous_version() -> str:
 
 @pytest.fixture(scope="module")
 def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The previous version's ``relay`` and ``protocol`` packages, extracted from git (read-only git use)."""
+    """The previous version's ``relay``, ``protocol`` (and, once it has one, ``tetherless_cli``) packages,
+    extracted from git (read-only git use)."""
+    version = previous_version()
     try:
-        archive = git("archive", "--format=tar", previous_version(), "relay", "protocol")
+        archive = git("archive", "--format=tar", version, "relay", "protocol", *_cli_package(version))
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"cannot read the previous version from git: {exc}")
     target = tmp_path_factory.mktemp("previous-version")
@@ -62,10 +64,19 @@ def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+def _cli_package(version: str) -> list[str]:
+    """``["tetherless_cli"]`` when ``version`` has the command-line package, else ``[]`` (it ran ``relay.cli``)."""
+    probe = subprocess.run(
+        ["git", "cat-file", "-e", f"{version}:tetherless_cli"], cwd=ROOT, capture_output=True, check=False
+    )
+    return ["tetherless_cli"] if probe.returncode == 0 else []
+
+
 def old_relay(code: Path, data: Path, url: str) -> RelayProcess:
     # PYTHONSAFEPATH keeps the working directory (this checkout) off sys.path: only the old code is imported.
     env = {**QUIET, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(code)}
-    return RelayProcess(data, extra_args=["--database", url, "--name", NAME], env=env)
+    module = "tetherless_cli" if (code / "tetherless_cli").is_dir() else "relay.cli"
+    return RelayProcess(data, extra_args=["--database", url, "--name", NAME], env=env, module=module)
 
 
 def new_relay(data: Path, url: str, key_from: Path) -> RelayProcess:
@@ -229,7 +240,7 @@ def test_code_left_behind_by_a_contract_migration_refuses_to_start(tmp_path: Pat
             [
                 sys.executable,
                 "-m",
-                "relay.cli",
+                "tetherless_cli",
                 "serve",
                 "--data",
                 str(relay.data_dir),

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     """``serve`` with the given flags; a relay that starts instead is stopped by the timeout (a failure here)."""
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "serve", "--no-web-client", *args],
+        [sys.executable, "-m", "tetherless_cli", "serve", "--no-web-client", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -422,7 +422,10 @@ def test_v1_corrupt_file(home: Path) -> None:
 def test_protect_migrates_a_v1_home(home: Path) -> None:
     write_v1_home(home, cursor=42)
     store(home).protect()
-    assert sorted(p.name for p in home.iterdir() if not p.name.startswith(DB_FILE)) == [ks.KEYSTORE_FILE]
+    assert sorted(p.name for p in home.iterdir() if not p.name.startswith(DB_FILE)) == [
+        "identity.json",  # the public copy whoami reads (protocol/client/identity.py)
+        ks.KEYSTORE_FILE,
+    ]
     migrated = store(home)
     assert migrated.is_protected()
     assert migrated.load() == make_keys()

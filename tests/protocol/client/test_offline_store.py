@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol.client.localdb import LocalDB, TamperedRowError
-from protocol.client.store import SEALED_COLUMNS, ClientStore
+from protocol.client.store import SEALED_COLUMNS, ClientStore, HistoryMessage
 from protocol.client.sync import TRANSITIONS, backoff_delay
 
 STATES = {s for s, _ in TRANSITIONS} | set(TRANSITIONS.values())
@@ -143,7 +143,8 @@ def test_rekey_covers_every_sealed_column(store: ClientStore, tmp_path: Path) ->
              ("outbox_envelopes", "accepted_id"), ("history_messages", "msg_key"),
              ("history_messages", "message_uid"), ("outbox_entries", "message_uid"), ("log_pending", "record_id"),
              ("log_epoch_keys", "source"),
-             ("history_messages", "uid_index"), ("history_messages", "sender_index")}  # keyed hashes  # fmt: skip
+             ("history_messages", "uid_index"), ("history_messages", "sender_index"),
+             ("contacts", "name_index"), ("contacts", "address_index")}  # keyed hashes  # fmt: skip
     for table in SEALED_COLUMNS:
         blobs = {r[1] for r in fresh.db.execute(f'PRAGMA table_info("{table}")') if r[2].upper() == "BLOB"}
         sealed = {column for column, _ in SEALED_COLUMNS[table][1]}
@@ -177,3 +178,43 @@ def test_history_metadata_is_sealed_and_still_ordered_and_filtered(store: Client
         "received",
         1_800_000_000_000,
     )
+
+
+def test_history_newest_is_the_newest_matches_oldest_first_and_opens_no_older_row(
+    store: ClientStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``history --limit N`` (issue 14): the newest N in log order — logged ones by position, then the ones not
+    logged yet — after the sealed filters (the peer, ``since_ms``), and older rows are never read or opened."""
+    senders = ["a.x@relay", "b.y@relay", "a.x@relay", "b.y@relay", "a.x@relay"]
+    positions: list[int | None] = [30, 10, 20, None, None]  # inserted out of log order on purpose
+    for n, (sender, position) in enumerate(zip(senders, positions, strict=True), start=1):
+        _received(store, bytes([n]) * 16, sender=sender, pair_seq=n, sent_at_ms=n, log_position=position)
+    in_log_order = [2, 3, 1, 4, 5]  # positions 10, 20, 30, then the unlogged ones in local order
+    assert [m.pair_seq for m in store.history()] == in_log_order
+    assert [m.pair_seq for m in store.history(newest=2)] == [4, 5]
+    assert [m.pair_seq for m in store.history(newest=4)] == [3, 1, 4, 5]
+    assert [m.pair_seq for m in store.history(newest=9)] == in_log_order
+    assert store.history(newest=0) == []
+    assert [m.pair_seq for m in store.history(limit=2)] == [2, 3]  # the oldest: unchanged
+    # The filter runs before the limit: the newest two of b, not the newest two that happen to be b's.
+    from_b = store.history(newest=2, where=lambda m: m.sender == "b.y@relay")
+    assert [m.pair_seq for m in from_b] == [2, 4]
+    assert [m.pair_seq for m in store.history(newest=2, since_ms=4)] == [4, 5]
+    assert [m.pair_seq for m in store.history(newest=2, since_position=10)] == [4, 5]
+    with pytest.raises(ValueError, match="limit or newest"):
+        store.history(limit=1, newest=1)
+
+    opened: list[int] = []
+    open_row = store._message_row
+
+    def counting(row: object) -> HistoryMessage:
+        message = open_row(row)
+        opened.append(message.pair_seq)
+        return message
+
+    monkeypatch.setattr(store, "_message_row", counting)
+    store.history(newest=1)
+    assert opened == [5]  # the SQL limit: one row read
+    opened.clear()
+    store.history(newest=1, where=lambda m: m.sender == "b.y@relay")
+    assert opened == [5, 4]  # opened newest first until one matched

@@ -245,7 +245,7 @@ def test_settings_from_env_file_and_flags(tmp_path: Path) -> None:
     config, _ = config_mod.load(env={}, file=str(toml))
     assert config_mod.origin_list(config.cors_allowed_origins) == ("https://app.example.org", "http://localhost:8081")
     shown = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "config", "show", "--no-web-client", "--web-dist", str(tmp_path)],
+        [sys.executable, "-m", "tetherless_cli", "config", "show", "--no-web-client", "--web-dist", str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,

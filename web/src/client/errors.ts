@@ -46,6 +46,7 @@ export const WIRE_CODES = [
   "peer_forbidden",
   "peer_unavailable",
   "peer_address_refused",
+  "unknown_relay",
   "device_list_conflict",
   "policy_not_met",
   "device_revoked",

@@ -1,7 +1,8 @@
-"""The ``tetherless device …`` commands beyond ``init`` (crypto.md §3-§5, §13).
+"""``tetherless device …`` and the device side of ``whoami`` (crypto.md §3-§5, §13).
 
 ::
 
+    device init --relay URL [--name NAME] [--ca-file PEM] [--recovery-key-file FILE] [--no-recovery-key]
     device link --relay URL [--name NAME] [--ca-file PEM] [--timeout S]
         prints the link code on the first line of stdout, waits for an approval, joins, prints the address
     device link --relay URL --account ADDRESS --recovery-key [--recovery-key-file FILE] [--revoke ID]…
@@ -11,12 +12,15 @@
         add the device showing CODE, wait until it joins, then grant it the account's history
     device list [--json]            the verified device list
     device revoke ID|ADDRESS        remove a device (this one too)
+    device link --relay URL --account ADDRESS --fido2 [--revoke ID]…
+        joins approved by a FIDO2 security key of the account (crypto.md §5.3)
+    device approve|revoke … --fido2 a security key of the account approves the change too
+    device fido2 add [--name NAME] | list [--json] | remove ID [--yes] [--fido2]   the account's security keys
     device recovery-key [--recovery-key-file FILE]   create a new recovery key and show it once
     device upgrade                  upgrade the account's device list to format 3 / publish this device's ML-KEM key
     device protect                  encrypt a home made by the first client version
 
-Exit codes as :mod:`protocol.client.commands`: 0, 1 (``tetherless: error: …``),
-2 (usage), 4 (this device is revoked).
+Exit codes: :mod:`tetherless_cli.exits`.
 """
 
 from __future__ import annotations
@@ -33,79 +37,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .. import device_list, recovery
-from ..errors import ErrorCode, TetherlessError
-from ..ids import Address
-from ..messages import DeviceList, EnrolmentOffer
-from . import cli_sync, devices
-from .commands import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    UsageError,
-    _load,
-    _run,
-    open_keystore,
-    passphrase_source,
-    resolve_home,
-)
-from .http import Origin
-from .keystore import KEM_SEED_BYTES, AlreadyInitialisedError, DeviceKeys, Keystore, keyring_available
-from .sdk import RelayClient
-from .sync import remember_recovery_backup_key
+from protocol import device_list, recovery
+from protocol.client import devices
+from protocol.client.home import make_engine, open_store
+from protocol.client.http import Origin, TransportError
+from protocol.client.keystore import KEM_SEED_BYTES, DeviceKeys, Keystore, keyring_available
+from protocol.client.sdk import RelayClient
+from protocol.client.sync import SyncOutcome, remember_recovery_backup_key
+from protocol.errors import ErrorCode, TetherlessError
+from protocol.ids import Address
+from protocol.messages import DeviceEntry, DeviceList, EnrolmentOffer
+from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, UsageError
+from tetherless_cli.fido2 import assertion_provider, key_errors, security_key
+from tetherless_cli.home import ask, load, new_home, open_keystore, require_yes_off_terminal, with_ca_file
+from tetherless_cli.messages import report_refusals
 
 RECOVERY_KEY_ENV = "TETHERLESS_RECOVERY_KEY"
-APPROVE_TIMEOUT_SECONDS = 300.0  # the new device polls every second; the relay keeps an offer 10 minutes
 BACKUP_TIMEOUT_SECONDS = 60.0  # the one sync that writes (init, recovery-key) or reads (link) the recovery backup
-
-
-def register(device_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``link``, ``approve``, ``list``, ``revoke``, ``recovery-key``, ``upgrade`` and ``protect`` under
-    ``device``."""
-    link = device_commands.add_parser("link", help="join an existing account (link code, or its recovery key)")
-    link.add_argument("--relay", required=True, metavar="URL", help="the account's home relay base URL")
-    link.add_argument("--name", default=None, help="this device's name, kept locally (default: host name)")
-    link.add_argument("--ca-file", default=None, metavar="PEM", help="CA certificate(s) to trust for an https relay")
-    link.add_argument("--timeout", type=float, default=devices.LINK_TIMEOUT_SECONDS, metavar="S", help="wait at most S")
-    link.add_argument("--account", default=None, metavar="ADDRESS", help="account@relay to join (with --recovery-key)")
-    link.add_argument("--recovery-key", action="store_true", help="approve with the account's recovery key")
-    link.add_argument("--recovery-key-file", default=None, metavar="FILE", help="read the recovery key from FILE")
-    link.add_argument(
-        "--revoke", action="append", default=[], metavar="ID", help="with --recovery-key: also revoke this lost device"
-    )
-    link.set_defaults(func=cmd_device_link)
-
-    approve = device_commands.add_parser("approve", help="add the device showing CODE to this account")
-    approve.add_argument("code", metavar="CODE", help="the link code shown by the new device (tl-xxxx-…)")
-    approve.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    approve.add_argument(
-        "--timeout",
-        type=float,
-        default=APPROVE_TIMEOUT_SECONDS,
-        help="seconds to wait for the new device to join and for its history grant (default %(default)g)",
-    )
-    approve.set_defaults(func=cmd_device_approve)
-
-    listing = device_commands.add_parser("list", help="the account's verified device list")
-    listing.add_argument("--json", action="store_true", help="one JSON object")
-    listing.set_defaults(func=cmd_device_list)
-
-    revoke = device_commands.add_parser("revoke", help="remove a device from the account (may be this one)")
-    revoke.add_argument("device", metavar="ID", help="a device id or full device address")
-    revoke.set_defaults(func=cmd_device_revoke)
-
-    recovery_key = device_commands.add_parser("recovery-key", help="create a new recovery key and show it once")
-    recovery_key.add_argument("--recovery-key-file", default=None, metavar="FILE", help="write it to FILE (0600)")
-    recovery_key.set_defaults(func=cmd_device_recovery_key)
-
-    upgrade = device_commands.add_parser(
-        "upgrade", help="upgrade the account's device list to format 3 and publish this device's ML-KEM key"
-    )
-    upgrade.set_defaults(func=cmd_device_upgrade)
-
-    protect = device_commands.add_parser("protect", help="encrypt the keys of a home made by an older client")
-    if keyring_available():
-        protect.add_argument("--keyring", action="store_true", help="keep the key in the OS keyring, no passphrase")
-    protect.set_defaults(func=cmd_device_protect)
 
 
 # -- output helpers ------------------------------------------------------------------------------
@@ -148,12 +96,12 @@ async def sync_with_recovery_key(
     each step) and the secret nowhere.
     """
     rk = recovery.recovery_keys(recovery.parse_recovery_secret(recovery_text), keys.account_id)
-    engine = cli_sync.make_engine(keys, cli_sync.open_store(keystore, keys))
+    engine = make_engine(keys, open_store(keystore, keys))
     engine.recovery = rk
     try:
-        code = await engine.run(follow=False, timeout=timeout_seconds)
-        cli_sync._report_refusals(engine)
-        if code != EXIT_OK:
+        outcome = await engine.run(follow=False, timeout=timeout_seconds)
+        report_refusals(engine)
+        if outcome is not SyncOutcome.DONE:
             raise TetherlessError(
                 ErrorCode.LOG_REKEY_REQUIRED if engine.last_failure.startswith("log_") else ErrorCode.UNAVAILABLE,
                 f"the sync that reads and writes the recovery backup did not finish: "
@@ -169,7 +117,7 @@ def remember_new_recovery_key(keystore: Keystore, keys: DeviceKeys, recovery_tex
     """``device init``: keep the *public* backup key of the recovery key just made (account-log.md §5.7), so this
     device's first sync backs epoch 1 up to it once it creates the epoch. The secret is not kept."""
     rk = recovery.recovery_keys(recovery.parse_recovery_secret(recovery_text), keys.account_id)
-    store = cli_sync.open_store(keystore, keys)
+    store = open_store(keystore, keys)
     try:
         with store.transaction():
             remember_recovery_backup_key(store, recovery.backup_recipient(rk))
@@ -215,41 +163,27 @@ async def _device_client(keystore: Keystore, keys: DeviceKeys) -> AsyncIterator[
         yield client
 
 
-def _with_device(
+async def _with_device(
     args: argparse.Namespace,
     body: Callable[[DeviceKeys, RelayClient], Awaitable[int]],
     *,
     signs_list: bool = False,
     after: Callable[[Keystore, DeviceKeys, int], Awaitable[int]] | None = None,
 ) -> int:
-    """Unlock this home's device, connect it to its relay and run ``body``; failures become one line + exit code.
+    """Unlock this home's device, connect it to its relay and run ``body``; returns its exit code.
 
     ``signs_list``: ``body`` may sign a device-list version, so a home made
     before format 3 gets its long-term ML-KEM key first (crypto.md §3.6).
     ``after(keystore, keys, body's exit code)``: runs once ``body``'s connection
     is closed (a sync engine opens its own, on the same local database).
     """
-    relay_url: str | None = None
-
-    async def main() -> int:
-        nonlocal relay_url
-        keystore, keys = _load(args)
-        if signs_list:
-            keys = keystore.ensure_kem_key(os.urandom(KEM_SEED_BYTES))
-        relay_url = keys.relay_url
-        async with _device_client(keystore, keys) as client:
-            code = await body(keys, client)
-        return code if after is None else await after(keystore, keys, code)
-
-    return _run(args, main, lambda: relay_url)
-
-
-def _new_home(args: argparse.Namespace) -> Keystore:
-    """A keystore for a device about to join: the home must be free; the passphrase is asked now."""
-    home = resolve_home(getattr(args, "home", None))
-    if Keystore(home).exists():
-        raise AlreadyInitialisedError(f"a device already exists in {home}")
-    return Keystore(home, passphrase=passphrase_source(args, confirm=True)())
+    keystore, keys = load(args)
+    if signs_list:
+        keys = with_ca_file(args, keystore.ensure_kem_key(os.urandom(KEM_SEED_BYTES)))
+    args.relay_url = keys.relay_url
+    async with _device_client(keystore, keys) as client:
+        code = await body(keys, client)
+    return code if after is None else await after(keystore, keys, code)
 
 
 def _read_recovery_key(args: argparse.Namespace) -> str:
@@ -273,58 +207,67 @@ def _read_recovery_key(args: argparse.Namespace) -> str:
 # -- commands --------------------------------------------------------------------------------------
 
 
-def cmd_device_link(args: argparse.Namespace) -> int:
-    """``device link``: join an account approved by a link code (or by its recovery key)."""
-    relay_url = str(args.relay).rstrip("/")
+@key_errors
+async def cmd_device_link(args: argparse.Namespace) -> int:
+    """``device link``: join an account approved by a link code (or by its recovery key, or a security key)."""
+    relay_url = args.relay_url = str(args.relay).rstrip("/")
     name = args.name if args.name is not None else socket.gethostname()
-
-    async def main() -> int:
+    timeout = args.timeout if args.timeout is not None else devices.LINK_TIMEOUT_SECONDS
+    try:
+        Origin.parse(relay_url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.recovery_key and args.fido2:
+        raise UsageError("--recovery-key and --fido2 are two ways to approve: choose one")
+    if args.account and not (args.recovery_key or args.fido2):
+        raise UsageError("--account needs --recovery-key or --fido2")
+    if (args.recovery_key or args.fido2) and not args.account:
+        raise UsageError(f"{'--fido2' if args.fido2 else '--recovery-key'} needs --account ADDRESS (account@relay)")
+    if args.revoke and not (args.recovery_key or args.fido2):
+        raise UsageError("--revoke goes with --recovery-key or --fido2 (a current device uses `device revoke`)")
+    if args.account:
         try:
-            Origin.parse(relay_url)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-        if args.account and not args.recovery_key:
-            raise UsageError("--account needs --recovery-key (hardware-key approval is in the SDK only; see README)")
-        if args.recovery_key and not args.account:
-            raise UsageError("--recovery-key needs --account ADDRESS (account@relay)")
-        if args.revoke and not args.recovery_key:
-            raise UsageError("--revoke goes with --recovery-key (a current device uses `device revoke`)")
-        if args.account:
+            Address.parse(args.account)
+        except TetherlessError as exc:
+            raise UsageError(f"not an account address: {args.account!r} (expected account@relay)") from exc
+    key = security_key(relay_url) if args.fido2 else None  # no key plugged in: fail before making a home
+    keystore = new_home(args)
+    text = ""
+    async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
+        if key is not None:
+            keys = await devices.join_with_authenticator(
+                client, args.account, key.get_assertion, keystore=keystore, name=name, revoke=args.revoke
+            )
+        elif args.recovery_key:
+            text = _read_recovery_key(args)
             try:
-                Address.parse(args.account)
-            except TetherlessError as exc:
-                raise UsageError(f"not an account address: {args.account!r} (expected account@relay)") from exc
-        keystore = _new_home(args)
-        text = ""
-        async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
-            if args.recovery_key:
-                text = _read_recovery_key(args)
-                try:
-                    keys = await devices.join_with_recovery(
-                        client, args.account, text, keystore=keystore, name=name, revoke=args.revoke
-                    )
-                except ValueError as exc:
-                    raise UsageError(f"not a recovery key: {exc}") from exc
-            else:
-                pending = await devices.start_link(client)
-                print(pending.code, flush=True)  # the first line of stdout, for scripts
-                print(f"fingerprint: {pending.fingerprint}", flush=True)
-                print(
-                    f"on one of your devices run: tetherless device approve {pending.code}  (waiting until "
-                    f"{_iso(pending.expires_at_ms)})",
-                    file=sys.stderr,
-                    flush=True,
+                keys = await devices.join_with_recovery(
+                    client, args.account, text, keystore=keystore, name=name, revoke=args.revoke
                 )
-                keys = await devices.finish_link(
-                    client, pending, keystore=keystore, name=name, timeout_seconds=args.timeout
-                )
-        await cli_sync.publish_prekeys(keystore, keys)
-        print(keys.address, flush=True)
-        if text:
-            await _recover_history(keystore, keys, text, args.timeout)
-        return EXIT_OK
-
-    return _run(args, main, lambda: relay_url)
+            except ValueError as exc:
+                raise UsageError(f"not a recovery key: {exc}") from exc
+        else:
+            pending = await devices.start_link(client)
+            print(pending.code, flush=True)  # the first line of stdout, for scripts
+            print(f"fingerprint: {pending.fingerprint}", flush=True)
+            print(
+                f"on one of your devices run: tetherless device approve {pending.code}  (waiting until "
+                f"{_iso(pending.expires_at_ms)})",
+                file=sys.stderr,
+                flush=True,
+            )
+            keys = await devices.finish_link(client, pending, keystore=keystore, name=name, timeout_seconds=timeout)
+    await publish_prekeys(keystore, keys)
+    print(keys.address, flush=True)
+    if text:
+        await _recover_history(keystore, keys, text, timeout)
+    elif key is not None:
+        print(
+            "joined with the security key: the account's history reaches this device with the next `tetherless "
+            "sync` of another of its devices",
+            file=sys.stderr,
+        )
+    return EXIT_OK
 
 
 async def _recover_history(keystore: Keystore, keys: DeviceKeys, text: str, timeout_seconds: float) -> None:
@@ -352,25 +295,25 @@ async def _recover_history(keystore: Keystore, keys: DeviceKeys, text: str, time
         )
 
 
-def cmd_device_approve(args: argparse.Namespace) -> int:
-    """``device approve CODE [--yes] [--timeout S]``: check the code's offer, propose the version adding that
+@key_errors
+async def cmd_device_approve(args: argparse.Namespace) -> int:
+    """``device approve CODE [--yes] [--fido2] [--timeout S]``: check the code's offer, propose the version adding that
     device, wait until it joins, then grant it the account's history (account-log.md §5.5) before succeeding.
 
     Resumable: a retried approve whose code was already answered (``enrolment_used``) still completes the
     history grants of every device of the account before it reports that error; so does any ``sync``.
     """
+    require_yes_off_terminal(args, "device approve")
     joined: list[devices.ApprovedLink] = []
     answered: list[TetherlessError] = []
 
     def confirm(offer: EnrolmentOffer, fingerprint: str) -> bool:
-        if args.yes or not sys.stdin.isatty():
-            return True
-        answer = input(f"Add the device with fingerprint {fingerprint} to this account? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
+        return ask(f"Add the device with fingerprint {fingerprint} to this account?", yes=args.yes)
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        get_assertion = assertion_provider(keys.relay_url, args.fido2)
         try:
-            approved = await devices.approve_link(client, args.code, confirm=confirm)
+            approved = await devices.approve_link(client, args.code, confirm=confirm, get_assertion=get_assertion)
         except ValueError as exc:
             raise UsageError(f"not a link code: {exc}") from exc
         except PermissionError:
@@ -397,10 +340,10 @@ def cmd_device_approve(args: argparse.Namespace) -> int:
     async def grant_history(keystore: Keystore, keys: DeviceKeys, code: int) -> int:
         if code != EXIT_OK:
             return code
-        engine = cli_sync.make_engine(keys, cli_sync.open_store(keystore, keys))
+        engine = make_engine(keys, open_store(keystore, keys))
         try:
             synced = await engine.run(follow=False, timeout=args.timeout)
-            if synced != EXIT_OK:
+            if synced is not SyncOutcome.DONE:
                 raise TetherlessError(
                     ErrorCode.LOG_REKEY_REQUIRED if engine.last_failure.startswith("log_") else ErrorCode.UNAVAILABLE,
                     f"the history grant was not written ({engine.last_failure or 'relay unreachable'}); "
@@ -420,11 +363,18 @@ def cmd_device_approve(args: argparse.Namespace) -> int:
             raise answered[0]
         return EXIT_OK
 
-    return _with_device(args, body, signs_list=True, after=grant_history)
+    return await _with_device(args, body, signs_list=True, after=grant_history)
 
 
-def cmd_device_list(args: argparse.Namespace) -> int:
-    """``device list [--json]``: the verified chain's head."""
+async def cmd_device_list(args: argparse.Namespace) -> int:
+    """``device list [--json]``: the verified chain's head, with each device's name where it is known.
+
+    A format-1 list carries the names given at ``device init/link --name``; from format 2 on the list carries
+    none (crypto.md §3.1) and each name stays in its own device's home, so only this device's is shown.
+    """
+
+    def name_of(entry: DeviceEntry, keys: DeviceKeys) -> str:
+        return entry.name or (keys.device_name if entry.device_id == keys.device_id else "")
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
         head = (await client.device_chain(keys.account_id)).head
@@ -443,6 +393,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
                 "devices": [
                     {
                         "device_id": d.device_id,
+                        "name": name_of(d, keys) or None,
                         "address": str(
                             Address(
                                 account=head.account_id, relay=Address.parse(keys.address).relay, device=d.device_id
@@ -470,33 +421,120 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         for d in head.devices:
             mark = "  (this device)" if d.device_id == keys.device_id else ""
             role = "" if d.role == device_list.ROLE_DEVICE else f"  role {d.role} ({', '.join(d.scopes) or '-'})"
-            print(f"device {d.device_id}  added {_iso(d.added_at_ms)}{role}{mark}")
+            name = name_of(d, keys)
+            named = f"  {json.dumps(name, ensure_ascii=False)}" if name else ""
+            print(f"device {d.device_id}{named}  added {_iso(d.added_at_ms)}{role}{mark}")
         for c in head.credentials:
             print(f"hardware key {c.credential_id.hex()[:16]}  rp {c.rp_id}  added {_iso(c.added_at_ms)}")
         return EXIT_OK
 
-    return _with_device(args, body)
+    return await _with_device(args, body)
 
 
-def cmd_device_revoke(args: argparse.Namespace) -> int:
-    """``device revoke ID``: sign and post the version that removes the device."""
+@key_errors
+async def cmd_device_revoke(args: argparse.Namespace) -> int:
+    """``device revoke ID [--yes] [--fido2]``: sign and post the version that removes the device, once confirmed
+    (asked at a terminal; off one ``--yes`` is required, else exit 2 and nothing is revoked)."""
+    require_yes_off_terminal(args, "device revoke")
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        target = args.device.split(".", 1)[0] if "@" in args.device else args.device
+        itself = " (this device: it stops working now)" if target == keys.device_id else ""
+        get_assertion = assertion_provider(keys.relay_url, args.fido2)
+        # Asked before the first request: the client connects lazily, so nothing was sent yet.
+        if not ask(f"Revoke device {target}{itself} from {keys.account_address}?", yes=args.yes):
+            print("not revoked", file=sys.stderr)
+            return EXIT_FAILURE
         try:
-            accepted = await devices.revoke_device(client, args.device)
+            accepted = await devices.revoke_device(client, args.device, get_assertion=get_assertion)
         except TetherlessError as exc:
             if exc.code is ErrorCode.INVALID_FIELD and "@" in args.device:
                 raise UsageError(str(exc.detail)) from exc
             raise
-        target = args.device.split(".", 1)[0] if "@" in args.device else args.device
-        itself = " (this device: it stops working now)" if target == keys.device_id else ""
         print(f"revoked {target}{itself}; device list version {accepted.version}")
         return EXIT_OK
 
-    return _with_device(args, body, signs_list=True)
+    return await _with_device(args, body, signs_list=True)
 
 
-def cmd_device_recovery_key(args: argparse.Namespace) -> int:
+KEY_NAMES_TABLE = "fido2_key_names"  # credential id (hex) -> the name given at `device fido2 add --name`
+
+
+def _key_name(client: RelayClient, credential_id: bytes) -> str:
+    raw = client.local_db.get(KEY_NAMES_TABLE, credential_id.hex()) if client.local_db is not None else None
+    return raw.decode("utf-8") if raw else ""
+
+
+@key_errors
+async def cmd_device_fido2_add(args: argparse.Namespace) -> int:
+    """``device fido2 add [--name NAME]``: register the plugged-in security key for this relay's rp id
+    (``POST /v1/webauthn/register/*``) and post the version adding it, approved by this device and proved by
+    the key's assertion (crypto.md §3.2 step 4, §6). The key is touched twice: to create, then to sign."""
+    if args.name is not None and len(args.name) > 64:
+        raise UsageError("--name is at most 64 characters")
+
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        key = security_key(keys.relay_url)
+        credential = await devices.add_credential(client, key.make_credential, key.get_assertion)
+        if args.name and client.local_db is not None:
+            client.local_db.put(KEY_NAMES_TABLE, credential.credential_id.hex(), args.name.encode("utf-8"))
+        print(f"added security key {credential.credential_id.hex()[:16]} (rp {credential.rp_id}) to the account")
+        return EXIT_OK
+
+    return await _with_device(args, body, signs_list=True)
+
+
+async def cmd_device_fido2_list(args: argparse.Namespace) -> int:
+    """``device fido2 list [--json]``: the security keys in the verified device list (names: this device's)."""
+
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        head = (await client.device_chain(keys.account_id)).head
+        rows = [
+            {
+                "id": c.credential_id.hex(),
+                "name": _key_name(client, c.credential_id) or None,
+                "rp_id": c.rp_id,
+                "added_at_ms": c.added_at_ms,
+            }
+            for c in head.credentials
+        ]
+        if args.json:
+            print(json.dumps({"account": keys.account_address, "version": head.version, "keys": rows}))
+            return EXIT_OK
+        if not rows:
+            print("no security keys (add one with `tetherless device fido2 add`)")
+        for row in rows:
+            named = f"  {json.dumps(row['name'], ensure_ascii=False)}" if row["name"] else ""
+            print(f"{str(row['id'])[:16]}{named}  rp {row['rp_id']}  added {_iso(int(str(row['added_at_ms'])))}")
+        return EXIT_OK
+
+    return await _with_device(args, body)
+
+
+@key_errors
+async def cmd_device_fido2_remove(args: argparse.Namespace) -> int:
+    """``device fido2 remove ID [--yes] [--fido2]``: post the version without that key, once confirmed (asked
+    at a terminal; off one ``--yes`` is required, else exit 2 and nothing is removed)."""
+    require_yes_off_terminal(args, "device fido2 remove")
+
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        get_assertion = assertion_provider(keys.relay_url, args.fido2)
+        if not ask(f"Remove security key {args.key} from {keys.account_address}?", yes=args.yes):
+            print("not removed", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            accepted = await devices.remove_credential(client, args.key, get_assertion=get_assertion)
+        except TetherlessError as exc:
+            if exc.code is ErrorCode.INVALID_FIELD:
+                raise UsageError(str(exc.detail)) from exc
+            raise
+        print(f"removed security key {args.key}; device list version {accepted.version}")
+        return EXIT_OK
+
+    return await _with_device(args, body, signs_list=True)
+
+
+async def cmd_device_recovery_key(args: argparse.Namespace) -> int:
     """``device recovery-key``: a new recovery key, set in the list, shown once on stdout (or into a file)."""
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
@@ -515,10 +553,10 @@ def cmd_device_recovery_key(args: argparse.Namespace) -> int:
         return code
 
     made: list[str] = []
-    return _with_device(args, body, signs_list=True, after=back_up)
+    return await _with_device(args, body, signs_list=True, after=back_up)
 
 
-def cmd_device_upgrade(args: argparse.Namespace) -> int:
+async def cmd_device_upgrade(args: argparse.Namespace) -> int:
     """``device upgrade``: one version that makes the list format 3 and carries this device's ML-KEM key."""
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
@@ -529,24 +567,79 @@ def cmd_device_upgrade(args: argparse.Namespace) -> int:
             print(f"device list upgraded to format 3 with this device's ML-KEM key; version {accepted.version}")
         return EXIT_OK
 
-    return _with_device(args, body, signs_list=True)
+    return await _with_device(args, body, signs_list=True)
 
 
-def cmd_device_protect(args: argparse.Namespace) -> int:
+async def cmd_device_protect(args: argparse.Namespace) -> int:
     """``device protect [--keyring]``: encrypt a format-1 home (keystore.tlk + state.db), delete the plaintext."""
-
-    async def main() -> int:
-        use_keyring = bool(getattr(args, "keyring", False))
-        keystore = open_keystore(args, confirm=True)
-        if use_keyring:
-            keystore = Keystore(keystore.home)
-        keystore.protect(use_keyring=use_keyring)
-        with contextlib.suppress(Exception):
-            keystore.close()
-        print(f"protected {keystore.home}: the keys are encrypted in keystore.tlk; the plaintext files are deleted")
-        return EXIT_OK
-
-    return _run(args, main)
+    use_keyring = bool(args.keyring)
+    if use_keyring and not keyring_available():
+        raise UsageError("--keyring: no secure OS keyring is available here; protect the home with a passphrase")
+    keystore = open_keystore(args, confirm=True)
+    if use_keyring:
+        keystore = Keystore(keystore.home)
+    keystore.protect(use_keyring=use_keyring)
+    with contextlib.suppress(Exception):
+        keystore.close()
+    print(f"protected {keystore.home}: the keys are encrypted in keystore.tlk; the plaintext files are deleted")
+    return EXIT_OK
 
 
-__all__ = ["register", "show_recovery_key"]
+async def publish_prekeys(keystore: Keystore, keys: DeviceKeys) -> None:
+    """Publish a new format-2 device's prekeys (``PUT /v1/prekeys``) so others can start sessions with it
+    at once (crypto.md §7.2); a device that joined with a link code keeps the prekeys it offered then.
+
+    Best effort: a failure is reported on stderr and ``sync`` publishes them later (the engine does it on
+    every connection). Format-1 devices and unprotected homes have no sessions: nothing to do.
+    """
+    if keys.list_format < 2 or not keystore.is_protected():
+        return
+    try:
+        async with RelayClient.connect(
+            keys.relay_url, keys=keys, max_attempts=2, request_timeout_seconds=15, local_db=keystore.local_db()
+        ) as client:
+            await client.enable_sessions()
+    except (TetherlessError, TransportError) as exc:
+        print(f"tetherless: warning: prekeys not published yet ({exc}); `tetherless sync` retries", file=sys.stderr)
+
+
+async def cmd_device_init(args: argparse.Namespace) -> int:
+    """``device init --relay URL [--name NAME]``: register, store the keys, print the address."""
+    relay_url = args.relay_url = str(args.relay).rstrip("/")
+    name = args.name if args.name is not None else socket.gethostname()
+    try:
+        Origin.parse(relay_url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if len(name) > 64:
+        raise UsageError("--name is at most 64 characters")
+    keystore = new_home(args)  # the passphrase is asked before the account exists on the relay
+    secret = None
+    if args.list_format >= 2 and not args.no_recovery_key:
+        secret = os.urandom(recovery.SECRET_BYTES)
+    async with RelayClient.connect(relay_url, ca_file=args.ca_file) as client:
+        keys = await client.register(name, keystore=keystore, list_format=args.list_format, recovery_secret=secret)
+    await publish_prekeys(keystore, keys)
+    print(keys.address, flush=True)
+    if secret is not None:
+        text = recovery.new_recovery_secret(secret)
+        show_recovery_key(text, args.recovery_key_file)
+        remember_new_recovery_key(keystore, keys, text)  # account-log.md §5.7
+    return EXIT_OK
+
+
+__all__ = [
+    "cmd_device_approve",
+    "cmd_device_fido2_add",
+    "cmd_device_fido2_list",
+    "cmd_device_fido2_remove",
+    "cmd_device_init",
+    "cmd_device_link",
+    "cmd_device_list",
+    "cmd_device_protect",
+    "cmd_device_recovery_key",
+    "cmd_device_revoke",
+    "cmd_device_upgrade",
+    "publish_prekeys",
+    "show_recovery_key",
+]

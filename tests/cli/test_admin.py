@@ -1,4 +1,4 @@
-"""``tetherless admin federation`` on the command line: one clear line, never a traceback."""
+"""``tetherless admin federation`` (tetherless_cli/admin.py): one clear line, never a traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "tetherless_cli", *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 

@@ -1,7 +1,4 @@
-"""Operator commands for federation: ``admin federation`` (peer state, retry now) and ``admin relay-key rotate``.
-
-Wired into the one front door by :func:`register_federation_admin` (``relay/cli.py``).
-"""
+"""Operator commands for federation: ``admin federation`` (peer state, retry now) and ``admin relay-key rotate``."""
 
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ import trio
 
 from relay.relay_keys import rotate
 from relay.store import PeerState, PostgresStore, SQLiteStore, Store
+from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 DAY_MS = 86_400_000
 
@@ -57,10 +55,10 @@ def cmd_federation(args: argparse.Namespace) -> int:
             if args.action == "retry":
                 count = await store.federation_retry_now(args.peer.lower() if args.peer else None)
                 print(f"retrying {count} peer(s) now (a running relay picks this up within its poll interval)")
-                return 0
+                return EXIT_OK
             states = await store.federation_peer_states()
             print(format_peers(states, int(time.time() * 1000)) if states else "no federation peers yet")
-            return 0
+            return EXIT_OK
         finally:
             await store.close()
 
@@ -71,17 +69,17 @@ def cmd_federation(args: argparse.Namespace) -> int:
         return trio.run(main)
     except StartupRefusedError as exc:  # another relay's database, or a schema newer than this code
         print(f"tetherless: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except StoreUnavailableError as exc:
         print(f"tetherless: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 def cmd_relay_key_rotate(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.exists():
         print(f"tetherless: error: no data directory {data}")
-        return 1
+        return EXIT_FAILURE
     retired, new = rotate(data, overlap_ms=int(args.overlap_days * DAY_MS), now_ms=int(time.time() * 1000))
     print(
         f"new relay key {new.key_id}; {retired.key_id} stays valid for verification"
@@ -92,20 +90,4 @@ def cmd_relay_key_rotate(args: argparse.Namespace) -> int:
         "with several replicas (PostgreSQL): put the new key file into the Secret every replica mounts"
         " and restart them all; a replica with other keys refuses to start"
     )
-    return 0
-
-
-def register_federation_admin(admin_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    fed = admin_sub.add_parser("federation", help="show federation peers, or retry delivery now")
-    fed.add_argument("action", nargs="?", choices=["show", "retry"], default="show")
-    fed.add_argument("peer", nargs="?", help="with retry: only this peer (default: all)")
-    fed.add_argument("--data", default="./data", help="relay data directory")
-    fed.add_argument("--database", default="", help="postgresql://… instead of SQLite in --data")
-    fed.set_defaults(func=cmd_federation)
-
-    key = admin_sub.add_parser("relay-key", help="manage the relay's federation signing key")
-    key_sub = key.add_subparsers(dest="relay_key_command", metavar="ACTION", required=True)
-    rot = key_sub.add_parser("rotate", help="new signing key; the old one stays valid for an overlap period")
-    rot.add_argument("--data", default="./data", help="relay data directory")
-    rot.add_argument("--overlap-days", type=float, default=7.0, help="days the old key stays valid (default 7)")
-    rot.set_defaults(func=cmd_relay_key_rotate)
+    return EXIT_OK

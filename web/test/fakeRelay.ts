@@ -2,10 +2,10 @@
 // without a Python relay — and a malicious one: each answer can be rewritten by a `tamper` hook before the
 // client sees it. It checks what a client must get right (signatures, bundles, tokens) loosely; the real
 // relay's rules are tested by tests/web/test_node_client.py.
-import { toHex } from "../src/protocol/bytes.js";
+import { fromBase32, toHex } from "../src/protocol/bytes.js";
 import { type StructDef, decode, encode } from "../src/protocol/codec.js";
 import { verifyChallengeSignature } from "../src/protocol/auth.js";
-import { verifyGenesis } from "../src/protocol/deviceList.js";
+import { evaluateVersion, verifyGenesis } from "../src/protocol/deviceList.js";
 import { formatAddress, parseAddress } from "../src/protocol/ids.js";
 import {
   AckRequestDef,
@@ -34,6 +34,20 @@ import {
   WellKnownDef,
 } from "../src/protocol/messages.js";
 
+import {
+  AppendRequestDef,
+  AppendResponseDef,
+  DeviceListAcceptedDef,
+  type EnrolmentOffer,
+  EnrolmentOfferDef,
+  type EnrolmentProposal,
+  EnrolmentProposalDef,
+  ExpiresAtDef,
+  type LogRecord,
+  LogPageDef,
+  PostDeviceListRequestDef,
+} from "../src/protocol/wire.js";
+
 export const RELAY_NAME = "relay.test";
 
 /** Rewrites of the relay's answers, by route: what a malicious relay can do. */
@@ -42,6 +56,10 @@ export interface Tamper {
   challenge?: (challenge: Challenge) => Challenge;
   bundle?: (bundle: PrekeyBundle) => PrekeyBundle;
   inbox?: (envelopes: InboxEnvelope[]) => InboxEnvelope[];
+  offer?: (offer: EnrolmentOffer) => EnrolmentOffer;
+  proposal?: (proposal: EnrolmentProposal) => EnrolmentProposal;
+  /** The log records of one page, as served. */
+  log?: (records: LogRecord[]) => LogRecord[];
   /** Any route: answer this instead (status, body). */
   raw?: (method: string, path: string) => { status: number; body: string; type: string } | null;
 }
@@ -74,6 +92,10 @@ export class FakeRelay {
   private nextToken = 1;
   private readonly idempotency = new Map<string, { id: Uint8Array; sent_at_ms: number; duplicate: boolean }>();
   acknowledged = 0;
+  /** Enrolment offers by lookup id (hex), with the proposal once one is posted. */
+  readonly enrolments = new Map<string, { offer: EnrolmentOffer; proposal: EnrolmentProposal | null }>();
+  /** The account log (one account per fake relay is enough for the tests): records in position order. */
+  readonly log: LogRecord[] = [];
 
   readonly fetch = async (url: string, init: RequestInit): Promise<Response> => {
     const { pathname, searchParams } = new URL(url);
@@ -117,6 +139,53 @@ export class FakeRelay {
       if (!versions) return problem(404, "unknown_account", "no such account");
       const chain = { account_id: chainMatch[1]!, versions: [...versions] };
       return ok(DeviceListChainDef, this.tamper.chain ? this.tamper.chain(chain) : chain);
+    }
+    if (method === "POST" && chainMatch) {
+      // A next version: judged by the same rules as the client (the real relay's are tested in Python).
+      const { signed } = decode(PostDeviceListRequestDef, body);
+      const versions = this.chains.get(chainMatch[1]!);
+      if (!versions) return problem(404, "unknown_account", "no such account");
+      const head = versions[versions.length - 1]!.device_list;
+      if (signed.device_list.version !== head.version + 1) return problem(409, "device_list_conflict", "stale");
+      let change;
+      try {
+        change = evaluateVersion(head, signed);
+      } catch (error) {
+        return problem(422, "invalid_device_list", String(error));
+      }
+      versions.push(signed);
+      for (const d of change.added) {
+        const record = {
+          entry: d,
+          accountId: chainMatch[1]!,
+          signedPrekey: null,
+          lastResort: null,
+          oneTime: [],
+          inbox: [],
+        };
+        this.devices.set(d.device_id, record);
+      }
+      for (const d of change.removed) {
+        this.devices.delete(d.device_id);
+        for (const [token, device] of this.tokens) if (device === d.device_id) this.tokens.delete(token);
+      }
+      const accepted = { account_id: chainMatch[1]!, version: signed.device_list.version, list_hash: change.listHash };
+      return ok(DeviceListAcceptedDef, accepted, 201);
+    }
+    if (method === "POST" && pathname === "/v1/enrolments") {
+      const offer = decode(EnrolmentOfferDef, body);
+      const key = toHex(offer.lookup_id);
+      if (this.enrolments.has(key)) return problem(409, "enrolment_used", "used");
+      this.enrolments.set(key, { offer, proposal: null });
+      return ok(ExpiresAtDef, { expires_at_ms: Date.now() + 600_000 }, 201);
+    }
+    const proposalMatch = /^\/v1\/enrolments\/([a-z2-7]{16})\/proposal$/.exec(pathname);
+    if (method === "GET" && proposalMatch) {
+      const enrolment = this.enrolments.get(toHex(fromBase32(proposalMatch[1]!)));
+      if (!enrolment) return problem(404, "enrolment_unknown", "no offer");
+      if (!enrolment.proposal) return new Response(null, { status: 204 });
+      const proposal = this.tamper.proposal ? this.tamper.proposal(enrolment.proposal) : enrolment.proposal;
+      return ok(EnrolmentProposalDef, proposal);
     }
     if (method === "POST" && pathname === "/v1/auth/challenge") {
       const { device_id } = decode(ChallengeRequestDef, body);
@@ -226,6 +295,41 @@ export class FakeRelay {
       me.inbox = me.inbox.filter((e) => e.cursor > (request.up_to ?? -1));
       this.acknowledged += before - me.inbox.length;
       return ok(AckResponseDef, { acknowledged: before - me.inbox.length });
+    }
+    const offerMatch = /^\/v1\/enrolments\/([a-z2-7]{16})$/.exec(pathname);
+    if (method === "GET" && offerMatch) {
+      const enrolment = this.enrolments.get(toHex(fromBase32(offerMatch[1]!)));
+      if (!enrolment) return problem(404, "enrolment_unknown", "no offer");
+      if (enrolment.proposal) return problem(409, "enrolment_used", "used");
+      return ok(EnrolmentOfferDef, this.tamper.offer ? this.tamper.offer(enrolment.offer) : enrolment.offer);
+    }
+    if (method === "POST" && proposalMatch) {
+      const enrolment = this.enrolments.get(toHex(fromBase32(proposalMatch[1]!)));
+      if (!enrolment) return problem(404, "enrolment_unknown", "no offer");
+      if (enrolment.proposal) return problem(409, "enrolment_used", "used");
+      enrolment.proposal = decode(EnrolmentProposalDef, body);
+      return ok(ExpiresAtDef, { expires_at_ms: Date.now() + 600_000 }, 201);
+    }
+    if (method === "GET" && pathname === "/v1/log") {
+      const after = Number(searchParams.get("after") ?? "0");
+      const records = this.log.filter((r) => r.position > after);
+      const served = this.tamper.log ? this.tamper.log(records) : records;
+      const head = this.log.length;
+      return ok(LogPageDef, { records: served, next_after: head, head, horizon: 0, more: false });
+    }
+    if (method === "POST" && pathname === "/v1/log") {
+      const request = decode(AppendRequestDef, body);
+      if (request.expected_head !== null && request.expected_head !== this.log.length) {
+        return problem(409, "log_conflict", "the head moved");
+      }
+      const results = request.records.map((r) => {
+        const existing = this.log.find((x) => toHex(x.record_id) === toHex(r.record_id));
+        if (existing) return { record_id: r.record_id, position: existing.position, duplicate: true };
+        const position = this.log.length + 1;
+        this.log.push({ ...r, position, committed_at_ms: Date.now(), size: r.ciphertext.length });
+        return { record_id: r.record_id, position, duplicate: false };
+      });
+      return ok(AppendResponseDef, { head: this.log.length, results }, 201);
     }
     return problem(404, "not_found", `${method} ${pathname}`);
   };

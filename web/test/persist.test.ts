@@ -4,6 +4,7 @@
 // exercised in Chromium (tests/web/test_browser_messages.py).
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
+import { decode as msgpackDecode, encode as msgpackEncode } from "@msgpack/msgpack";
 import { fromUtf8, utf8 } from "../src/protocol/bytes.js";
 import { TetherlessError } from "../src/protocol/errors.js";
 import {
@@ -125,6 +126,35 @@ describe("state at rest", () => {
     const bytes = encodeState(state);
     assert.deepEqual(encodeState(decodeState(bytes)), bytes);
     assert.deepEqual(decodeState(bytes), state);
+  });
+
+  it("a state saved before the log's pending records and the outbox's pair_seq decodes with neither", async () => {
+    const relay = new FakeRelay();
+    const a = await memoryDevice(relay);
+    const b = await memoryDevice(relay);
+    await a.send(b.identity.address, "text/plain", utf8("x")); // posted: its message-sent record is queued
+    const api = a.api as unknown as { fetchFn: typeof relay.fetch };
+    api.fetchFn = async (url, init) => {
+      if (url.endsWith("/v1/messages")) throw new TypeError("offline");
+      return relay.fetch(url, init);
+    };
+    await assert.rejects(a.send(b.identity.address, "text/plain", utf8("y"))); // sealed, waits in the outbox
+    const state = (a.store as unknown as { state: Parameters<typeof encodeState>[0] }).state;
+    assert.deepEqual(
+      [...state.outbox.values()].map((e) => e.pairSeq),
+      [2],
+    );
+    const older = msgpackDecode(encodeState(state)) as Record<string, unknown>;
+    assert.equal((older["log_pending"] as unknown[]).length, 1);
+    delete older["log_pending"];
+    for (const entry of older["outbox"] as Record<string, unknown>[]) delete entry["pair_seq"];
+    const decoded = decodeState(msgpackEncode(older));
+    assert.deepEqual(decoded.logPending, new Map());
+    assert.deepEqual(
+      [...decoded.outbox.values()].map((e) => e.pairSeq),
+      [0],
+    );
+    assert.deepEqual(decoded.messages, state.messages);
   });
 
   it("the record opens only under its own key and unchanged", async () => {

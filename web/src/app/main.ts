@@ -4,20 +4,26 @@
 // WebCrypto key (src/client/persist.ts, idb.ts). The DOM is built with textContent only (the relay's CSP
 // requires Trusted Types for HTML sinks; none is used). One tab owns the device (a Web Lock).
 export {}; // a module: its names stay out of the global scope (window.status exists)
-import { fromUtf8, utf8 } from "../protocol/bytes.js";
+import { fromUtf8, toHex, utf8 } from "../protocol/bytes.js";
 import { TetherlessError } from "../protocol/errors.js";
 import {
   IdbBackend,
+  Outbox,
   PersistentStore,
   RelayApi,
   RelayError,
   TetherlessClient,
   TransportError,
   UnknownRelayError,
+  isPermanentFailure,
   requestPersistence,
+  wipeBrowserDevice,
+  type QueuedMessage,
   type RefusedMessage,
   type StoredMessage,
 } from "../client/index.js";
+import { DeviceScreens } from "./devices.js";
+import { element } from "./dom.js";
 
 declare const __TETHERLESS_WEB_VERSION__: string;
 
@@ -29,12 +35,6 @@ const LOCK = "tetherless-device";
 const SETTING_RELAY = "relay_url";
 const SETTING_PREKEYS = "prekeys_published";
 const TOKEN_CODES = new Set(["missing_token", "invalid_token", "token_expired"]);
-
-function element<T extends HTMLElement>(id: string): T {
-  const found = document.getElementById(id);
-  if (!found) throw new Error(`the page has no #${id}`);
-  return found as T;
-}
 
 const ui = {
   version: element("version"),
@@ -55,6 +55,12 @@ const ui = {
   send: element<HTMLButtonElement>("send"),
   receiving: element("receiving"),
   log: element("log"),
+  outboxSection: element("outbox-section"),
+  outbox: element("outbox"),
+  signOut: element<HTMLButtonElement>("signout"),
+  signOutConfirm: element("signout-confirm"),
+  signOutYes: element<HTMLButtonElement>("signout-yes"),
+  signOutNo: element<HTMLButtonElement>("signout-no"),
 };
 
 /** One line a user can act on, for any error this app meets. */
@@ -65,7 +71,7 @@ function describe(error: unknown): string {
     return `The relay answered with an error that is not a problem: ${error.message}`;
   if (error instanceof TransportError) return `Cannot reach the relay: ${error.message}`;
   if (error instanceof TetherlessError) return `Refused: ${error.code}: ${error.detail}`;
-  if (error instanceof RefusedMessages) return error.message;
+  if (error instanceof RefusedMessages || error instanceof NotSent) return error.message;
   return `Unexpected error: ${error instanceof Error ? error.message : String(error)}`;
 }
 
@@ -74,6 +80,14 @@ class RefusedMessages extends Error {
   constructor(refused: readonly RefusedMessage[]) {
     const first = refused[0]!;
     super(`${refused.length} message(s) could not be opened and were dropped: ${first.code}: ${first.detail}`);
+  }
+}
+
+/** Queued messages that failed permanently while the outbox was flushed: they wait for Retry or Discard. */
+class NotSent extends Error {
+  constructor(failed: readonly QueuedMessage[]) {
+    const first = failed[0]!;
+    super(`${failed.length} message(s) to ${first.to} were not sent: ${first.failure?.code}: ${first.failure?.detail}`);
   }
 }
 
@@ -87,8 +101,13 @@ function clearError(): void {
   ui.alert.textContent = "";
 }
 
-function render(messages: readonly StoredMessage[]): void {
-  const items = messages.slice(-SHOWN_MESSAGES).map((m) => {
+/**
+ * The conversation. Sent messages whose envelopes the relay has not accepted yet (`unposted`: message ids in
+ * hex) are shown in the outbox instead ({@link outboxItem}), so the log holds only what left.
+ */
+function render(messages: readonly StoredMessage[], unposted: ReadonlySet<string> = new Set()): void {
+  const shown = messages.filter((m) => !(m.direction === "out" && unposted.has(toHex(m.messageId))));
+  const items = shown.slice(-SHOWN_MESSAGES).map((m) => {
     const item = document.createElement("li");
     item.className = m.direction;
     const meta = document.createElement("span");
@@ -106,6 +125,33 @@ function render(messages: readonly StoredMessage[]): void {
   ui.log.replaceChildren(...items);
 }
 
+/** One entry of the outbox list: where it goes, its state, its text, and the actions it offers. */
+function outboxItem(
+  to: string,
+  state: string,
+  contentType: string,
+  body: Uint8Array,
+  actions: readonly [string, () => void][] = [],
+): HTMLLIElement {
+  const item = document.createElement("li");
+  if (actions.length) item.className = "failed"; // only a failed entry offers Retry / Discard
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.textContent = `To ${to} · ${state}`;
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = contentType.startsWith("text/") ? fromUtf8Lenient(body) : `(${body.length} bytes)`;
+  item.append(meta, text);
+  for (const [label, act] of actions) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.addEventListener("click", act);
+    item.append(" ", button);
+  }
+  return item;
+}
+
 function fromUtf8Lenient(body: Uint8Array): string {
   try {
     return fromUtf8(body);
@@ -118,15 +164,76 @@ class App {
   private client: TetherlessClient | null = null;
   private loggedIn = false;
   private polling = false;
+  /** Bumped by sign-out: a poll loop of an earlier device ends. */
+  private generation = 0;
+  private signedOut = false;
+  /** The network work (send, poll, sign-out) runs one at a time: a message is never sealed twice at once. */
+  private running: Promise<unknown> = Promise.resolve();
+  private wake: (() => void) | null = null;
+  private shown = "";
 
-  constructor(private readonly store: PersistentStore) {}
+  constructor(
+    private store: PersistentStore,
+    private outbox: Outbox,
+    private backend: IdbBackend,
+  ) {}
+
+  private deviceScreens: DeviceScreens | null = null;
+
+  /** Linking, approving and the revoked state (src/app/devices.ts). */
+  private get devices(): DeviceScreens {
+    this.deviceScreens ??= new DeviceScreens({
+      store: () => this.store,
+      api: () => this.api().api,
+      withLogin: (call) => this.withLogin(call),
+      showAccount: () => this.showAccount(),
+      render: () => this.refresh(),
+      showError,
+    });
+    return this.deviceScreens;
+  }
+
+  /** "Link this device": this browser joins an account a device of which approves it (devices.ts). */
+  private async linkDevice(): Promise<void> {
+    ui.link.disabled = true;
+    clearError();
+    try {
+      await this.reopenAfterSignOut();
+      let origin: string;
+      try {
+        origin = new URL(ui.relayUrl.value.trim()).origin;
+      } catch {
+        throw new TetherlessError("invalid_field", "the Relay URL is not a URL (e.g. https://relay.example)");
+      }
+      this.store.transaction(() => this.store.setSetting(SETTING_RELAY, origin));
+      this.client = null;
+      await this.devices.link();
+    } catch (error) {
+      showError(error);
+    } finally {
+      ui.link.disabled = false;
+    }
+  }
 
   start(): void {
+    this.devices.start();
+    ui.signOut.addEventListener("click", () => {
+      ui.signOutConfirm.hidden = false;
+      ui.signOutNo.focus();
+    });
+    ui.signOutNo.addEventListener("click", () => {
+      ui.signOutConfirm.hidden = true;
+    });
+    ui.signOutYes.addEventListener("click", () => void this.signOut());
+    // Back online: flush the outbox now rather than at the next poll.
+    addEventListener("online", () => {
+      this.showConnectivity();
+      this.wake?.();
+    });
+    addEventListener("offline", () => this.showConnectivity());
     ui.relayUrl.value = this.store.setting(SETTING_RELAY) ?? location.origin;
     ui.create.addEventListener("click", () => void this.createAccount());
-    ui.link.addEventListener("click", () => {
-      ui.setupNote.textContent = "Linking this browser to an existing account is not yet available.";
-    });
+    ui.link.addEventListener("click", () => void this.linkDevice());
     ui.copy.addEventListener("click", () => void this.copyAddress());
     ui.compose.addEventListener("submit", (event) => {
       event.preventDefault(); // no navigation (the CSP's form-action 'none' would refuse one anyway)
@@ -164,6 +271,7 @@ class App {
     ui.create.disabled = true;
     clearError();
     try {
+      await this.reopenAfterSignOut();
       let url: URL;
       try {
         url = new URL(ui.relayUrl.value.trim());
@@ -200,12 +308,66 @@ class App {
     ui.setup.hidden = true;
     ui.account.hidden = false;
     ui.address.textContent = identity.address;
-    render(this.store.messages());
+    this.refresh();
     if (!this.polling) {
       this.polling = true;
-      ui.receiving.textContent = `Checking for new messages every ${POLL_MS / 1000} seconds while this tab is open.`;
-      void this.poll();
+      this.showConnectivity();
+      void this.poll(this.generation);
     }
+  }
+
+  private showConnectivity(): void {
+    ui.receiving.textContent = navigator.onLine
+      ? `Checking for new messages every ${POLL_MS / 1000} seconds while this tab is open.`
+      : "Offline: messages you send wait in the outbox and go out when the connection returns.";
+  }
+
+  /** Show the conversation and the outbox again when either changed. */
+  private refresh(): void {
+    const sealed = this.store.outbox();
+    const unposted = new Set(sealed.map((e) => toHex(e.messageId)));
+    const queued = this.outbox.items();
+    const key = [
+      this.store.messages().length,
+      ...unposted,
+      ...queued.map((q) => toHex(q.id) + (q.failure?.code ?? "")),
+    ];
+    if (key.join() === this.shown) return;
+    this.shown = key.join();
+    render(this.store.messages(), unposted);
+    const waiting = this.store.messages().filter((m) => m.direction === "out" && unposted.has(toHex(m.messageId)));
+    ui.outbox.replaceChildren(
+      ...waiting.map((m) =>
+        outboxItem(m.peer, "waiting: sealed, not yet accepted by the relay", m.contentType, m.body),
+      ),
+      ...queued.map((q) =>
+        q.failure
+          ? outboxItem(q.to, `not sent: ${q.failure.code}: ${q.failure.detail}`, q.contentType, q.body, [
+              ["Retry", () => void this.exclusive(() => this.outbox.retry(q.id)).then(() => this.wake?.())],
+              ["Discard", () => void this.exclusive(() => this.outbox.discard(q.id)).then(() => this.refresh())],
+            ])
+          : outboxItem(q.to, "waiting", q.contentType, q.body),
+      ),
+    );
+    ui.outboxSection.hidden = ui.outbox.childElementCount === 0;
+  }
+
+  /** Run `work` after the network work already started (one at a time); rejects as `work` does. */
+  private exclusive<T>(work: () => Promise<T>): Promise<T> {
+    const result = this.running.then(work, work);
+    this.running = result.catch(() => undefined);
+    return result;
+  }
+
+  /** Wait `ms`, or less when {@link wake} is called (back online, a retry, sign-out). */
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
   }
 
   private async copyAddress(): Promise<void> {
@@ -217,6 +379,12 @@ class App {
     }
   }
 
+  /**
+   * Queue the message (on disk, no network: offline it waits in the outbox), then try to seal and post it
+   * now. A lasting refusal of a message just written (the relay does not know the recipient, its device list
+   * does not verify) takes it out of the outbox and gives the text back; a passing one (no network) leaves
+   * it waiting for the next poll or the `online` event.
+   */
   private async send(): Promise<void> {
     const to = ui.to.value.trim();
     const text = ui.message.value;
@@ -224,37 +392,150 @@ class App {
     ui.send.disabled = true;
     clearError();
     try {
-      await this.withLogin((client) => client.send(to, TEXT, utf8(text)));
+      const entry = await this.outbox.queue(to, TEXT, utf8(text), Date.now());
       ui.message.value = "";
+      this.refresh();
+      await this.exclusive(async () => {
+        try {
+          await this.withLogin((client) => this.outbox.seal(client, entry));
+        } catch (error) {
+          if (!isPermanentFailure(error)) throw error; // it waits
+          await this.outbox.discard(entry.id);
+          if (!ui.message.value) ui.message.value = text; // kept for another try
+          throw error;
+        }
+        await this.withLogin((client) => client.flushOutbox());
+      });
     } catch (error) {
       showError(error);
     } finally {
-      // A message sealed before the failure is kept in the log and in the outbox; the next poll posts it.
-      render(this.store.messages());
+      this.refresh();
       ui.send.disabled = false;
     }
   }
 
-  /** Forever: finish setup if a reload interrupted it, post the outbox, fetch the inbox; then wait. */
-  private async poll(): Promise<void> {
-    for (;;) {
+  /**
+   * Sign-out on a shared computer: stop, delete this browser's copy of the device (database, key, outbox,
+   * the service worker and its caches: {@link wipeBrowserDevice}) and show the start screen. The relay is
+   * not told: the device stays in the account's list until another device revokes it (web/README.md).
+   */
+  private async signOut(): Promise<void> {
+    ui.signOutYes.disabled = true;
+    clearError();
+    this.generation += 1;
+    this.wake?.();
+    try {
+      await this.exclusive(async () => {
+        this.signedOut = true;
+        this.backend.close();
+        await wipeBrowserDevice();
+      });
+      this.client = null;
+      this.loggedIn = false;
+      this.polling = false;
+      this.shown = "";
+      for (const list of [ui.log, ui.outbox]) list.replaceChildren();
+      for (const field of [ui.to, ui.message]) field.value = "";
+      ui.address.textContent = "";
+      ui.signOutConfirm.hidden = true;
+      ui.account.hidden = true;
+      ui.relayUrl.value = location.origin;
+      ui.setup.hidden = false;
+      ui.setupNote.textContent =
+        "Signed out: this browser no longer holds the device's keys, messages or outbox. Close the tab when done.";
+    } catch (error) {
+      showError(error);
+    } finally {
+      ui.signOutYes.disabled = false;
+    }
+  }
+
+  /** After a sign-out, a new account starts from a new, empty database (and a new key). */
+  private async reopenAfterSignOut(): Promise<void> {
+    if (!this.signedOut) return;
+    const opened = await openDevice();
+    [this.backend, this.store, this.outbox] = [opened.backend, opened.store, opened.outbox];
+    this.signedOut = false;
+    registerServiceWorker();
+  }
+
+  /**
+   * Until sign-out: finish setup if a reload interrupted it, seal the queued messages, post the sealed ones,
+   * fetch the inbox (acknowledged only after the local commit: client.receive); then wait.
+   */
+  private async poll(generation: number): Promise<void> {
+    while (generation === this.generation) {
       try {
-        await this.finishSetup();
-        await this.withLogin(async (client) => {
-          await client.flushOutbox();
-          const { received, refused } = await client.receive();
-          if (received.length) render(this.store.messages());
-          // Refused envelopes are acknowledged with their page (one bad message never blocks the others).
-          if (refused.length) throw new RefusedMessages(refused);
+        await this.exclusive(async () => {
+          if (generation !== this.generation) return;
+          await this.finishSetup();
+          await this.withLogin(async (client) => {
+            // A queued message that fails for good is marked and reported; the others go on.
+            const failed = await this.outbox.flush(client);
+            await client.flushOutbox();
+            const { refused } = await client.receive();
+            // The account log: history from the other devices (a linked device replays it all), revocation.
+            if (!(await this.devices.sync(client))) return;
+            this.refresh();
+            if (failed.length) throw new NotSent(failed);
+            // Refused envelopes are acknowledged with their page (one bad message never blocks the others).
+            if (refused.length) throw new RefusedMessages(refused);
+          });
         });
         if (ui.alert.textContent?.startsWith("Cannot reach the relay")) clearError();
       } catch (error) {
-        showError(error);
+        if (this.devices.isRevoked(error)) this.devices.showRevoked();
+        if (generation === this.generation) showError(error);
       }
-      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      if (generation === this.generation) this.refresh();
+      await this.sleep(POLL_MS);
     }
   }
 }
+
+/** This browser's device: the database, the sealed state and the outbox, all under one non-extractable key. */
+async function openDevice(): Promise<{ backend: IdbBackend; store: PersistentStore; outbox: Outbox }> {
+  const backend = await IdbBackend.open();
+  const store = await PersistentStore.open(backend, backend.key);
+  const outbox = await Outbox.open(backend, backend.key);
+  return { backend, store, outbox };
+}
+
+/**
+ * The app shell offline (src/sw.ts, built to sw.js next to app.js). Without it (no service worker support,
+ * or the browser refused) the app works online only, and says so.
+ */
+function registerServiceWorker(): void {
+  const workers = navigator.serviceWorker;
+  if (!workers) return;
+  workers.register(workerUrl() as unknown as string, { scope: "./" }).catch(() => {
+    ui.version.textContent += " · no offline copy in this browser";
+  });
+}
+
+/**
+ * The worker's script URL. The relay's CSP requires Trusted Types for script URLs, so `register` takes a
+ * `TrustedScriptURL`; the policy admits exactly the one script, nothing a string could smuggle in.
+ */
+function workerUrl(): unknown {
+  const types = (globalThis as { trustedTypes?: TrustedTypes }).trustedTypes;
+  if (!types) return SERVICE_WORKER;
+  workerPolicy ??= types.createPolicy("tetherless-service-worker", {
+    createScriptURL: (url: string) => {
+      if (url !== SERVICE_WORKER) throw new TypeError(`not the service worker: ${url}`);
+      return url;
+    },
+  });
+  return workerPolicy.createScriptURL(SERVICE_WORKER);
+}
+const SERVICE_WORKER = "./sw.js";
+interface TrustedTypes {
+  createPolicy(
+    name: string,
+    rules: { createScriptURL(url: string): string },
+  ): { createScriptURL(url: string): unknown };
+}
+let workerPolicy: ReturnType<TrustedTypes["createPolicy"]> | undefined;
 
 async function main(): Promise<void> {
   ui.version.textContent = `Tetherless web ${__TETHERLESS_WEB_VERSION__}`;
@@ -265,18 +546,24 @@ async function main(): Promise<void> {
     return;
   }
   ui.status.textContent = "This browser can run the Tetherless client.";
+  registerServiceWorker();
   const run = async (lock: Lock | null): Promise<void> => {
     if (!lock) {
       ui.alert.textContent =
-        "Tetherless is open in another tab of this browser. Use that tab: one device must not run twice.";
+        "Tetherless is open in another tab of this browser. Use that tab: one device must not run twice. " +
+        "This tab is inactive and takes over when that one closes.";
       ui.alert.hidden = false;
+      ui.status.textContent = "Inactive: another tab runs this device.";
+      // Queue for the lock: granted when the other tab closes (or signs out and closes), never before.
+      await navigator.locks.request(LOCK, run);
       return;
     }
+    clearError();
+    ui.status.textContent = "This browser can run the Tetherless client.";
     try {
-      const backend = await IdbBackend.open();
-      const store = await PersistentStore.open(backend, backend.key);
+      const { backend, store, outbox } = await openDevice();
       void requestPersistence();
-      new App(store).start();
+      new App(store, outbox, backend).start();
     } catch (error) {
       showError(error);
       return;

@@ -7,14 +7,22 @@
  * answer decoded against its schema.
  *
  * Randomness and the clock are injected ({@link ClientDeps}); the protocol code under it stays pure.
- * Not yet: the account log (history, grants), device linking and approval, revocation handling beyond
- * refusing revoked senders, WebAuthn, streams (the inbox is polled), federation (remote relays).
+ * Linking and approval: linking.ts; the account log (history, grants) and this device's revocation:
+ * logsync.ts. Not yet: WebAuthn, streams (the inbox is polled), federation (remote relays).
  */
+import { equal } from "../protocol/bytes.js";
 import { genesisV3, listHash, verifyChain } from "../protocol/deviceList.js";
 import { InvalidPayloadError, TetherlessError } from "../protocol/errors.js";
 import { mlkemPublic, encapsulate, type PeerPrekeys } from "../protocol/handshake.js";
 import { canonicalAddress, formatAddress, parseAddress } from "../protocol/ids.js";
-import { FRAME_CONTENT_TYPE, envelopeKey, frameMessage, unframeMessage } from "../protocol/log.js";
+import {
+  FRAME_CONTENT_TYPE,
+  type LogPlaintext,
+  envelopeKey,
+  frameMessage,
+  messageRecordId,
+  unframeMessage,
+} from "../protocol/log.js";
 import type { DeviceEntry, InboxEnvelope, PrekeyKind, SealedV2, SignedPrekey } from "../protocol/messages.js";
 import { signPrekey, verifyBundle } from "../protocol/prekeys.js";
 import * as session from "../protocol/session.js";
@@ -22,7 +30,7 @@ import { signChallenge } from "../protocol/auth.js";
 import { x25519Public } from "../protocol/x25519.js";
 import { RelayError } from "./errors.js";
 import type { RelayApi } from "./http.js";
-import type { ClientStore, DeviceIdentity, OutboxEntry } from "./store.js";
+import type { ClientStore, DeviceIdentity, LogPendingEntry, OutboxEntry } from "./store.js";
 
 /** `n` fresh random bytes. */
 export type Random = (n: number) => Uint8Array;
@@ -51,6 +59,8 @@ export interface ReceivedMessage {
   readonly sender: string;
   readonly senderSignKey: Uint8Array;
   readonly sentAtMs: number;
+  /** When the relay accepted the envelope (its `sent_at_ms`): the `relay_sent_at_ms` of the log record. */
+  readonly relaySentAtMs: number;
   readonly messageId: Uint8Array;
   /** The per-pair sequence number of a framed message, 0 when the sender did not frame it. */
   readonly pairSeq: number;
@@ -243,6 +253,31 @@ export class TetherlessClient {
    * post the message stays queued: {@link flushOutbox} retries it (do not call `send` again for it).
    */
   async send(to: string, contentType: string, body: Uint8Array, ttlSeconds?: number): Promise<SentEnvelope[]> {
+    const sealed = await this.seal(to, contentType, body, {
+      messageId: this.deps.random(16),
+      sentAtMs: this.deps.now(),
+      ttlSeconds,
+    });
+    return sealed ? this.post(sealed) : [];
+  }
+
+  /**
+   * The first half of {@link send}: resolve `to` (verified chains, sessions), seal the message and commit
+   * its envelopes to the outbox and it to the history, durably — without posting it ({@link flushOutbox}
+   * does). For a message queued earlier (outbox.ts), so its id and time are given. Idempotent per
+   * `messageId`: a message already in the history is not sealed again (null); so a crash between this commit
+   * and the caller's own bookkeeping never sends a message twice. Throws as {@link send}.
+   */
+  async seal(
+    to: string,
+    contentType: string,
+    body: Uint8Array,
+    message: { readonly messageId: Uint8Array; readonly sentAtMs: number; readonly ttlSeconds?: number | undefined },
+  ): Promise<OutboxEntry | null> {
+    const { messageId, sentAtMs, ttlSeconds } = message;
+    const sealedBefore = (m: { direction: string; messageId: Uint8Array }) =>
+      m.direction === "out" && equal(m.messageId, messageId);
+    if (this.store.messages().some(sealedBefore)) return null;
     const me = this.identity;
     const target = parseAddress(to);
     if (target.relay !== me.relayName) {
@@ -262,14 +297,16 @@ export class TetherlessClient {
     const addressOf = (d: DeviceEntry) =>
       formatAddress({ account: target.account, relay: target.relay, device: d.device_id });
     await this.ensureSessions(targets.map((d) => [addressOf(d), d] as const));
-    const messageId = this.deps.random(16);
-    const sentAtMs = this.deps.now();
     const entry = this.store.transaction(() => {
+      if (this.store.messages().some(sealedBefore)) return null; // sealed by a concurrent call meanwhile
+      // One number per message and recipient account (account-log.md §9), taken when it is sealed: a message
+      // that fails before (an unknown recipient, a list that does not verify) leaves no gap.
+      const pairSeq = this.store.takePairSeq(`${target.account}@${target.relay}`);
       const envelopes = targets.map((d) => {
         const address = addressOf(d);
         const state = this.store.currentSession(address);
         if (!state) throw new Error(`no session with ${address}`);
-        const framed = frameMessage(this.store.takePairSeq(address), contentType, body);
+        const framed = frameMessage(pairSeq, contentType, body);
         const [next, ciphertext] = session.seal(state, {
           senderListVersion: own.version,
           recipientBoxKey: state.peer_identity_key,
@@ -287,14 +324,14 @@ export class TetherlessClient {
           ttl_seconds: ttlSeconds ?? null,
         };
       });
-      const queued = { messageId, envelopes };
+      const queued = { messageId, envelopes, pairSeq };
       this.store.putOutbox(queued);
       this.store.keepMessage({ direction: "out", peer: canonicalAddress(to), sentAtMs, messageId, contentType, body });
       return queued;
     });
     // Sealed envelopes advance ratchets: they reach the relay only once the outbox is on disk (crypto.md §8.5).
     await this.store.durable();
-    return this.post(entry);
+    return entry;
   }
 
   /**
@@ -313,12 +350,49 @@ export class TetherlessClient {
     if (response.accepted.length !== entry.envelopes.length) {
       throw new TetherlessError("malformed_body", "the relay accepted another number of envelopes than were sent");
     }
-    this.store.transaction(() => this.store.deleteOutbox(entry.messageId));
+    // The message-sent record is queued in the commit that ends the entry (account-log.md §10 send step 4):
+    // appended by LogSync.appendPending, again after a crash, never lost in between.
+    this.store.transaction(() => {
+      this.store.deleteOutbox(entry.messageId);
+      const sent = this.sentRecord(entry, response.accepted);
+      if (sent) this.store.putLogPending(sent);
+    });
     return entry.envelopes.map((e, i) => ({
       recipient: e.recipient,
       envelopeId: response.accepted[i]!.id,
       duplicate: response.accepted[i]!.duplicate,
     }));
+  }
+
+  /** The `message-sent` record of a posted entry (null when its message is not in the history: nothing to log). */
+  private sentRecord(
+    entry: OutboxEntry,
+    accepted: readonly { id: Uint8Array; sent_at_ms: number }[],
+  ): LogPendingEntry | null {
+    const me = this.identity;
+    const message = this.store.messages().find((m) => m.direction === "out" && equal(m.messageId, entry.messageId));
+    if (!message) return null;
+    return this.pending({
+      type: "message-sent",
+      message_uid: entry.messageId,
+      sender: me.address,
+      recipients: entry.envelopes.map((e) => e.recipient),
+      pair_seq: entry.pairSeq,
+      sent_at_ms: message.sentAtMs,
+      content_type: message.contentType,
+      body: message.body,
+      envelope_ids: accepted.map((a) => a.id),
+      relay_sent_at_ms: Math.max(0, ...accepted.map((a) => a.sent_at_ms)),
+    });
+  }
+
+  /** `body` as a record to append, under its deterministic id (§4.4); `writer_seq` is given when first sealed. */
+  private pending(body: LogPlaintext["body"] & { sender: string; message_uid: Uint8Array }): LogPendingEntry {
+    const me = this.identity;
+    return {
+      recordId: messageRecordId(me.accountId, body.sender, body.message_uid),
+      plaintext: { writer_device: me.deviceId, writer_seq: 0, created_at_ms: this.deps.now(), body },
+    };
   }
 
   /** Start a session with each `(address, verified entry)` that has none, from one claim. */
@@ -405,6 +479,23 @@ export class TetherlessClient {
               contentType: message.contentType,
               body: message.body,
             });
+            // Its message-received record, in the same commit (account-log.md §10 receive step 2). Not held
+            // back for a pair_seq gap yet (§9): the inbox hands a sender's messages over in order.
+            this.store.putLogPending(
+              this.pending({
+                type: "message-received",
+                message_uid: message.messageId,
+                sender: message.sender,
+                sender_sign_key: message.senderSignKey,
+                recipient: this.identity.address,
+                pair_seq: message.pairSeq,
+                sent_at_ms: message.sentAtMs,
+                relay_sent_at_ms: message.relaySentAtMs,
+                content_type: message.contentType,
+                body: message.body,
+                late: false,
+              }),
+            );
           } catch (error) {
             if (!(error instanceof TetherlessError)) throw error;
             refusedList.push({
@@ -505,6 +596,7 @@ export class TetherlessClient {
       sender: senderAddress,
       senderSignKey: device.sign_key,
       sentAtMs: content.sent_at_ms,
+      relaySentAtMs: envelope.sent_at_ms,
       messageId: content.message_id,
       pairSeq,
       contentType,

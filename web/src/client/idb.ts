@@ -4,10 +4,14 @@
  * `CryptoKey` itself: IndexedDB stores a non-extractable key by structured clone, its bytes stay out of
  * the page's reach) and `state` (the sealed state). Nothing goes to localStorage.
  */
+import type { OutboxBackend } from "./outbox.js";
 import type { StateBackend } from "./persist.js";
 
-const DB_NAME = "tetherless";
+/** The one database this client keeps in a browser profile (sign-out deletes it: {@link wipeBrowserDevice}). */
+export const DB_NAME = "tetherless";
+const DB_VERSION = 2; // 2: the object store `outbox` (outbox.ts), one sealed record per queued message
 const STORE = "device";
+const OUTBOX = "outbox";
 const KEY_RECORD = "key";
 const STATE_RECORD = "state";
 
@@ -27,13 +31,20 @@ function completed(tx: IDBTransaction): Promise<void> {
 }
 
 function openDb(): Promise<IDBDatabase> {
-  const request = indexedDB.open(DB_NAME, 1);
-  request.onupgradeneeded = () => request.result.createObjectStore(STORE);
+  const request = indexedDB.open(DB_NAME, DB_VERSION);
+  // From any older version (0: new; 1: `device` only) add what is missing; existing records stay.
+  request.onupgradeneeded = () => {
+    const db = request.result;
+    for (const name of [STORE, OUTBOX]) if (!db.objectStoreNames.contains(name)) db.createObjectStore(name);
+  };
   return done(request);
 }
 
-/** The device's IndexedDB: the sealing key (created on first use, non-extractable) and the sealed state. */
-export class IdbBackend implements StateBackend {
+/**
+ * The device's IndexedDB: the sealing key (created on first use, non-extractable), the sealed state and the
+ * sealed outbox entries (outbox.ts).
+ */
+export class IdbBackend implements StateBackend, OutboxBackend {
   private constructor(
     private readonly db: IDBDatabase,
     readonly key: CryptoKey,
@@ -68,6 +79,52 @@ export class IdbBackend implements StateBackend {
     tx.objectStore(STORE).put(sealed, STATE_RECORD);
     await completed(tx);
   }
+
+  async loadOutbox(): Promise<(readonly [string, Uint8Array])[]> {
+    const store = this.db.transaction(OUTBOX, "readonly").objectStore(OUTBOX);
+    const [keys, values] = await Promise.all([done(store.getAllKeys()), done(store.getAll())]);
+    return keys.flatMap((key, i) => {
+      const value: unknown = values[i];
+      return typeof key === "string" && value instanceof Uint8Array ? [[key, value] as const] : [];
+    });
+  }
+
+  async saveOutboxEntry(id: string, sealed: Uint8Array): Promise<void> {
+    const tx = this.db.transaction(OUTBOX, "readwrite", { durability: "strict" });
+    tx.objectStore(OUTBOX).put(sealed, id);
+    await completed(tx);
+  }
+
+  async deleteOutboxEntry(id: string): Promise<void> {
+    const tx = this.db.transaction(OUTBOX, "readwrite", { durability: "strict" });
+    tx.objectStore(OUTBOX).delete(id);
+    await completed(tx);
+  }
+
+  /** Close the connection (a database with an open connection cannot be deleted). Idempotent. */
+  close(): void {
+    this.db.close();
+  }
+}
+
+/**
+ * Sign-out on a shared computer: delete the whole database (the non-extractable key with it, so any copy of
+ * the sealed records is useless), every Cache Storage cache of this origin (the service worker's shell) and
+ * the service worker's registration. Call with every connection closed ({@link IdbBackend.close}); rejects
+ * when another tab still holds one open (it is then "blocked": nothing is deleted until that tab closes).
+ * Idempotent. It does not touch the relay: the device stays in its account's list (web/README.md).
+ */
+export async function wipeBrowserDevice(): Promise<void> {
+  // The worker first: an installing worker must not fill a cache after it was deleted.
+  const registrations = (await navigator.serviceWorker?.getRegistrations()) ?? [];
+  await Promise.all(registrations.map((registration) => registration.unregister()));
+  if (globalThis.caches) for (const name of await caches.keys()) await caches.delete(name);
+  await new Promise<void>((resolve, reject) => {
+    const request = indexedDB.deleteDatabase(DB_NAME);
+    request.onsuccess = () => resolve();
+    request.onerror = () => reject(request.error ?? new Error("IndexedDB refused to delete the database"));
+    request.onblocked = () => reject(new Error("another tab still has this device open: close it and sign out again"));
+  });
 }
 
 /**

@@ -9,3 +9,4 @@ export * from "./http.js";
 export * from "./store.js";
 export * from "./idb.js";
 export * from "./persist.js";
+export * from "./outbox.js";

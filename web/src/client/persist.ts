@@ -20,6 +20,7 @@ import {
   type SignedDeviceList,
   SignedDeviceListDef,
 } from "../protocol/messages.js";
+import { type LogPlaintext, LogPlaintextDef } from "../protocol/log.js";
 import { type SessionState, SessionStateDef } from "../protocol/session.js";
 import { type MemoryState, MemoryStore, type StoredMessage, emptyState } from "./store.js";
 
@@ -111,12 +112,26 @@ const StoredCurrentDef: StructDef<StoredCurrent> = {
 interface StoredOutbox {
   message_id: Uint8Array;
   envelopes: OutboundEnvelope[];
+  pair_seq: number;
 }
 const StoredOutboxDef: StructDef<StoredOutbox> = {
   name: "StoredOutbox",
   fields: [
     { name: "message_id", type: bytes(16, 16) },
     { name: "envelopes", type: list(struct(OutboundEnvelopeDef), 1) },
+    // Added with the log's message-sent records: an entry saved before has none (its record says 0).
+    { name: "pair_seq", type: int(0), default: () => 0 },
+  ],
+};
+interface StoredLogPending {
+  record_id: Uint8Array;
+  plaintext: LogPlaintext;
+}
+const StoredLogPendingDef: StructDef<StoredLogPending> = {
+  name: "StoredLogPending",
+  fields: [
+    { name: "record_id", type: bytes(16, 16) },
+    { name: "plaintext", type: struct(LogPlaintextDef) },
   ],
 };
 interface StoredMessageRecord {
@@ -163,6 +178,7 @@ interface StoredState {
   outbox: StoredOutbox[];
   messages: StoredMessageRecord[];
   settings: StoredSetting[];
+  log_pending: StoredLogPending[];
 }
 const StoredStateDef: StructDef<StoredState> = {
   name: "StoredState",
@@ -180,6 +196,8 @@ const StoredStateDef: StructDef<StoredState> = {
     { name: "outbox", type: list(struct(StoredOutboxDef)) },
     { name: "messages", type: list(struct(StoredMessageDef)) },
     { name: "settings", type: list(struct(StoredSettingDef)) },
+    // Added with the log's message records (a state saved before has none pending).
+    { name: "log_pending", type: list(struct(StoredLogPendingDef)), default: () => [] },
   ],
 };
 
@@ -211,7 +229,11 @@ export function encodeState(state: MemoryState): Uint8Array {
     processed: [...state.processed].map(fromHex),
     cursor: state.cursor,
     pair_seq: counters(state.pairSeq),
-    outbox: [...state.outbox.values()].map((e) => ({ message_id: e.messageId, envelopes: [...e.envelopes] })),
+    outbox: [...state.outbox.values()].map((e) => ({
+      message_id: e.messageId,
+      envelopes: [...e.envelopes],
+      pair_seq: e.pairSeq,
+    })),
     messages: state.messages.map((m) => ({
       direction: m.direction,
       peer: m.peer,
@@ -221,6 +243,7 @@ export function encodeState(state: MemoryState): Uint8Array {
       body: m.body,
     })),
     settings: [...state.settings].map(([name, value]) => ({ name, value })),
+    log_pending: [...state.logPending.values()].map((e) => ({ record_id: e.recordId, plaintext: e.plaintext })),
   });
 }
 
@@ -248,7 +271,11 @@ export function decodeState(plaintext: Uint8Array): MemoryState {
   for (const p of s.processed) state.processed.add(toHex(p));
   state.cursor = s.cursor;
   for (const c of s.pair_seq) state.pairSeq.set(c.name, c.value);
-  for (const e of s.outbox) state.outbox.set(toHex(e.message_id), { messageId: e.message_id, envelopes: e.envelopes });
+  for (const e of s.outbox) {
+    state.outbox.set(toHex(e.message_id), { messageId: e.message_id, envelopes: e.envelopes, pairSeq: e.pair_seq });
+  }
+  for (const e of s.log_pending)
+    state.logPending.set(toHex(e.record_id), { recordId: e.record_id, plaintext: e.plaintext });
   state.messages = s.messages.map((m): StoredMessage => ({
     direction: m.direction as StoredMessage["direction"],
     peer: m.peer,
@@ -261,11 +288,19 @@ export function decodeState(plaintext: Uint8Array): MemoryState {
   return state;
 }
 
-/** `0x01 ‖ iv ‖ AES-GCM(key, iv, plaintext, STATE_AD)`; `iv` is 12 fresh random bytes. */
-export async function sealState(key: CryptoKey, plaintext: Uint8Array, iv: Uint8Array): Promise<Uint8Array> {
+/**
+ * `0x01 ‖ iv ‖ AES-GCM(key, iv, plaintext, ad)`; `iv` is 12 fresh random bytes. `ad` names what the record
+ * is (the state; an outbox entry and its id: outbox.ts), so one record cannot be passed off as another.
+ */
+export async function sealState(
+  key: CryptoKey,
+  plaintext: Uint8Array,
+  iv: Uint8Array,
+  ad: Uint8Array = STATE_AD,
+): Promise<Uint8Array> {
   if (iv.length !== IV_BYTES) throw new RangeError("the IV is 12 bytes");
   const ciphertext = await globalThis.crypto.subtle.encrypt(
-    { name: "AES-GCM", iv: iv as Uint8Array<ArrayBuffer>, additionalData: STATE_AD },
+    { name: "AES-GCM", iv: iv as Uint8Array<ArrayBuffer>, additionalData: ad as Uint8Array<ArrayBuffer> },
     key,
     plaintext as Uint8Array<ArrayBuffer>,
   );
@@ -276,13 +311,13 @@ export async function sealState(key: CryptoKey, plaintext: Uint8Array, iv: Uint8
  * The plaintext of {@link sealState}'s output. Throws `TetherlessError` `malformed_body` for another format
  * or a record that does not open under `key` (changed on disk, or sealed under another key).
  */
-export async function openState(key: CryptoKey, sealed: Uint8Array): Promise<Uint8Array> {
+export async function openState(key: CryptoKey, sealed: Uint8Array, ad: Uint8Array = STATE_AD): Promise<Uint8Array> {
   if (sealed.length < 1 + IV_BYTES + 16 || sealed[0] !== STATE_FORMAT) {
     throw new TetherlessError("malformed_body", "the stored state is not in a format this client reads");
   }
   try {
     const plaintext = await globalThis.crypto.subtle.decrypt(
-      { name: "AES-GCM", iv: sealed.slice(1, 1 + IV_BYTES), additionalData: STATE_AD },
+      { name: "AES-GCM", iv: sealed.slice(1, 1 + IV_BYTES), additionalData: ad as Uint8Array<ArrayBuffer> },
       key,
       sealed.slice(1 + IV_BYTES),
     );

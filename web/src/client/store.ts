@@ -10,6 +10,7 @@
  * requests.
  */
 import { toHex as hex } from "../protocol/bytes.js";
+import type { LogPlaintext } from "../protocol/log.js";
 import type { OutboundEnvelope, PrekeyKind, SignedDeviceList } from "../protocol/messages.js";
 import type { SessionState } from "../protocol/session.js";
 
@@ -46,11 +47,29 @@ export interface OutboxEntry {
   /** The message id (16 random bytes): the envelopes' idempotency keys derive from it. */
   readonly messageId: Uint8Array;
   readonly envelopes: readonly OutboundEnvelope[];
+  /**
+   * The message's `pair_seq` (account-log.md §9: one counter per recipient account, the same number in every
+   * envelope of the message); 0 for an entry sealed before the number was kept here.
+   */
+  readonly pairSeq: number;
+}
+
+/**
+ * A `message-sent` or `message-received` record waiting to be appended to the account log (account-log.md
+ * §10 "log_pending"): queued in the same commit as what it records, removed once the relay stored it, so a
+ * crash in between appends it again under the same record id (the relay keeps the first: L3).
+ */
+export interface LogPendingEntry {
+  /** `messageRecordId(account, sender device address, message uid)` (§4.4). */
+  readonly recordId: Uint8Array;
+  /** `writer_seq` is 0 until the record is first sealed; then that number is kept for every retry. */
+  readonly plaintext: LogPlaintext;
 }
 
 export interface ClientStore {
   identity(): DeviceIdentity | null;
-  setIdentity(identity: DeviceIdentity): void;
+  /** Set this device; null forgets it (a link whose version the relay refused: nothing of it exists there). */
+  setIdentity(identity: DeviceIdentity | null): void;
 
   /** The high-water mark `(version, list_hash)` of an account's verified chain (crypto.md §3.5). */
   mark(accountId: string): readonly [number, Uint8Array] | null;
@@ -85,8 +104,18 @@ export interface ClientStore {
   /** Remove the entry of `messageId` (after the relay accepted it); idempotent. */
   deleteOutbox(messageId: Uint8Array): void;
 
-  /** The next per-pair sequence number for messages to `peerAddress` (1, 2, …), reserved by the call. */
-  takePairSeq(peerAddress: string): number;
+  /**
+   * The next `pair_seq` for messages to `peerAccount` (`account@relay`: account-log.md §9, one counter per
+   * recipient account), 1, 2, …, reserved by the call.
+   */
+  takePairSeq(peerAccount: string): number;
+
+  /** The log records not appended yet, oldest first. */
+  logPending(): LogPendingEntry[];
+  /** Queue (or replace: same record id) a record to append. */
+  putLogPending(entry: LogPendingEntry): void;
+  /** Remove a record the relay stored; idempotent. */
+  deleteLogPending(recordId: Uint8Array): void;
 
   /** Append a message to the history the user sees (received or sent). */
   keepMessage(message: StoredMessage): void;
@@ -115,6 +144,7 @@ export interface MemoryState {
   cursor: number;
   pairSeq: Map<string, number>;
   outbox: Map<string, OutboxEntry>;
+  logPending: Map<string, LogPendingEntry>;
   messages: StoredMessage[];
   /** The app's own small values (its relay URL, what it finished setting up), not the protocol's. */
   settings: Map<string, string>;
@@ -134,6 +164,7 @@ export function emptyState(): MemoryState {
     cursor: 0,
     pairSeq: new Map(),
     outbox: new Map(),
+    logPending: new Map(),
     messages: [],
     settings: new Map(),
   };
@@ -151,7 +182,7 @@ export class MemoryStore implements ClientStore {
   identity(): DeviceIdentity | null {
     return this.state.identity;
   }
-  setIdentity(identity: DeviceIdentity): void {
+  setIdentity(identity: DeviceIdentity | null): void {
     this.state.identity = identity;
   }
   mark(accountId: string): readonly [number, Uint8Array] | null {
@@ -212,10 +243,22 @@ export class MemoryStore implements ClientStore {
   deleteOutbox(messageId: Uint8Array): void {
     this.state.outbox.delete(hex(messageId));
   }
-  takePairSeq(peerAddress: string): number {
-    const next = (this.state.pairSeq.get(peerAddress) ?? 0) + 1;
-    this.state.pairSeq.set(peerAddress, next);
-    return next;
+  takePairSeq(peerAccount: string): number {
+    // Counters stored before they were per account were per recipient device (`device.account@relay`): the
+    // account's counter starts above the highest of them, so no number is used twice toward one account.
+    let last = this.state.pairSeq.get(peerAccount) ?? 0;
+    for (const [name, value] of this.state.pairSeq) if (name.endsWith(`.${peerAccount}`)) last = Math.max(last, value);
+    this.state.pairSeq.set(peerAccount, last + 1);
+    return last + 1;
+  }
+  logPending(): LogPendingEntry[] {
+    return [...this.state.logPending.values()];
+  }
+  putLogPending(entry: LogPendingEntry): void {
+    this.state.logPending.set(hex(entry.recordId), entry);
+  }
+  deleteLogPending(recordId: Uint8Array): void {
+    this.state.logPending.delete(hex(recordId));
   }
   keepMessage(message: StoredMessage): void {
     this.state.messages.push(message);
@@ -246,6 +289,7 @@ export class MemoryStore implements ClientStore {
       processed: new Set(this.state.processed),
       pairSeq: new Map(this.state.pairSeq),
       outbox: new Map(this.state.outbox),
+      logPending: new Map(this.state.logPending),
       messages: [...this.state.messages],
       settings: new Map(this.state.settings),
     };

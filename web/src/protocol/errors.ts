@@ -11,7 +11,11 @@ export type ErrorCode =
   | "policy_not_met"
   | "webauthn_invalid"
   | "webauthn_replayed"
-  | "prekey_invalid";
+  | "prekey_invalid"
+  | "log_epoch_stale"
+  | "device_list_conflict"
+  | "enrolment_expired"
+  | "device_revoked";
 
 export class TetherlessError extends Error {
   readonly code: ErrorCode;

@@ -21,6 +21,8 @@ export const NONCE_BYTES = 24;
 export const TAG_BYTES = 16;
 export const RECORD_ID_BYTES = 16;
 export const KEY_RECORD_V2 = 2;
+/** A v2 key record with close-out marks (account-log.md §5.1 v3). */
+export const KEY_RECORD_V3 = 3;
 
 export type Kind = "event" | "state" | "key" | "snapshot_part" | "snapshot";
 
@@ -213,17 +215,37 @@ const KeyEpochBodyV2Def: StructDef<KeyEpochBodyV2> = {
     { name: "commitments", type: list(struct(EpochCommitmentDef)) },
   ],
 };
+/** A removed writer's close-out mark (§5.1 v3): the highest `writer_seq` of its records before the rotation. */
+export interface WriterMark {
+  device_id: string;
+  last_seq: number;
+}
+const WriterMarkDef: StructDef<WriterMark> = {
+  name: "WriterMark",
+  fields: [
+    { name: "device_id", type: str() },
+    { name: "last_seq", type: int(0) },
+  ],
+};
+/**
+ * A v2 key record, or a v3 one (§5.1 v3): the same body plus `closed`, the rotation's close-out marks of the
+ * writers it removes, signed under the v3 domain. `omit_defaults`: a v2 record (no marks) encodes exactly as
+ * before, without `closed`.
+ */
 export interface KeyEpochRecordV2 {
   v: number;
   body: KeyEpochBodyV2;
   signature: Uint8Array;
+  closed: WriterMark[];
 }
 export const KeyEpochRecordV2Def: StructDef<KeyEpochRecordV2> = {
   name: "KeyEpochRecordV2",
+  omitDefaults: true,
   fields: [
-    { name: "v", type: literal(KEY_RECORD_V2) },
+    { name: "v", type: literal(KEY_RECORD_V2, KEY_RECORD_V3) },
     { name: "body", type: struct(KeyEpochBodyV2Def) },
     { name: "signature", type: bytes() },
+    { name: "closed", type: list(struct(WriterMarkDef)), default: () => [] },
   ],
 };
 
@@ -289,14 +311,54 @@ export function sealSignedRecord(
   header: RecordHeader,
   nonce: Uint8Array,
 ): Uint8Array {
-  if (key.length !== KEY_BYTES || nonce.length !== NONCE_BYTES || header.recordId.length !== RECORD_ID_BYTES) {
-    throw new RangeError("key 32, nonce 24 and record id 16 bytes");
-  }
+  if (header.recordId.length !== RECORD_ID_BYTES) throw new RangeError("record id 16 bytes");
   const ad = recordV2Ad(header.accountId, header.recordId, header.epoch, header.kind ?? "event");
-  const payload = encode(LogPlaintextDef, plaintext);
-  const signature = sign(writerSeed, recordSignatureLayout(ad, plaintext.writer_device, payload));
-  const signed = encode(SignedRecordPayloadDef, { writer_device: plaintext.writer_device, signature, payload });
+  return sealSigned(key, encode(LogPlaintextDef, plaintext), plaintext.writer_device, writerSeed, ad, nonce);
+}
+
+/** §4.6: `payload` signed by `writerDevice` over the v2 `ad`, then sealed under `key`. */
+function sealSigned(
+  key: Uint8Array,
+  payload: Uint8Array,
+  writerDevice: string,
+  writerSeed: Uint8Array,
+  ad: Uint8Array,
+  nonce: Uint8Array,
+): Uint8Array {
+  if (key.length !== KEY_BYTES || nonce.length !== NONCE_BYTES) throw new RangeError("key 32 and nonce 24 bytes");
+  const signature = sign(writerSeed, recordSignatureLayout(ad, writerDevice, payload));
+  const signed = encode(SignedRecordPayloadDef, { writer_device: writerDevice, signature, payload });
   return concat(nonce, xchacha20poly1305(key, nonce, ad).encrypt(pad(signed)));
+}
+
+/** Inverse of {@link sealSigned}: `[writer, the payload it signed]`; `what` names the record in errors. */
+function openSigned(
+  key: Uint8Array,
+  ciphertext: Uint8Array,
+  writers: ReadonlyMap<string, Uint8Array>,
+  ad: Uint8Array,
+  what: string,
+): [string, Uint8Array] {
+  if (ciphertext.length < NONCE_BYTES + TAG_BYTES)
+    throw new InvalidRecordError("malformed_body", `${what} is truncated`);
+  let signed: SignedRecordPayload;
+  try {
+    const padded = xchacha20poly1305(key, ciphertext.subarray(0, NONCE_BYTES), ad).decrypt(
+      ciphertext.subarray(NONCE_BYTES),
+    );
+    signed = decode(SignedRecordPayloadDef, unpad(padded));
+  } catch (error) {
+    const detail = error instanceof TetherlessError ? `${what}: ${error.detail}` : `${what} does not decrypt`;
+    throw new InvalidRecordError("malformed_body", detail);
+  }
+  const signKey = writers.get(signed.writer_device);
+  if (!signKey) throw new InvalidRecordError("bad_signature", `${what} writer does not hold this epoch`);
+  try {
+    verify(signKey, recordSignatureLayout(ad, signed.writer_device, signed.payload), signed.signature);
+  } catch {
+    throw new InvalidRecordError("bad_signature", `${what} signature does not verify`);
+  }
+  return [signed.writer_device, signed.payload];
 }
 
 /**
@@ -311,36 +373,18 @@ export function openSignedRecord(
   writers: ReadonlyMap<string, Uint8Array>,
   header: RecordHeader,
 ): LogPlaintext {
-  if (ciphertext.length < NONCE_BYTES + TAG_BYTES)
-    throw new InvalidRecordError("malformed_body", "log record is truncated");
   const ad = recordV2Ad(header.accountId, header.recordId, header.epoch, header.kind ?? "event");
-  let signed: SignedRecordPayload;
-  try {
-    const padded = xchacha20poly1305(key, ciphertext.subarray(0, NONCE_BYTES), ad).decrypt(
-      ciphertext.subarray(NONCE_BYTES),
-    );
-    signed = decode(SignedRecordPayloadDef, unpad(padded));
-  } catch (error) {
-    const detail = error instanceof TetherlessError ? `log record: ${error.detail}` : "log record does not decrypt";
-    throw new InvalidRecordError("malformed_body", detail);
-  }
-  const signKey = writers.get(signed.writer_device);
-  if (!signKey) throw new InvalidRecordError("bad_signature", "log record writer does not hold this epoch");
-  try {
-    verify(signKey, recordSignatureLayout(ad, signed.writer_device, signed.payload), signed.signature);
-  } catch {
-    throw new InvalidRecordError("bad_signature", "log record signature does not verify");
-  }
+  const [writer, payload] = openSigned(key, ciphertext, writers, ad, "log record");
   let plaintext: LogPlaintext;
   try {
-    plaintext = decode(LogPlaintextDef, signed.payload);
+    plaintext = decode(LogPlaintextDef, payload);
   } catch (error) {
     throw new InvalidRecordError(
       "malformed_body",
       `log record plaintext: ${error instanceof TetherlessError ? error.detail : "does not decode"}`,
     );
   }
-  if (plaintext.writer_device !== signed.writer_device) {
+  if (plaintext.writer_device !== writer) {
     throw new InvalidRecordError("bad_signature", "log record names another writer than its signer");
   }
   return plaintext;
@@ -348,8 +392,12 @@ export function openSignedRecord(
 
 // -- key records v2 (§5.5) ----------------------------------------------------------------------------------
 
-/** The bytes a v2 key record's creator signs: every body field, grants and commitments counted. */
-export function keyEpochV2Layout(body: KeyEpochBodyV2): Uint8Array {
+/**
+ * The bytes a key record's creator signs: every body field, grants and commitments counted, under
+ * `log-key-epoch/2`; with `closed` (a v3 record, even an empty list) the marks appended, counted, under
+ * `log-key-epoch/3`, so a v3 signature never verifies as v2 and back.
+ */
+export function keyEpochV2Layout(body: KeyEpochBodyV2, closed?: readonly WriterMark[]): Uint8Array {
   const fields: Field[] = [
     body.account_id,
     body.epoch,
@@ -362,7 +410,15 @@ export function keyEpochV2Layout(body: KeyEpochBodyV2): Uint8Array {
   for (const g of body.grants) fields.push(g.device_id, g.wrapped);
   fields.push(body.commitments.length);
   for (const c of body.commitments) fields.push(c.epoch, c.commitment);
-  return layout("log-key-epoch/2", ...fields);
+  if (closed === undefined) return layout("log-key-epoch/2", ...fields);
+  fields.push(closed.length);
+  for (const m of closed) fields.push(m.device_id, m.last_seq);
+  return layout("log-key-epoch/3", ...fields);
+}
+
+/** The layout `record`'s signature covers: v3 over its marks, v2 without. */
+function signedLayout(record: KeyEpochRecordV2): Uint8Array {
+  return keyEpochV2Layout(record.body, record.v === KEY_RECORD_V3 ? record.closed : undefined);
 }
 
 /** The hybrid wrap's context for one grant: the relay cannot move a wrap to another record, epoch or device. */
@@ -392,6 +448,8 @@ export function makeKeyRecordV2(p: {
   devices: readonly DeviceEntry[];
   createdAtMs: number;
   wraps: readonly WrapInput[];
+  /** Device id → last `writer_seq` of each writer this rotation removes (§5.1 v3): a v3 record when not empty. */
+  closed?: ReadonlyMap<string, number>;
 }): Uint8Array {
   const epochs = [...p.keys.keys()].sort((a, b) => a - b);
   if (
@@ -421,13 +479,30 @@ export function makeKeyRecordV2(p: {
     grants,
     commitments: epochs.map((epoch) => ({ epoch, commitment: keyCommitment(p.accountId, epoch, p.keys.get(epoch)!) })),
   };
+  if (p.closed?.size && !p.rotation) throw new RangeError("only a rotation closes writers");
+  if (p.closed?.size) {
+    const closed = [...p.closed.keys()]
+      .sort(compareStrings)
+      .map((id) => ({ device_id: id, last_seq: p.closed!.get(id)! }));
+    const signature = sign(p.creatorSeed, keyEpochV2Layout(body, closed));
+    return pad(encode(KeyEpochRecordV2Def, { v: KEY_RECORD_V3, body, signature, closed }));
+  }
   const signature = sign(p.creatorSeed, keyEpochV2Layout(body));
-  return pad(encode(KeyEpochRecordV2Def, { v: KEY_RECORD_V2, body, signature }));
+  return pad(encode(KeyEpochRecordV2Def, { v: KEY_RECORD_V2, body, signature, closed: [] }));
+}
+
+/** Code-point order, as Python's `sorted` orders str (JavaScript's default sort compares UTF-16 units). */
+function compareStrings(a: string, b: string): number {
+  const x = [...a].map((c) => c.codePointAt(0)!);
+  const y = [...b].map((c) => c.codePointAt(0)!);
+  for (let i = 0; i < Math.min(x.length, y.length); i++) if (x[i] !== y[i]) return x[i]! - y[i]!;
+  return x.length - y.length;
 }
 
 /**
- * Decode a v2 key record's ciphertext (padded MessagePack). Throws {@link InvalidRecordError}
- * (`malformed_body`) for anything else, including a legacy v1 key record (not read by this client).
+ * Decode a v2 or v3 key record's ciphertext (padded MessagePack). Throws {@link InvalidRecordError}
+ * (`malformed_body`) for anything else, including a legacy v1 key record (not read by this client) and a
+ * recovery backup ({@link decodeRecoveryBackup} tells those apart).
  */
 export function decodeKeyRecordV2(ciphertext: Uint8Array): KeyEpochRecordV2 {
   try {
@@ -444,8 +519,9 @@ export function decodeKeyRecordV2(ciphertext: Uint8Array): KeyEpochRecordV2 {
  * Check a v2 key record against the verified devices of its `device_list_version` (§5.5 "Readers"): the
  * creator is a grant-receiving device of the list and signed it; grants name distinct grant-receiving
  * devices; a device with a `kem_key` has a wrap and one without none; a rotation grants exactly the list's
- * grant-receiving devices; the commitments name `epoch` (the highest) and earlier epochs once each. Throws
- * {@link InvalidRecordError} (`bad_signature`). Pure; idempotent.
+ * grant-receiving devices; the commitments name `epoch` (the highest) and earlier epochs once each. A v3
+ * record (signed over its `closed` marks) is a rotation that closes only writers it does not grant, once
+ * each; a v2 one closes none (§5.1 v3). Throws {@link InvalidRecordError} (`bad_signature`). Pure; idempotent.
  */
 export function verifyKeyRecordV2(
   record: KeyEpochRecordV2,
@@ -460,11 +536,17 @@ export function verifyKeyRecordV2(
   const creator = receiving.get(body.creator_device);
   if (!creator) throw refuse("key record creator is not a key-holding device of the list");
   try {
-    verify(creator.sign_key, keyEpochV2Layout(body), record.signature);
+    verify(creator.sign_key, signedLayout(record), record.signature);
   } catch {
     throw refuse("key record signature does not verify");
   }
   const granted = body.grants.map((g) => g.device_id);
+  const closed = record.closed.map((m) => m.device_id);
+  if (closed.length && (record.v !== KEY_RECORD_V3 || !body.rotation))
+    throw refuse("only a v3 rotation closes writers");
+  if (new Set(closed).size !== closed.length || closed.some((id) => granted.includes(id))) {
+    throw refuse("key record closes a writer twice or one it grants");
+  }
   if (new Set(granted).size !== granted.length || granted.some((id) => !receiving.has(id))) {
     throw refuse("key record grants a device outside the list");
   }
@@ -514,6 +596,178 @@ export function unwrapGrantV2(
   if (keys.size !== commitments.size)
     throw new InvalidRecordError("bad_signature", "key grant does not carry every committed epoch");
   return keys;
+}
+
+// -- signed snapshot manifests (§6.1) -----------------------------------------------------------------------
+
+/** The plaintext of a `snapshot` manifest: SHA-256 of every part's `data`, in order (§4.5, §6.1). */
+export interface SnapshotManifest {
+  writer_device: string;
+  created_at_ms: number;
+  covers: number;
+  part_hashes: Uint8Array[];
+}
+export const SnapshotManifestDef: StructDef<SnapshotManifest> = {
+  name: "SnapshotManifest",
+  fields: [
+    { name: "writer_device", type: str() },
+    { name: "created_at_ms", type: MILLIS },
+    { name: "covers", type: int() },
+    { name: "part_hashes", type: list(bytes()) },
+  ],
+};
+
+/** Deterministic per (writer, covers): a retried write after a crash reuses every record id (L3). */
+export function snapshotId(accountId: string, writerDevice: string, covers: number): Uint8Array {
+  return digest("log-snapshot-id", accountId, writerDevice, covers).slice(0, RECORD_ID_BYTES);
+}
+export function snapshotPartId(snapshot: Uint8Array, index: number): Uint8Array {
+  return digest("log-snapshot-part-id", snapshot, index).slice(0, RECORD_ID_BYTES);
+}
+export function snapshotManifestId(snapshot: Uint8Array): Uint8Array {
+  return digest("log-snapshot-manifest-id", snapshot).slice(0, RECORD_ID_BYTES);
+}
+
+function manifestAd(accountId: string, snapshot: Uint8Array, epoch: number, covers: number, parts: number): Uint8Array {
+  return recordAd(accountId, snapshotManifestId(snapshot), epoch, "snapshot", {
+    snapshotId: snapshot,
+    covers,
+    parts,
+    domain: "log-record/2",
+  });
+}
+
+/**
+ * A signed `snapshot` manifest ciphertext (every manifest under a v2 epoch, §6.1 "signed snapshots"):
+ * signed by `manifest.writer_device` like an event record (§4.6), `covers` and the part count bound into the
+ * AD. Pure; throws `RangeError` for wrong lengths.
+ */
+export function sealSnapshotManifest(
+  key: Uint8Array,
+  manifest: SnapshotManifest,
+  writerSeed: Uint8Array,
+  p: { accountId: string; snapshot: Uint8Array; epoch: number; nonce: Uint8Array },
+): Uint8Array {
+  const ad = manifestAd(p.accountId, p.snapshot, p.epoch, manifest.covers, manifest.part_hashes.length);
+  return sealSigned(key, encode(SnapshotManifestDef, manifest), manifest.writer_device, writerSeed, ad, p.nonce);
+}
+
+/**
+ * Inverse of {@link sealSnapshotManifest}: only a signed manifest opens (an unsigned legacy one does not open
+ * under the v2 AD), signed by one of `writers`, naming its signer, agreeing with its header. Throws
+ * {@link InvalidRecordError} (`malformed_body`, `bad_signature`). Pure.
+ */
+export function openSnapshotManifest(
+  key: Uint8Array,
+  ciphertext: Uint8Array,
+  writers: ReadonlyMap<string, Uint8Array>,
+  p: { accountId: string; snapshot: Uint8Array; epoch: number; covers: number; parts: number },
+): SnapshotManifest {
+  const ad = manifestAd(p.accountId, p.snapshot, p.epoch, p.covers, p.parts);
+  const [signer, payload] = openSigned(key, ciphertext, writers, ad, "snapshot manifest");
+  let manifest: SnapshotManifest;
+  try {
+    manifest = decode(SnapshotManifestDef, payload);
+  } catch (error) {
+    const detail = error instanceof TetherlessError ? error.detail : "does not decode";
+    throw new InvalidRecordError("malformed_body", `snapshot manifest: ${detail}`);
+  }
+  if (manifest.covers !== p.covers || manifest.part_hashes.length !== p.parts) {
+    throw new InvalidRecordError("malformed_body", "snapshot manifest disagrees with its header");
+  }
+  if (manifest.writer_device !== signer) {
+    throw new InvalidRecordError("bad_signature", "snapshot manifest names another writer than its signer");
+  }
+  return manifest;
+}
+
+// -- recovery backup records (§5.7) ------------------------------------------------------------------------
+
+/** A recovery backup (§5.7): a `key`-kind record that is not a key record; this client reads it to skip it. */
+export interface RecoveryBackupBody {
+  account_id: string;
+  epoch: number;
+  device_list_version: number;
+  writer_device: string;
+  created_at_ms: number;
+  x25519_public: Uint8Array;
+  kem_public: Uint8Array;
+  wrapped: Uint8Array;
+  commitments: EpochCommitment[];
+}
+const RecoveryBackupBodyDef: StructDef<RecoveryBackupBody> = {
+  name: "RecoveryBackupBody",
+  fields: [
+    { name: "account_id", type: str() },
+    { name: "epoch", type: int(1) },
+    { name: "device_list_version", type: int(1) },
+    { name: "writer_device", type: str() },
+    { name: "created_at_ms", type: int() },
+    { name: "x25519_public", type: bytes(32, 32) },
+    { name: "kem_public", type: bytes(1184, 1184) },
+    { name: "wrapped", type: bytes() },
+    { name: "commitments", type: list(struct(EpochCommitmentDef)) },
+  ],
+};
+export interface RecoveryBackupRecord {
+  backup: RecoveryBackupBody;
+  signature: Uint8Array;
+}
+const RecoveryBackupRecordDef: StructDef<RecoveryBackupRecord> = {
+  name: "RecoveryBackupRecord",
+  fields: [
+    { name: "backup", type: struct(RecoveryBackupBodyDef) },
+    { name: "signature", type: bytes() },
+  ],
+};
+
+/** The recovery backup in a `key` record, or null when it is not one (a key record, or garbage). Never throws. */
+export function decodeRecoveryBackup(ciphertext: Uint8Array): RecoveryBackupRecord | null {
+  try {
+    return decode(RecoveryBackupRecordDef, unpad(ciphertext));
+  } catch {
+    return null;
+  }
+}
+
+// -- writer order (§4.6, §5.1 v3) --------------------------------------------------------------------------
+
+/** What a reader knows about one writer: the highest `writer_seq` applied, and its close-out mark if closed. */
+export interface WriterState {
+  readonly high: number;
+  /** The mark of the first verified rotation that removed this writer (§5.1 v3); undefined: not closed. */
+  readonly closedAt?: number;
+}
+
+/**
+ * Judge a signed record's `writer_seq` against its writer's state (account-log.md §4.6 "writer order", §5.1
+ * v3): `"apply"` (next in order, or the writer's first record seen), `"gap"` (applied, but records
+ * `#high+1…#seq-1` are missing: flag `log_writer_gap`), `"replay"` (at or below the mark with a record id
+ * already applied: changes nothing). Throws `log_epoch_stale` for a record of a closed writer above its mark
+ * (written after the rotation that removed it) and for one at or below the mark that was not applied (the
+ * relay reordered or replayed it). Pure.
+ */
+export function judgeWriterSeq(
+  writer: string,
+  seq: number,
+  state: WriterState | undefined,
+  alreadyApplied: boolean,
+): "apply" | "gap" | "replay" {
+  if (state?.closedAt !== undefined && seq > state.closedAt) {
+    throw new TetherlessError(
+      "log_epoch_stale",
+      `record #${seq} of ${writer}, whose removal closed it at #${state.closedAt}: written after the rotation`,
+    );
+  }
+  const high = state?.high ?? 0;
+  if (seq <= high) {
+    if (alreadyApplied) return "replay";
+    throw new TetherlessError(
+      "log_epoch_stale",
+      `record #${seq} of ${writer} after its #${high}: the relay reordered or replayed its records`,
+    );
+  }
+  return high && seq > high + 1 ? "gap" : "apply";
 }
 
 // -- message frames and envelope keys (§9) ------------------------------------------------------------------

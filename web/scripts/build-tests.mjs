@@ -1,10 +1,12 @@
 // Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file), and the
 // interop peer (test/interop/peer.ts, the TypeScript client driven by tests/web/test_node_client.py) into
-// web/build/interop/peer.mjs, outside build/test/ so that `node --test` does not run it.
+// web/build/interop/peer.mjs, outside build/test/ so that `node --test` does not run it; and the browser
+// benchmark's page script (test/bench/bench.ts, driven by bench/browser.py) into web/build/bench/bench.mjs.
 import { build } from "esbuild";
 import { readdir, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { buildBench } from "../test/bench/build.mjs";
 import { esbuildBase } from "./common.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -31,3 +33,6 @@ await build({
   platform: "node",
   packages: "external",
 });
+
+await rm(join(root, "build", "bench"), { recursive: true, force: true });
+await buildBench(join(root, "build", "bench"));

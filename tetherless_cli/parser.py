@@ -13,6 +13,35 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
+
+def _number(text: str, kind: type[int] | type[float], least: float, what: str) -> int | float:
+    """An argparse ``type``: a number of ``kind`` that is at least ``least`` — anything else is argparse's one-line
+    usage error (exit 2), never a negative limit or timeout that silently shows nothing or never waits."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not value >= least or value != value:  # the second test refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def count(text: str) -> int:
+    return int(_number(text, int, 0, "a whole number of 0 or more"))
+
+
+def entry_id(text: str) -> int:
+    return int(_number(text, int, 1, "an outbox ID (a whole number of 1 or more)"))
+
+
+def seconds(text: str) -> float:
+    return float(_number(text, float, 1e-3, "a number of seconds above 0"))
+
+
+def days(text: str) -> float:
+    return float(_number(text, float, 0, "a number of days of 0 or more"))
+
+
 SERVE_FLAGS: Final = {
     "data": ("--data", "directory for the database and relay key (default ./data)"),
     "listen": ("--listen", "HOST:PORT to listen on (default 127.0.0.1:8080; port 0 picks one)"),
@@ -160,7 +189,7 @@ def _add_server_commands(sub: Subparsers) -> None:
         help="new signing key; the old one stays valid for an overlap period",
     )
     rot.add_argument("--data", default="./data", help="relay data directory")
-    rot.add_argument("--overlap-days", type=float, default=7.0, help="days the old key stays valid (default 7)")
+    rot.add_argument("--overlap-days", type=days, default=7.0, help="days the old key stays valid (default 7)")
 
 
 # -- device …, whoami ---------------------------------------------------------------------------------------
@@ -212,7 +241,7 @@ def _add_device_commands(sub: Subparsers) -> None:
     )
     link.add_argument("--relay", required=True, metavar="URL", help="the account's home relay base URL")
     link.add_argument("--name", default=None, help="this device's name, kept locally (default: host name)")
-    link.add_argument("--timeout", type=float, default=None, metavar="S", help="wait at most S")
+    link.add_argument("--timeout", type=seconds, default=None, metavar="S", help="wait at most S")
     link.add_argument(
         "--account", default=None, metavar="ADDRESS", help="account@relay to join (with --recovery-key or --fido2)"
     )
@@ -238,7 +267,7 @@ def _add_device_commands(sub: Subparsers) -> None:
     approve.add_argument("--fido2", action="store_true", help="a FIDO2 security key of the account approves too")
     approve.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=300.0,  # the new device polls every second; the relay keeps an offer 10 minutes
         help="seconds to wait for the new device to join and for its history grant (default %(default)g)",
     )
@@ -300,7 +329,7 @@ def _add_message_commands(sub: Subparsers) -> None:
     sync = _client(sub, "sync", "tetherless_cli.messages:cmd_sync", help="print and acknowledge pending messages")
     sync.add_argument("--follow", action="store_true", help="keep streaming new messages until interrupted")
     sync.add_argument("--json", action="store_true", help="one JSON object per line")
-    sync.add_argument("--timeout", type=float, default=None, metavar="S", help="give up (exit 3) when unreachable")
+    sync.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up (exit 3) when unreachable")
     sync.add_argument("--status", action="store_true", help="status lines on stderr at each state change")
     sync.add_argument(
         "--recover-rollback",
@@ -314,7 +343,7 @@ def _add_message_commands(sub: Subparsers) -> None:
     history.add_argument("--json", action="store_true", help="one JSON object per line")
     history.add_argument("--since", default=None, metavar="WHEN", help="ISO date/time, duration (2h, 7d) or @position")
     history.add_argument("--with", dest="peer", default=None, metavar="ADDRESS", help="only messages with ADDRESS")
-    history.add_argument("--limit", type=int, default=None, metavar="N")
+    history.add_argument("--limit", type=count, default=None, metavar="N")
 
     outbox = _client(
         sub, "outbox", "tetherless_cli.messages:cmd_outbox", help="show messages waiting to be sent or logged"
@@ -324,11 +353,11 @@ def _add_message_commands(sub: Subparsers) -> None:
     retry = _client(
         actions, "retry", "tetherless_cli.messages:cmd_outbox_retry", help="send a failed or waiting message again"
     )
-    retry.add_argument("local_id", type=int, metavar="ID", help="the ID column of `tetherless outbox`")
+    retry.add_argument("local_id", type=entry_id, metavar="ID", help="the ID column of `tetherless outbox`")
     cancel = _client(
         actions, "cancel", "tetherless_cli.messages:cmd_outbox_cancel", help="remove a message not yet sent"
     )
-    cancel.add_argument("local_id", type=int, metavar="ID", help="the ID column of `tetherless outbox`")
+    cancel.add_argument("local_id", type=entry_id, metavar="ID", help="the ID column of `tetherless outbox`")
 
 
 # -- log snapshot, log retention (account-log.md §6) ---------------------------------------------------------
@@ -381,7 +410,7 @@ def _add_contact_commands(sub: Subparsers) -> None:
     doctor.add_argument("--json", action="store_true", help="one JSON object")
     # --ca-file: the client's global option (parser.CA_FILE_HELP): the CA file to try instead of the home's.
     doctor.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S", help="seconds per network check (default 10)"
+        "--timeout", type=seconds, default=10.0, metavar="S", help="seconds per network check (default 10)"
     )
 
 

@@ -157,3 +157,33 @@ def test_whoami_never_shows_a_public_copy_others_could_have_written(tmp_path: Pa
     path.chmod(0o600)
     path.write_bytes(b'{"format": 2, "address": "dev.acct@relay.test", "relay_url": "x"}')
     assert whoami(home).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["history", "--limit", "-1"], "'-1' is not a whole number of 0 or more"),
+        (["history", "--limit", "ten"], "'ten' is not a whole number of 0 or more"),
+        (["outbox", "cancel", "0"], "'0' is not an outbox ID"),
+        (["outbox", "retry", "-3"], "'-3' is not an outbox ID"),
+        (["sync", "--timeout", "0"], "'0' is not a number of seconds above 0"),
+        (["sync", "--timeout", "nan"], "'nan' is not a number of seconds above 0"),
+        (["device", "approve", "tl-x", "--timeout", "-5"], "'-5' is not a number of seconds above 0"),
+        (["doctor", "--timeout", "-1"], "'-1' is not a number of seconds above 0"),
+    ],
+)
+def test_a_negative_or_nonsense_number_is_a_one_line_usage_error(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == exits.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert said in err
+    assert "Traceback" not in err
+
+
+def test_zero_is_a_valid_history_limit_and_whole_numbers_pass() -> None:
+    assert build_parser().parse_args(["history", "--limit", "0"]).limit == 0
+    assert build_parser().parse_args(["outbox", "cancel", "7"]).local_id == 7
+    assert build_parser().parse_args(["sync", "--timeout", "2.5"]).timeout == 2.5

@@ -57,7 +57,8 @@ class StubResolver(trio.abc.HostnameResolver):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", int(port or 0)))]
 
     async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int) -> tuple[str, str]:
-        raise NotImplementedError
+        # trio's HostnameResolver requires it; the relay's outbound resolver never calls it: fail loudly if it does.
+        raise AssertionError("the relay does not reverse-resolve peer addresses")
 
 
 NO_SUCH_NAME_CODES = [socket.EAI_NONAME, *([socket.EAI_NODATA] if hasattr(socket, "EAI_NODATA") else [])]

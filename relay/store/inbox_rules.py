@@ -112,11 +112,13 @@ class EarlierSend:
 
 @dataclass(slots=True)
 class InboxGrowth:
-    """What a plan adds to one inbox: the ``queued`` count and cursor counter after it."""
+    """What a plan adds to one inbox: the ``queued`` count and cursor counter after it (``device_no``: the
+    recipient's, as read)."""
 
     queued: int
     last_seq: int
     added: int = 0
+    device_no: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +185,7 @@ def plan_send(
                     raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "no such device on this relay")
                 if dev.revoked:
                     raise TetherlessError(ErrorCode.RECIPIENT_REVOKED, "the recipient device was revoked")
-                inbox = plan.inboxes[env.recipient_device] = InboxGrowth(dev.queued, dev.last_seq)
+                inbox = plan.inboxes[env.recipient_device] = InboxGrowth(dev.queued, dev.last_seq, 0, dev.device_no)
             if inbox.queued >= max_inbox:
                 raise TetherlessError(ErrorCode.INBOX_FULL, "the recipient's inbox is full")
             inbox.queued += 1
@@ -233,7 +235,7 @@ def plan_received(
         if dev.revoked:
             plan.results.append((ReceivedOutcome.RECIPIENT_REVOKED, device))
             continue
-        inbox = plan.inboxes.get(device) or InboxGrowth(dev.queued, dev.last_seq)
+        inbox = plan.inboxes.get(device) or InboxGrowth(dev.queued, dev.last_seq, 0, dev.device_no)
         if inbox.queued >= max_inbox:
             plan.results.append((ReceivedOutcome.INBOX_FULL, device))
             continue

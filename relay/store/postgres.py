@@ -458,6 +458,12 @@ def copy_from_sqlite(sqlite_path: Path, url: str) -> list[TableCopy]:
                     " UNION ALL SELECT max(seq) FROM inbox)"
                 ).fetchone()
                 conn.execute("UPDATE devices SET last_seq = %s", ((high[0] if high else None) or 0,))
+                # SQLite's writer keeps the inboxes' queued counts in memory (sql/inbox.QueueCounts): the column
+                # it copied is stale; PostgreSQL keeps it in the table, counted here from the rows copied.
+                conn.execute(
+                    "UPDATE devices SET queued ="
+                    " (SELECT count(*) FROM inbox WHERE inbox.recipient_no = devices.device_no)"
+                )
                 # Devices keep their numbers (inbox rows name them); new ones are numbered above.
                 conn.execute(
                     "SELECT setval(pg_get_serial_sequence('devices', 'device_no'),"

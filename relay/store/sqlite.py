@@ -33,10 +33,12 @@ from .base import StartupRefusedError, StoreUnavailableError
 from .engine import SQLITE
 from .inbox_rules import COMPACT_SCHEMA, content_digest, key_hash
 from .sql import identity
+from .sql.inbox import QueueCounts
 from .sql.store import SQLStore
 
 log = logging.getLogger("relay.store")
 T = TypeVar("T")
+C = TypeVar("C", bound=sqlite3.Connection)
 DB_FILE = "relay.sqlite3"
 
 
@@ -44,10 +46,30 @@ DB_FILE = "relay.sqlite3"
 MIN_SQLITE_VERSION = (3, 35, 0)
 
 
+class _WriterConnection(sqlite3.Connection):
+    """The writer's connection: it alone writes the file, so it keeps the inboxes' ``queued`` counts in memory
+    (``sql/inbox.QueueCounts``; the writer tells them where its savepoints and transactions end)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_counts = QueueCounts()
+
+
 def _connect(path: Path, cache_mib: int) -> sqlite3.Connection:
+    return _configure(_open(path, sqlite3.Connection), cache_mib)
+
+
+def _connect_writer(path: Path, cache_mib: int) -> _WriterConnection:
+    return _configure(_open(path, _WriterConnection), cache_mib)
+
+
+def _open(path: Path, factory: type[C]) -> C:
     if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
         raise StoreUnavailableError(f"SQLite {sqlite3.sqlite_version} is too old (3.35 or newer is needed)")
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0, factory=factory)
+
+
+def _configure(conn: C, cache_mib: int) -> C:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -126,7 +148,7 @@ class _WriteOp(Generic[T]):
 class _Writer:
     """The single writer thread and its queue."""
 
-    def __init__(self, conn: sqlite3.Connection, max_ops: int) -> None:
+    def __init__(self, conn: _WriterConnection, max_ops: int) -> None:
         self._conn = conn
         self._max_ops = max_ops
         self._queue: queue.SimpleQueue[_WriteOp[Any] | None] = queue.SimpleQueue()
@@ -166,23 +188,37 @@ class _Writer:
                 batch.append(nxt)
             metrics.store_write_queue.dec(len(batch))
             self._commit(batch)
+        try:
+            self._conn.queue_counts.save(self._conn)
+        except sqlite3.Error as exc:  # the counts are loaded from the inbox at the next start anyway
+            log.warning("could not save the inbox counts: %s", exc)
         self._conn.close()
 
     def _commit(self, batch: list[_WriteOp[Any]]) -> None:
         conn = self._conn
+        counts = conn.queue_counts
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            counts.begin(conn.execute("PRAGMA data_version").fetchone()[0])
             for op in batch:
                 conn.execute("SAVEPOINT op")
                 try:
                     op.result = op.fn(conn)
                 except Exception as exc:  # the op's own error: roll back this op only
                     conn.execute("ROLLBACK TO op")
+                    counts.operation_failed()
                     op.error = exc
+                else:
+                    counts.operation_done()
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            counts.committed()
+        except BaseException as exc:
+            # Whatever ended the transaction early, the counts it changed are not what the file holds.
+            counts.rolled_back()
+            if not isinstance(exc, sqlite3.Error):
+                raise
             log.error("group commit failed: %s", exc)
             try:
                 conn.execute("ROLLBACK")
@@ -228,7 +264,7 @@ class SQLiteStore(SQLStore):
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = _connect(self.path, self._cache_mib)
+        conn = _connect_writer(self.path, self._cache_mib)
         applied = migrate(conn)
         if applied:
             log.info("applied migrations %s", applied)

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import starmap
 from typing import Any
 
+from protocol.errors import TetherlessError
+
 from ..base import InboxRecord, NewEnvelope, ReceivedEnvelope, StoredEnvelope
 from ..engine import INBOX_CHANNEL, Engine, clamp
 from ..inbox_rules import (
@@ -78,10 +80,121 @@ _DEVICE_NO = "(SELECT device_no FROM devices WHERE device_id = ?)"
 _POINTED_ROW = "i.seq = r.seq AND i.recipient_no IN (r.recipient_no, -r.recipient_no)"
 
 
+class QueueCounts:
+    """Each inbox's ``queued`` count (device_no -> envelopes queued) where one writer keeps it in memory
+    instead of in ``devices.queued``: SQLite's writer thread, which writes every row of the file.
+
+    Updating 100 ``devices`` rows per batch of 100 cost ~4 µs per envelope and dirtied the ``devices`` pages
+    in every commit (docs/performance.md, P2). A count is loaded from the inbox itself (``count(*)`` of the
+    device's live rows: what ``queued`` counts, expired rows included until the sweep deletes them) the first
+    time a send or a delivery needs it, then kept: at start nothing is known, so a restart or a crash
+    recomputes; a clean stop writes the counts back to the column (:meth:`save`). PostgreSQL keeps the
+    column: replicas cannot share one memory.
+
+    The counts follow the writer's transactions: every count an operation loads or changes is forgotten
+    when the operation rolls back (its savepoint) or its transaction does not commit, so it is loaded
+    again from what the database holds. Every count is forgotten when another connection has committed to
+    the file since the writer's last transaction (:meth:`begin`: SQLite's ``PRAGMA data_version``; a
+    second store opened on the same file, or a command run beside the relay). A revoked device's count
+    is not lowered when its rows become tombstones (``sql/devices.py``), which is harmless: a send to a
+    revoked device is refused before its quota is looked at. Only the writer thread uses an instance.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self._op: set[int] = set()  # changed by the running operation
+        self._transaction: set[int] = set()  # changed by the operations done in the running transaction
+        self._data_version: int | None = None
+
+    def begin(self, data_version: int) -> None:
+        """A transaction starts, holding the write lock; ``data_version`` changes with every commit another
+        connection made to the file: then the counts may be wrong, and are loaded again."""
+        if data_version != self._data_version:
+            self._counts.clear()
+            self._data_version = data_version
+
+    def known(self, device_nos: Iterable[int]) -> dict[int, int]:
+        """The counts held for ``device_nos`` (the others must be loaded)."""
+        counts = self._counts
+        return {no: counts[no] for no in device_nos if no in counts}
+
+    def put(self, device_no: int, queued: int) -> None:
+        self._counts[device_no] = queued
+        self._op.add(device_no)
+
+    def lower(self, device_no: int, removed: int) -> None:
+        """``removed`` envelopes left the inbox (never below zero; an unknown count stays unknown)."""
+        if device_no in self._counts:
+            self.put(device_no, max(0, self._counts[device_no] - removed))
+
+    def operation_done(self) -> None:
+        self._transaction |= self._op
+        self._op.clear()
+
+    def operation_failed(self) -> None:
+        self._forget(self._op)
+
+    def committed(self) -> None:
+        self.operation_done()
+        self._transaction.clear()
+
+    def rolled_back(self) -> None:
+        self.operation_done()
+        self._forget(self._transaction)
+
+    def _forget(self, device_nos: set[int]) -> None:
+        for no in device_nos:
+            self._counts.pop(no, None)
+        device_nos.clear()
+
+    def save(self, conn: Any) -> None:
+        """Write the counts held into ``devices.queued`` in one transaction (when the writer stops cleanly), so
+        the column is right for what reads it with the relay stopped: a previous version of the relay, or
+        a copy (which counts again anyway). Revoked devices keep the 0 their revocation wrote."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.cursor().executemany(
+                "UPDATE devices SET queued = ? WHERE device_no = ? AND revoked_at_ms IS NULL",
+                [(queued, no) for no, queued in sorted(self._counts.items())],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def queue_counts(conn: Any) -> QueueCounts | None:
+    """The counts the connection's writer keeps in memory, or None: ``devices.queued`` holds them."""
+    counts: QueueCounts | None = getattr(conn, "queue_counts", None)
+    return counts
+
+
 def read_recipients(conn: Any, e: Engine, device_ids: Iterable[str]) -> dict[str, Recipient]:
     """The devices' rows, locked until commit where the engine locks rows (in device id order)."""
     rows = lock_devices(conn, e, device_ids, f"account_id, revoked_at_ms, queued, {e.inbox_counter or 0}, device_no")
-    return {device: Recipient(row[0], row[1] is not None, row[2], row[3], row[4]) for device, row in rows.items()}
+    counts = queue_counts(conn)
+    if counts is None:
+        return {device: Recipient(row[0], row[1] is not None, row[2], row[3], row[4]) for device, row in rows.items()}
+    queued = counts.known(row[4] for row in rows.values())
+    missing = [row[4] for row in rows.values() if row[4] not in queued]
+    if missing:
+        loaded = dict.fromkeys(missing, 0)
+        loaded.update(
+            e.fetch_in(
+                conn,
+                "SELECT recipient_no, count(*) FROM inbox WHERE {one_of} GROUP BY recipient_no",
+                (),
+                "recipient_no",
+                missing,
+                "bigint",
+            )
+        )
+        for no, count in loaded.items():
+            counts.put(no, count)
+        queued.update(loaded)
+    return {
+        device: Recipient(row[0], row[1] is not None, queued[row[4]], row[3], row[4]) for device, row in rows.items()
+    }
 
 
 def device_numbers(conn: Any, e: Engine, device_ids: Iterable[str]) -> dict[str, int]:
@@ -147,7 +260,11 @@ def _note_expiry_buckets(conn: Any, rows: Sequence[Sequence[Any]]) -> None:
 def grow_inboxes(conn: Any, e: Engine, inboxes: Mapping[str, InboxGrowth]) -> None:
     """Store the inboxes' new ``queued`` counts (and cursor counters) and wake their readers on commit."""
     grown = sorted(device for device, inbox in inboxes.items() if inbox.added)
-    if e.inbox_counter is None:
+    counts = queue_counts(conn)
+    if counts is not None:
+        for device in grown:
+            counts.put(inboxes[device].device_no, inboxes[device].queued)
+    elif e.inbox_counter is None:
         e.update_many(
             conn, "devices", ("device_id", "text"), (("queued", "int"),), [(d, inboxes[d].queued) for d in grown]
         )
@@ -179,7 +296,7 @@ def read_earlier(conn: Any, e: Engine, keys: Mapping[bytes, bytes]) -> tuple[dic
             hashes,
             "bytea",
         )
-        if conn.execute("SELECT 1 FROM idempotency_keys LIMIT 1").fetchone()
+        if not _no_keys_apart(conn)
         else []
     )
     earlier = {keys[bytes(row[0])]: EarlierSend(bytes(row[1]), bytes(row[2]), row[3]) for row in rows}
@@ -222,6 +339,10 @@ def store_envelopes(
     recipients = read_recipients(conn, e, (env.recipient_device for env in envelopes if not env.remote_relay))
     # Each key is hashed once per send: the lookups take hash -> key, the writes key -> hash.
     hashed = {env.idempotency_key: key_hash(sender_device, env.idempotency_key) for env in envelopes}
+    if compact and not any(env.remote_relay for env in envelopes) and _no_keys_apart(conn):
+        results = _store_fresh(conn, e, envelopes, recipients, hashed, now_ms, max_inbox)
+        if results is not None:
+            return results
     earlier, dangling = read_earlier(conn, e, {h: key for key, h in hashed.items()})
     plan = plan_send(envelopes, recipients, earlier, now_ms, max_inbox)
     if dangling:
@@ -250,6 +371,49 @@ def store_envelopes(
     )
     grow_inboxes(conn, e, plan.inboxes)
     insert_outbox(conn, e, plan.outbox, now_ms)
+    return plan.results
+
+
+def _no_keys_apart(conn: Any) -> bool:
+    """Whether ``idempotency_keys`` (0008 rows: outbox keys, or keys from below the compact floor) is empty."""
+    return conn.execute("SELECT 1 FROM idempotency_keys LIMIT 1").fetchone() is None
+
+
+def _store_fresh(
+    conn: Any,
+    e: Engine,
+    envelopes: Sequence[NewEnvelope],
+    recipients: Mapping[str, Recipient],
+    hashed: Mapping[bytes, bytes],
+    now_ms: int,
+    max_inbox: int,
+) -> list[StoredEnvelope] | None:
+    """The send of a batch whose keys are all new, written without reading the keys first; None (nothing
+    written) when the batch is not that: the caller then reads the keys and plans again.
+
+    Only for local envelopes in the compact schema with no 0008 row anywhere (``_no_keys_apart``), so a key
+    used before can only be a pointer: the pointers are inserted with ``ON CONFLICT DO NOTHING`` after the
+    inbox rows, and one that was not inserted (a retry, a reused key, a pointer whose row expired, or on
+    PostgreSQL one committed concurrently) rolls the savepoint back. A plan that refuses the batch is not
+    trusted either: a retry may name a recipient revoked since, or fill an inbox it was already counted in,
+    and is answered as a duplicate, so the caller decides with the keys read. Retries and refusals cost one
+    savepoint more than before; a fresh batch (the common case) saves the key lookup (docs/performance.md, P2).
+    """
+    try:
+        plan = plan_send(envelopes, recipients, {}, now_ms, max_inbox)
+    except TetherlessError:
+        return None
+    conn.execute("SAVEPOINT fresh_send")
+    placed = insert_envelopes(conn, e, plan.local, now_ms, {device: r.device_no for device, r in recipients.items()})
+    pointers = [(hashed[env.idempotency_key], *place) for (_, env), place in zip(plan.local, placed, strict=True)]
+    if e.insert_many(conn, "idempotency_refs", _REF_COLUMNS, pointers, on_conflict="ON CONFLICT DO NOTHING") != len(
+        pointers
+    ):
+        conn.execute("ROLLBACK TO fresh_send")
+        conn.execute("RELEASE fresh_send")
+        return None
+    conn.execute("RELEASE fresh_send")
+    grow_inboxes(conn, e, plan.inboxes)
     return plan.results
 
 
@@ -293,12 +457,18 @@ def read_inbox(conn: Any, e: Engine, *, device_id: str, after: int, limit: int, 
     return list(starmap(InboxRecord, rows))
 
 
-def _shrink(conn: Any, e: Engine, key: str, counts: Mapping[Any, int]) -> None:
-    """Lower the devices' ``queued`` counts by what was deleted (never below zero); ``counts`` by ``key``
-    (``device_id`` or ``device_no``), updated in key order (one lock order on PostgreSQL)."""
+def _shrink(conn: Any, e: Engine, key: str, removed: Mapping[Any, int]) -> None:
+    """Lower the devices' ``queued`` counts by what left their inboxes (never below zero); ``removed`` by
+    ``key`` (``device_id`` or ``device_no``), updated in key order (one lock order on PostgreSQL). Where the
+    writer keeps the counts (:class:`QueueCounts`), ``removed`` must be by ``device_no``."""
+    counts = queue_counts(conn)
+    if counts is not None:
+        for device_no, n in removed.items():
+            counts.lower(device_no, n)
+        return
     conn.cursor().executemany(
         e.q(f"UPDATE devices SET queued = {e.greatest}(queued - ?, 0) WHERE {key} = ?"),
-        [(n, device) for device, n in sorted(counts.items())],
+        [(n, device) for device, n in sorted(removed.items())],
     )
 
 
@@ -325,7 +495,10 @@ def acknowledge(
         envelope_ids,
         "bytea",
     )
-    if acknowledged:
+    if acknowledged and queue_counts(conn) is not None:
+        device_no = conn.execute(e.q("SELECT device_no FROM devices WHERE device_id = ?"), (device_id,)).fetchone()
+        _shrink(conn, e, "device_no", {device_no[0]: acknowledged})
+    elif acknowledged:
         _shrink(conn, e, "device_id", {device_id: acknowledged})
     return acknowledged
 

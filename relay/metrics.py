@@ -42,6 +42,32 @@ request_duration_seconds = Histogram(
 )
 problems_total = Counter("relay_problems_total", "Problem responses, by code", ["code"], registry=REGISTRY)
 
+# The method label takes these values and "OTHER": the method is the client's choice, and every
+# distinct value would add a label set (memory) to the registry for as long as the process lives.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# (route, method, status) -> the two children one answered request updates. Bounded: route is a
+# template or "unmatched", method one of HTTP_METHODS or "OTHER", status 200..599.
+_request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count one answered request in ``requests_total`` and its duration in ``request_duration_seconds``.
+
+    The children are looked up once per (route, method, status) and kept:
+    ``labels()`` on both metrics cost ~12 µs of a durable single send's CPU
+    (docs/performance.md, "P1, second round"). Never raises.
+    """
+    if method not in HTTP_METHODS:
+        method = "OTHER"
+    key = (route, method, status)
+    children = _request_children.get(key)
+    if children is None:
+        children = (requests_total.labels(route, method, str(status)), request_duration_seconds.labels(route))
+        _request_children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 # -- services ------------------------------------------------------------------------
 envelopes_accepted_total = Counter("relay_envelopes_accepted_total", "Envelopes durably stored", registry=REGISTRY)
 envelopes_duplicate_total = Counter(

@@ -58,14 +58,12 @@ class Application:
         started = time.perf_counter()
         label = "unmatched"
         try:
-            try:
-                route, params = self.router.resolve(request.method, request.path)
-            except MethodNotAllowedError as exc:
-                response = problem_response(TetherlessError(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed here"))
-                response.headers.append(("allow", ", ".join(exc.allowed)))
-                return response
+            route, params = self.router.resolve(request.method, request.path)
             label = route.template
             response = await self._dispatch(route, params, request)
+        except MethodNotAllowedError as exc:  # counted below like every other answer
+            response = problem_response(TetherlessError(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed here"))
+            response.headers.append(("allow", ", ".join(exc.allowed)))
         except TetherlessError as exc:
             response = problem_response(exc)
         except StoreUnavailableError as exc:
@@ -76,8 +74,7 @@ class Application:
         except Exception:
             log.exception("unhandled error on %s %s", request.method, label)
             response = problem_response(TetherlessError(ErrorCode.INTERNAL, "internal error"))
-        metrics.requests_total.labels(label, request.method, str(response.status)).inc()
-        metrics.request_duration_seconds.labels(label).observe(time.perf_counter() - started)
+        metrics.observe_request(label, request.method, response.status, time.perf_counter() - started)
         return response
 
     async def _dispatch(self, route: Route, params: dict[str, str], request: Request) -> Response:

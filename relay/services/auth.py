@@ -2,8 +2,12 @@
 
 Tokens are 32 random bytes (URL-safe base64, prefixed ``tls1_``). Only their
 SHA-256 is stored, so a stolen database does not yield usable tokens. Looked-up
-sessions are cached in memory for a few seconds; revocation through this
-process clears its cache at once.
+sessions are cached in memory for a few seconds (a durable single send then
+costs one SHA-256 and a dict lookup, not a SELECT and a thread hop);
+revocation through this process clears its cache at once, including a lookup
+that was reading the session row while the revocation committed (it is not
+cached). Another replica sharing the database may accept a revoked token for
+up to ``SESSION_CACHE_MS``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class AuthService:
         self._ctx = ctx
         # token hash -> (principal, session expiry, cached until)
         self._cache: OrderedDict[bytes, tuple[Principal, int, int]] = OrderedDict()
+        # Bumped by every revocation through this process: a lookup that began before one
+        # may hold the row as it was and must not put it in the cache.
+        self._revocations = 0
 
     async def issue_challenge(self, request: ChallengeRequest) -> Challenge:
         """A fresh single-use challenge for a registered, unrevoked device.
@@ -156,6 +163,7 @@ class AuthService:
             if expires <= now:
                 raise TetherlessError(ErrorCode.TOKEN_EXPIRED, "session expired; authenticate again")
             return principal
+        revocations = self._revocations
         session = await self._store.get_session(token_hash)
         if session is None:
             raise TetherlessError(ErrorCode.INVALID_TOKEN, "unknown token")
@@ -167,15 +175,17 @@ class AuthService:
         if session.expires_at_ms <= now:
             raise TetherlessError(ErrorCode.TOKEN_EXPIRED, "session expired; authenticate again")
         principal = Principal(session.device_id, session.account_id, token_hash)
-        self._cache[token_hash] = (principal, session.expires_at_ms, now + SESSION_CACHE_MS)
-        if len(self._cache) > SESSION_CACHE_SIZE:
-            self._cache.popitem(last=False)
+        if revocations == self._revocations:
+            self._cache[token_hash] = (principal, session.expires_at_ms, now + SESSION_CACHE_MS)
+            if len(self._cache) > SESSION_CACHE_SIZE:
+                self._cache.popitem(last=False)
         return principal
 
     def forget_devices(self, device_ids: Iterable[str]) -> None:
         """Drop cached sessions of devices just revoked (their rows are revoked in the store already)."""
         gone = set(device_ids)
         if gone:
+            self._revocations += 1
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if v[0].device_id not in gone)
 
     async def revoke(self, principal: Principal, *, all_sessions: bool) -> int:
@@ -183,6 +193,7 @@ class AuthService:
         count = await self._store.revoke_sessions(
             principal.device_id, None if all_sessions else principal.token_hash, self._ctx.clock_ms()
         )
+        self._revocations += 1
         if all_sessions:
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if v[0].device_id != principal.device_id)
         else:

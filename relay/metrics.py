@@ -123,7 +123,7 @@ federation_request_duration_seconds = Histogram(
 )
 federation_envelopes_total = Counter(
     "relay_federation_envelopes_total",
-    "Federated envelopes, by peer, direction (in/out) and outcome (stored, duplicate, rejected, deferred)",
+    "Federated envelopes, by peer, direction (in/out) and outcome (stored, duplicate, rejected, deferred, failed)",
     ["peer", "direction", "outcome"],
     registry=REGISTRY,
 )

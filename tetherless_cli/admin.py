@@ -33,16 +33,17 @@ async def _open(args: argparse.Namespace) -> Store:
 
 
 def format_peers(states: list[PeerState], now_ms: int) -> str:
-    """The ``admin federation`` table."""
+    """The ``admin federation`` table (``failed``: envelopes that failed for good, kept until they expire or
+    ``admin federation retry``; the last error says why)."""
     header = (
-        f"{'peer':<32} {'queued':>7} {'delivered':>9} {'failures':>8}  {'next attempt':<20} {'last success':<20}"
-        " last error"
+        f"{'peer':<32} {'queued':>7} {'failed':>6} {'delivered':>9} {'failures':>8}  {'next attempt':<20}"
+        f" {'last success':<20} last error"
     )
     lines = [header]
     for s in states:
         next_attempt = "now" if s.next_attempt_at_ms <= now_ms else _when(s.next_attempt_at_ms)
         lines.append(
-            f"{s.peer:<32} {s.queued:>7} {s.delivered:>9} {s.failures:>8}  {next_attempt:<20}"
+            f"{s.peer:<32} {s.queued:>7} {s.failed:>6} {s.delivered:>9} {s.failures:>8}  {next_attempt:<20}"
             f" {_when(s.last_success_at_ms):<20} {s.last_error or '-'}"
         )
     return "\n".join(lines)

@@ -15,7 +15,9 @@ Decided here (no HTTP, no SQL):
   goes to the address that was checked (:meth:`FederationService.endpoint`);
 - **receiving** — per-envelope outcomes, deduplicated by (origin, envelope id);
 - **sending** — a worker drains each peer's durable outbox in batches, with
-  exponential backoff and jitter per peer after failures;
+  exponential backoff and jitter per peer after failures that may pass; a
+  destination whose name does not exist, or a refusal that will not change,
+  ends those rows as failed instead (:data:`PERMANENT_REFUSALS`);
 - **remote device lists** — fetched for local clients with a signed request;
   clients verify the chain themselves, so the remote relay cannot swap keys.
 
@@ -44,7 +46,6 @@ from protocol.ids import RELAY_PATTERN, Address
 from protocol.messages import (
     DeliverRequest,
     DeliverResponse,
-    DeliveryOutcome,
     DeliveryResult,
     DeviceListChain,
     FederatedEnvelope,
@@ -285,8 +286,23 @@ class _KeyFailure:
     until: float
 
 
+#: What a peer answers to a delivery that will be refused again, whatever the retry: it does not federate with
+#: this relay (or not at all), the name leads to another relay, or there is no Tetherless federation endpoint.
+#: Everything else (5xx, 429, signature freshness or key discovery, a body too large for its limits, garbage)
+#: may pass and is retried with backoff.
+PERMANENT_REFUSALS: Final = frozenset(
+    {ErrorCode.PEER_FORBIDDEN, ErrorCode.WRONG_DESTINATION, ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_ALLOWED}
+)
+#: The same for an answer without a problem document: not a Tetherless relay at that name.
+PERMANENT_STATUSES: Final = frozenset({404, 405, 410})
+
+
 class _DeliveryFailedError(Exception):
-    pass
+    """A delivery that got no per-envelope answer; ``permanent``: asking again gets the same answer."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -801,6 +817,7 @@ class FederationService:
             metrics.federation_outbox_depth.labels(label).set(count)
 
     async def _drain_peer(self, peer: str) -> None:
+        failed_through = -1  # the highest seq this pass failed: batches come in seq order, never it again
         try:
             while True:
                 now = self._ctx.clock_ms()
@@ -810,30 +827,50 @@ class FederationService:
                     return  # another replica sends to this peer; polled again, taken over when it expires
                 batch = await self._store.federation_outbox_batch(peer, now, self.settings.batch_envelopes)
                 batch = _fit(batch, self.settings.max_body_bytes // 2)
-                if not batch:
+                if not batch or batch[0].seq <= failed_through:
                     return
                 try:
                     results = await self._deliver(peer, batch)
                 except _DeliveryFailedError as exc:
-                    await self._peer_failed(peer, str(exc))
-                    return
+                    if not exc.permanent:
+                        await self._peer_failed(peer, str(exc))
+                        return
+                    await self._outbox_failed(peer, [r.seq for r in batch], str(exc), "failed")
+                    failed_through = batch[-1].seq
+                    continue  # the peer's next rows get the same answer now, not after a backoff
                 self._failures[peer] = 0
                 metrics.federation_peer_failures.labels(self.peer_label(peer)).set(0)
                 done: list[int] = []
                 deferred: list[int] = []
+                rejected: dict[str, list[int]] = {}
                 for record in batch:
-                    outcome = results.get(record.envelope_id, "deferred")
+                    result = results.get(record.envelope_id)
+                    outcome = "deferred" if result is None else result.outcome
+                    if outcome == "rejected":
+                        assert result is not None
+                        rejected.setdefault(_printable(result.code, 64) or "rejected", []).append(record.seq)
+                        continue
                     (deferred if outcome == "deferred" else done).append(record.seq)
                     metrics.federation_envelopes_total.labels(self.peer_label(peer), "out", outcome).inc()
-                    if outcome == "rejected":
-                        log.warning("%s rejected an envelope permanently", peer)
                 hold = min(DEFERRED_RETRY_SECONDS, self.settings.retry_max_seconds) * 1000
                 await self._store.federation_outbox_settle(peer, done, deferred, now + int(hold), self._ctx.clock_ms())
+                for code, seqs in rejected.items():
+                    await self._outbox_failed(peer, seqs, f"rejected by {peer}: {code}", "rejected")
         except Exception:
             log.exception("delivery to %s failed unexpectedly; will retry", peer)
             await self._peer_failed(peer, "internal error")
         finally:
             self._active.discard(peer)
+
+    async def _outbox_failed(self, peer: str, seqs: list[int], reason: str, outcome: str) -> None:
+        """End rows ``seqs`` of ``peer``'s outbox as failed for good (shown by ``admin federation`` until they
+        expire or are retried); counted under the metric ``outcome`` ("failed": the whole request was refused
+        or could not be addressed; "rejected": the peer refused those envelopes one by one)."""
+        self._failures[peer] = 0
+        metrics.federation_peer_failures.labels(self.peer_label(peer)).set(0)
+        metrics.federation_envelopes_total.labels(self.peer_label(peer), "out", outcome).inc(len(seqs))
+        log.warning("delivery of %d envelope(s) to %s failed for good: %s", len(seqs), peer, reason)
+        await self._store.federation_outbox_fail(peer, seqs, reason[:MAX_ERROR_CHARS], self._ctx.clock_ms())
 
     async def _peer_failed(self, peer: str, error: str) -> None:
         failures = self._failures.get(peer, 0) + 1
@@ -850,8 +887,9 @@ class FederationService:
         except Exception:
             log.exception("cannot record the failure of %s", peer)
 
-    async def _deliver(self, peer: str, batch: Sequence[OutboxRecord]) -> dict[bytes, DeliveryOutcome]:
-        """POST one batch; the outcome per envelope id. Raises ``_DeliveryFailedError`` when nothing is known."""
+    async def _deliver(self, peer: str, batch: Sequence[OutboxRecord]) -> dict[bytes, DeliveryResult]:
+        """POST one batch; the result per envelope id. Raises ``_DeliveryFailedError`` when nothing is known,
+        ``permanent`` for a name that does not exist and for :data:`PERMANENT_REFUSALS`."""
         request = DeliverRequest(
             envelopes=[
                 FederatedEnvelope(
@@ -866,21 +904,27 @@ class FederationService:
         )
         try:
             response = await self._signed_request(peer, "POST", DELIVER_PATH, codec.encode(request), "deliver")
-        except PeerNameNotFoundError as exc:  # retried all the same: the name may be registered (again) later
-            raise _DeliveryFailedError(f"{ErrorCode.UNKNOWN_RELAY.value}: {exc}") from exc
+        except PeerNameNotFoundError as exc:  # a mistyped or vanished name: `admin federation retry` once it exists
+            raise _DeliveryFailedError(f"{ErrorCode.UNKNOWN_RELAY.value}: {exc}", permanent=True) from exc
         except PeerUnreachableError as exc:
             raise _DeliveryFailedError(f"unreachable: {exc}") from exc
         except TetherlessError as exc:  # an address rule: nothing was sent; DNS may change, so retried later
             raise _DeliveryFailedError(f"{exc.code.value}: {exc.detail}") from exc
         if response.status != 200:
             error = error_from_problem(response.status, response.body)
-            code = error.code.value if isinstance(error, RemoteError) else "no problem document"
-            raise _DeliveryFailedError(f"HTTP {response.status} ({code})")
+            if isinstance(error, RemoteError):
+                permanent = error.code in PERMANENT_REFUSALS
+                shown = _printable(error.detail, 200)
+                detail = f": {shown}" if permanent and shown else ""
+                raise _DeliveryFailedError(f"HTTP {response.status} ({error.code.value}{detail})", permanent=permanent)
+            raise _DeliveryFailedError(
+                f"HTTP {response.status} (no problem document)", permanent=response.status in PERMANENT_STATUSES
+            )
         try:
             answer = codec.decode(response.body, DeliverResponse, _media_type(response))
         except TetherlessError as exc:
             raise _DeliveryFailedError(f"garbage answer: {exc.code.value}") from exc
-        return {r.id: r.outcome for r in answer.results}
+        return {r.id: r for r in answer.results}
 
 
 V = TypeVar("V")
@@ -902,6 +946,11 @@ def _fit(batch: list[OutboxRecord], max_bytes: int) -> list[OutboxRecord]:
         if total > max_bytes and index > 0:
             return batch[:index]
     return batch
+
+
+def _printable(text: str, limit: int) -> str:
+    """A peer's words for the operator (the admin table, the log): at most ``limit`` characters, printable."""
+    return "".join(ch if ch.isprintable() else " " for ch in text[:limit])
 
 
 def _result_for(envelope_id: bytes, outcome: ReceivedOutcome) -> DeliveryResult:

@@ -137,7 +137,8 @@ class OutboxRecord:
 
 @dataclass(frozen=True, slots=True)
 class PeerState:
-    """Delivery state of one peer relay (``queued``: envelopes in its outbox)."""
+    """Delivery state of one peer relay (``queued``: envelopes in its outbox still to send; ``failed``: envelopes
+    that failed for good and are kept, unsent, until they expire or ``admin federation retry``)."""
 
     peer: str
     queued: int
@@ -147,6 +148,7 @@ class PeerState:
     last_success_at_ms: int | None
     last_error: str
     delivered: int
+    failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,11 +495,17 @@ class FederationStore(Protocol):
     ) -> None:
         """Record a failed delivery attempt: nothing is sent to ``peer`` before ``next_attempt_at_ms``."""
 
+    async def federation_outbox_fail(self, peer: str, seqs: Sequence[int], reason: str, now_ms: int) -> None:
+        """End ``peer``'s outbox rows ``seqs`` as failed for good with ``reason`` (a name that does not exist, a
+        permanent refusal): never sent again nor counted as queued, kept until they expire or
+        :meth:`federation_retry_now`; the peer's last error becomes ``reason`` and its backoff is reset (its
+        other rows go on). Idempotent."""
+
     async def federation_peer_states(self) -> list[PeerState]:
         """State of every known peer (with an outbox or a delivery history), by name."""
 
     async def federation_retry_now(self, peer: str | None) -> int:
-        """Make ``peer`` (None: every peer) and its held envelopes due at once; returns peers affected."""
+        """Make ``peer`` (None: every peer) and its held and failed envelopes due at once; returns peers affected."""
 
     async def federation_take_lease(self, peer: str, holder: str, now_ms: int, lease_ms: int) -> bool:
         """Take or renew the lease on sending ``peer``'s outbox for ``holder`` (one replica) until

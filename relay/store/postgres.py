@@ -343,7 +343,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "idempotency_refs": ("key_hash", "recipient_no", "seq"),
     "federation_outbox": (
         "seq", "peer", "envelope_id", "recipient", "sent_at_ms", "expires_at_ms", "ciphertext", "attempts",
-        "not_before_ms",
+        "not_before_ms", "failed_at_ms", "failure",
     ),
     "federation_peers": (
         "peer", "failures", "next_attempt_at_ms", "last_attempt_at_ms", "last_success_at_ms", "last_error",

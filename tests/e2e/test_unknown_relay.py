@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,23 +96,55 @@ def test_the_relay_answers_unknown_relay_as_a_problem_and_counts_it(relay: Relay
     assert counted(relay, "device_list", "unreachable") == 1
 
 
-def test_envelopes_queued_for_a_name_that_stopped_resolving_are_retried_with_the_reason(relay: RelayProcess) -> None:
-    """The home relay's federation outbox (envelopes sealed from cached targets, or sent by another client)
-    keeps trying: the name may exist again. ``admin federation`` names the reason."""
+def delivered_outcome(relay: RelayProcess, outcome: str) -> float:
+    sample = f'relay_federation_envelopes_total{{direction="out",outcome="{outcome}",peer="other"}}'
+    lines = Http11(relay.url).get("/metrics").body.decode().splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(sample)), 0.0)
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30  # bounds a hang only: the worker polls every 0.3 s (FAST)
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_envelopes_queued_for_a_name_that_stopped_resolving_fail_with_the_reason(relay: RelayProcess) -> None:
+    """The home relay's federation outbox (envelopes sealed from cached targets, or sent by another client):
+    a name that does not exist fails its rows at the first attempt, with the reason in ``admin federation``,
+    and they are not tried again; a name whose lookup fails for now keeps being retried meanwhile.
+    ``admin federation retry`` makes the failed rows queued again (the name may exist by then)."""
     http = Http11(relay.url)
     alice, bob = user(http, "alice"), user(http, "bob")
-    envelope = {
-        "recipient": f"{bob.device_id}.{bob.parsed.account}@{MISSING}",
-        "idempotency_key": os.urandom(8),
-        "ciphertext": b"x",
-    }
-    answer = http.msgpack("POST", "/v1/messages", {"envelopes": [envelope]}, alice.token)
-    assert answer.status == 201, answer.body
-    deadline = time.monotonic() + 30  # several worker passes (FAST: poll 0.3 s, retry up to 0.8 s)
-    while counted(relay, "deliver", "unresolved") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert counted(relay, "deliver", "unresolved") >= 2, "the worker did not retry the peer"
-    admin = ok(cli(relay.data_dir.parent / "no-home", "admin", "federation", "--data", str(relay.data_dir)))
-    (line,) = [line for line in admin.splitlines() if line.startswith(MISSING)]
-    assert f"unknown_relay: {MISSING} does not resolve" in line
-    assert line.split()[1] == "1"  # still queued
+
+    def post(relay_name: str) -> None:
+        envelope = {
+            "recipient": f"{bob.device_id}.{bob.parsed.account}@{relay_name}",
+            "idempotency_key": os.urandom(8),
+            "ciphertext": b"x",
+        }
+        answer = http.msgpack("POST", "/v1/messages", {"envelopes": [envelope]}, alice.token)
+        assert answer.status == 201, answer.body
+
+    def admin_line(peer: str) -> list[str]:
+        admin = ok(cli(relay.data_dir.parent / "no-home", "admin", "federation", "--data", str(relay.data_dir)))
+        (line,) = [line for line in admin.splitlines() if line.startswith(peer)]
+        return line.split(maxsplit=5)
+
+    post(MISSING)
+    wait_for(lambda: delivered_outcome(relay, "failed") == 1, "the row to fail")
+    assert counted(relay, "deliver", "unresolved") == 1
+    _, queued, failed, *_ = admin_line(MISSING)
+    assert (queued, failed) == ("0", "1")
+    assert f"unknown_relay: {MISSING} does not resolve" in admin_line(MISSING)[-1]
+
+    # the worker goes on (a name that fails for now is retried, again and again) and never tries MISSING again
+    post(FLAKY)
+    wait_for(lambda: counted(relay, "deliver", "unreachable") >= 3, "the worker to retry the flaky name")
+    assert counted(relay, "deliver", "unresolved") == 1
+    assert admin_line(FLAKY)[1:3] == ["1", "0"]  # still queued, not failed
+
+    ok(cli(relay.data_dir.parent / "no-home", "admin", "federation", "retry", MISSING, "--data", str(relay.data_dir)))
+    wait_for(lambda: counted(relay, "deliver", "unresolved") == 2, "the retried row to be tried again")
+    wait_for(lambda: delivered_outcome(relay, "failed") == 2, "the retried row to fail again")
+    assert admin_line(MISSING)[1:3] == ["0", "1"]

@@ -1,5 +1,5 @@
 """Federation: the outbox to other relays and envelopes received from them (schema: migrations/0002_federation.sql;
-leases: 0007).
+leases: 0007; failed rows: 0010).
 
 Between replicas, correctness comes from the database: the (origin, envelope
 id) and (origin, nonce) primary keys, and the recipients' ``devices`` rows
@@ -7,6 +7,9 @@ locked (sorted) while received envelopes take their cursors, like local sends.
 Sending is spread by peer: a replica sends a peer's outbox only while it
 holds that peer's lease (``federation_leases``), so two replicas do not send
 the same rows; a killed holder's lease expires and another replica takes it.
+
+An outbox row is queued (``failed_at_ms = 0``) or failed for good (``failed_at_ms > 0``, ``failure`` says why):
+failed rows are never in a batch nor counted as queued, and stay for the operator until they expire.
 """
 
 from __future__ import annotations
@@ -30,18 +33,19 @@ _PEER_COLUMNS = (
 _RECEIVED_COLUMNS = (("origin", "text"), ("envelope_id", "bytea"), ("forget_at_ms", "bigint"))
 
 
-def _peer_state(peer: str, queued: int, row: Sequence[Any] | None) -> PeerState:
+def _peer_state(peer: str, queued: int, row: Sequence[Any] | None, failed: int = 0) -> PeerState:
     if row is None:
-        return PeerState(peer, queued, 0, 0, None, None, "", 0)
+        return PeerState(peer, queued, 0, 0, None, None, "", 0, failed)
     failures, next_at, last_attempt, last_success, last_error, delivered = row
-    return PeerState(peer, queued, failures, next_at, last_attempt, last_success, last_error, delivered)
+    return PeerState(peer, queued, failures, next_at, last_attempt, last_success, last_error, delivered, failed)
 
 
 def due_peers(conn: Any, e: Engine, *, now_ms: int) -> list[PeerState]:
     rows = conn.execute(
         e.q(
             f"SELECT o.peer, o.queued, {', '.join('p.' + c for c in _PEER_COLUMNS)}"
-            " FROM (SELECT peer, count(*) AS queued FROM federation_outbox WHERE expires_at_ms > ? GROUP BY peer) o"
+            " FROM (SELECT peer, count(*) AS queued FROM federation_outbox"
+            " WHERE expires_at_ms > ? AND failed_at_ms = 0 GROUP BY peer) o"
             " LEFT JOIN federation_peers p ON p.peer = o.peer ORDER BY o.peer"
         ),
         (clamp(now_ms),),
@@ -53,7 +57,7 @@ def outbox_batch(conn: Any, e: Engine, *, peer: str, now_ms: int, limit: int) ->
     rows = conn.execute(
         e.q(
             "SELECT seq, peer, envelope_id, recipient, sent_at_ms, expires_at_ms, ciphertext, attempts"
-            " FROM federation_outbox WHERE peer = ? AND not_before_ms <= ? AND expires_at_ms > ?"
+            " FROM federation_outbox WHERE peer = ? AND not_before_ms <= ? AND expires_at_ms > ? AND failed_at_ms = 0"
             " ORDER BY seq LIMIT ?"
         ),
         (peer, clamp(now_ms), clamp(now_ms), limit),
@@ -107,10 +111,40 @@ def peer_failed(
     )
 
 
+def outbox_fail(conn: Any, e: Engine, *, peer: str, seqs: Sequence[int], reason: str, now_ms: int) -> None:
+    """See ``Store.federation_outbox_fail``: the rows end failed, the peer's backoff is reset (nothing waits)."""
+    e.execute_in(
+        conn,
+        "UPDATE federation_outbox SET failed_at_ms = ?, failure = ?, attempts = attempts + 1"
+        " WHERE peer = ? AND failed_at_ms = 0 AND {one_of}",
+        (max(now_ms, 1), reason[:500], peer),
+        "seq",
+        seqs,
+        "bigint",
+    )
+    conn.execute(
+        e.q(
+            "INSERT INTO federation_peers (peer, last_attempt_at_ms, last_error) VALUES (?, ?, ?)"
+            " ON CONFLICT (peer) DO UPDATE SET failures = 0, next_attempt_at_ms = 0,"
+            " last_attempt_at_ms = excluded.last_attempt_at_ms, last_error = excluded.last_error"
+        ),
+        (peer, now_ms, reason[:500]),
+    )
+
+
 def peer_states(conn: Any, e: Engine) -> list[PeerState]:
-    queued = dict(conn.execute("SELECT peer, count(*) FROM federation_outbox GROUP BY peer").fetchall())
+    counts: dict[str, tuple[int, int]] = {
+        peer: (queued, failed)
+        for peer, queued, failed in conn.execute(
+            "SELECT peer, sum(CASE WHEN failed_at_ms = 0 THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN failed_at_ms = 0 THEN 0 ELSE 1 END) FROM federation_outbox GROUP BY peer"
+        ).fetchall()
+    }
     rows = {row[0]: row[1:] for row in conn.execute(f"SELECT peer, {', '.join(_PEER_COLUMNS)} FROM federation_peers")}
-    return [_peer_state(peer, queued.get(peer, 0), rows.get(peer)) for peer in sorted(set(queued) | set(rows))]
+    return [
+        _peer_state(peer, int(counts.get(peer, (0, 0))[0]), rows.get(peer), int(counts.get(peer, (0, 0))[1]))
+        for peer in sorted(set(counts) | set(rows))
+    ]
 
 
 def retry_now(conn: Any, e: Engine, *, peer: str | None) -> int:
@@ -118,7 +152,14 @@ def retry_now(conn: Any, e: Engine, *, peer: str | None) -> int:
     outbox = peers = ""  # every peer
     if peer is not None:
         outbox, peers, params = " AND peer = ?", " WHERE peer = ?", (peer,)
-    conn.execute(e.q("UPDATE federation_outbox SET not_before_ms = 0 WHERE not_before_ms > 0" + outbox), params)
+    # Failed rows too: the operator retries after fixing what failed them (a DNS name registered, a peer's policy).
+    conn.execute(
+        e.q(
+            "UPDATE federation_outbox SET not_before_ms = 0, failed_at_ms = 0, failure = ''"
+            " WHERE (not_before_ms > 0 OR failed_at_ms > 0)" + outbox
+        ),
+        params,
+    )
     affected: int = conn.execute(e.q("UPDATE federation_peers SET next_attempt_at_ms = 0" + peers), params).rowcount
     return affected
 

@@ -246,6 +246,9 @@ class SQLStore(abc.ABC):
             )
         )
 
+    async def federation_outbox_fail(self, peer: str, seqs: Sequence[int], reason: str, now_ms: int) -> None:
+        await self._write(self._op(federation.outbox_fail, peer=peer, seqs=seqs, reason=reason, now_ms=now_ms))
+
     async def federation_peer_states(self) -> list[PeerState]:
         return await self._snapshot(self._op(federation.peer_states))
 

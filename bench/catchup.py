@@ -41,7 +41,7 @@ import trio
 from protocol import log
 from protocol.client.sdk import RelayClient
 from protocol.client.store import ClientStore
-from protocol.messages import LogPage, LogRecord
+from protocol.messages import LogRecord
 
 from .common import ROOT, machine, write_results
 
@@ -55,7 +55,7 @@ async def _raw_page_all(relay_url: str, home: Path, keep: list[LogRecord] | None
         started = time.perf_counter()
         after, records, size = 0, 0, 0
         while True:
-            page = await client._call("GET", f"/v1/log?after={after}&limit=500", None, LogPage)
+            page = await client.api.log_page(after=after, limit=500)
             records += len(page.records)
             size += sum(len(r.ciphertext) for r in page.records)
             if keep is not None:

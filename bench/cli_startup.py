@@ -11,7 +11,10 @@ each command a fresh process pinned to core 1 (the relay on core 0) when taskset
   unlock, seal, POST, log append), for a home under the test KDF profile (the CLI's own cost) and one under
   the default profile (what a user pays: Argon2id t=3, 64 MiB; bench.keystore measures that part alone);
 - ``send_imports``: ``python -c "import tetherless_cli.messages"``, the CPU of importing what ``send`` needs,
-  so a regression shows whether it is an import or the command's work.
+  so a regression shows whether it is an import or the command's work;
+- ``send_requests``: the requests one such ``send`` makes, per route, from the relay's own
+  ``relay_http_requests_total`` counters (``GET /metrics`` before and after one more ``send``; the scrape itself
+  is not counted).
 
 Every child runs with compiled modules cached, as a user's installed ``tetherless`` does (pip compiles
 site-packages; a checkout writes ``__pycache__`` on its first run): the caller's ``PYTHONDONTWRITEBYTECODE``
@@ -28,10 +31,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,30 @@ def environment(*, weak_kdf: bool, pycache: Path) -> dict[str, str]:
     return env
 
 
+_REQUESTS = re.compile(r"^relay_http_requests_total\{(.*)\} ([0-9.e+]+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def relay_requests(relay_url: str) -> Counter[str]:
+    """``"METHOD route" -> requests answered`` from the relay's ``/metrics`` (HTTP/1.1; itself not counted)."""
+    with urllib.request.urlopen(f"{relay_url}/metrics", timeout=30) as response:
+        text = response.read().decode("utf-8")
+    counts: Counter[str] = Counter()
+    for labels, value in _REQUESTS.findall(text):
+        named = dict(_LABEL.findall(labels))
+        if named.get("route") != "/metrics":
+            counts[f"{named.get('method')} {named.get('route')}"] += int(float(value))
+    return counts
+
+
+def requests_of(relay_url: str, command: list[str], env: dict[str, str]) -> dict[str, int]:
+    """The requests one run of ``command`` makes, per ``"METHOD route"`` (no other client may be running)."""
+    before = relay_requests(relay_url)
+    child(command, env)
+    after = relay_requests(relay_url)
+    return {route: after[route] - before[route] for route in sorted(after) if after[route] > before[route]}
+
+
 def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
     pycache = base / "pycache"
     weak, strong = environment(weak_kdf=True, pycache=pycache), environment(weak_kdf=False, pycache=pycache)
@@ -121,7 +151,12 @@ def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
             used, elapsed = child(args, env)
             cpu[name].append(used)
             wall[name].append(elapsed)
-    return {name: {"cpu_ms": summary(cpu[name]), "wall_ms": summary(wall[name])} for name in commands}
+    figures: dict[str, Any] = {
+        name: {"cpu_ms": summary(cpu[name]), "wall_ms": summary(wall[name])} for name in commands
+    }
+    per_route = requests_of(relay_url, commands["send_test_kdf"][0], weak)
+    figures["send_requests"] = {"total": sum(per_route.values()), "per_route": per_route}
+    return figures
 
 
 def verdicts(figures: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     imports, baseline = (figures[name]["cpu_ms"]["median"] for name in ("send_imports", "baseline"))
     print(f"{'send_imports':<17} CPU {imports:7.1f} ms  (python -c pass {baseline:.1f} ms; the imports of send)")
+    sent = figures["send_requests"]
+    routes = ", ".join(f"{route} x{n}" for route, n in sent["per_route"].items())
+    print(f"{'send_requests':<17} {sent['total']} requests: {routes}")
     print(f"wrote {path}")
     return 0
 

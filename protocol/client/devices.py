@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import msgspec
 import nacl.public
@@ -45,8 +45,8 @@ import nacl.signing
 import trio
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
-from .. import codec, device_list, enrolment, handshake, prekeys, recovery, webauthn
-from ..errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
+from .. import device_list, enrolment, handshake, prekeys, recovery, webauthn
+from ..errors import ErrorCode, RemoteError, TetherlessError
 from ..ids import Address, device_id_for
 from ..messages import (
     DeviceEntry,
@@ -54,10 +54,8 @@ from ..messages import (
     DeviceListAccepted,
     EnrolmentBundle,
     EnrolmentOffer,
-    EnrolmentOfferAccepted,
     EnrolmentProposal,
-    EnrolmentProposalAccepted,
-    PostDeviceListRequest,
+    Policy,
     SignedDeviceList,
     SignedPrekey,
     WebAuthnAssertion,
@@ -69,9 +67,7 @@ from .chains import save_mark
 from .http import TransportError
 from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore
 from .localdb import DB_FILE
-from .sdk import _HEADERS, RelayClient, _media_type
-
-T = TypeVar("T")
+from .sdk import RelayClient
 
 LINK_POLL_SECONDS: Final = 1.0
 LINK_TIMEOUT_SECONDS: Final = 600.0  # the relay keeps an offer for 10 minutes
@@ -138,16 +134,16 @@ class _NewDevice:
 
 def _new_device(client: RelayClient) -> _NewDevice:
     return _NewDevice(
-        nacl.signing.SigningKey(client._random_bytes(32)),
-        client._random_bytes(32),
-        client._random_bytes(handshake.MLKEM_SEED_BYTES),
+        nacl.signing.SigningKey(client.random_bytes(32)),
+        client.random_bytes(32),
+        client.random_bytes(handshake.MLKEM_SEED_BYTES),
     )
 
 
 def _enrolment_prekeys(client: RelayClient, device: _NewDevice, now_ms: int) -> EnrolmentPrekeys:
-    x25519_private = client._random_bytes(32)
+    x25519_private = client.random_bytes(32)
     x25519_public = bytes(nacl.public.PrivateKey(x25519_private).public_key)
-    seed = client._random_bytes(64)
+    seed = client.random_bytes(64)
     mlkem_public = MLKEM768PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
     sign = device.signing_key
     return EnrolmentPrekeys(
@@ -161,17 +157,6 @@ def _enrolment_prekeys(client: RelayClient, device: _NewDevice, now_ms: int) -> 
 # -- small helpers -------------------------------------------------------------------------
 
 
-async def _get_optional(client: RelayClient, path: str, response_type: type[T]) -> T | None:
-    """``GET`` without a token where 204 means "nothing yet" (returns None)."""
-    conn = await client._conn()
-    response = await conn.request("GET", path, None, list(_HEADERS), timeout=client._timeout)
-    if response.status == 204:
-        return None
-    if 200 <= response.status < 300:
-        return codec.decode(response.body, response_type, _media_type(response))
-    raise error_from_problem(response.status, response.body)
-
-
 async def post_version(client: RelayClient, signed: SignedDeviceList) -> DeviceListAccepted:
     """``POST /v1/accounts/{account_id}/devices`` (no token: the approvals authorize it).
 
@@ -180,20 +165,13 @@ async def post_version(client: RelayClient, signed: SignedDeviceList) -> DeviceL
     when another change won the race: rebuild on the new head).
     """
     dl = signed.device_list
-    accepted = await client._call(
-        "POST",
-        f"/v1/accounts/{dl.account_id}/devices",
-        PostDeviceListRequest(signed=signed),
-        DeviceListAccepted,
-        authenticated=False,
-        retry=False,
-    )
+    accepted = await client.api.post_device_list(signed)
     digest = device_list.list_hash(dl)
     if accepted.version != dl.version or accepted.list_hash != digest:
         raise TetherlessError(ErrorCode.INVALID_FIELD, "the relay accepted another device-list version than ours")
     relay = Address.parse(client.keys.address).relay if client.keys else (await client.well_known()).relay
     save_mark(client.local_db, dl.account_id, relay, (dl.version, digest))
-    client._device_lists.pop(dl.account_id, None)
+    client.forget_device_list(dl.account_id)
     return accepted
 
 
@@ -301,7 +279,7 @@ def _save_new_home(
         device_id=device.device_id,
         address=str(Address(account=account_id, relay=relay, device=device.device_id)),
         device_name=name,
-        ca_file=client._ca_file,
+        ca_file=client.ca_file,
         list_format=list_format,
         kem_seed=device.kem_seed,
     )
@@ -309,8 +287,7 @@ def _save_new_home(
     db = keystore.local_db()
     if bundle is not None:
         db.put_struct(ENROLMENT_PREKEYS_TABLE, "bundle", bundle)
-    client.keys = keys
-    client._cipher = client._make_cipher(keys)
+    client.keys = keys  # and its cipher
     client.local_db = db
     return keys
 
@@ -390,9 +367,9 @@ async def start_link(client: RelayClient) -> PendingLink:
     """
     relay = (await client.well_known()).relay
     device = _new_device(client)
-    now = client._now_ms()
+    now = client.now_ms()
     bundle = _enrolment_prekeys(client, device, now)
-    secret = enrolment.new_link_secret(client._random_bytes(enrolment.LINK_SECRET_BYTES))
+    secret = enrolment.new_link_secret(client.random_bytes(enrolment.LINK_SECRET_BYTES))
     offer = enrolment.make_offer(
         secret,
         relay,
@@ -402,9 +379,7 @@ async def start_link(client: RelayClient) -> PendingLink:
         now,
         kem_key=device.kem_key,
     )
-    accepted = await client._call(
-        "POST", "/v1/enrolments", offer, EnrolmentOfferAccepted, authenticated=False, retry=False
-    )
+    accepted = await client.api.enrolment_offer(offer)
     return PendingLink(
         code=enrolment.link_code_text(secret),
         qr=enrolment.link_qr(relay, secret),
@@ -431,12 +406,12 @@ async def wait_for_proposal(
     Raises ``enrolment_expired`` (locally too, once the offer's time is up)
     and relay errors; transport errors are retried.
     """
-    path = f"/v1/enrolments/{enrolment.lookup_id_text(pending.lookup_id)}/proposal"
+    lookup = enrolment.lookup_id_text(pending.lookup_id)
     with trio.move_on_after(timeout_seconds):
         while True:
             delay = poll_seconds
             try:
-                proposal = await _get_optional(client, path, EnrolmentProposal)
+                proposal = await client.api.enrolment_proposal(lookup)
             except TransportError:
                 proposal = None
             except RemoteError as exc:
@@ -445,7 +420,7 @@ async def wait_for_proposal(
                 proposal, delay = None, max(poll_seconds, float(exc.retry_after_seconds or 1))
             if proposal is not None:
                 return proposal
-            if client._now_ms() > pending.expires_at_ms:
+            if client.now_ms() > pending.expires_at_ms:
                 break
             await trio.sleep(delay)
     raise TetherlessError(ErrorCode.ENROLMENT_EXPIRED, "no device approved the link code in time; start again")
@@ -563,7 +538,7 @@ async def fetch_offer(client: RelayClient, code: str) -> tuple[bytes, EnrolmentO
     relay = Address.parse(keys.address).relay
     lookup = enrolment.lookup_id(secret, relay)
     try:
-        offer = await client._call("GET", f"/v1/enrolments/{enrolment.lookup_id_text(lookup)}", None, EnrolmentOffer)
+        offer = await client.api.enrolment_get_offer(enrolment.lookup_id_text(lookup))
     except RemoteError as exc:
         if exc.code is ErrorCode.ENROLMENT_UNKNOWN:
             raise TetherlessError(
@@ -603,7 +578,7 @@ async def approve_link(
     if confirm is not None and not confirm(offer, shown):
         raise PermissionError("not approved")
     verified = await _own_head(client)
-    now = client._now_ms()
+    now = client.now_ms()
     added_at = max(now, verified.head.created_at_ms)
     format_3 = bool(keys.kem_seed) or verified.head.format == device_list.FORMAT_3
     if format_3 and not offer.kem_key:
@@ -618,12 +593,8 @@ async def approve_link(
     signed = _own_approvals(keys, verified, dl, get_assertion)
     relay = Address.parse(keys.address).relay
     tag = enrolment.approval_tag(secret, relay, dl.account_id, dl.version, device_list.list_hash(dl))
-    await client._call(
-        "POST",
-        f"/v1/enrolments/{enrolment.lookup_id_text(offer.lookup_id)}/proposal",
-        EnrolmentProposal(signed=signed, approval_tag=tag),
-        EnrolmentProposalAccepted,
-        retry=False,
+    await client.api.enrolment_propose(
+        enrolment.lookup_id_text(offer.lookup_id), EnrolmentProposal(signed=signed, approval_tag=tag)
     )
     return ApprovedLink(
         device_id=entry.device_id,
@@ -704,7 +675,7 @@ async def join_with_recovery(
     if not head.recovery_key or head.recovery_key != rk.public_key:
         raise TetherlessError(ErrorCode.POLICY_NOT_MET, "this is not the account's current recovery key")
     device = _new_device(client)
-    now = client._now_ms()
+    now = client.now_ms()
     dl = device_list.next_version(
         head,
         add_devices=[device.entry(max(now, head.created_at_ms))],
@@ -745,7 +716,7 @@ async def join_with_authenticator(
     if not head.credentials:
         raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the account has no hardware key in its device list")
     device = _new_device(client)
-    now = client._now_ms()
+    now = client.now_ms()
     dl = device_list.next_version(
         head,
         add_devices=[device.entry(max(now, head.created_at_ms))],
@@ -788,7 +759,7 @@ async def revoke_device(
     device_id = resolve_device_id(target, verified.head)
     if len(verified.head.devices) == 1 and not verified.head.credentials:
         raise TetherlessError(ErrorCode.INVALID_DEVICE_LIST, "the account's only device cannot be revoked")
-    dl = _fit_threshold(_own_next_version(keys, verified.head, remove_device_ids=[device_id], now_ms=client._now_ms()))
+    dl = _fit_threshold(_own_next_version(keys, verified.head, remove_device_ids=[device_id], now_ms=client.now_ms()))
     return await post_version(client, _own_approvals(keys, verified, dl, get_assertion))
 
 
@@ -835,7 +806,7 @@ async def remove_credential(
             ErrorCode.INVALID_DEVICE_LIST, "the policy requires a hardware key: the last one cannot be removed"
         )
     dl = _fit_threshold(
-        _own_next_version(keys, verified.head, remove_credential_ids=[credential_id], now_ms=client._now_ms())
+        _own_next_version(keys, verified.head, remove_credential_ids=[credential_id], now_ms=client.now_ms())
     )
     return await post_version(client, _own_approvals(keys, verified, dl, get_assertion))
 
@@ -854,14 +825,14 @@ async def set_recovery_key(client: RelayClient) -> str:
     """
     keys = _own(client)
     verified = await _own_head(client)
-    text = recovery.new_recovery_secret(client._random_bytes(recovery.SECRET_BYTES))
+    text = recovery.new_recovery_secret(client.random_bytes(recovery.SECRET_BYTES))
     rk = recovery.recovery_keys(recovery.parse_recovery_secret(text), keys.account_id)
     dl = _own_next_version(
         keys,
         verified.head,
         recovery_key=rk.public_key,
         recovery_backup_key_hash=backup_hash(rk),
-        now_ms=client._now_ms(),
+        now_ms=client.now_ms(),
     )
     signed = device_list.signed_list(
         dl,
@@ -885,11 +856,9 @@ async def add_credential(
     Raises ``webauthn_invalid``, challenge errors and those of ``POST …/devices``.
     """
     keys = _own(client)
-    options = await client._call("POST", "/v1/webauthn/register/begin", None, WebAuthnRegistrationOptions)
+    options = await client.api.webauthn_register_begin()
     registration = make_credential(options)
-    credential = await client._call(
-        "POST", "/v1/webauthn/register/complete", registration, WebAuthnCredential, retry=False
-    )
+    credential = await client.api.webauthn_register_complete(registration)
     created = webauthn.verify_registration(
         registration, challenge=options.challenge, rp_id=options.rp_id, added_at_ms=credential.added_at_ms
     ).credential
@@ -898,7 +867,7 @@ async def add_credential(
             ErrorCode.WEBAUTHN_INVALID, "the relay answered with another credential than the security key created"
         )
     verified = await _own_head(client)
-    dl = _own_next_version(keys, verified.head, add_credentials=[credential], now_ms=client._now_ms())
+    dl = _own_next_version(keys, verified.head, add_credentials=[credential], now_ms=client.now_ms())
     assertion = get_assertion(device_list.list_hash(dl), [credential])
     signed = device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)], webauthn_assertions=[assertion])
     await post_version(client, signed)
@@ -923,8 +892,127 @@ async def upgrade_list(client: RelayClient) -> DeviceListAccepted | None:
     own = next(d for d in verified.head.devices if d.device_id == keys.device_id)
     if verified.head.format == device_list.FORMAT_3 and own.kem_key:
         return None
-    dl = _own_next_version(keys, verified.head, now_ms=client._now_ms())
+    dl = _own_next_version(keys, verified.head, now_ms=client.now_ms())
     return await post_version(client, device_list.signed_list(dl, [device_list.approve(dl, keys.signing_key)]))
+
+
+# -- the approval policy (crypto.md §3.2; ``tetherless device policy``) ------------------------------------
+
+
+def approvers(head: DeviceList) -> tuple[int, int]:
+    """(devices that may approve (role ``device``), hardware keys) of ``head``: who can sign the next version."""
+    return sum(map(device_list.may_approve, head.devices)), len(head.credentials)
+
+
+def gatherable_approvals(head: DeviceList) -> int:
+    """How many approvals one change made through this module carries: this device's, and one hardware key's
+    when the list has one. A k-of-n policy beyond that needs co-approvals of other devices, which nothing here
+    gathers yet (only the recovery key, weighing the whole threshold, could still change the list)."""
+    return 1 + (1 if head.credentials else 0)
+
+
+def plan_policy(
+    head: DeviceList,
+    *,
+    threshold: int | None = None,
+    require_webauthn: bool | None = None,
+    require_user_verification: bool | None = None,
+) -> Policy:
+    """``head``'s policy with the given settings changed (None keeps one), refused when it makes no sense.
+
+    Raises ``invalid_device_list`` for a format-1 list (it has no policy) and ``invalid_field`` for: a
+    hardware key required, or user verification asked of one, while the list has no key; a threshold above
+    the list's approvers (devices of role ``device`` and hardware keys: the protocol's own rule, crypto.md
+    §3.6) or above :func:`gatherable_approvals` (every later change would need approvals nothing here can
+    gather). Pure.
+    """
+    _require_format_2(head)
+    current = head.policy
+    policy = Policy(
+        threshold=current.threshold if threshold is None else threshold,
+        require_webauthn=current.require_webauthn if require_webauthn is None else require_webauthn,
+        require_user_verification=(
+            current.require_user_verification if require_user_verification is None else require_user_verification
+        ),
+    )
+    devices_n, keys_n = approvers(head)
+    if not keys_n and (policy.require_webauthn or policy.require_user_verification):
+        raise TetherlessError(
+            ErrorCode.INVALID_FIELD,
+            "the account has no hardware key to require or to verify its user with: add one first "
+            "(`tetherless device fido2 add`)",
+        )
+    if policy.threshold > devices_n + keys_n:
+        raise TetherlessError(
+            ErrorCode.INVALID_FIELD,
+            f"threshold {policy.threshold} is above the account's {devices_n + keys_n} approvers "
+            f"({devices_n} device(s), {keys_n} hardware key(s))",
+        )
+    most = gatherable_approvals(head)
+    if policy.threshold > most:
+        raise TetherlessError(
+            ErrorCode.INVALID_FIELD,
+            f"threshold {policy.threshold} would need {policy.threshold} approvals on every change; one change "
+            f"made here carries at most {most} ("
+            + ("this device and a hardware key)" if head.credentials else "this device; a hardware key adds one)"),
+        )
+    return policy
+
+
+def policy_loosens(before: Policy, after: Policy) -> bool:
+    """Whether ``after`` lets fewer or weaker approvals change the list than ``before`` does."""
+    return (
+        after.threshold < before.threshold
+        or (before.require_webauthn and not after.require_webauthn)
+        or (before.require_user_verification and not after.require_user_verification)
+    )
+
+
+def check_own_approvals(head: DeviceList, device_id: str, *, with_key: bool) -> None:
+    """Whether this device's approval (when its role may approve) and, ``with_key``, one hardware key's meet
+    ``head``'s policy: what the next version needs, whatever it changes (crypto.md §3.2: a policy change too
+    is approved under the policy it replaces). Raises ``policy_not_met`` saying what is missing. Pure."""
+    policy = head.policy
+    own = next((d for d in head.devices if d.device_id == device_id), None)
+    weight = (1 if own is not None and device_list.may_approve(own) else 0) + (1 if with_key else 0)
+    if policy.require_webauthn and not with_key:
+        raise TetherlessError(ErrorCode.POLICY_NOT_MET, "the current policy needs a hardware key's approval (--fido2)")
+    if weight < policy.threshold:
+        raise TetherlessError(
+            ErrorCode.POLICY_NOT_MET,
+            f"the current policy needs {policy.threshold} approvals; this device"
+            + (" and the hardware key give" if with_key else " gives")
+            + f" {weight}",
+        )
+
+
+async def set_policy(
+    client: RelayClient, policy: Policy, *, get_assertion: AssertionProvider | None = None
+) -> DeviceListAccepted | None:
+    """Post the version that sets the account's approval policy to ``policy`` (``tetherless device policy``).
+
+    Approved as the *current* policy demands (crypto.md §3.2: loosening needs the consent of what it
+    loosens): by this device, and by the hardware key of ``get_assertion`` (checked by :func:`key_assertion`).
+    Returns None when the policy is ``policy`` already (nothing is posted: idempotent). Raises what
+    :func:`plan_policy` raises for a ``policy`` that makes no sense for the list, ``policy_not_met``
+    (:func:`check_own_approvals`, before the key is asked), what :func:`key_assertion` raises, the chain
+    errors and those of ``POST …/devices`` (``device_list_conflict`` when another change won the race: run it
+    again). Cancellation before the post sends nothing; after it, the version may stand (read the chain).
+    """
+    keys = _own(client)
+    verified = await _own_head(client)
+    head = verified.head
+    planned = plan_policy(
+        head,
+        threshold=policy.threshold,
+        require_webauthn=policy.require_webauthn,
+        require_user_verification=policy.require_user_verification,
+    )
+    if planned == head.policy:
+        return None
+    check_own_approvals(head, keys.device_id, with_key=get_assertion is not None)
+    dl = _own_next_version(keys, head, policy=planned, now_ms=client.now_ms())
+    return await post_version(client, _own_approvals(keys, verified, dl, get_assertion))
 
 
 __all__ = [
@@ -935,18 +1023,24 @@ __all__ = [
     "PendingLink",
     "add_credential",
     "approve_link",
+    "approvers",
     "backup_hash",
+    "check_own_approvals",
     "fetch_offer",
     "fingerprint",
     "finish_link",
+    "gatherable_approvals",
     "join_with_authenticator",
     "join_with_recovery",
     "key_assertion",
+    "plan_policy",
+    "policy_loosens",
     "post_version",
     "remove_credential",
     "resolve_credential_id",
     "resolve_device_id",
     "revoke_device",
+    "set_policy",
     "set_recovery_key",
     "start_link",
     "upgrade_list",

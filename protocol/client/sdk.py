@@ -13,9 +13,12 @@ Usage::
 Everything on the wire is MessagePack; relay errors are raised as
 :class:`~protocol.errors.RemoteError` (switch on ``.code``), a broken
 connection as :class:`~protocol.client.http.TransportError`. The SDK keeps one
-HTTP/2 connection, reconnects when it breaks, and renews its session token by
-itself (before it expires, and once more on a 401 ``token_expired`` /
-``invalid_token``).
+HTTP/2 connection and reconnects when it breaks. Every request goes through
+``client.api`` (:class:`~protocol.client.api.RelayApi`: one typed method per
+relay route, with the authentication, retries and backoff); it renews the
+session token by itself (before it expires, and once more on a 401
+``token_expired`` / ``invalid_token`` / ``token_revoked``) and, with a
+``local_db``, keeps it sealed there for the next command.
 
 Randomness (keys, idempotency keys, ephemeral keys) comes from the OS CSPRNG
 and time from the wall clock; both can be injected for tests. Payload crypto
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -40,44 +42,31 @@ import nacl.public
 import nacl.signing
 import trio
 
-from .. import auth, codec, device_list, recovery
+from .. import codec, device_list, recovery
 from .. import session as sealed_v2
-from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError, error_from_problem
+from ..errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError
 from ..handshake import MLKEM_SEED_BYTES, mlkem_public
 from ..ids import Address, account_id_for, device_id_for
 from ..messages import (
     Accepted,
-    AccountCreated,
-    AckRequest,
-    AckResponse,
-    Challenge,
-    ChallengeRequest,
-    ClaimPrekeysRequest,
-    ClaimPrekeysResponse,
     CreateAccountRequest,
     DeviceEntry,
     DeviceList,
-    DeviceListChain,
     DeviceListChanged,
     Heartbeat,
     InboxEnvelope,
-    InboxPage,
     OutboundEnvelope,
     PrekeyCounts,
-    SendRequest,
-    SendResponse,
     Session,
-    SessionRequest,
     StreamItem,
     WellKnown,
 )
 from ..payload import InvalidPayloadError, Opened, PayloadCipher, SealedBoxCipher, open_plaintext
 from . import outbox
+from .api import REAUTH_CODES, RETRY_LATER_CODES, RelayApi, RetryPolicy, SealedTokenStore
 from .chains import DeviceListRejectedError, DeviceRevokedError, load_mark, save_mark
 from .http import (
-    ConnectError,
     HTTP2Connection,
-    Response,
     StreamingResponse,
     TransportError,
     collapse_single_group,
@@ -85,7 +74,7 @@ from .http import (
 )
 from .keystore import AlreadyInitialisedError, DeviceKeys, Keystore
 from .localdb import LocalDB
-from .sessions import KeyValueStore, MemoryStore, PrekeysUnavailableError, SessionManager
+from .sessions import LOW_WATER, T_META, KeyValueStore, MemoryStore, PrekeysUnavailableError, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +86,14 @@ IDEMPOTENCY_KEY_BYTES: Final = 16
 DEFAULT_BATCH_ENVELOPES: Final = 100
 DEVICE_LIST_CACHE_SECONDS: Final = 30.0
 STREAM_IDLE_TIMEOUT_SECONDS: Final = 90.0
-WELL_KNOWN_PATH: Final = "/.well-known/tetherless"
-PREKEYS_PATH: Final = "/v1/prekeys"
-_REAUTH_CODES: Final = frozenset({ErrorCode.TOKEN_EXPIRED, ErrorCode.INVALID_TOKEN})
-_RETRY_LATER_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
-_HEADERS: Final = (("content-type", codec.MSGPACK), ("accept", codec.MSGPACK))
+#: How long the relay's prekey counts from the last check are trusted (see :func:`prekey_check_due`).
+PREKEY_CHECK_SECONDS: Final = 3600.0
+PREKEY_CHECK_TABLE: Final = "client_prekey_check"
+#: How long a home trusts the relay's ``/.well-known/tetherless`` document it read last (see RelayClient.well_known).
+WELL_KNOWN_CACHE_SECONDS: Final = 3600.0
+WELL_KNOWN_TABLE: Final = "client_well_known"
+PREKEY_CHECK_KEY: Final = "last"
+PREKEY_META_KEY: Final = "ids"  # the sessions' own row in T_META: the local prekey state the check was made with
 
 
 # -- results -----------------------------------------------------------------------------
@@ -176,6 +168,25 @@ class Outgoing:
 
 
 @dataclass(frozen=True, slots=True)
+class Recipients:
+    """How to seal one message (:meth:`RelayClient.resolve_recipients`): v2 device addresses whose sessions exist,
+    with this device's list version to sign them under, or v1 ``(device address, box key)`` pairs."""
+
+    v1: list[tuple[str, bytes]] | None = None
+    v2: list[str] | None = None
+    sender_list_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEnvelope:
+    """One sealed ciphertext for one recipient device (:meth:`RelayClient.seal_envelopes`)."""
+
+    recipient: str
+    message_id: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Sent:
     """The relay's receipt for one envelope (``duplicate``: a retry the relay had already stored)."""
 
@@ -215,6 +226,10 @@ class RelayClient:
     exhausted. Cancellation aborts the request in flight (its stream is
     reset); for :meth:`send` that means the message may or may not have been
     stored — sending it again with a fresh call may duplicate it.
+
+    The relay's routes themselves are :attr:`api` (:class:`~protocol.client.api.RelayApi`: one typed method per
+    route, with the authentication, retries and backoff); the methods here add keys, verification and sealing.
+    With a :attr:`local_db`, the session token is kept sealed in it and reused by the next command.
     """
 
     def __init__(
@@ -234,25 +249,32 @@ class RelayClient:
         sessions: SessionManager | None = None,
     ) -> None:
         self.relay_url = relay_url
-        self.keys = keys
         self._nursery = nursery
-        self._ca_file = ca_file if ca_file is not None else (keys.ca_file if keys else None)
+        self.ca_file = ca_file if ca_file is not None else (keys.ca_file if keys else None)
         self._verify = verify
-        self._timeout = request_timeout_seconds
-        self._max_attempts = max(1, max_attempts)
         self._verify_senders = verify_senders
         self._wall_clock = wall_clock
-        self._random_bytes = random_bytes
+        #: The CSPRNG every key, idempotency key and entropy comes from (injectable for tests).
+        self.random_bytes = random_bytes
         self._connection: HTTP2Connection | None = None
         self._connections: list[HTTP2Connection] = []
         self._connect_lock = trio.Lock()
-        self._auth_lock = trio.Lock()
-        self._session: Session | None = None
-        self._session_renew_at_ms = 0
         self._well_known: WellKnown | None = None
         self._device_lists: dict[str, tuple[float, list[DeviceEntry]]] = {}
-        self._cipher: PayloadCipher | None = self._make_cipher(keys) if keys else None
-        # Device-list high-water marks live here (crypto.md §3.5); None: verify from genesis every time.
+        self._keys: DeviceKeys | None = None
+        self.cipher: PayloadCipher | None = None
+        self.api = RelayApi(
+            self.connection,
+            relay_url=relay_url,
+            keys=lambda: self._keys,
+            timeout_seconds=request_timeout_seconds,
+            policy=RetryPolicy(max_attempts=max(1, max_attempts)),
+            wall_clock=wall_clock,
+        )
+        self.keys = keys
+        # Device-list high-water marks (crypto.md §3.5) and the session token live here; None: verify from genesis
+        # every time, and authenticate once per client.
+        self._local_db: LocalDB | None = None
         self.local_db = local_db
         # v2 sessions (crypto.md §7-§9): None sends v1 to everyone; see enable_sessions().
         self.sessions = sessions
@@ -283,8 +305,36 @@ class RelayClient:
         self._connections.clear()
         self._connection = None
 
+    # -- what the SDK's other modules use ---------------------------------------------------------------------
+
+    @property
+    def keys(self) -> DeviceKeys | None:
+        """This device's keys (None before :meth:`register` or a link). Setting them also sets :attr:`cipher`."""
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: DeviceKeys | None) -> None:
+        self._keys = keys
+        self.cipher = self.make_cipher(keys) if keys is not None else None
+
+    @property
+    def local_db(self) -> LocalDB | None:
+        """The home's ``state.db`` (marks, sessions, the sealed session token), or None."""
+        return self._local_db
+
+    @local_db.setter
+    def local_db(self, db: LocalDB | None) -> None:
+        self._local_db = db
+        self.api.tokens = SealedTokenStore(db) if db is not None else None
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one request may take (``request_timeout_seconds``)."""
+        return self.api.timeout_seconds
+
     @staticmethod
-    def _make_cipher(keys: DeviceKeys) -> PayloadCipher:
+    def make_cipher(keys: DeviceKeys) -> PayloadCipher:
+        """The v1 payload cipher (sealed boxes) of ``keys``."""
         return SealedBoxCipher(signing_key=keys.signing_key, box_private_key=keys.box_private_key, address=keys.address)
 
     def _require_keys(self) -> DeviceKeys:
@@ -292,103 +342,58 @@ class RelayClient:
             raise RuntimeError("this client has no device keys; register() first")
         return self.keys
 
-    def _now_ms(self) -> int:
+    def now_ms(self) -> int:
+        """The injected wall clock, in ms since the epoch."""
         return int(self._wall_clock() * 1000)
 
-    # -- transport ---------------------------------------------------------------------
+    def forget_device_list(self, account_id: str) -> None:
+        """Drop ``account_id``'s cached device list (it changed): the next use fetches and verifies it again."""
+        self._device_lists.pop(account_id, None)
 
-    async def _conn(self) -> HTTP2Connection:
+    async def connection(self) -> HTTP2Connection:
+        """The HTTP/2 connection to the relay, opened (or reopened after it broke or got GOAWAY) on demand.
+        Raises ``ConnectError``; concurrent callers share one connection attempt."""
         async with self._connect_lock:
             if self._connection is None or not self._connection.is_usable:
                 # A connection that got a graceful GOAWAY finishes its open
                 # streams and is closed by the relay; we just stop using it.
                 self._connections = [c for c in self._connections if c.is_usable]
-                conn = await start_connection(self._nursery, self.relay_url, ca_file=self._ca_file, verify=self._verify)
+                conn = await start_connection(self._nursery, self.relay_url, ca_file=self.ca_file, verify=self._verify)
                 self._connection = conn
                 self._connections.append(conn)
             return self._connection
 
-    async def _backoff(self, attempt: int, retry_after_seconds: int | None = None) -> None:
-        if retry_after_seconds is not None:
-            await trio.sleep(min(retry_after_seconds, 60))
-            return
-        # Full jitter: spreads the reconnects of many clients after a relay restart.
-        await trio.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        body: msgspec.Struct | None,
-        response_type: type[T],
-        *,
-        authenticated: bool = True,
-        retry: bool = True,
-    ) -> T:
-        """One API call with retries, its 2xx body decoded as ``response_type``.
-
-        ``retry``: the request is safe to repeat (idempotent); otherwise it is
-        only repeated when the relay certainly did not process it.
-        """
-        response = await self._request(method, path, body, authenticated=authenticated, retry=retry)
-        return codec.decode(response.body, response_type, _media_type(response))
-
-    async def _request(
-        self, method: str, path: str, body: msgspec.Struct | None, *, authenticated: bool = True, retry: bool = True
-    ) -> Response:
-        """:meth:`_call`'s retry, re-authentication and backoff (the one place); returns the 2xx response as is."""
-        encoded = codec.encode(body) if body is not None else None
-        reauthenticated = False
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                conn = await self._conn()
-                headers = list(_HEADERS)
-                if authenticated:
-                    headers.append(("authorization", f"Bearer {await self._token()}"))
-                response = await conn.request(method, path, encoded, headers, timeout=self._timeout)
-            except ConnectError:
-                # Nothing listening at all: say so at once rather than after a
-                # minute of retries (a relay that restarts is retried below).
-                if attempt == 1 or attempt >= self._max_attempts:
-                    raise
-                await self._backoff(attempt)
-                continue
-            except TransportError as exc:
-                if attempt >= self._max_attempts or (exc.maybe_processed and not retry):
-                    raise
-                log.info("retrying %s %s after a transport error: %s", method, path.split("?")[0], exc)
-                await self._backoff(attempt)
-                continue
-            if 200 <= response.status < 300:
-                return response
-            error = error_from_problem(response.status, response.body)
-            if isinstance(error, RemoteError):
-                if authenticated and error.code in _REAUTH_CODES and not reauthenticated:
-                    reauthenticated = True
-                    self._session = None
-                    continue
-                if error.code in _RETRY_LATER_CODES and attempt < self._max_attempts:
-                    await self._backoff(attempt, error.retry_after_seconds)
-                    continue
-            raise error
-
-    async def _token(self) -> str:
-        if self._session is None or self._now_ms() >= self._session_renew_at_ms:
-            async with self._auth_lock:
-                if self._session is None or self._now_ms() >= self._session_renew_at_ms:
-                    await self.authenticate()
-        assert self._session is not None
-        return self._session.token
-
     # -- accounts and sessions ------------------------------------------------------------
 
     async def well_known(self) -> WellKnown:
-        """``GET /.well-known/tetherless`` (cached)."""
+        """``GET /.well-known/tetherless``: the relay's name, keys and limits. Cached for the client's life and,
+        with a :attr:`local_db`, for :data:`WELL_KNOWN_CACHE_SECONDS` across commands (a sealed row; a relay that
+        changes its limits meanwhile answers the next oversized request with its own error). Idempotent; raises
+        what :attr:`api` raises."""
         if self._well_known is None:
-            self._well_known = await self._call("GET", WELL_KNOWN_PATH, None, WellKnown, authenticated=False)
+            self._well_known = self._cached_well_known()
+        if self._well_known is None:
+            self._remember_well_known(await self.api.well_known())
+        assert self._well_known is not None
         return self._well_known
+
+    def _cached_well_known(self) -> WellKnown | None:
+        db = self.local_db
+        raw = db.get(WELL_KNOWN_TABLE, self.relay_url) if db is not None else None
+        if raw is None:
+            return None
+        try:
+            cached = msgspec.msgpack.decode(raw, type=_CachedWellKnown)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None  # unreadable: ask the relay again
+        age_ms = self.now_ms() - cached.fetched_at_ms
+        return cached.document if 0 <= age_ms < WELL_KNOWN_CACHE_SECONDS * 1000 else None
+
+    def _remember_well_known(self, document: WellKnown) -> None:
+        self._well_known = document
+        if self.local_db is not None:
+            cached = _CachedWellKnown(document=document, fetched_at_ms=self.now_ms())
+            self.local_db.put(WELL_KNOWN_TABLE, self.relay_url, msgspec.msgpack.encode(cached))
 
     async def probe(self) -> ProbeAnswer:
         """``GET /.well-known/tetherless`` without the cache, with the relay's ``Date`` header and this device's
@@ -397,13 +402,13 @@ class RelayClient:
         Unauthenticated and read-only; idempotent (it refreshes :meth:`well_known`'s cache). Connects first, so
         the two clock readings bracket the request, not the TCP and TLS set-up. Raises what every method raises
         (``TLSSetupError`` when the relay's TLS and this client's URL or trusted CAs do not match;
-        ``msgspec.ValidationError`` for a document that is not a relay's). Cancellation aborts the request."""
-        await self._conn()
+        ``TetherlessError`` for a document that is not a relay's). Cancellation aborts the request."""
+        await self.connection()
         before = self._wall_clock()
-        response = await self._request("GET", WELL_KNOWN_PATH, None, authenticated=False)
+        document, date = await self.api.well_known_with_date()
         after = self._wall_clock()
-        self._well_known = codec.decode(response.body, WellKnown, _media_type(response))
-        return ProbeAnswer(self._well_known, response.header("date"), (before + after) / 2)
+        self._remember_well_known(document)
+        return ProbeAnswer(document, date, (before + after) / 2)
 
     async def register(
         self,
@@ -435,12 +440,12 @@ class RelayClient:
             raise ValueError("list_format is 1, 2 or 3")
         if recovery_secret is not None and list_format == device_list.FORMAT_1:
             raise ValueError("a recovery key needs a format-2 or format-3 device list")
-        signing_key = nacl.signing.SigningKey(self._random_bytes(32))
-        box_private_key = self._random_bytes(32)
+        signing_key = nacl.signing.SigningKey(self.random_bytes(32))
+        box_private_key = self.random_bytes(32)
         box_public_key = bytes(nacl.public.PrivateKey(box_private_key).public_key)
-        kem_seed = self._random_bytes(MLKEM_SEED_BYTES) if list_format == device_list.FORMAT_3 else b""
+        kem_seed = self.random_bytes(MLKEM_SEED_BYTES) if list_format == device_list.FORMAT_3 else b""
         if list_format == device_list.FORMAT_1:
-            genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self._now_ms())
+            genesis = device_list.genesis(signing_key, box_public_key, name=name, now_ms=self.now_ms())
         else:
             recovery_signing_key = None
             backup_hash = b""
@@ -450,7 +455,7 @@ class RelayClient:
                 recovery_signing_key = recovery_keys.signing_key
                 # The list commits to the recovery backup key (account-log.md §5.7).
                 backup_hash = recovery.backup_key_hash(recovery.backup_recipient(recovery_keys))
-            now = self._now_ms()
+            now = self.now_ms()
             if kem_seed:
                 kem_key = mlkem_public(kem_seed)
                 genesis = device_list.genesis_v3(
@@ -469,14 +474,7 @@ class RelayClient:
                     recovery_key=recovery_signing_key,
                     recovery_backup_key_hash=backup_hash,
                 )
-        created = await self._call(
-            "POST",
-            "/v1/accounts",
-            CreateAccountRequest(signed=genesis),
-            AccountCreated,
-            authenticated=False,
-            retry=False,
-        )
+        created = await self.api.create_account(CreateAccountRequest(signed=genesis))
         sign_key = bytes(signing_key.verify_key)
         address = Address.parse(created.address)
         if address.device != device_id_for(sign_key) or address.account != account_id_for(sign_key):
@@ -489,7 +487,7 @@ class RelayClient:
             device_id=address.device,
             address=str(address),
             device_name=name,
-            ca_file=self._ca_file,
+            ca_file=self.ca_file,
             list_format=list_format,
             kem_seed=kem_seed,
         )
@@ -500,35 +498,17 @@ class RelayClient:
                 mark = (1, device_list.list_hash(genesis.device_list))
                 save_mark(self.local_db, address.account, address.relay, mark)
         self.keys = keys
-        self._cipher = self._make_cipher(keys)
         return keys
 
     async def authenticate(self) -> Session:
-        """Get a fresh session token (challenge, then signed answer). Called automatically when needed.
+        """Get a fresh session token (challenge, then signed answer), kept for the next commands with a
+        :attr:`local_db`. Not needed before other calls: :attr:`api` authenticates when it has no usable token.
 
-        Raises ``RemoteError`` (``unknown_device``, ``bad_signature``, …), and
-        ``challenge_unknown`` locally if the relay offers a challenge for
-        another relay or device (we never sign those).
+        Raises ``RemoteError`` (``unknown_device``, ``device_revoked``, ``bad_signature``, …), and
+        ``challenge_unknown`` locally if the relay offers a challenge for another relay or device (we never sign
+        those). Not idempotent (a new session each call); cancellation leaves the previous token in place.
         """
-        keys = self._require_keys()
-        challenge = await self._call(
-            "POST", "/v1/auth/challenge", ChallengeRequest(device_id=keys.device_id), Challenge, authenticated=False
-        )
-        own_relay = Address.parse(keys.address).relay
-        if challenge.device_id != keys.device_id or challenge.relay.lower() != own_relay:
-            raise TetherlessError(ErrorCode.CHALLENGE_UNKNOWN, "the relay sent a challenge for another relay or device")
-        request = SessionRequest(
-            device_id=keys.device_id, nonce=challenge.nonce, signature=auth.sign_challenge(keys.signing_key, challenge)
-        )
-        # The nonce is single-use: never repeat this request, start over instead.
-        session = await self._call("POST", "/v1/auth/session", request, Session, authenticated=False, retry=False)
-        now = self._now_ms()
-        lifetime = max(0, session.expires_at_ms - now)
-        # Renew a little early (a fifth of the lifetime, at most a minute) so a
-        # request never leaves with a token about to expire.
-        self._session_renew_at_ms = session.expires_at_ms - min(60_000, lifetime // 5)
-        self._session = session
-        return session
+        return await self.api.authenticate()
 
     async def devices(self, account_id: str, *, relay: str | None = None, fresh: bool = False) -> list[DeviceEntry]:
         """The verified devices of ``account_id``'s latest device list (cached briefly).
@@ -567,13 +547,9 @@ class RelayClient:
         own_relay = self._own_relay()
         remote = relay is not None and relay.lower() != own_relay
         if remote and relay:
-            chain = await self._call(
-                "GET", f"/v1/relays/{relay.lower()}/accounts/{account_id}/devices", None, DeviceListChain
-            )
+            chain = await self.api.remote_device_chain(relay, account_id)
         else:
-            chain = await self._call(
-                "GET", f"/v1/accounts/{account_id}/devices", None, DeviceListChain, authenticated=False
-            )
+            chain = await self.api.device_chain(account_id)
         relay_name = (relay or own_relay or self.relay_url).lower()
         mark = load_mark(self.local_db, account_id, relay_name)
         try:
@@ -655,8 +631,7 @@ class RelayClient:
         a message to an account address also goes to this account's other
         devices (format 2). Session state advances and is stored before posting.
         """
-        cipher = self._cipher
-        if cipher is None:
+        if self.cipher is None:
             raise RuntimeError("this client has no device keys; register() first")
         envelopes: list[OutboundEnvelope] = []
         group_ends: list[int] = []
@@ -670,31 +645,23 @@ class RelayClient:
             )
             if len(body) > limit:  # before anything is sealed: a session's ratchet never advances for it
                 raise outbox.MessageTooLargeError(len(body), limit)
-            if self.sessions is not None:
-                v2 = await self._session_envelopes(outgoing, body, outgoing.content_type or default_type)
-                if v2 is not None:
-                    envelopes += v2
-                    group_ends.append(len(envelopes))
-                    continue
-            for recipient, box_key in await self._recipient_devices(outgoing.recipient):
-                message_id = self._random_bytes(IDEMPOTENCY_KEY_BYTES)
-                ciphertext = cipher.seal(
-                    recipient=recipient,
-                    recipient_box_key=box_key,
-                    sent_at_ms=self._now_ms(),
-                    message_id=message_id,
-                    content_type=outgoing.content_type or default_type,
-                    body=body,
-                    entropy=self._random_bytes(cipher.entropy_bytes),
+            recipients = await self.resolve_recipients(outgoing.recipient)
+            sealed = self.seal_envelopes(
+                recipients,
+                message_id=lambda _: self.random_bytes(IDEMPOTENCY_KEY_BYTES),  # also the idempotency key
+                sent_at_ms=self.now_ms(),
+                content_type=outgoing.content_type or default_type,
+                body=body,
+            )
+            envelopes += [
+                OutboundEnvelope(
+                    recipient=s.recipient,
+                    idempotency_key=s.message_id,
+                    ciphertext=s.ciphertext,
+                    ttl_seconds=outgoing.ttl_seconds,
                 )
-                envelopes.append(
-                    OutboundEnvelope(
-                        recipient=recipient,
-                        idempotency_key=message_id,
-                        ciphertext=ciphertext,
-                        ttl_seconds=outgoing.ttl_seconds,
-                    )
-                )
+                for s in sealed
+            ]
             group_ends.append(len(envelopes))
         if not envelopes:
             return []
@@ -704,7 +671,7 @@ class RelayClient:
         sent: list[Sent] = []
         for start, end in _batches(group_ends, max(1, batch_size)):
             batch = envelopes[start:end]
-            response = await self._call("POST", "/v1/messages", SendRequest(envelopes=batch), SendResponse)
+            response = await self.api.send_envelopes(batch)
             if len(response.accepted) != len(batch):
                 raise TetherlessError(ErrorCode.INVALID_FIELD, "the relay answered a different number of receipts")
             sent += [_sent(env, acc) for env, acc in zip(batch, response.accepted, strict=True)]
@@ -713,44 +680,63 @@ class RelayClient:
     # -- v2 sessions (protocol/client/sessions.py, docs/crypto.md §7-§9, §14) ----------------------
 
     async def enable_sessions(self, store: KeyValueStore | None = None) -> SessionManager:
-        """Use v2 sessions from now on, and publish this device's prekeys (``PUT /v1/prekeys``).
+        """Use v2 sessions from now on, and publish this device's prekeys (``PUT /v1/prekeys``) when a check is
+        due (:func:`prekey_check_due`: the first time, then at most every :data:`PREKEY_CHECK_SECONDS` unless the
+        counts were low or the local prekeys changed) — not on every command.
 
-        ``store`` keeps the sessions, prekey privates and processed envelopes:
+        ``store`` keeps the sessions, prekey privates, processed envelopes and the last check:
         by default :attr:`local_db` (persistent, sealed rows) or, without one,
         memory (lost on exit: fine for tests, not for a real device). Returns
-        the :class:`SessionManager` (also :attr:`sessions`). Idempotent.
+        the :class:`SessionManager` (also :attr:`sessions`). Raises what :meth:`maintain_prekeys` raises.
+        Idempotent; cancellation leaves the last completed check in place.
         """
         keys = self._require_keys()
-        if self.sessions is None:
+        sessions = self.sessions
+        if sessions is None:
             if store is None:
                 store = self.local_db if self.local_db is not None else MemoryStore()
-            self.sessions = SessionManager(keys, store, random_bytes=self._random_bytes, wall_clock=self._wall_clock)
-        await self.maintain_prekeys()
-        return self.sessions
+            sessions = SessionManager(keys, store, random_bytes=self.random_bytes, wall_clock=self._wall_clock)
+            self.sessions = sessions
+        last = _load_prekey_check(sessions.store)
+        # Not ``prekeys_dirty``: a new manager starts dirty (it cannot know what was used before this process), and
+        # keys used in this process are topped up by fetch() and the engine's drain, which do look at it.
+        if prekey_check_due(last, sessions.store.get(T_META, PREKEY_META_KEY), self.now_ms()):
+            await self.maintain_prekeys()
+        return sessions
 
     async def maintain_prekeys(self) -> PrekeyCounts:
-        """``GET /v1/prekeys``, then upload what is missing (first keys, top-up below 25, rotation).
+        """``GET /v1/prekeys``, then upload what is missing (first keys, top-up below 25, rotation), and remember
+        the relay's counts and when they were read (:func:`prekey_check_due`).
 
-        Called by :meth:`enable_sessions` and by :meth:`fetch` after one-time
-        keys were used. Raises ``RuntimeError`` without sessions.
+        Called by :meth:`enable_sessions` when a check is due and by :meth:`fetch` after one-time
+        keys were used. Raises ``RuntimeError`` without sessions, ``StateRolledBackError`` when the relay names
+        prekey ids this home never made (crypto.md §13.2), and relay errors. Idempotent in effect.
         """
-        if self.sessions is None:
+        sessions = self.sessions
+        if sessions is None:
             raise RuntimeError("sessions are not enabled")
         counts = await self.prekey_counts()
-        upload = self.sessions.prekey_upload(counts)
+        upload = sessions.prekey_upload(counts)
         if upload is not None:
-            counts = await self._call("PUT", PREKEYS_PATH, upload, PrekeyCounts)
+            counts = await self.api.upload_prekeys(upload)
+        check = PrekeyCheck(
+            counts=counts, checked_at_ms=self.now_ms(), meta=sessions.store.get(T_META, PREKEY_META_KEY) or b""
+        )
+        sessions.store.put(PREKEY_CHECK_TABLE, PREKEY_CHECK_KEY, msgspec.msgpack.encode(check))
         return counts
 
     async def prekey_counts(self) -> PrekeyCounts:
         """``GET /v1/prekeys``: the prekeys the relay holds for this device, read without uploading any (what
         :meth:`maintain_prekeys` tops up). Authenticated (``RemoteError`` ``device_revoked`` for a removed device);
         needs no sessions. Read-only and idempotent; cancellation aborts the request."""
-        return await self._call("GET", PREKEYS_PATH, None, PrekeyCounts)
+        return await self.api.prekey_counts()
 
-    async def _verified_head(
+    async def verified_head(
         self, account_id: str, relay: str | None, *, fresh: bool = False
     ) -> tuple[DeviceList, list[DeviceEntry]]:
+        """The head of ``account_id``'s verified device list and its devices (cached like :meth:`devices`;
+        ``fresh``: fetched again). ``relay``: the account's home relay (None: this one). Raises what
+        :meth:`device_chain` raises; idempotent."""
         entries = await self.devices(account_id, relay=relay, fresh=fresh)
         head = self._list_heads.get(self._chain_cache_key(account_id, relay))
         if head is None:
@@ -758,68 +744,108 @@ class RelayClient:
             return verified.head, verified.devices
         return head, entries
 
-    async def _session_envelopes(
-        self, outgoing: Outgoing, body: bytes, content_type: str
-    ) -> list[OutboundEnvelope] | None:
-        """The v2 envelopes of one message, or None when the recipient's account is format 1 (v1 then)."""
-        sessions, keys = self.sessions, self._require_keys()
-        assert sessions is not None
-        address = Address.parse(outgoing.recipient)
-        head, entries = await self._verified_head(address.account, address.relay)
-        if head.format < device_list.FORMAT_2:
-            return None
-        own_relay = Address.parse(keys.address).relay
+    # -- the sealing pipeline (send_many here; the sync engine's outbox seals through the same two steps) ---------
 
-        def device_address(account: str, relay: str, device: str) -> str:
-            return str(Address(account=account, relay=relay, device=device))
+    async def resolve_recipients(self, recipient: str, *, fan_out: bool = True) -> Recipients:
+        """Who gets a message to ``recipient`` and how: step 1 of sealing, network only, nothing sealed yet.
 
-        targets = [
-            (device_address(address.account, address.relay, e.device_id), e)
-            for e in entries
-            if (e.device_id == address.device) or (not address.device and e.device_id != keys.device_id)
-        ]
-        if address.device and not targets:
-            raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list")
-        own_head, own_entries = await self._verified_head(keys.account_id, None)
-        if not address.device and address.account != keys.account_id and own_head.format >= device_list.FORMAT_2:
-            # Fan-out: this account's other devices get a copy (crypto.md §9), in the same batch.
-            targets += [
-                (device_address(keys.account_id, own_relay, e.device_id), e)
-                for e in own_entries
-                if e.device_id != keys.device_id
-            ]
-        await self._ensure_sessions(targets)
-        envelopes = []
-        for recipient, _entry in targets:
-            message_id = self._random_bytes(IDEMPOTENCY_KEY_BYTES)
-            ciphertext = sessions.seal(
-                recipient,
-                sender_list_version=own_head.version,
-                sent_at_ms=self._now_ms(),
-                message_id=message_id,
+        With :attr:`sessions` and a recipient account whose verified list is format 2 or later: v2 (crypto.md §9)
+        to the named device, or to every device of the account but this one; with ``fan_out``, a message to
+        another account's address also goes to this account's other devices (format 2). Missing sessions are
+        started here (:meth:`ensure_sessions`; never a v1 fallback). Otherwise v1 sealed boxes to the verified
+        box keys. The result may be empty (an account address whose only device is this one). Raises
+        ``invalid_field`` for a bad address, ``unknown_recipient``, :class:`PrekeysUnavailableError`,
+        ``prekey_invalid``, what :meth:`devices` raises and relay errors. Idempotent (sessions already started
+        are reused); cancellation leaves any session started so far, which is harmless.
+        """
+        address = Address.parse(recipient)
+        if self.sessions is not None:
+            keys = self._require_keys()
+            head, entries = await self.verified_head(address.account, address.relay)
+            if head.format >= device_list.FORMAT_2:
+                targets = [
+                    (str(Address(account=address.account, relay=address.relay, device=e.device_id)), e)
+                    for e in entries
+                    if e.device_id == address.device or (not address.device and e.device_id != keys.device_id)
+                ]
+                if address.device and not targets:
+                    raise TetherlessError(
+                        ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list"
+                    )
+                own_head, own_entries = await self.verified_head(keys.account_id, None)
+                to_other_account = not address.device and address.account != keys.account_id
+                if fan_out and to_other_account and own_head.format >= device_list.FORMAT_2:
+                    own_relay = Address.parse(keys.address).relay
+                    targets += [
+                        (str(Address(account=keys.account_id, relay=own_relay, device=e.device_id)), e)
+                        for e in own_entries
+                        if e.device_id != keys.device_id
+                    ]
+                await self.ensure_sessions(targets)
+                return Recipients(v2=[a for a, _ in targets], sender_list_version=own_head.version)
+        return Recipients(v1=await self.recipient_devices(recipient))
+
+    def seal_envelopes(
+        self,
+        recipients: Recipients,
+        *,
+        message_id: Callable[[str], bytes],
+        sent_at_ms: int,
+        content_type: str,
+        body: bytes,
+    ) -> list[SealedEnvelope]:
+        """Step 2 of sealing, local only: one ciphertext per recipient device of :meth:`resolve_recipients`.
+
+        ``message_id(device address)`` is the sealed message id (``send_many``: a fresh random one per envelope,
+        also its idempotency key; the engine: the entry's ``message_uid`` for all). v2 advances and stores each
+        session's sending chain (call it inside the transaction that stores the result, crypto.md §8.5); v1 seals
+        a box with fresh entropy. Raises ``RuntimeError`` without keys (or v2 without sessions) and what the
+        session manager raises for a missing session. Not idempotent (each call advances the ratchets).
+        """
+        cipher = self.cipher
+        if cipher is None:
+            raise RuntimeError("this client has no device keys; register() first")
+        sealed: list[SealedEnvelope] = []
+        if recipients.v2 is not None:
+            if self.sessions is None:
+                raise RuntimeError("sessions are not enabled")
+            for address in recipients.v2:
+                mid = message_id(address)
+                ciphertext = self.sessions.seal(
+                    address,
+                    sender_list_version=recipients.sender_list_version,
+                    sent_at_ms=sent_at_ms,
+                    message_id=mid,
+                    content_type=content_type,
+                    body=body,
+                )
+                sealed.append(SealedEnvelope(address, mid, ciphertext))
+        for address, box_key in recipients.v1 or []:
+            mid = message_id(address)
+            ciphertext = cipher.seal(
+                recipient=address,
+                recipient_box_key=box_key,
+                sent_at_ms=sent_at_ms,
+                message_id=mid,
                 content_type=content_type,
                 body=body,
+                entropy=self.random_bytes(cipher.entropy_bytes),
             )
-            envelopes.append(
-                OutboundEnvelope(
-                    recipient=recipient,
-                    idempotency_key=message_id,
-                    ciphertext=ciphertext,
-                    ttl_seconds=outgoing.ttl_seconds,
-                )
-            )
-        return envelopes
+            sealed.append(SealedEnvelope(address, mid, ciphertext))
+        return sealed
 
-    async def _ensure_sessions(self, targets: list[tuple[str, DeviceEntry]]) -> None:
-        """Claim bundles (``POST /v1/prekeys/claim``) and start sessions with the targets that have none."""
+    async def ensure_sessions(self, targets: list[tuple[str, DeviceEntry]]) -> None:
+        """Claim bundles (``POST /v1/prekeys/claim``) and start sessions with the ``(address, verified entry)``
+        targets that have none. Raises :class:`PrekeysUnavailableError` naming the devices without a bundle and
+        ``prekey_invalid`` for a bundle nobody asked for or that does not verify; idempotent for targets that
+        have sessions already (no request then). Needs sessions enabled."""
         sessions = self.sessions
         assert sessions is not None
         need = {address: entry for address, entry in targets if not sessions.has_session(address)}
         missing: list[str] = []
         names = list(need)
         for start in range(0, len(names), 256):
-            request = ClaimPrekeysRequest(devices=names[start : start + 256])
-            claimed = await self._call("POST", "/v1/prekeys/claim", request, ClaimPrekeysResponse, retry=False)
+            claimed = await self.api.claim_prekeys(names[start : start + 256])
             missing += claimed.missing
             for bundle in claimed.bundles:
                 entry = need.get(str(Address.parse(bundle.address)))
@@ -833,9 +859,9 @@ class RelayClient:
     async def _sender_entry(self, sender: Address, list_version: int) -> DeviceEntry:
         """The sealed sender's entry in its account's verified list (refreshed once); ``bad_signature`` if absent."""
         try:
-            head, entries = await self._verified_head(sender.account, sender.relay)
+            head, entries = await self.verified_head(sender.account, sender.relay)
             if list_version > head.version or all(e.device_id != sender.device for e in entries):
-                head, entries = await self._verified_head(sender.account, sender.relay, fresh=True)
+                head, entries = await self.verified_head(sender.account, sender.relay, fresh=True)
         except RemoteError as exc:
             raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, f"cannot verify the sender: {exc.code.value}") from exc
         except DeviceRevokedError:
@@ -854,7 +880,7 @@ class RelayClient:
         Raises :class:`InvalidPayloadError` (``malformed_body``; ``bad_signature`` when the list does not verify).
         """
         await self._sender_entry(sender, 0)  # the sender's chain verifies and names the device
-        head, _ = await self._verified_head(sender.account, sender.relay)
+        head, _ = await self.verified_head(sender.account, sender.relay)
         if head.format >= device_list.FORMAT_2:
             raise PayloadDowngradeError(
                 ErrorCode.MALFORMED_BODY,
@@ -878,7 +904,10 @@ class RelayClient:
         entry = await self._sender_entry(sender, sealed.sender_list_version)
         return sessions.open(sealed, envelope_id=envelope.id, sender=entry)
 
-    async def _recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
+    async def recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
+        """``(device address, box key)`` of every verified device ``text`` names (a device address: that one; an
+        account address: all but this device) for v1 sealed boxes. Raises ``invalid_field`` for a bad address,
+        ``unknown_recipient`` for a device not in its account's current list, and what :meth:`devices` raises."""
         address = Address.parse(text)
         entries = await self.devices(address.account, relay=address.relay)
         if not address.device:
@@ -903,8 +932,7 @@ class RelayClient:
         """
         if self.sessions is not None and self.sessions.prekeys_dirty:
             await self.maintain_prekeys()  # top up one-time prekeys used since the last sync (crypto.md §7.2)
-        query = f"after={int(after)}" + (f"&limit={int(limit)}" if limit is not None else "")
-        page = await self._call("GET", f"/v1/inbox?{query}", None, InboxPage)
+        page = await self.api.inbox_page(after, limit)
         items = [await self._open_envelope(env) for env in page.envelopes]
         return InboxBatch(items=items, next_cursor=page.next_cursor, more=page.more)
 
@@ -924,11 +952,10 @@ class RelayClient:
 
         Returns how many envelopes the relay actually deleted.
         """
-        response = await self._call("POST", "/v1/inbox/ack", AckRequest(up_to=up_to, ids=list(ids)), AckResponse)
-        return response.acknowledged
+        return (await self.api.ack(up_to, ids)).acknowledged
 
     async def _open_envelope(self, envelope: InboxEnvelope) -> InboxItem:
-        cipher = self._cipher
+        cipher = self.cipher
         if cipher is None:
             raise RuntimeError("this client has no device keys")
         try:
@@ -978,6 +1005,50 @@ class RelayClient:
                 raise InvalidPayloadError(ErrorCode.BAD_SIGNATURE, "the sender is not a current device of its account")
 
 
+class _CachedWellKnown(msgspec.Struct, frozen=True, kw_only=True):
+    document: WellKnown
+    fetched_at_ms: int
+
+
+class PrekeyCheck(msgspec.Struct, frozen=True, kw_only=True):
+    """The last ``GET /v1/prekeys`` answer (after any upload) kept in the sessions' store, so a command need not ask
+    again: when it was read (ms, this device's clock) and the local prekey state (``session_meta``) at that time."""
+
+    counts: PrekeyCounts
+    checked_at_ms: int
+    meta: bytes
+
+
+def _load_prekey_check(store: KeyValueStore) -> PrekeyCheck | None:
+    raw = store.get(PREKEY_CHECK_TABLE, PREKEY_CHECK_KEY)
+    if raw is None:
+        return None
+    try:
+        return msgspec.msgpack.decode(raw, type=PrekeyCheck)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # unreadable: ask the relay again
+
+
+def prekey_check_due(last: PrekeyCheck | None, meta: bytes | None, now_ms: int) -> bool:
+    """Whether :meth:`RelayClient.enable_sessions` must ask the relay for this device's prekey counts (pure).
+
+    Due without a record, when the record is older than :data:`PREKEY_CHECK_SECONDS` (or from the future: the
+    clock moved back), when its counts were low (fewer than ``LOW_WATER`` one-time keys of a kind, or no signed or
+    last-resort key), and when the local prekey state changed since (new keys, a forced rotation after a rollback
+    recovery). Otherwise the relay is trusted to hold what it held at the last check: one-time keys that other
+    devices claim meanwhile are noticed at the next due check, and a device that receives a session start tops up
+    at once (``prekeys_dirty``). Rotation (weekly) is at most :data:`PREKEY_CHECK_SECONDS` late.
+    """
+    if last is None or meta is None or last.meta != meta:
+        return True
+    age_ms = now_ms - last.checked_at_ms
+    if age_ms < 0 or age_ms >= PREKEY_CHECK_SECONDS * 1000:
+        return True
+    counts = last.counts
+    low = min(counts.x25519_one_time, counts.mlkem_one_time) < LOW_WATER
+    return low or counts.signed_prekey_id is None or counts.last_resort_id is None
+
+
 def _batches(group_ends: list[int], batch_size: int) -> list[tuple[int, int]]:
     """``(start, end)`` slices of at most ``batch_size`` envelopes that never split a group.
 
@@ -999,11 +1070,6 @@ def _sent(envelope: OutboundEnvelope, accepted: Accepted) -> Sent:
     return Sent(
         recipient=envelope.recipient, id=accepted.id, sent_at_ms=accepted.sent_at_ms, duplicate=accepted.duplicate
     )
-
-
-def _media_type(response: Response) -> str:
-    content_type = (response.header("content-type") or codec.MSGPACK).split(";")[0].strip().lower()
-    return codec.JSON if content_type in (codec.JSON, "application/problem+json") else codec.MSGPACK
 
 
 class InboxStream:
@@ -1062,7 +1128,7 @@ class InboxStream:
                     self._pending.append(await self._client._open_envelope(item))
                     self.cursor = item.cursor
                 elif isinstance(item, DeviceListChanged):
-                    self._client._device_lists.pop(item.account_id, None)  # refetched and verified on next use
+                    self._client.forget_device_list(item.account_id)  # refetched and verified on next use
                 elif not isinstance(item, Heartbeat):  # pragma: no cover - StreamItem is closed
                     raise TypeError(type(item).__name__)
         sessions = self._client.sessions
@@ -1082,37 +1148,32 @@ class InboxStream:
         log.info("inbox stream interrupted (%s); reconnecting from cursor %d", why, self.cursor)
         await self._disconnect()
         self._failures += 1
-        await self._client._backoff(min(self._failures, 8))
+        await self._client.api.backoff(min(self._failures, 8))
 
     async def _connect(self) -> None:
-        client = self._client
         stack = AsyncExitStack()
         try:
-            conn = await client._conn()
-            token = await client._token()
             response = await stack.enter_async_context(
-                conn.stream(
-                    "GET",
-                    f"/v1/inbox/stream?after={self.cursor}",
-                    [*_HEADERS, ("authorization", f"Bearer {token}")],
-                    timeout=client._timeout,
-                    chunk_timeout=self._idle_timeout,
-                )
+                self._client.api.inbox_stream(self.cursor, chunk_timeout=self._idle_timeout)
             )
-            if response.status != 200:
-                body = await response.read(1024 * 1024)
-                await stack.aclose()
-                error = error_from_problem(response.status, body)
-                if isinstance(error, RemoteError) and error.code in _REAUTH_CODES:
-                    client._session = None
-                elif isinstance(error, RemoteError) and error.code in _RETRY_LATER_CODES:
-                    self._failures += 1
-                    await client._backoff(self._failures, error.retry_after_seconds)
-                elif isinstance(error, RemoteError | UnknownRemoteError) and response.status < 500:
-                    raise error
-                else:
-                    await self._reconnect_later(f"HTTP {response.status}")
-                return
+        except RemoteError as error:
+            await stack.aclose()
+            if error.code in REAUTH_CODES:
+                return  # the layer dropped the refused token: reconnect at once with a new one
+            if error.code in RETRY_LATER_CODES:
+                self._failures += 1
+                await self._client.api.backoff(self._failures, error.retry_after_seconds)
+            elif error.http_status < 500:
+                raise
+            else:
+                await self._reconnect_later(f"HTTP {error.http_status}")
+            return
+        except UnknownRemoteError as error:
+            await stack.aclose()
+            if error.http_status < 500:
+                raise
+            await self._reconnect_later(f"HTTP {error.http_status}")
+            return
         except TransportError as exc:
             await stack.aclose()
             await self._reconnect_later(str(exc))
@@ -1134,8 +1195,10 @@ __all__ = [
     "PrekeysUnavailableError",
     "ProbeAnswer",
     "ReceivedMessage",
+    "Recipients",
     "RejectedMessage",
     "RelayClient",
+    "SealedEnvelope",
     "Sent",
     "verify_chain",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import signal
@@ -13,15 +14,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
 from protocol import payload
 from protocol.client.keystore import DeviceKeys
+from protocol.client.localdb import LocalDB
 from protocol.client.sdk import Outgoing, ReceivedMessage, RejectedMessage, RelayClient
+from protocol.client.store import migrate
 from protocol.errors import ErrorCode, RemoteError, TetherlessError
 from protocol.ids import Address
-from protocol.messages import OutboundEnvelope, SendRequest, SendResponse
+from protocol.messages import OutboundEnvelope
+from tests.protocol.client.test_http import FakeServer
 from tests.relay_process import RelayProcess
 
 
@@ -74,9 +79,8 @@ async def test_send_to_an_account_reaches_its_devices(relay: RelayProcess) -> No
 async def test_retry_with_the_same_key_is_not_duplicated(relay: RelayProcess) -> None:
     async with new_device(relay, "alice") as alice, new_device(relay, "bob") as bob:
         envelope = OutboundEnvelope(recipient=keys_of(bob).address, idempotency_key=b"k" * 16, ciphertext=b"c" * 64)
-        request = SendRequest(envelopes=[envelope])
-        first = await alice._call("POST", "/v1/messages", request, SendResponse)
-        again = await alice._call("POST", "/v1/messages", request, SendResponse)
+        first = await alice.api.send_envelopes([envelope])
+        again = await alice.api.send_envelopes([envelope])
         assert again.accepted[0].id == first.accepted[0].id
         assert again.accepted[0].duplicate
         assert len((await bob.fetch()).items) == 1
@@ -125,20 +129,18 @@ async def test_unknown_recipient(relay: RelayProcess) -> None:
 async def test_session_is_renewed_after_invalid_or_expired_token(relay: RelayProcess) -> None:
     async with new_device(relay, "alice") as alice, new_device(relay, "bob") as bob:
         await alice.send(keys_of(bob).address, "one")
-        session = alice._session
-        assert session is not None
+        held = alice.api._token
+        assert held is not None
         # The relay forgets/refuses the token: the client re-authenticates once and retries.
-        alice._session = type(session)(
-            token="garbage", account_id=session.account_id, device_id=session.device_id, expires_at_ms=2**62
-        )
-        alice._session_renew_at_ms = 2**62
+        alice.api._token = msgspec.structs.replace(held, token="garbage", renew_at_ms=2**62)
         await alice.send(keys_of(bob).address, "two")
-        assert alice._session.token != "garbage"
+        assert alice.api._token is not None
+        assert alice.api._token.token not in ("garbage", held.token)
         # Close to expiry: renewed before the request leaves.
-        alice._session_renew_at_ms = 0
-        before = alice._session.token
+        before = alice.api._token.token
+        alice.api._token = msgspec.structs.replace(alice.api._token, renew_at_ms=0)
         await alice.send(keys_of(bob).address, "three")
-        assert alice._session.token != before
+        assert alice.api._token.token != before
         assert len((await bob.fetch()).items) == 3
 
 
@@ -151,7 +153,7 @@ async def test_invalid_and_forged_messages_are_rejected_not_delivered(relay: Rel
         bob_keys, alice_keys, mallory_keys = keys_of(bob), keys_of(alice), keys_of(mallory)
         # Garbage ciphertext.
         garbage = OutboundEnvelope(recipient=bob_keys.address, idempotency_key=b"g" * 16, ciphertext=b"x" * 100)
-        await mallory._call("POST", "/v1/messages", SendRequest(envelopes=[garbage]), SendResponse)
+        await mallory.api.send_envelopes([garbage])
         # Mallory's own device id, but claiming Alice's account.
         forged_sender = f"{mallory_keys.device_id}.{alice_keys.account_id}@{relay.name}"
         forged = payload.seal(
@@ -166,7 +168,7 @@ async def test_invalid_and_forged_messages_are_rejected_not_delivered(relay: Rel
             ephemeral_private_key=os.urandom(32),
         )
         envelope = OutboundEnvelope(recipient=bob_keys.address, idempotency_key=b"f" * 16, ciphertext=forged)
-        await mallory._call("POST", "/v1/messages", SendRequest(envelopes=[envelope]), SendResponse)
+        await mallory.api.send_envelopes([envelope])
         await alice.send(bob_keys.address, "genuine")
 
         items = (await bob.fetch()).items
@@ -310,3 +312,82 @@ def test_cli_sync_follow_until_sigint(relay: RelayProcess, tmp_path: Path) -> No
             if stream is not None:
                 stream.close()
     assert cli(bob_home, "sync").stdout == ""
+
+
+async def test_a_later_client_of_the_same_home_reuses_its_token_prekey_check_and_relay_document(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """What makes a second ``send`` of one home cheap (docs/performance.md "CLI start-up"): no challenge and
+    session, no prekey check, no ``/.well-known`` — only the two device lists and the POST."""
+    db = LocalDB.open(tmp_path / "alice", b"k" * 32)
+    migrate(db)
+    async with new_device(relay, "bob") as bob:
+        await bob.enable_sessions()
+        async with RelayClient.connect(relay.url, local_db=db) as first:
+            keys = await first.register("alice")
+            await first.enable_sessions()
+            await first.well_known()
+            await first.send(keys_of(bob).address, "one")
+            assert first.api.requests_sent > 3
+            token = first.api.session_expires_at_ms
+        async with RelayClient.connect(relay.url, keys=keys, local_db=db) as second:
+            await second.enable_sessions()
+            await second.well_known()
+            await second.send(keys_of(bob).address, "two")
+            assert second.api.session_expires_at_ms == token  # the stored token, not a new session
+            assert second.api.requests_sent == 3  # bob's chain, alice's own chain, POST /v1/messages
+        assert [i.text for i in (await bob.fetch()).items if isinstance(i, ReceivedMessage)] == ["one", "two"]
+    db.close()
+
+
+async def _answer(server: FakeServer, stream_id: int, status: int, content_type: str, body: bytes) -> None:
+    server.h2.send_headers(stream_id, [(":status", str(status)), ("content-type", content_type)])
+    server.h2.send_data(stream_id, body, end_stream=True)
+    await server.flush()
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "expected"),
+    [
+        (201, "text/html", b"<html>welcome</html>", "unsupported_media_type: the relay answered POST /v1/accounts"),
+        (
+            201,
+            "application/vnd.msgpack",
+            msgspec.msgpack.encode({"x25519_one_time": 1, "mlkem_one_time": 2}),
+            "invalid_field: the relay's answer to POST /v1/accounts is not a AccountCreated",
+        ),
+        (201, "application/json", b"{not json", "malformed_body: the relay's answer to POST /v1/accounts"),
+    ],
+)
+async def test_a_relay_answering_another_type_or_shape_gets_one_clear_line(
+    tmp_path: Path, status: int, content_type: str, body: bytes, expected: str
+) -> None:
+    """A malicious relay (or a proxy in front of it) answers a route with a body of another media type or shape:
+    the real CLI says so in one line naming the route, exit 1, no traceback, nothing written as if it worked."""
+
+    async def handler(server: FakeServer, stream_id: int, headers: list[tuple[str, str]], _: bytes) -> None:
+        await _answer(server, stream_id, status, content_type, body)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            await FakeServer(stream, handler).run(nursery)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        env = {**os.environ, "TETHERLESS_PASSPHRASE": "correct horse battery staple", "TETHERLESS_INSECURE_KDF": "1"}
+        home = tmp_path / "home"
+        command = [sys.executable, "-m", "tetherless_cli", "--home", str(home), "device", "init"]
+        done = await trio.run_process(
+            [*command, "--relay", f"http://127.0.0.1:{port}", "--no-recovery-key"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        nursery.cancel_scope.cancel()
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"tetherless: error: {expected}"), lines
+    assert not (home / "keystore.tlk").exists()

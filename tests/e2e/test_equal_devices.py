@@ -33,7 +33,6 @@ from protocol.errors import ErrorCode, RemoteError, TetherlessError
 from protocol.messages import (
     DeviceEntry,
     EnrolmentProposal,
-    EnrolmentProposalAccepted,
     SignedDeviceList,
     WebAuthnAssertion,
     WebAuthnCredential,
@@ -480,12 +479,8 @@ def test_approval_by_a_revoked_device_is_refused(relay: RelayProcess, tmp_path: 
             tag = enrolment.approval_tag(
                 pending._secret, pending.relay, dl.account_id, dl.version, device_list.list_hash(dl)
             )
-            await current._call(
-                "POST",
-                f"/v1/enrolments/{enrolment.lookup_id_text(pending.lookup_id)}/proposal",
-                EnrolmentProposal(signed=signed, approval_tag=tag),
-                EnrolmentProposalAccepted,
-                retry=False,
+            await current.api.enrolment_propose(
+                enrolment.lookup_id_text(pending.lookup_id), EnrolmentProposal(signed=signed, approval_tag=tag)
             )
             await devices.finish_link(newcomer, pending, keystore=Keystore(tmp_path / "n2"), poll_seconds=0.2)
 

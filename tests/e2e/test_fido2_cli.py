@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -29,7 +28,15 @@ from protocol.client.fido2 import SecurityKey, SecurityKeyError
 from protocol.client.keystore import DeviceKeys, Keystore
 from protocol.client.sdk import RelayClient
 from protocol.errors import ErrorCode, RemoteError, TetherlessError
-from protocol.messages import DeviceList, Policy, SignedDeviceList, WebAuthnAssertion
+from protocol.messages import (
+    DeviceList,
+    Policy,
+    SignedDeviceList,
+    WebAuthnAssertion,
+    WebAuthnCredential,
+    WebAuthnRegistration,
+    WebAuthnRegistrationOptions,
+)
 from tests.e2e import offline_client
 from tests.e2e.test_equal_devices import finish, start_link
 from tests.relay_process import RelayProcess
@@ -236,33 +243,31 @@ async def test_relay_cannot_redirect_the_key(
     keystore = Keystore(a)
     keys = keystore.load()
     async with RelayClient.connect(keys.relay_url, keys=keys, local_db=keystore.local_db()) as client:
-        honest = client._call
+        api = client.api
+        honest_begin, honest_complete = api.webauthn_register_begin, api.webauthn_register_complete
         version = (await client.device_chain(keys.account_id)).head.version
 
-        async def foreign_rp_id(method: str, path: str, body: object, answer: type[Any], **kw: Any) -> Any:
-            result = await honest(method, path, body, answer, **kw)
-            if path == "/v1/webauthn/register/begin":
-                result = msgspec.structs.replace(result, rp_id="example.org")
-            return result
+        async def foreign_rp_id() -> WebAuthnRegistrationOptions:
+            return msgspec.structs.replace(await honest_begin(), rp_id="example.org")
 
         device = SoftCtapDevice(tmp_path / "key.json")
         key = SecurityKey(device, keys.relay_url)
-        monkeypatch.setattr(client, "_call", foreign_rp_id)
+        monkeypatch.setattr(api, "webauthn_register_begin", foreign_rp_id)
         with pytest.raises(SecurityKeyError, match=re.escape("rp id 'example.org' is not valid for the relay")):
             await devices.add_credential(client, key.make_credential, key.get_assertion)
         assert device.touches == 0
         assert not (tmp_path / "key.json").exists()
 
-        async def swapped_key(method: str, path: str, body: object, answer: type[Any], **kw: Any) -> Any:
-            result = await honest(method, path, body, answer, **kw)
-            if path == "/v1/webauthn/register/complete":
-                relays_own = ES256.from_cryptography_key(ec.generate_private_key(ec.SECP256R1()).public_key())
-                result = msgspec.structs.replace(result, public_key=cbor.encode(dict(relays_own)))
-            return result
+        async def swapped_key(registration: WebAuthnRegistration) -> WebAuthnCredential:
+            relays_own = ES256.from_cryptography_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            return msgspec.structs.replace(
+                await honest_complete(registration), public_key=cbor.encode(dict(relays_own))
+            )
 
-        monkeypatch.setattr(client, "_call", swapped_key)
+        monkeypatch.setattr(api, "webauthn_register_begin", honest_begin)
+        monkeypatch.setattr(api, "webauthn_register_complete", swapped_key)
         with pytest.raises(TetherlessError, match="another credential than the security key created") as swapped:
             await devices.add_credential(client, key.make_credential, key.get_assertion)
         assert swapped.value.code is ErrorCode.WEBAUTHN_INVALID
-        monkeypatch.setattr(client, "_call", honest)
+        monkeypatch.setattr(api, "webauthn_register_complete", honest_complete)
         assert (await client.device_chain(keys.account_id)).head.version == version  # nothing was posted

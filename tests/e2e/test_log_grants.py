@@ -10,7 +10,7 @@ import trio
 
 from protocol import log
 from protocol.client.sdk import RelayClient
-from protocol.messages import AppendRequest, AppendResponse, LogPage, LogRecord, LogRecordIn
+from protocol.messages import LogRecord, LogRecordIn
 from tests.e2e.offline_client import cli, history, init_device, keystore, link_device, load, run_engine
 from tests.relay_process import RelayProcess
 
@@ -19,7 +19,7 @@ ROTATE_EVERY_2 = {"TETHERLESS_LOG_ROTATE_RECORDS": "2"}
 
 async def _log(relay_url: str, home: Path) -> list[LogRecord]:
     async with RelayClient.connect(relay_url, keys=keystore(home).load()) as client:
-        page: LogPage = await client._call("GET", "/v1/log?after=0&limit=500", None, LogPage)
+        page = await client.api.log_page(after=0, limit=500)
         return page.records
 
 
@@ -128,9 +128,7 @@ def test_a_legacy_v1_log_keeps_opening_and_moves_to_v2_on_the_next_rotation(tmp_
                     ),
                     LogRecordIn(record_id=record_id, kind="event", epoch=1, ciphertext=event),
                 ]
-                response: AppendResponse = await client._call(
-                    "POST", "/v1/log", AppendRequest(records=records, expected_head=0), AppendResponse
-                )
+                response = await client.api.log_append(records, expected_head=0)
                 return response.head
 
         head = trio.run(write_v1_log)

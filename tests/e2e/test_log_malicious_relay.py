@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ import trio
 
 from protocol import handshake, log
 from protocol.client import devices
+from protocol.client.api import RelayApi
 from protocol.client.home import make_engine
 from protocol.client.sdk import RelayClient
 from protocol.client.sync import SyncOutcome
 from protocol.errors import ErrorCode, RemoteError
-from protocol.messages import AppendRequest, LogPage
+from protocol.messages import AppendResponse, LogRecordIn
 from tests.e2e.offline_client import cli, history, init_device, keystore, link_device, load, run_engine
 from tests.relay_process import RelayProcess
 
@@ -246,18 +247,30 @@ def test_key_record_granting_outside_the_verified_list_is_refused(account: Accou
 
 
 class _LyingRelay:
-    """Answers ``409 log_conflict`` to every key record; passes everything else to the real relay."""
+    """Answers ``409 log_conflict`` to every append that carries a key record; passes everything else to the real
+    relay. ``with _LyingRelay() as liar:`` wraps :meth:`RelayApi.log_append` of every client made inside the block
+    (the engine connects its own), so the lie reaches the engine exactly where a relay's answer would."""
 
-    def __init__(self, engine: Any) -> None:
-        self.real = engine._call
+    def __init__(self) -> None:
         self.refused = 0
-        engine._call = self
+        self._real = RelayApi.log_append
 
-    async def __call__(self, method: str, path: str, body: Any, response_type: type[Any]) -> Any:
-        if method == "POST" and isinstance(body, AppendRequest) and any(r.kind == "key" for r in body.records):
-            self.refused += 1
-            raise RemoteError(ErrorCode.LOG_CONFLICT, "expected_head is not the head", http_status=409)
-        return await self.real(method, path, body, response_type)
+    def __enter__(self) -> _LyingRelay:
+        real, liar = self._real, self
+
+        async def log_append(
+            api: RelayApi, records: Sequence[LogRecordIn], *, expected_head: int | None = None
+        ) -> AppendResponse:
+            if any(r.kind == "key" for r in records):
+                liar.refused += 1
+                raise RemoteError(ErrorCode.LOG_CONFLICT, "expected_head is not the head", http_status=409)
+            return await real(api, records, expected_head=expected_head)
+
+        RelayApi.log_append = log_append  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        RelayApi.log_append = self._real  # type: ignore[method-assign]
 
 
 def test_relay_answering_409_to_the_rotation_gets_no_record_under_the_old_epoch(account: Account) -> None:
@@ -274,7 +287,7 @@ def test_relay_answering_409_to_the_rotation_gets_no_record_under_the_old_epoch(
 
     async def records() -> list[tuple[str, int]]:
         async with RelayClient.connect(account.relay.url, keys=keystore(account.a1).load()) as client:
-            page: LogPage = await client._call("GET", "/v1/log?after=0", None, LogPage)
+            page = await client.api.log_page(after=0)
             # A recovery backup is a `key`-kind record too (account-log.md §5.7): named apart here.
             return [("backup" if log.decode_recovery_backup(r.ciphertext) else r.kind, r.epoch) for r in page.records]
 
@@ -287,8 +300,8 @@ def test_relay_answering_409_to_the_rotation_gets_no_record_under_the_old_epoch(
         ks, keys, store = load(account.a1)
         try:
             engine = make_engine(keys, store)
-            liar = _LyingRelay(engine)
-            code = await engine.run(follow=False, timeout=3)
+            with _LyingRelay() as liar:
+                code = await engine.run(follow=False, timeout=3)
             return code, engine.last_failure, liar.refused
         finally:
             store.db.close()

@@ -39,7 +39,7 @@ def test_revocation_starts_a_new_epoch_that_the_revoked_device_never_gets(tmp_pa
 
         async def records() -> LogPage:
             async with RelayClient.connect(relay.url, keys=keystore(a1_home).load()) as client:
-                page: LogPage = await client._call("GET", "/v1/log?after=0", None, LogPage)
+                page = await client.api.log_page(after=0)
                 return page
 
         page = trio.run(records)

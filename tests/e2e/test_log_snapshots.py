@@ -25,10 +25,11 @@ import pytest
 import trio
 
 from protocol.client import snapshots
+from protocol.client.api import RelayApi
 from protocol.client.home import make_engine
 from protocol.client.sdk import RelayClient
 from protocol.client.sync import SyncEngine
-from protocol.messages import LogPage, LogRecord, SnapshotRef
+from protocol.messages import LogRecord, SnapshotRef
 from relay.store.sqlite import SQLiteStore
 from tests.e2e.http11 import Http11
 from tests.e2e.offline_client import (
@@ -104,11 +105,16 @@ def _with_engine(home: Path, fn: Callable[[SyncEngine], Awaitable[T]], *, drain:
     return trio.run(main)
 
 
+def _api(engine: SyncEngine) -> RelayApi:
+    assert engine.client is not None, "inside engine.connected()"
+    return engine.client.api
+
+
 async def _all_records(engine: SyncEngine) -> list[LogRecord]:
     records: list[LogRecord] = []
     after = 0
     while True:
-        page: LogPage = await engine._call("GET", f"/v1/log?after={after}&limit=500", None, LogPage)
+        page = await _api(engine).log_page(after=after, limit=500)
         records += page.records
         after = page.next_after
         if not page.more:
@@ -116,8 +122,7 @@ async def _all_records(engine: SyncEngine) -> list[LogRecord]:
 
 
 async def _newest_snapshot(engine: SyncEngine) -> SnapshotRef:
-    ref: SnapshotRef = await engine._call("GET", "/v1/log/snapshot", None, SnapshotRef)
-    return ref
+    return await _api(engine).log_snapshot()
 
 
 def _texts(entries: list[dict[str, Any]]) -> list[str]:
@@ -194,7 +199,7 @@ def test_new_device_bootstraps_from_a_snapshot_and_fetches_only_what_follows(
 
 
 async def _newest_head(engine: SyncEngine) -> int:
-    page: LogPage = await engine._call("GET", "/v1/log?after=0&limit=0", None, LogPage)
+    page = await _api(engine).log_page(after=0, limit=0)
     return page.head
 
 

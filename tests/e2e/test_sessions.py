@@ -18,6 +18,7 @@ import pytest
 
 from protocol import codec, padding, payload, prekeys
 from protocol import session as sealed_v2
+from protocol.client.api import RelayApi
 from protocol.client.devices import approve_link, finish_link, start_link
 from protocol.client.keystore import DeviceKeys, Keystore
 from protocol.client.localdb import LocalDB
@@ -26,11 +27,12 @@ from protocol.client.sessions import T_PROCESSED, T_STATE, MemoryStore, PrekeysU
 from protocol.device_list import FORMAT_1, FORMAT_2
 from protocol.errors import ErrorCode, TetherlessError
 from protocol.ids import _encode_id  # the id encoding itself, to search for the raw id bytes too
-from protocol.messages import InboxPage, PrekeyCounts
+from protocol.messages import InboxPage
 from protocol.payload import InvalidPayloadError
 from protocol.session import SessionState
 from protocol.signing import digest
 from tests.e2e.http11 import Http11
+from tests.e2e.offline_client import init_device, load, run_engine
 from tests.relay_process import RelayProcess
 
 
@@ -55,7 +57,7 @@ def manager(client: RelayClient) -> SessionManager:
 
 
 async def raw_inbox(client: RelayClient) -> InboxPage:
-    return await client._call("GET", "/v1/inbox?after=0", None, InboxPage)
+    return await client.api.inbox_page(after=0)
 
 
 def kinds(client: RelayClient, page: InboxPage) -> list[int]:
@@ -79,7 +81,7 @@ def relay_rows(relay: RelayProcess) -> list[tuple[str, bytes, bytes]]:
 async def test_two_format2_accounts_talk_over_sessions(relay: RelayProcess) -> None:
     async with v2_device(relay, "alice") as alice, v2_device(relay, "bob") as bob:
         bob_address, alice_address = keys_of(bob).address, keys_of(alice).address
-        counts = await bob._call("GET", "/v1/prekeys", None, PrekeyCounts)
+        counts = await bob.api.prekey_counts()
         assert (counts.x25519_one_time, counts.mlkem_one_time) == (50, 50)
         assert manager(bob).one_time_privates() == {prekeys.X25519_ONE_TIME: 50, prekeys.MLKEM_ONE_TIME: 50}
 
@@ -87,7 +89,7 @@ async def test_two_format2_accounts_talk_over_sessions(relay: RelayProcess) -> N
         await alice.send(bob_address, "second")
         assert kinds(bob, await raw_inbox(bob)) == [sealed_v2.KIND_PREKEY, sealed_v2.KIND_PREKEY]
         # The claim consumed one key of each one-time kind on the relay.
-        counts = await bob._call("GET", "/v1/prekeys", None, PrekeyCounts)
+        counts = await bob.api.prekey_counts()
         assert (counts.x25519_one_time, counts.mlkem_one_time) == (49, 49)
 
         batch = await bob.fetch()
@@ -115,7 +117,7 @@ async def test_two_format2_accounts_talk_over_sessions(relay: RelayProcess) -> N
         (third,) = (await bob.fetch()).items
         assert isinstance(third, ReceivedMessage)
         assert third.text == "third"
-        counts = await bob._call("GET", "/v1/prekeys", None, PrekeyCounts)
+        counts = await bob.api.prekey_counts()
         assert (counts.x25519_one_time, counts.mlkem_one_time) == (49, 49)
 
 
@@ -369,3 +371,32 @@ async def test_replayed_prekey_message_is_rejected(relay: RelayProcess) -> None:
         assert replayed.code is ErrorCode.MALFORMED_BODY
         assert "replayed session start" in replayed.detail
         assert not manager(bob).has_session(keys_of(alice).address)
+
+
+async def test_sync_reuses_the_stored_session_token_and_renews_a_revoked_one_once(
+    relay: RelayProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sync`` authenticates only when the home holds no good token (issue 14): the next ``sync`` reuses the one
+    the last stored; a token the relay has revoked meanwhile is replaced once, and that ``sync`` still succeeds."""
+    home = tmp_path / "a"
+    init_device(relay.url, home, "a")
+    made: list[object] = []
+    real = RelayApi.authenticate
+
+    async def counting(api: RelayApi) -> object:
+        made.append(await real(api))
+        return made[-1]
+
+    monkeypatch.setattr(RelayApi, "authenticate", counting)
+    assert await run_engine(home) == 0
+    first = len(made)
+    assert await run_engine(home) == 0
+    assert len(made) == first  # the stored token, no new session
+    ks, keys, store = load(home)
+    store.db.close()
+    ks.close()
+    async with RelayClient.connect(relay.url, keys=keys) as other:  # another client of this device
+        await other.api.revoke_sessions(all_sessions=True)  # the home's stored token dies with the others
+    revoked = len(made)
+    assert await run_engine(home) == 0
+    assert len(made) == revoked + 1  # refused once, a new session, the sync went through

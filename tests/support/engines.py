@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from protocol.client.keystore import DeviceKeys
-from protocol.client.localdb import LocalDB
-from protocol.client.store import ClientStore, HistoryMessage
+from protocol.client.store import HistoryMessage
 from protocol.client.sync import SyncEngine
-
-RELAY = "relay.test"
+from tests.support.engine_parts import client_store, device_keys
 
 
 def offline_engine(
@@ -23,14 +19,4 @@ def offline_engine(
 ) -> SyncEngine:
     """A format-2 device ``device_id`` of ``account_id`` with random keys and a fresh ``state.db`` in ``home``;
     its relay URL leads nowhere (the engine must not be run)."""
-    keys = DeviceKeys(
-        signing_seed=os.urandom(32),
-        box_private_key=os.urandom(32),
-        relay_url="http://127.0.0.1:1",
-        account_id=account_id,
-        device_id=device_id,
-        address=f"{device_id}.{account_id}@{RELAY}",
-        device_name="test",
-        list_format=2,
-    )
-    return SyncEngine(keys, ClientStore(LocalDB.open(home, os.urandom(32))), on_message=on_message)
+    return SyncEngine(device_keys(account_id, device_id), client_store(home), on_message=on_message)

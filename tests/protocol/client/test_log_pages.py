@@ -109,7 +109,7 @@ def test_a_failure_in_the_middle_of_a_page_leaves_store_and_cursor_as_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     account = Account(tmp_path)
-    account.engine._apply_records(page(account, 1, 3))  # an earlier page, committed
+    account.engine.log.apply_records(page(account, 1, 3))  # an earlier page, committed
     before = account.dump()
     assert account.store.cursor("log") == 4
 
@@ -126,14 +126,14 @@ def test_a_failure_in_the_middle_of_a_page_leaves_store_and_cursor_as_before(
 
     monkeypatch.setattr(account.store, "upsert_message", failing_upsert)
     with pytest.raises(sqlite3.OperationalError):
-        account.engine._apply_records(records)
+        account.engine.log.apply_records(records)
     assert account.dump() == before
     assert account.store.cursor("log") == 4
     assert account.store.counter(f"writer_hw:{WRITER}") == 3  # not the in-memory value of the failed page
     assert [m.pair_seq for m in account.received] == [1, 2, 3]  # nothing announced from the failed page
 
     monkeypatch.undo()
-    assert account.engine._apply_records(records) == []
+    assert account.engine.log.apply_records(records) == []
     assert account.store.cursor("log") == 9
     assert [m.pair_seq for m in account.store.history()] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [m.pair_seq for m in account.received] == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -142,7 +142,7 @@ def test_a_failure_in_the_middle_of_a_page_leaves_store_and_cursor_as_before(
 def test_a_tampered_row_met_mid_page_rolls_the_whole_page_back(tmp_path: Path) -> None:
     account = Account(tmp_path)
     records = page(account, 1, 4)
-    account.engine._apply_records(records[:1])
+    account.engine.log.apply_records(records[:1])
     # The writer column of message 1 moved under the row of message 3: opening it there must fail.
     db = account.store.db
     db.execute(
@@ -151,7 +151,7 @@ def test_a_tampered_row_met_mid_page_rolls_the_whole_page_back(tmp_path: Path) -
     )
     before = account.dump()
     with pytest.raises(TamperedRowError):
-        account.engine._apply_records(records[1:])
+        account.engine.log.apply_records(records[1:])
     assert account.dump() == before
     assert account.store.cursor("log") == 2
 
@@ -159,9 +159,9 @@ def test_a_tampered_row_met_mid_page_rolls_the_whole_page_back(tmp_path: Path) -
 def test_a_page_at_once_ends_like_its_records_one_by_one(tmp_path: Path) -> None:
     at_once, one_by_one = Account(tmp_path / "a"), Account(tmp_path / "b")
     records = page(at_once, 1, 6)
-    at_once.engine._apply_records(records)
+    at_once.engine.log.apply_records(records)
     for record in records:
-        one_by_one.engine._apply_records([record])
+        one_by_one.engine.log.apply_records([record])
     assert at_once.counters() == one_by_one.counters()
     assert at_once.counters()[f"writer_hw:{WRITER}"] == 6
     assert at_once.counters()["epoch_records:1"] == 6
@@ -169,7 +169,7 @@ def test_a_page_at_once_ends_like_its_records_one_by_one(tmp_path: Path) -> None
     assert at_once.store.history() == one_by_one.store.history()
     # The per-record checks still run inside a page: another record under an earlier writer_seq is refused.
     stale = at_once.record(8, 2, uid=b"r" * 16)
-    assert at_once.engine._apply_records([stale]) == []
+    assert at_once.engine.log.apply_records([stale]) == []
     assert at_once.engine.rejected == 1
     assert at_once.store.cursor("log") == 8
     assert at_once.store.message_count() == 6
@@ -178,7 +178,7 @@ def test_a_page_at_once_ends_like_its_records_one_by_one(tmp_path: Path) -> None
 def test_a_record_without_its_epoch_key_stops_the_cursor_before_it(tmp_path: Path) -> None:
     account = Account(tmp_path)
     records = [*page(account, 1, 2), account.record(4, 3, epoch=2), account.record(5, 4)]
-    waiting = account.engine._apply_records(records)
+    waiting = account.engine.log.apply_records(records)
     assert [r.position for r in waiting] == [4, 5]
     assert account.store.cursor("log") == 3
     assert [m.pair_seq for m in account.received] == [1, 2]  # what was applied is announced

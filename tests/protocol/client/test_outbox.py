@@ -29,13 +29,13 @@ from protocol.client.http import TransportError
 from protocol.client.keystore import DeviceKeys
 from protocol.client.localdb import LocalDB
 from protocol.client.outbox import Home, OutboxState, Permanent, Transient
-from protocol.client.sdk import TEXT_CONTENT_TYPE, RelayClient
+from protocol.client.sdk import TEXT_CONTENT_TYPE, Recipients, RelayClient, SealedEnvelope
 from protocol.client.sessions import PrekeysUnavailableError
 from protocol.client.store import ClientStore
 from protocol.client.sync import RetryError, SyncEngine
 from protocol.errors import STATUS, ErrorCode, RemoteError, TetherlessError, UnknownRemoteError
 from protocol.ids import Address, account_id_for, device_id_for
-from protocol.messages import Accepted, SendRequest, SendResponse
+from protocol.messages import Accepted, OutboundEnvelope, SendResponse
 from tests.protocol.client.test_sessions import Clock, _entry, _keys, _pair
 
 HOME = "a.test"
@@ -60,7 +60,9 @@ class FakeRelay:
 
     def __init__(self, keys: DeviceKeys) -> None:
         self.sessions = None
-        self._cipher = RelayClient._make_cipher(keys)
+        self.cipher = RelayClient.make_cipher(keys)
+        self.random_bytes = os.urandom
+        self.api = self  # the typed request layer: send_envelopes
         self.accounts: dict[str, list[tuple[str, bytes]]] = {}  # account address → (device address, box key)
         self.unreachable: set[str] = set()  # relays whose device lists cannot be fetched
         self.refuse: dict[str, ErrorCode] = {}  # device address → what POST /v1/messages answers for it
@@ -80,7 +82,7 @@ class FakeRelay:
             raise TransportError("connection refused")
         return SimpleNamespace(limits=SimpleNamespace(max_envelope_bytes=self.max_envelope_bytes))
 
-    async def _recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
+    async def recipient_devices(self, text: str) -> list[tuple[str, bytes]]:
         if self.down:
             raise TransportError("connection refused")
         address = Address.parse(text)
@@ -97,12 +99,17 @@ class FakeRelay:
             raise TetherlessError(ErrorCode.UNKNOWN_RECIPIENT, "the device is not in its account's current device list")
         return chosen
 
-    async def _call(self, method: str, path: str, body: Any, response_type: type[Any]) -> Any:
-        assert (method, path) == ("POST", "/v1/messages")
+    async def resolve_recipients(self, text: str, *, fan_out: bool = True) -> Recipients:
+        assert not fan_out  # the engine logs what it sends; its own devices read it there
+        return Recipients(v1=await self.recipient_devices(text))
+
+    def seal_envelopes(self, recipients: Recipients, **fields: Any) -> list[SealedEnvelope]:
+        return RelayClient.seal_envelopes(self, recipients, **fields)  # type: ignore[arg-type]  # the SDK's own seal
+
+    async def send_envelopes(self, envelopes: list[OutboundEnvelope]) -> SendResponse:
         if self.down:
             raise TransportError("connection reset")
-        assert isinstance(body, SendRequest)
-        recipients = [e.recipient for e in body.envelopes]
+        recipients = [e.recipient for e in envelopes]
         self.posts.append(recipients)
         for recipient in recipients:  # all or nothing, like the relay
             if recipient in self.refuse:
@@ -289,6 +296,18 @@ async def test_permanent_failures_before_sealing(env: Env) -> None:
     assert env.state(ok).state is OutboxState.DELIVERED
 
 
+async def test_an_account_with_no_other_device_fails_the_entry_before_sealing(env: Env) -> None:
+    """The SDK's step 1 may answer "nobody" (an account whose only device is this one): the engine fails the
+    entry itself rather than store an entry with no envelope as sealed."""
+    lonely = _device("lonely", HOME)
+    env.relay.accounts[lonely[1]] = []
+    local_id = env.send(lonely[1])
+    await env.engine().flush_outbox()
+    view = env.state(local_id)
+    assert (view.state, view.reason_code) == (OutboxState.FAILED, "unknown_recipient")
+    assert env.relay.posts == []
+
+
 async def test_the_home_relay_down_is_the_engines_failure_not_the_entries(env: Env) -> None:
     bob = _device("bob", HOME)
     env.relay.add(bob)
@@ -392,7 +411,7 @@ def test_the_largest_allowed_body_fits_a_first_session_message(max_envelope_byte
         body=framed,
     )
     assert len(sealed) <= max_envelope_bytes
-    v1 = RelayClient._make_cipher(alice.keys).seal(
+    v1 = RelayClient.make_cipher(alice.keys).seal(
         recipient=bob.keys.address,
         recipient_box_key=_entry(bob.keys).box_key,
         sent_at_ms=2**50,

@@ -12,6 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from protocol.client.api import RelayApi
+from protocol.client.engine.base import guarded
 from protocol.client.http import (
     ConnectError,
     ConnectionLostError,
@@ -21,7 +23,6 @@ from protocol.client.http import (
     TLSTrustError,
     TransportError,
 )
-from protocol.client.sdk import RelayClient
 from protocol.client.sync import RetryError, RevokedError, SyncEngine, SyncOutcome
 from protocol.errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError
 from tests.support.engines import offline_engine
@@ -55,7 +56,7 @@ PERMANENT: list[ClientError] = [
 
 
 def engine(tmp_path: Path) -> SyncEngine:
-    # Run only with RelayClient.authenticate replaced: its relay URL leads nowhere, and no connection is opened.
+    # Run only with RelayApi.token replaced: its relay URL leads nowhere, and no connection is opened.
     return offline_engine(tmp_path, ACCOUNT)
 
 
@@ -70,7 +71,7 @@ def raising(exc: BaseException) -> Callable[..., Any]:
 def test_retryable_errors_are_retried_by_the_engine(exc: ClientError, tmp_path: Path) -> None:
     assert exc.retryable is True
     with pytest.raises(RetryError) as caught:
-        trio.run(engine(tmp_path)._guard, raising(exc)())
+        trio.run(guarded, raising(exc)())
     assert caught.value.__cause__ is exc
     if isinstance(exc, RemoteError) and exc.retry_after_seconds is not None:
         assert caught.value.retry_after == exc.retry_after_seconds  # the relay's floor reaches the backoff
@@ -80,7 +81,7 @@ def test_retryable_errors_are_retried_by_the_engine(exc: ClientError, tmp_path: 
 def test_permanent_errors_are_not_retried(exc: ClientError, tmp_path: Path) -> None:
     assert exc.retryable is False
     with pytest.raises(type(exc)) as caught:
-        trio.run(engine(tmp_path)._guard, raising(exc)())
+        trio.run(guarded, raising(exc)())
     assert caught.value is exc
 
 
@@ -88,7 +89,7 @@ def test_device_revoked_stops_for_good(tmp_path: Path) -> None:
     revoked = RemoteError(ErrorCode.DEVICE_REVOKED, "gone", http_status=401)
     assert not revoked.retryable
     with pytest.raises(RevokedError):
-        trio.run(engine(tmp_path)._guard, raising(revoked)())
+        trio.run(guarded, raising(revoked)())
 
 
 @pytest.mark.parametrize("exc", TLS_SETUP, ids=repr)
@@ -96,7 +97,7 @@ def test_run_raises_a_tls_set_up_error_at_once_instead_of_retrying_until_the_tim
     exc: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Were it retried, ``run`` would back off (the clock jumps) and return HOME_UNREACHABLE after the timeout."""
-    monkeypatch.setattr(RelayClient, "authenticate", raising(exc))
+    monkeypatch.setattr(RelayApi, "token", raising(exc))
     sync = engine(tmp_path)
     with pytest.raises(type(exc)):
         trio.run(lambda: sync.run(follow=False, timeout=3600), clock=trio.testing.MockClock(autojump_threshold=0))
@@ -106,7 +107,7 @@ def test_run_raises_a_tls_set_up_error_at_once_instead_of_retrying_until_the_tim
 def test_a_transient_failure_until_the_timeout_is_home_unreachable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(RelayClient, "authenticate", raising(ConnectError("refused")))
+    monkeypatch.setattr(RelayApi, "token", raising(ConnectError("refused")))
     sync = engine(tmp_path)
     outcome = trio.run(lambda: sync.run(follow=False, timeout=3600), clock=trio.testing.MockClock(autojump_threshold=0))
     assert outcome is SyncOutcome.HOME_UNREACHABLE

@@ -17,7 +17,7 @@ from protocol.client.home import open_store
 from protocol.client.store import ClientStore
 from protocol.errors import TetherlessError
 from protocol.ids import Address
-from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, UsageError
+from tetherless_cli.exits import EXIT_OK, UsageError
 from tetherless_cli.home import load
 
 #: Characters of an id kept in a shortened address (a name is shown beside it, so a prefix is enough).
@@ -63,16 +63,10 @@ def resolve_recipient(store: ClientStore, text: str) -> str:
 
 
 async def cmd_contact_add(args: argparse.Namespace) -> int:
-    """``contact add NAME ADDRESS [--replace]``: exit 2 for a bad name or address, 1 when the name is taken."""
+    """``contact add NAME ADDRESS [--replace]``: exit 2 for a bad name or address, 1 when the name is taken (the
+    front door's one line: :data:`tetherless_cli.main.LOCAL_ERRORS`)."""
     keystore, keys = load(args)
-    store = open_store(keystore, keys)
-    try:
-        contact = contacts.add(store, args.name, args.address, replace=args.replace)
-    except contacts.InvalidContactError as exc:
-        raise UsageError(str(exc)) from exc
-    except contacts.ContactError as exc:
-        print(f"tetherless: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+    contact = contacts.add(open_store(keystore, keys), args.name, args.address, replace=args.replace)
     print(f"{contact.name}: {contact.address}", flush=True)
     return EXIT_OK
 
@@ -95,11 +89,7 @@ async def cmd_contact_list(args: argparse.Namespace) -> int:
 async def cmd_contact_remove(args: argparse.Namespace) -> int:
     """``contact remove NAME``: exit 1 when there is no such contact."""
     keystore, keys = load(args)
-    try:
-        contact = contacts.remove(open_store(keystore, keys), args.name)
-    except contacts.ContactError as exc:
-        print(f"tetherless: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+    contact = contacts.remove(open_store(keystore, keys), args.name)
     print(f"removed {contact.name} ({contact.address})", flush=True)
     return EXIT_OK
 

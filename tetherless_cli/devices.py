@@ -16,6 +16,8 @@
         joins approved by a FIDO2 security key of the account (crypto.md §5.3)
     device approve|revoke … --fido2 a security key of the account approves the change too
     device fido2 add [--name NAME] | list [--json] | remove ID [--yes] [--fido2]   the account's security keys
+    device policy [--require-fido2|--no-require-fido2] [--user-verification|--no-user-verification]
+        [--threshold N] [--fido2] [--yes] [--json]   show (no setting) or set who must approve list changes
     device recovery-key [--recovery-key-file FILE]   create a new recovery key and show it once
     device upgrade                  upgrade the account's device list to format 3 / publish this device's ML-KEM key
     device protect                  encrypt a home made by the first client version
@@ -46,9 +48,9 @@ from protocol.client.sdk import RelayClient
 from protocol.client.sync import SyncOutcome, remember_recovery_backup_key
 from protocol.errors import ErrorCode, TetherlessError
 from protocol.ids import Address
-from protocol.messages import DeviceEntry, DeviceList, EnrolmentOffer
+from protocol.messages import DeviceEntry, DeviceList, DeviceListAccepted, EnrolmentOffer, Policy
 from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, UsageError
-from tetherless_cli.fido2 import assertion_provider, key_errors, security_key
+from tetherless_cli.fido2 import assertion_provider, security_key
 from tetherless_cli.home import ask, load, new_home, open_keystore, require_yes_off_terminal, with_ca_file
 from tetherless_cli.messages import report_refusals
 
@@ -147,7 +149,10 @@ def _iso(ms: int) -> str:
 def _policy_text(dl: DeviceList) -> str:
     if dl.format == device_list.FORMAT_1:
         return "any one device (format 1)"
-    policy = dl.policy
+    return _policy_words(dl.policy)
+
+
+def _policy_words(policy: Policy) -> str:
     text = "any one device" if policy.threshold == 1 else f"{policy.threshold} approvals"
     if policy.require_webauthn:
         text += ", a hardware key must co-sign"
@@ -186,6 +191,43 @@ async def _with_device(
     return code if after is None else await after(keystore, keys, code)
 
 
+def _invalid_field(exc: TetherlessError) -> bool:
+    return exc.code is ErrorCode.INVALID_FIELD
+
+
+Change = Callable[[devices.AssertionProvider | None], Awaitable[DeviceListAccepted | None]]
+
+
+async def _approved_change(
+    args: argparse.Namespace,
+    keys: DeviceKeys,
+    change: Change,
+    asked: tuple[str, str] | None,
+    done: str,
+    usage: Callable[[TetherlessError], bool] = _invalid_field,
+) -> int:
+    """A device-list change this device approves, the one shape of ``revoke``, ``fido2 remove`` and ``policy``;
+    returns the exit code.
+
+    With ``--fido2`` the security key is looked for first (none plugged in: its one line, nothing sent);
+    ``asked`` = (question, what a no prints) is asked unless ``--yes`` (a no: exit 1); then
+    ``change(get_assertion)`` runs and ``done; device list version N`` is printed. An error of the change
+    that ``usage`` picks is a usage error (exit 2).
+    """
+    get_assertion = assertion_provider(keys.relay_url, args.fido2)
+    if asked is not None and not ask(asked[0], yes=args.yes):
+        print(asked[1], file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        accepted = await change(get_assertion)
+    except TetherlessError as exc:
+        if usage(exc):
+            raise UsageError(str(exc.detail)) from exc
+        raise
+    print(f"{done}; device list version {accepted.version}" if accepted else f"{done}; the device list was so already")
+    return EXIT_OK
+
+
 def _read_recovery_key(args: argparse.Namespace) -> str:
     if args.recovery_key_file:
         try:
@@ -207,7 +249,6 @@ def _read_recovery_key(args: argparse.Namespace) -> str:
 # -- commands --------------------------------------------------------------------------------------
 
 
-@key_errors
 async def cmd_device_link(args: argparse.Namespace) -> int:
     """``device link``: join an account approved by a link code (or by its recovery key, or a security key)."""
     relay_url = args.relay_url = str(args.relay).rstrip("/")
@@ -295,7 +336,6 @@ async def _recover_history(keystore: Keystore, keys: DeviceKeys, text: str, time
         )
 
 
-@key_errors
 async def cmd_device_approve(args: argparse.Namespace) -> int:
     """``device approve CODE [--yes] [--fido2] [--timeout S]``: check the code's offer, propose the version adding that
     device, wait until it joins, then grant it the account's history (account-log.md §5.5) before succeeding.
@@ -431,7 +471,6 @@ async def cmd_device_list(args: argparse.Namespace) -> int:
     return await _with_device(args, body)
 
 
-@key_errors
 async def cmd_device_revoke(args: argparse.Namespace) -> int:
     """``device revoke ID [--yes] [--fido2]``: sign and post the version that removes the device, once confirmed
     (asked at a terminal; off one ``--yes`` is required, else exit 2 and nothing is revoked)."""
@@ -440,19 +479,16 @@ async def cmd_device_revoke(args: argparse.Namespace) -> int:
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
         target = args.device.split(".", 1)[0] if "@" in args.device else args.device
         itself = " (this device: it stops working now)" if target == keys.device_id else ""
-        get_assertion = assertion_provider(keys.relay_url, args.fido2)
         # Asked before the first request: the client connects lazily, so nothing was sent yet.
-        if not ask(f"Revoke device {target}{itself} from {keys.account_address}?", yes=args.yes):
-            print("not revoked", file=sys.stderr)
-            return EXIT_FAILURE
-        try:
-            accepted = await devices.revoke_device(client, args.device, get_assertion=get_assertion)
-        except TetherlessError as exc:
-            if exc.code is ErrorCode.INVALID_FIELD and "@" in args.device:
-                raise UsageError(str(exc.detail)) from exc
-            raise
-        print(f"revoked {target}{itself}; device list version {accepted.version}")
-        return EXIT_OK
+        question = (f"Revoke device {target}{itself} from {keys.account_address}?", "not revoked")
+        by_address = "@" in args.device  # an address that does not parse is a usage error; an id is looked up
+
+        def change(get_assertion: devices.AssertionProvider | None) -> Awaitable[DeviceListAccepted]:
+            return devices.revoke_device(client, args.device, get_assertion=get_assertion)
+
+        return await _approved_change(
+            args, keys, change, question, f"revoked {target}{itself}", lambda exc: by_address and _invalid_field(exc)
+        )
 
     return await _with_device(args, body, signs_list=True)
 
@@ -465,7 +501,6 @@ def _key_name(client: RelayClient, credential_id: bytes) -> str:
     return raw.decode("utf-8") if raw else ""
 
 
-@key_errors
 async def cmd_device_fido2_add(args: argparse.Namespace) -> int:
     """``device fido2 add [--name NAME]``: register the plugged-in security key for this relay's rp id
     (``POST /v1/webauthn/register/*``) and post the version adding it, approved by this device and proved by
@@ -511,25 +546,86 @@ async def cmd_device_fido2_list(args: argparse.Namespace) -> int:
     return await _with_device(args, body)
 
 
-@key_errors
 async def cmd_device_fido2_remove(args: argparse.Namespace) -> int:
     """``device fido2 remove ID [--yes] [--fido2]``: post the version without that key, once confirmed (asked
     at a terminal; off one ``--yes`` is required, else exit 2 and nothing is removed)."""
     require_yes_off_terminal(args, "device fido2 remove")
 
     async def body(keys: DeviceKeys, client: RelayClient) -> int:
-        get_assertion = assertion_provider(keys.relay_url, args.fido2)
-        if not ask(f"Remove security key {args.key} from {keys.account_address}?", yes=args.yes):
-            print("not removed", file=sys.stderr)
-            return EXIT_FAILURE
+        question = (f"Remove security key {args.key} from {keys.account_address}?", "not removed")
+
+        def change(get_assertion: devices.AssertionProvider | None) -> Awaitable[DeviceListAccepted]:
+            return devices.remove_credential(client, args.key, get_assertion=get_assertion)
+
+        return await _approved_change(args, keys, change, question, f"removed security key {args.key}")
+
+    return await _with_device(args, body, signs_list=True)
+
+
+def _policy_json(keys: DeviceKeys, head: DeviceList) -> dict[str, object]:
+    device_count, key_count = devices.approvers(head)
+    return {
+        "account": keys.account_address,
+        "version": head.version,
+        "threshold": head.policy.threshold,
+        "require_webauthn": head.policy.require_webauthn,
+        "require_user_verification": head.policy.require_user_verification,
+        "approvers": {"devices": device_count, "hardware_keys": key_count},
+    }
+
+
+async def cmd_device_policy(args: argparse.Namespace) -> int:
+    """``device policy [--require-fido2|--no-require-fido2] [--user-verification|--no-user-verification]
+    [--threshold N] [--fido2] [--yes] [--json]``: show the account's approval policy (no setting given), or
+    post the version that changes it, approved as the current policy demands (crypto.md §3.2).
+
+    Nonsense (a key required while none is registered, a threshold above the approvers) is one line, exit 2,
+    before a key is touched. Loosening asks at a terminal; off one it needs ``--yes`` (else exit 2, nothing
+    changed). Setting the policy it has already changes nothing (exit 0).
+    """
+    changes = {
+        "threshold": args.threshold,
+        "require_webauthn": args.require_fido2,
+        "require_user_verification": args.user_verification,
+    }
+    if all(value is None for value in changes.values()):
+        if args.fido2 or args.yes:
+            raise UsageError("--fido2 and --yes go with a change: --require-fido2, --user-verification, --threshold")
+    elif args.json:
+        raise UsageError("--json goes with showing the policy (no setting given)")
+
+    async def body(keys: DeviceKeys, client: RelayClient) -> int:
+        head = (await client.device_chain(keys.account_id)).head
+        if all(value is None for value in changes.values()):
+            if args.json:
+                print(json.dumps(_policy_json(keys, head)))
+                return EXIT_OK
+            device_count, key_count = devices.approvers(head)
+            print(f"account {keys.account_address}  (device list version {head.version})")
+            print(f"policy: {_policy_text(head)}")
+            print(f"approvers: {device_count} device(s), {key_count} hardware key(s)")
+            return EXIT_OK
         try:
-            accepted = await devices.remove_credential(client, args.key, get_assertion=get_assertion)
+            wanted = devices.plan_policy(head, **changes)
         except TetherlessError as exc:
-            if exc.code is ErrorCode.INVALID_FIELD:
-                raise UsageError(str(exc.detail)) from exc
-            raise
-        print(f"removed security key {args.key}; device list version {accepted.version}")
-        return EXIT_OK
+            raise UsageError(exc.detail) from exc
+        if wanted == head.policy:
+            print(f"the policy is already: {_policy_text(head)}; nothing changed")
+            return EXIT_OK
+        loosens = devices.policy_loosens(head.policy, wanted)
+        if loosens:
+            require_yes_off_terminal(args, "device policy")  # only to loosen: tightening asks nothing
+        # Before any key is touched or anything is sent: can this device (and --fido2's key) approve at all?
+        devices.check_own_approvals(head, keys.device_id, with_key=args.fido2)
+        question = (
+            f"Loosen the policy of {keys.account_address} from {_policy_text(head)!r} to {_policy_words(wanted)!r}?"
+        )
+
+        def change(get_assertion: devices.AssertionProvider | None) -> Awaitable[DeviceListAccepted | None]:
+            return devices.set_policy(client, wanted, get_assertion=get_assertion)
+
+        asked = (question, "not changed") if loosens else None
+        return await _approved_change(args, keys, change, asked, f"policy: {_policy_words(wanted)}")
 
     return await _with_device(args, body, signs_list=True)
 
@@ -636,6 +732,7 @@ __all__ = [
     "cmd_device_init",
     "cmd_device_link",
     "cmd_device_list",
+    "cmd_device_policy",
     "cmd_device_protect",
     "cmd_device_recovery_key",
     "cmd_device_revoke",

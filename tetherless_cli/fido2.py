@@ -1,4 +1,4 @@
-"""The command line's side of FIDO2 security keys: which key, the touch prompt, and its errors as one line.
+"""The command line's side of FIDO2 security keys: which key, the touch prompt, the PIN prompt.
 
 The commands that use a key (``device fido2 add|list|remove``, ``device approve|revoke --fido2``,
 ``device link --account ADDRESS --fido2``) live in :mod:`tetherless_cli.devices`; the key itself is
@@ -7,20 +7,19 @@ The commands that use a key (``device fido2 add|list|remove``, ``device approve|
 ``TETHERLESS_FIDO2_DEVICES=module:function`` replaces the USB HID scan with a factory returning CTAP
 devices (the e2e tests plug ``tests.support.soft_ctap:devices`` in; docs/security.md says why that is no
 new exposure: whoever sets the environment of the process can already run any code in it).
+A :class:`~protocol.client.fido2.SecurityKeyError` is a sentence for the user: the front door prints it as the
+command's one line, exit 1 (:data:`tetherless_cli.main.LOCAL_ERRORS`).
 """
 
 from __future__ import annotations
 
-import functools
 import getpass
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from protocol.client.devices import AssertionProvider
-from tetherless_cli.exits import EXIT_FAILURE, UsageError
-from tetherless_cli.main import error
+from tetherless_cli.exits import UsageError
 
 if TYPE_CHECKING:
     from protocol.client.fido2 import SecurityKey
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
 
 DEVICES_ENV = "TETHERLESS_FIDO2_DEVICES"
 TOUCH_PROMPT = "Touch your security key"
-
-A = TypeVar("A")
 
 
 def _prompt() -> None:
@@ -66,23 +63,4 @@ def assertion_provider(relay_url: str, wanted: bool) -> AssertionProvider | None
     return security_key(relay_url).get_assertion if wanted else None
 
 
-def key_errors(handler: Callable[[A], Awaitable[int]]) -> Callable[[A], Awaitable[int]]:
-    """Run a command handler; a :class:`~protocol.client.fido2.SecurityKeyError` becomes its one stderr line
-    and exit 1 (the front door would call it an internal error)."""
-
-    @functools.wraps(handler)
-    async def run(args: A) -> int:
-        try:
-            return await handler(args)
-        except Exception as exc:
-            from protocol.client.fido2 import SecurityKeyError
-
-            if not isinstance(exc, SecurityKeyError):
-                raise
-            error(str(exc))
-            return EXIT_FAILURE
-
-    return run
-
-
-__all__ = ["DEVICES_ENV", "TOUCH_PROMPT", "assertion_provider", "key_errors", "security_key"]
+__all__ = ["DEVICES_ENV", "TOUCH_PROMPT", "assertion_provider", "security_key"]

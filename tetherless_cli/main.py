@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from tetherless_cli.exits import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_REVOKED, EXIT_USAGE, PROG, UsageError
 from tetherless_cli.parser import build_parser
@@ -90,6 +90,23 @@ def _run_async(handler: Handler, args: Any) -> int:
     return int(trio.run(handler, args))
 
 
+#: SDK errors that are a sentence for the user as they are: (module, class, exit code), most specific first. Looked
+#: up in ``sys.modules`` only: the command that raised one imported its module, and ``--help`` must import none.
+LOCAL_ERRORS: Final[tuple[tuple[str, str, int], ...]] = (
+    ("protocol.client.contacts", "InvalidContactError", EXIT_USAGE),  # a bad name or address
+    ("protocol.client.contacts", "ContactError", EXIT_FAILURE),  # a taken name, an unknown one
+    ("protocol.client.outbox", "OutboxError", EXIT_FAILURE),  # no such entry, or sent already
+    ("protocol.client.fido2", "SecurityKeyError", EXIT_FAILURE),  # no key, no touch, not the account's key
+)
+
+
+def _loaded_class(module: str, name: str) -> type[BaseException] | None:
+    """``module.name`` if that module is imported already (else nothing raised it), without importing it."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None) if loaded is not None else None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+
+
 def report(exc: Exception, *, relay_url: str | None = None) -> int:
     """Print ``exc`` as one stderr line and return its exit code (the one place that does this)."""
     if isinstance(exc, UsageError):
@@ -101,6 +118,11 @@ def report(exc: Exception, *, relay_url: str | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
+    for module, name, code in LOCAL_ERRORS:
+        cls = _loaded_class(module, name)
+        if cls is not None and isinstance(exc, cls):
+            error(str(exc))
+            return code
     # Imported here, not above: the command that raised them has imported them already, and --help must not.
     from protocol.client.chains import DeviceRevokedError
     from protocol.client.http import ConnectError, TLSTrustError, TransportError

@@ -7,7 +7,7 @@ Output contract kept from the first client: ``sync`` prints each newly
 received message once (plain ``[time] sender: text`` or a JSON object with
 ``cursor``, ``id`` (envelope id), ``from``, ``sent_at``, ``sent_at_ms``,
 ``content_type``, ``text``, ``message_id``); ``send`` prints the message id
-once delivered, or ``queued (offline; local id N)`` when the relay
+once delivered, or ``queued (offline; local id N, message id ID)`` when the relay
 cannot be reached (exit 0, the ``sync`` engine delivers it later). Status lines
 go to stderr only with ``--status`` (or when stderr is a terminal), so scripts
 that expect a silent stderr keep working.
@@ -95,7 +95,11 @@ async def cmd_send(args: argparse.Namespace) -> int:
 
 
 async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: str | bytes) -> int:
-    """``send``: enqueue, then one flush attempt; prints the message id, or ``queued (…)`` when offline."""
+    """``send``: enqueue, then one flush attempt; prints the message id, or ``queued (…)`` when offline.
+
+    Every outcome line names the message id (:func:`message_id_text`): the id alone on stdout once delivered,
+    ``queued … (REASON; local id N, message id ID)`` while it waits, and the failure line on stderr.
+    """
     store = open_store(keystore, keys)
     address = resolve_recipient(store, address)  # a contact name becomes its address
     contact = label(store, address)  # "alice (3kqx…@relay)", or None: shown next to the address
@@ -106,6 +110,7 @@ async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: 
         body, content_type = message, BINARY_CONTENT_TYPE
     # Refused before anything is queued: empty, or larger than the relay's envelope limit (the error names it).
     entry = outbox.enqueue(store, address, content_type, body)
+    ids = f"local id {entry.local_id}, message id {message_id_text(entry.message_uid)}"  # `outbox` / `history`
     engine = make_engine(keys, store)
     try:
         async with RelayClient.connect(
@@ -118,10 +123,10 @@ async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: 
             assert current is not None
             shown = outbox.view(current, store.now_ms())
             if shown.state is outbox.OutboxState.FAILED:  # it stays in `tetherless outbox` until cancelled
-                print(f"tetherless: error: {shown.reason}{to}", file=sys.stderr, flush=True)
+                print(f"tetherless: error: {shown.reason}{to} ({ids})", file=sys.stderr, flush=True)
                 return EXIT_FAILURE
             if shown.state is not outbox.OutboxState.DELIVERED:  # e.g. no prekeys, or its relay is down: `sync` retries
-                print(f"queued{to} ({shown.reason or 'sending'}; local id {entry.local_id})", flush=True)
+                print(f"queued{to} ({shown.reason or 'sending'}; {ids})", flush=True)
                 return EXIT_OK
             print(message_id_text(entry.message_uid), flush=True)
             if contact:  # stdout stays the message id alone; the name goes to stderr
@@ -134,7 +139,7 @@ async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: 
     except TLSSetupError:
         raise  # not "offline": the relay URL or its CA is wrong, and waiting fixes nothing (the entry stays queued)
     except (RetryError, TransportError) as exc:
-        print(f"queued{to} (offline; local id {entry.local_id})", flush=True)
+        print(f"queued{to} (offline; {ids})", flush=True)
         del exc
     except RevokedError:
         print(REVOKED_LINE, file=sys.stderr)
@@ -481,11 +486,7 @@ async def _change_outbox(
     args: argparse.Namespace, change: Callable[[ClientStore, int], _E], done: Callable[[_E], str]
 ) -> int:
     keystore, keys = load(args)
-    try:
-        entry = change(open_store(keystore, keys), args.local_id)
-    except outbox.OutboxError as exc:
-        print(f"tetherless: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+    entry = change(open_store(keystore, keys), args.local_id)  # OutboxError: main.report's one line, exit 1
     print(done(entry), flush=True)
     return EXIT_OK
 

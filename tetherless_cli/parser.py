@@ -34,6 +34,10 @@ def entry_id(text: str) -> int:
     return int(_number(text, int, 1, "an outbox ID (a whole number of 1 or more)"))
 
 
+def approvals(text: str) -> int:
+    return int(_number(text, int, 1, "a number of approvals (a whole number of 1 or more)"))
+
+
 def seconds(text: str) -> float:
     return float(_number(text, float, 1e-3, "a number of seconds above 0"))
 
@@ -195,6 +199,40 @@ def _add_server_commands(sub: Subparsers) -> None:
 # -- device …, whoami ---------------------------------------------------------------------------------------
 
 
+def _add_approval_options(parser: argparse.ArgumentParser, *, yes_help: str = "") -> None:
+    """``--yes`` and ``--fido2``: the options of every command that signs a device-list change."""
+    parser.add_argument(
+        "--yes", action="store_true", help=yes_help or "do not ask for confirmation (required off a terminal)"
+    )
+    parser.add_argument("--fido2", action="store_true", help="a FIDO2 security key of the account approves too")
+
+
+def _add_policy_command(commands: Subparsers) -> None:
+    policy = _client(
+        commands,
+        "policy",
+        "tetherless_cli.devices:cmd_device_policy",
+        help="show or set who must approve changes to the device list (no options: show it)",
+    )
+    policy.add_argument(
+        "--require-fido2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a FIDO2 security key of the account must approve every change",
+    )
+    policy.add_argument(
+        "--user-verification",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a security key's approval counts only with user verification (PIN or biometrics)",
+    )
+    policy.add_argument(
+        "--threshold", type=approvals, default=None, metavar="N", help="approvals every change needs (devices, keys)"
+    )
+    _add_approval_options(policy, yes_help="loosen without asking (required off a terminal to loosen)")
+    policy.add_argument("--json", action="store_true", help="show: one JSON object")
+
+
 def _add_fido2_commands(commands: Subparsers) -> None:
     fido2 = commands.add_parser("fido2", help="FIDO2 security keys that approve this account's device changes")
     keys = fido2.add_subparsers(dest="fido2_command", metavar="COMMAND", required=True)
@@ -208,8 +246,7 @@ def _add_fido2_commands(commands: Subparsers) -> None:
         keys, "remove", "tetherless_cli.devices:cmd_device_fido2_remove", help="remove a security key from the account"
     )
     remove.add_argument("key", metavar="ID", help="the key's id as `device fido2 list` shows it (8+ hex digits)")
-    remove.add_argument("--yes", action="store_true", help="do not ask for confirmation (required off a terminal)")
-    remove.add_argument("--fido2", action="store_true", help="a FIDO2 security key of the account approves too")
+    _add_approval_options(remove)
 
 
 def _add_device_commands(sub: Subparsers) -> None:
@@ -263,8 +300,7 @@ def _add_device_commands(sub: Subparsers) -> None:
         help="add the device showing CODE to this account",
     )
     approve.add_argument("code", metavar="CODE", help="the link code shown by the new device (tl-xxxx-…)")
-    approve.add_argument("--yes", action="store_true", help="do not ask for confirmation (required off a terminal)")
-    approve.add_argument("--fido2", action="store_true", help="a FIDO2 security key of the account approves too")
+    _add_approval_options(approve)
     approve.add_argument(
         "--timeout",
         type=seconds,
@@ -284,10 +320,10 @@ def _add_device_commands(sub: Subparsers) -> None:
         help="remove a device from the account (may be this one)",
     )
     revoke.add_argument("device", metavar="ID", help="a device id or full device address")
-    revoke.add_argument("--yes", action="store_true", help="do not ask for confirmation (required off a terminal)")
-    revoke.add_argument("--fido2", action="store_true", help="a FIDO2 security key of the account approves too")
+    _add_approval_options(revoke)
 
     _add_fido2_commands(commands)
+    _add_policy_command(commands)
 
     recovery_key = _client(
         commands,

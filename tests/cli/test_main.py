@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from protocol.client.chains import DeviceRevokedError
+from protocol.client.contacts import ContactExistsError, InvalidContactError
+from protocol.client.fido2 import NoSecurityKeyError, SecurityKeyError
 from protocol.client.http import ConnectError, ConnectionLostError, NotTLSError, TLSRequiredError, TLSTrustError
 from protocol.client.identity import IDENTITY_FILE, encode_identity
+from protocol.client.outbox import UnknownOutboxEntryError
 from protocol.client.sync import SyncOutcome
 from protocol.errors import ErrorCode, RemoteError
 from tetherless_cli import exits
@@ -109,6 +112,32 @@ def test_a_transport_error_that_is_not_retryable_is_a_usage_error(capsys: pytest
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
         assert err.startswith(line), (err, line)
+
+
+def test_the_sdk_local_errors_go_through_the_one_funnel(capsys: pytest.CaptureFixture[str]) -> None:
+    """Contacts, outbox and security-key errors are one line and their exit code from main.report, so the
+    handlers raise instead of printing (issue 14: one error funnel)."""
+    cases: list[tuple[Exception, int]] = [
+        (InvalidContactError("a name has no '@'"), 2),
+        (ContactExistsError("bob is taken: --replace to change it"), 1),
+        (UnknownOutboxEntryError("no outbox entry 7"), 1),
+        (NoSecurityKeyError(), 1),
+        (SecurityKeyError("the security key did not sign: it was not touched in time"), 1),
+    ]
+    for exc, code in cases:
+        assert report(exc) == code, exc
+        assert capsys.readouterr().err == f"tetherless: error: {exc}\n"
+
+
+def test_the_funnel_imports_no_module_to_tell_errors_apart() -> None:
+    """An error of a module that is not imported cannot have been raised: report() looks it up, never imports."""
+    code = (
+        "import sys; from tetherless_cli.main import report; report(ValueError('x'));"
+        "print(sorted(m for m in ('protocol.client.contacts', 'protocol.client.outbox', 'protocol.client.fido2',"
+        " 'fido2') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_every_sync_outcome_has_its_exit_code() -> None:

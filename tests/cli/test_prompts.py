@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
 from protocol.client.keystore import PASSPHRASE_ENV, Keystore
@@ -158,6 +159,38 @@ def test_revoke_asks_at_a_terminal_and_no_keeps_the_device(relay: RelayProcess, 
     assert accepted.wait() == 0, accepted.output
     assert f"revoked {other_id};" in accepted.output
     assert cli(other_home, "sync").returncode == 4
+
+
+def test_loosening_the_policy_asks_at_a_terminal(
+    relay: RelayProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``device policy`` asks before it loosens (a no changes nothing); tightening asks nothing
+    (tests/e2e/test_device_policy.py has the rest)."""
+    key = tmp_path / "key.json"
+    monkeypatch.setenv("TETHERLESS_FIDO2_DEVICES", "tests.support.soft_ctap:devices")
+    monkeypatch.setenv("TETHERLESS_SOFT_CTAP", str(key))
+    home, address = new_home(relay, tmp_path, "home")
+    ok(cli(home, "device", "fido2", "add"))
+    ok(cli(home, "device", "policy", "--user-verification"))  # tightening: no question, also off a terminal
+
+    def loosen(answer: str) -> Terminal:
+        term = Terminal(home, "device", "policy", "--no-user-verification")
+        term.expect(f"Passphrase for {home}: ")
+        term.type(PASSPHRASE)
+        term.expect(
+            f"Loosen the policy of {address.split('.', 1)[1]} from 'any one device, with user verification' "
+            "to 'any one device'? [y/N] "
+        )
+        term.type(answer)
+        return term
+
+    declined = loosen("n")
+    assert declined.wait() == 1, declined.output
+    assert "not changed" in declined.output
+    assert json.loads(ok(cli(home, "device", "policy", "--json")))["require_user_verification"] is True
+    accepted = loosen("y")
+    assert accepted.wait() == 0, accepted.output
+    assert json.loads(ok(cli(home, "device", "policy", "--json")))["require_user_verification"] is False
 
 
 # -- the catch-up progress line -------------------------------------------------------------------------------

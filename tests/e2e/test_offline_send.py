@@ -31,7 +31,7 @@ def test_send_while_the_relay_is_down_is_delivered_without_user_action(tmp_path:
         for i, text in enumerate(texts):
             queued = cli(alice_home, "send", bob, "--text", text)
             assert queued.returncode == 0, queued.stderr
-            assert queued.stdout.strip() == f"queued (offline; local id {i + 2})"
+            assert re.fullmatch(rf"queued \(offline; local id {i + 2}, message id [a-z2-7]{{26}}\)\n", queued.stdout)
         waiting = cli(alice_home, "outbox", "--json")
         assert waiting.returncode == 0, waiting.stderr
         rows = [json.loads(line) for line in waiting.stdout.splitlines()]

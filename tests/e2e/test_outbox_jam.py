@@ -88,7 +88,7 @@ def test_a_recipient_revoked_after_queueing_fails_only_that_entry(relay: RelayPr
     relay.stop()
     queued = ok(cli(alice_home, "send", bob2, "--text", "to the device that goes away"))
     assert queued.startswith("queued (offline; local id ")
-    doomed = int(queued.rsplit(" ", 1)[1].rstrip(")\n"))
+    doomed = int(queued.removeprefix("queued (offline; local id ").split(",", 1)[0])
     assert ok(cli(alice_home, "send", bob1, "--text", "to the device that stays")).startswith("queued (offline")
     relay.start()
     ok(cli(bob1_home, "device", "revoke", bob2, "--yes"))

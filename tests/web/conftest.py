@@ -11,28 +11,50 @@ secure contexts (WebCrypto works without TLS), but only a host name is a
 valid WebAuthn relying-party id, and the client's hardware-key approval
 will need one. Chromium resolves ``localhost`` to the loopback address
 itself, whatever /etc/hosts says.
+
+Fixtures: ``browser`` (session), ``watched`` (a page in a fresh context, with what it reported),
+``start_relay`` (relays with settings, stopped and checked after the test); the shared setups
+``browser_and_cli`` (a CLI device and a browser account on one relay) and ``browser_in_cli_account`` (the
+browser linked into a CLI account with history), built by tests/web/support.py, which also holds the UI
+helpers (``create_account``, ``send``, ``link_browser``, ``approve_in_browser`` …); for Node: ``npm`` and
+``node_peer_script`` (the TypeScript client as a Node process: support.NodePeer).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.relay_process import RelayProcess
+from tests.web.support import (
+    ROOT,
+    SCREENSHOTS,
+    WEB,
+    BrowserAndCli,
+    BrowserInCliAccount,
+    WatchedPage,
+    browser_beside_cli,
+    browser_linked_to_cli,
+    find_npm,
+    localhost,
+    run_in_web,
+    screenshot,
+)
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page
+    from playwright.sync_api import Browser, ConsoleMessage
+
+# Defined in support.py (which the fixtures below use); imported from here by tests written before it.
+__all__ = ["ROOT", "SCREENSHOTS", "WatchedPage", "localhost", "screenshot"]
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 
-ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "build" / "screenshots"
 CHROMIUM = os.environ.get("TETHERLESS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Recorded in every page before its own scripts run: each CSP violation the browser reports.
 _RECORD_VIOLATIONS = """
@@ -47,11 +69,6 @@ def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI must have it (.ci/run installs Debian's chromium)")
     pytest.skip(reason)
-
-
-def localhost(url: str) -> str:
-    """``url`` of a relay on 127.0.0.1 with ``localhost`` as its host (see the module docstring)."""
-    return url.replace("://127.0.0.1:", "://localhost:", 1)
 
 
 @pytest.fixture(scope="session")
@@ -73,28 +90,6 @@ def browser() -> Iterator[Browser]:
             launched.close()
 
 
-@dataclass
-class WatchedPage:
-    """A page in a fresh browser context, with everything it reported: console, uncaught errors, CSP."""
-
-    page: Page
-    console: list[str] = field(default_factory=list)  # "type: text" of error and warning messages
-    errors: list[str] = field(default_factory=list)  # uncaught exceptions
-    failed: list[str] = field(default_factory=list)  # "status url" of every answer >= 400 (the console omits the url)
-
-    def csp_violations(self) -> list[str]:
-        """``directive blocked-uri`` of every ``securitypolicyviolation`` event of the current document."""
-        found: Any = self.page.evaluate("window.__cspViolations")
-        return list(found)
-
-    def assert_clean(self) -> None:
-        """No console error or warning, no uncaught error, no CSP violation."""
-        assert self.failed == [], self.failed
-        assert self.console == [], self.console
-        assert self.errors == [], self.errors
-        assert self.csp_violations() == []
-
-
 @pytest.fixture
 def watched(browser: Browser) -> Iterator[WatchedPage]:
     context = browser.new_context()
@@ -104,6 +99,8 @@ def watched(browser: Browser) -> Iterator[WatchedPage]:
     def on_console(message: ConsoleMessage) -> None:
         if message.type in ("error", "warning"):
             watched.console.append(f"{message.type}: {message.text} ({message.location.get('url', '')})")
+        elif message.type == "info":
+            watched.info.append(message.text)
 
     page.on("console", on_console)
     page.on("pageerror", lambda error: watched.errors.append(str(error)))
@@ -134,9 +131,62 @@ def start_relay(tmp_path: Path) -> Iterator[Any]:
             assert "Traceback" not in process.logs()
 
 
-def screenshot(page: Page, name: str) -> Path:
-    """Write ``build/screenshots/NAME.png`` (the issue's screenshots of the main screens)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
+@pytest.fixture
+def browser_and_cli(watched: WatchedPage, start_relay: Any, tmp_path: Path) -> BrowserAndCli:
+    """A relay (``start_relay()``), a CLI device of its own account at ``tmp_path``/cli, and the browser page
+    (``watched``) with an account created through the UI: :func:`tests.web.support.browser_beside_cli`.
+
+    Fields: ``relay``, ``watched``, ``page``, ``origin`` (``http://localhost:PORT``), ``address`` (the
+    browser's), ``cli_home``, ``cli_address``. For other relay settings, start the relay with ``start_relay``
+    and call ``browser_beside_cli(relay, watched, tmp_path)`` in the test.
+    """
+    return browser_beside_cli(start_relay(), watched, tmp_path)
+
+
+@pytest.fixture
+def browser_in_cli_account(watched: WatchedPage, start_relay: Any, tmp_path: Path) -> BrowserInCliAccount:
+    """A relay, CLI device A (``cli_home``/``cli_address``) whose account already has history with B, a CLI device
+    of another account (``other_home``/``other_address``), and the browser linked into A's account, approved by
+    A with ``tetherless device approve``: :func:`tests.web.support.browser_linked_to_cli`. ``address`` is the
+    browser's. The history: B wrote "from B before the browser", A answered "from A before the browser"."""
+    return browser_linked_to_cli(start_relay(), watched, tmp_path)
+
+
+# npm keeps a copy of the lock file it installed from here; its age tells whether node_modules is current.
+INSTALLED_LOCK = WEB / "node_modules" / ".package-lock.json"
+
+
+def _installed_is_current() -> bool:
+    lock = WEB / "package-lock.json"
+    return INSTALLED_LOCK.exists() and INSTALLED_LOCK.stat().st_mtime >= lock.stat().st_mtime
+
+
+@pytest.fixture(scope="session")
+def npm() -> str:
+    """npm, with web/node_modules installed from the lock file (``npm ci`` only when it is missing or older than
+    the lock file; once, also across xdist workers: a file lock). Skips without node, fails under ``CI=true``."""
+    npm = find_npm()
+    (WEB / "build").mkdir(exist_ok=True)
+    with (WEB / "build" / ".npm-ci.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two workers must not run `npm ci` into one directory at once
+        if not _installed_is_current():
+            run_in_web([npm, "ci", "--no-audit", "--no-fund"], "npm ci")
+    return npm
+
+
+@pytest.fixture(scope="session")
+def node_peer_script(npm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """web/test/interop/peer.ts bundled with its packages into a directory of this session (of this xdist worker)
+    alone, by web/test/interop/build.mjs: ``npm test`` (tests/web/test_node_vectors.py), which empties web/build/,
+    may run at the same time in another worker. Run it with :class:`tests.web.support.NodePeer`.
+
+    ``TETHERLESS_NODE_PEER`` names a peer built elsewhere instead (a mutant of the TypeScript code, to watch the
+    differential tests fail: web/test/interop/build.mjs DIR from a changed copy of web/)."""
+    prebuilt = os.environ.get("TETHERLESS_NODE_PEER")
+    if prebuilt:
+        return Path(prebuilt)
+    out = tmp_path_factory.mktemp("node-peer")
+    run_in_web(["node", "test/interop/build.mjs", str(out)], "bundling the node peer (web/test/interop/build.mjs)")
+    script = out / "peer.mjs"
+    assert script.exists()
+    return script

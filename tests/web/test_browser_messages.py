@@ -9,14 +9,16 @@ screens go to build/screenshots/. Fails (not skips) without chromium under ``CI=
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.e2e.test_equal_devices import account_of, cli, init_device, ok, sync_texts
-from tests.web.conftest import WatchedPage, localhost, screenshot
+from tests.e2e.test_equal_devices import account_of, cli, ok, sync_texts
+from tests.web.support import BrowserAndCli, WatchedPage, create_account, localhost, screenshot, send
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page, Route
+    from playwright.sync_api import Route
+
+# create_account and send moved to support.py; other test files import them from here too.
+__all__ = ["create_account", "send"]
 
 # What the page's IndexedDB holds: record names, the key's type and extractability, the state's first byte.
 STORED = """async () => {
@@ -38,37 +40,9 @@ STORED = """async () => {
 }"""
 
 
-def create_account(page: Page, origin: str) -> str:
-    """Open the app at ``origin``, create an account with the UI; the address it shows."""
-    page.goto(origin + "/")
-    relay_url = page.get_by_label("Relay URL")
-    relay_url.wait_for()
-    assert relay_url.input_value() == origin  # prefilled with the serving origin
-    screenshot(page, "start")
-    page.get_by_role("button", name="Create account").click()
-    address = page.locator("#address")
-    address.filter(has_text="@").wait_for()
-    return address.inner_text()
-
-
-def send(page: Page, to: str, text: str) -> None:
-    page.get_by_label("To").fill(to)
-    page.get_by_label("Message").fill(text)
-    page.get_by_role("button", name="Send").click()
-    page.get_by_role("log").get_by_text(text, exact=True).wait_for()  # shown once the relay accepted it
-    assert page.get_by_label("Message").input_value() == ""
-
-
-def test_browser_and_cli_exchange_messages_and_a_reload_keeps_the_account(
-    watched: WatchedPage, start_relay: Any, tmp_path: Path
-) -> None:
-    relay = start_relay()
-    cli_home = tmp_path / "cli"
-    cli_address = init_device(relay, cli_home)
-    page = watched.page
-    origin = localhost(relay.url)
-
-    address = create_account(page, origin)
+def test_browser_and_cli_exchange_messages_and_a_reload_keeps_the_account(browser_and_cli: BrowserAndCli) -> None:
+    relay, watched, page = browser_and_cli.relay, browser_and_cli.watched, browser_and_cli.page
+    cli_home, cli_address, address = browser_and_cli.cli_home, browser_and_cli.cli_address, browser_and_cli.address
     assert address.endswith(f"@{relay.name}")
     screenshot(page, "account")
 
@@ -132,21 +106,20 @@ def test_relay_problems_are_shown_and_a_second_tab_does_not_run_the_device(
     assert second.locator("#address").inner_text() == ""
     second.close()
 
-    # The relay goes away: the polling loop says so.
+    # The relay goes away (this browser is online): the polling loop says so in words, and that nothing is
+    # lost; the request and the browser's reason only in the console.
     relay.stop()
-    alert.filter(has_text="Cannot reach the relay").wait_for()
+    alert.filter(has_text="Cannot reach the relay: it does not answer right now").wait_for()
+    assert "wait in the outbox" in alert.inner_text()
+    assert "Failed to fetch" not in alert.inner_text()
+    assert "/v1/" not in alert.inner_text()
+    assert any(line.startswith("no answer from the relay: ") for line in watched.info), watched.info
 
 
-def test_a_tampered_device_list_is_refused_with_a_visible_error(
-    watched: WatchedPage, start_relay: Any, tmp_path: Path
-) -> None:
+def test_a_tampered_device_list_is_refused_with_a_visible_error(browser_and_cli: BrowserAndCli) -> None:
     """The relay is the adversary: a chain changed on the way (one byte of it) is refused before any key is used."""
-    relay = start_relay()
-    cli_home = tmp_path / "cli"
-    cli_address = init_device(relay, cli_home)
-    page = watched.page
-    origin = localhost(relay.url)
-    create_account(page, origin)
+    page, origin = browser_and_cli.page, browser_and_cli.origin
+    cli_home, cli_address = browser_and_cli.cli_home, browser_and_cli.cli_address
     account = account_of(cli_address).split("@")[0]
 
     def tamper(route: Route) -> None:

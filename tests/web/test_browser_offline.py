@@ -21,13 +21,15 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.e2e.test_equal_devices import account_of, cli, init_device, ok, sync_texts
+from tests.e2e.test_equal_devices import account_of, cli, ok, sync_texts
 from tests.relay_process import RelayProcess
-from tests.web.conftest import ROOT, WatchedPage, localhost, screenshot
-from tests.web.test_browser_messages import create_account
+from tests.web.support import ROOT, BrowserAndCli, WatchedPage, compose, localhost, outbox_item, screenshot, send
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Request
+
+# compose, outbox_item and send moved to support.py; other test files import them from here too.
+__all__ = ["compose", "outbox_item", "send"]
 
 DIST = ROOT / "web" / "dist"
 SHELL = ("app.js", "index.html", "styles.css")  # the files whose bytes name the cache (web/scripts/build.mjs)
@@ -81,32 +83,10 @@ def wait_controlled(page: Page) -> None:
     page.wait_for_function("() => navigator.serviceWorker.controller !== null")
 
 
-def send(page: Page, to: str, text: str) -> None:
-    """Send with the UI and wait until the relay accepted it (the text is then in the log)."""
-    compose(page, to, text)
-    page.get_by_role("log").get_by_text(text, exact=True).wait_for()
-
-
-def compose(page: Page, to: str, text: str) -> None:
-    page.get_by_label("To", exact=True).fill(to)
-    page.get_by_label("Message", exact=True).fill(text)
-    page.get_by_role("button", name="Send", exact=True).click()
-
-
-def outbox_item(page: Page, text: str) -> Any:
-    return page.get_by_role("list", name="Outbox: not sent yet").get_by_role("listitem").filter(has_text=text)
-
-
-def test_offline_reload_and_send_then_delivered_after_reconnecting(
-    watched: WatchedPage, start_relay: Any, tmp_path: Path
-) -> None:
-    relay = start_relay()
-    cli_home = tmp_path / "cli"
-    cli_address = init_device(relay, cli_home)
-    page = watched.page
+def test_offline_reload_and_send_then_delivered_after_reconnecting(browser_and_cli: BrowserAndCli) -> None:
+    relay, watched, page = browser_and_cli.relay, browser_and_cli.watched, browser_and_cli.page
+    cli_home, cli_address, address = browser_and_cli.cli_home, browser_and_cli.cli_address, browser_and_cli.address
     context = page.context
-    origin = localhost(relay.url)
-    address = create_account(page, origin)
     send(page, cli_address, "sent online")
     assert [m["text"] for m in sync_texts(cli_home)] == ["sent online"]
     wait_controlled(page)
@@ -122,6 +102,17 @@ def test_offline_reload_and_send_then_delivered_after_reconnecting(
     log = page.get_by_role("log")
     log.get_by_text("sent online", exact=True).wait_for()
     page.get_by_text("Offline: messages you send wait in the outbox").wait_for()
+    # The alert says it in words (offline, the relay cannot be reached, messages wait); the failed request and
+    # the browser's "Failed to fetch" only in the console.
+    alert = page.get_by_role("alert")
+    alert.filter(has_text="Offline: this device has no network connection").wait_for()
+    said = alert.inner_text()
+    assert "the relay cannot be reached" in said
+    assert "Messages you send wait in the outbox and go out when the connection returns." in said
+    assert "Failed to fetch" not in said
+    assert "/v1/" not in said
+    assert any(line.startswith("no answer from the relay: POST /v1/") for line in watched.info), watched.info
+    screenshot(page, "offline")
 
     # A message sent offline waits in the outbox (queued without the network), and survives a reload.
     compose(page, account_of(cli_address), "written offline")
@@ -182,13 +173,9 @@ def test_a_new_build_replaces_the_cached_shell(watched: WatchedPage, start_relay
     assert page.evaluate("() => fetch('./styles.css').then((r) => r.text())").endswith("/* next build */\n")
 
 
-def test_sign_out_erases_the_device_from_this_browser(watched: WatchedPage, start_relay: Any, tmp_path: Path) -> None:
-    relay = start_relay()
-    cli_home = tmp_path / "cli"
-    cli_address = init_device(relay, cli_home)
-    page = watched.page
-    origin = localhost(relay.url)
-    address = create_account(page, origin)
+def test_sign_out_erases_the_device_from_this_browser(browser_and_cli: BrowserAndCli) -> None:
+    relay, watched, page = browser_and_cli.relay, browser_and_cli.watched, browser_and_cli.page
+    cli_home, cli_address, address = browser_and_cli.cli_home, browser_and_cli.cli_address, browser_and_cli.address
     send(page, cli_address, "before signing out")
     wait_controlled(page)
     before = page.evaluate(LEFT_BEHIND)
@@ -229,15 +216,9 @@ def test_sign_out_erases_the_device_from_this_browser(watched: WatchedPage, star
     watched.assert_clean()
 
 
-def test_a_second_tab_stays_inactive_until_the_first_one_closes(
-    watched: WatchedPage, start_relay: Any, tmp_path: Path
-) -> None:
-    relay = start_relay()
-    cli_home = tmp_path / "cli"
-    cli_address = init_device(relay, cli_home)
-    first = watched.page
-    origin = localhost(relay.url)
-    address = create_account(first, origin)
+def test_a_second_tab_stays_inactive_until_the_first_one_closes(browser_and_cli: BrowserAndCli) -> None:
+    first, origin = browser_and_cli.page, browser_and_cli.origin
+    cli_home, cli_address, address = browser_and_cli.cli_home, browser_and_cli.cli_address, browser_and_cli.address
     send(first, cli_address, "from the first tab")
 
     second = first.context.new_page()

@@ -1,84 +1,28 @@
 """The TypeScript client (web/src/client) against a real relay and the real ``tetherless`` CLI, both ways.
 
-A Node process runs web/build/interop/peer.mjs (built from web/test/interop/peer.ts by ``npm run build:test``):
+A Node process runs web/test/interop/peer.ts (bundled for this session by conftest.py's ``node_peer_script``):
 it creates a format-3 account over HTTP/1.1 (Node's fetch), logs in, publishes prekeys and sends to a CLI
 account over a hybrid session with sealed sender v2; the CLI's ``sync`` shows the message; the CLI answers;
 the Node client receives and decrypts it, and verifies the CLI account's chain. Needs node and npm: skipped
-without them, a failure under ``CI=true`` (as tests/web/test_node_vectors.py).
+without them, a failure under ``CI=true`` (as tests/web/test_node_vectors.py). The Python SDK side, in this
+process, and the other directions (device lists, log records, refusals): tests/web/test_differential.py.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.e2e.test_equal_devices import account_of, cli, init_device, ok, sync_texts
 from tests.relay_process import RelayProcess
-from tests.web.test_node_vectors import WEB, _npm, _run
-
-PEER = WEB / "build" / "interop" / "peer.mjs"
-ANSWER_TIMEOUT_SECONDS = 120
-
-
-class NodePeer:
-    """One Node process running the TypeScript client; one JSON command in, one JSON answer out."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            ["node", str(PEER)],
-            cwd=WEB,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the node peer exited (code {self.proc.poll()}); stderr in {self.log.name}"
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def must(self, **command: Any) -> dict[str, Any]:
-        answer = self.ask(**command)
-        assert answer["ok"], answer
-        return answer
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=ANSWER_TIMEOUT_SECONDS)
-        finally:
-            self.proc.stdout.close()
-            self.log.close()
-
-
-@pytest.fixture(scope="module")
-def built_peer() -> Path:
-    """Build the peer (and type-check nothing else: ``npm test`` does that) with the locked esbuild."""
-    npm = _npm()
-    if not (WEB / "node_modules").exists():
-        _run([npm, "ci"], "npm ci")
-    _run([npm, "run", "--silent", "build:test"], "npm run build:test")
-    assert PEER.exists()
-    return PEER
+from tests.web.support import NodePeer
 
 
 @pytest.fixture
-def node_peer(built_peer: Path, tmp_path: Path) -> Iterator[NodePeer]:
-    peer = NodePeer(tmp_path / "node-peer.log")
+def node_peer(node_peer_script: Path, tmp_path: Path) -> Iterator[NodePeer]:
+    peer = NodePeer(node_peer_script, tmp_path / "node-peer.log")
     try:
         yield peer
     finally:

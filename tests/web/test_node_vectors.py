@@ -12,68 +12,16 @@ web/node_modules is missing or older than web/package-lock.json.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
+from tests.web.support import WEB, run_in_web
 
-WEB = Path(__file__).resolve().parents[2] / "web"
 DIST = WEB / "dist"
-# npm keeps a copy of the lock file it installed from here; its age tells whether node_modules is current.
-INSTALLED_LOCK = WEB / "node_modules" / ".package-lock.json"
-NPM_TIMEOUT_SECONDS = 600
-_NPM_ENV = {"npm_config_fund": "false", "npm_config_audit": "false", "npm_config_update_notifier": "false"}
-
-
-def _npm() -> str:
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        message = "node and npm are not installed (the browser client's vector tests need them)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{message}; CI must have them")
-        pytest.skip(message)
-    return npm
-
-
-def _run(args: list[str], what: str) -> str:
-    result = subprocess.run(
-        args,
-        cwd=WEB,
-        env={**os.environ, **_NPM_ENV},
-        capture_output=True,
-        text=True,
-        timeout=NPM_TIMEOUT_SECONDS,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        pytest.fail(f"{what} failed (exit {result.returncode}):\n{output[-6000:]}")
-    return output
-
-
-def _installed_is_current() -> bool:
-    lock = WEB / "package-lock.json"
-    return INSTALLED_LOCK.exists() and INSTALLED_LOCK.stat().st_mtime >= lock.stat().st_mtime
-
-
-@pytest.fixture(scope="module")
-def npm() -> str:
-    """npm, with web/node_modules installed from the lock file (once, also across xdist workers)."""
-    npm = _npm()
-    (WEB / "build").mkdir(exist_ok=True)
-    with (WEB / "build" / ".npm-ci.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two workers must not run `npm ci` into one directory at once
-        if not _installed_is_current():
-            _run([npm, "ci", "--no-audit", "--no-fund"], "npm ci")
-    return npm
 
 
 def test_typescript_passes_the_shared_vectors(npm: str) -> None:
-    output = _run([npm, "test", "--silent"], "npm test (web/: tsc, then node --test over protocol/vectors)")
+    output = run_in_web([npm, "test", "--silent"], "npm test (web/: tsc, then node --test over protocol/vectors)")
     # The spec reporter ends with "<info sign> tests N ... fail 0" lines: a run that found no tests must not pass.
     summary = dict(re.findall(r"^\S+ (tests|pass|fail) (\d+)$", output, re.MULTILINE))
     assert int(summary.get("tests", "0")) > 0, output[-3000:]
@@ -86,7 +34,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_build_reproduces_the_committed_dist(npm: str, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    _run([npm, "run", "--silent", "build", "--", str(out)], "npm run build")
+    run_in_web([npm, "run", "--silent", "build", "--", str(out)], "npm run build")
     built, committed = _files(out), _files(DIST)
     assert built.keys() == committed.keys(), (
         f"web/dist/ files differ from a fresh build: {sorted(built)} vs {sorted(committed)}"

@@ -1,7 +1,7 @@
-// Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file), and the
-// interop peer (test/interop/peer.ts, the TypeScript client driven by tests/web/test_node_client.py) into
-// web/build/interop/peer.mjs, outside build/test/ so that `node --test` does not run it; and the browser
-// benchmark's page script (test/bench/bench.ts, driven by bench/browser.py) into web/build/bench/bench.mjs.
+// Compile web/test/*.test.ts into web/build/test/ for `node --test` (one bundle per test file), and the browser
+// benchmark's page script (test/bench/bench.ts, driven by bench/browser.py) into web/build/bench/bench.mjs. The
+// interop peer (test/interop/peer.ts) is built by test/interop/build.mjs, once per pytest session, into a
+// directory of its own, so this script and the peer tests never write the same files.
 import { build } from "esbuild";
 import { readdir, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
@@ -20,16 +20,6 @@ await build({
   entryPoints: tests.map((name) => `test/${name}`),
   outdir: out,
   outExtension: { ".js": ".mjs" },
-  platform: "node",
-  packages: "external",
-});
-
-await rm(join(root, "build", "interop"), { recursive: true, force: true });
-await build({
-  ...esbuildBase,
-  absWorkingDir: root,
-  entryPoints: ["test/interop/peer.ts"],
-  outfile: join(root, "build", "interop", "peer.mjs"),
   platform: "node",
   packages: "external",
 });

@@ -11,21 +11,8 @@ import { TetherlessError } from "../src/protocol/errors.js";
 import { encapsulateFor } from "../src/protocol/hybrid.js";
 import { type LogPlaintext, makeKeyRecordV2, messageRecordId, sealSignedRecord } from "../src/protocol/log.js";
 import type { DeviceEntry } from "../src/protocol/messages.js";
-import {
-  AppendRequestDef,
-  AppendResponseDef,
-  DeviceListAcceptedDef,
-  type LogRecordIn,
-  PostDeviceListRequestDef,
-} from "../src/protocol/wire.js";
-import {
-  MemoryStore,
-  RelayApi,
-  RelayError,
-  TetherlessClient,
-  TransportError,
-  platformDeps,
-} from "../src/client/index.js";
+import { AppendRequestDef, AppendResponseDef, type LogRecordIn } from "../src/protocol/wire.js";
+import { MemoryStore, type RelayApi, RelayError, TransportError, platformDeps } from "../src/client/index.js";
 import {
   type PendingLink,
   approveOffer,
@@ -37,23 +24,12 @@ import {
   verifyProposal,
 } from "../src/client/linking.js";
 import { DeviceRevokedError, LogSync } from "../src/client/logsync.js";
+import { type Device, joinApproved, open, revoke } from "./accounts.js";
 import { FakeRelay } from "./fakeRelay.js";
 
 const isCode = (code: string) => (e: unknown) => e instanceof TetherlessError && e.code === code;
 const random = platformDeps.random;
 const K1 = new Uint8Array(32).fill(0x11);
-
-interface Device {
-  client: TetherlessClient;
-  store: MemoryStore;
-  api: RelayApi;
-}
-
-function open(relay: FakeRelay): Device {
-  const store = new MemoryStore();
-  const api = new RelayApi("http://relay.test", relay.fetch);
-  return { client: new TetherlessClient(api, store), store, api };
-}
 
 async function append(api: RelayApi, record: Omit<LogRecordIn, "snapshot_id" | "covers" | "parts">): Promise<void> {
   const value = { records: [{ ...record, snapshot_id: null, covers: null, parts: null }], expected_head: null };
@@ -123,7 +99,7 @@ async function accountWithHistory(relay: FakeRelay): Promise<Device> {
     rotation: true,
     deviceListVersion: 1,
     devices: [entry],
-    createdAtMs: 1,
+    createdAtMs: Date.now(), // a fresh epoch: the 7-day schedule does not rotate it (account-log.md §5.6)
     wraps: [encapsulateFor(entry.kem_key, random(64))],
   });
   await append(a.api, { record_id: random(16), kind: "key", epoch: 1, ciphertext: key, device_list_version: 1 });
@@ -185,15 +161,7 @@ describe("linking and history replay, honest relay", () => {
     const relay = new FakeRelay();
     const a = await accountWithHistory(relay);
     const b = open(relay);
-    const pending = await startLink(b.api, b.store);
-    await approveOffer(a.api, a.store, a.client.identity, await fetchOffer(a.api, a.client.identity, pending.code));
-    await finishLink(
-      b.api,
-      b.store,
-      pending,
-      await verifyProposal(b.api, pending, (await pollProposal(b.api, pending))!),
-    );
-    await b.client.login();
+    const pending = await joinApproved(a, b);
     const waiting = await new LogSync(b.api, b.store).sync();
     assert.equal(waiting.waitingForKey, true);
     assert.deepEqual(texts(b.store), []);
@@ -433,7 +401,7 @@ describe("epochs against a malicious relay", () => {
         rotation: true,
         deviceListVersion: version,
         devices,
-        createdAtMs: 2,
+        createdAtMs: Date.now(),
         wraps: devices.map((d) => encapsulateFor(d.kem_key, random(64))),
       });
       await append(a.api, { record_id: random(16), kind: "key", epoch, ciphertext: key, device_list_version: version });
@@ -456,26 +424,7 @@ describe("revocation", () => {
     const relay = new FakeRelay();
     const a = await accountWithHistory(relay);
     const { b, pending } = await link(relay, a);
-    const me = a.client.identity;
-    const head = relay.chains.get(me.accountId)!.at(-1)!.device_list;
-    const devices = head.devices.filter((d) => d.device_id !== pending.deviceId);
-    const dl = {
-      ...head,
-      version: head.version + 1,
-      prev_hash: listHash(head),
-      devices,
-      account_key_epoch: head.account_key_epoch + 1,
-    };
-    const signed = {
-      device_list: dl,
-      signatures: [approve(dl, me.signSeed)],
-      recovery_signatures: [],
-      webauthn_assertions: [],
-    };
-    await a.api.call("POST", `/v1/accounts/${me.accountId}/devices`, {
-      request: { def: PostDeviceListRequestDef, value: { signed } },
-      response: DeviceListAcceptedDef,
-    });
+    await revoke(relay, a, pending.deviceId);
     await assert.rejects(new LogSync(b.api, b.store).sync(), (e: unknown) => e instanceof DeviceRevokedError);
     await assert.rejects(b.client.login(), (e: unknown) => e instanceof RelayError && e.code === "unknown_device");
   });

@@ -22,6 +22,7 @@ import {
   type RefusedMessage,
   type StoredMessage,
 } from "../client/index.js";
+import { SecurityKeyError } from "../client/webauthn.js";
 import { DeviceScreens } from "./devices.js";
 import { element } from "./dom.js";
 
@@ -69,9 +70,10 @@ function describe(error: unknown): string {
     return `The relay refused: ${error.code}${error.message ? ` (${error.message})` : ""}`;
   if (error instanceof UnknownRelayError)
     return `The relay answered with an error that is not a problem: ${error.message}`;
-  if (error instanceof TransportError) return `Cannot reach the relay: ${error.message}`;
+  if (error instanceof TransportError) return unreachable(error);
   if (error instanceof TetherlessError) return `Refused: ${error.code}: ${error.detail}`;
   if (error instanceof RefusedMessages || error instanceof NotSent) return error.message;
+  if (error instanceof SecurityKeyError) return error.message; // already a sentence for the user
   return `Unexpected error: ${error instanceof Error ? error.message : String(error)}`;
 }
 
@@ -91,14 +93,33 @@ class NotSent extends Error {
   }
 }
 
+/**
+ * No answer from the relay, said plainly: whether this device is offline or the relay does not answer, and
+ * that nothing is lost. The request and the browser's reason ("Failed to fetch") go to the console only.
+ */
+function unreachable(error: TransportError): string {
+  return error.offline
+    ? "Offline: this device has no network connection, so the relay cannot be reached. " +
+        "Messages you send wait in the outbox and go out when the connection returns."
+    : "Cannot reach the relay: it does not answer right now. " +
+        "Messages you send wait in the outbox and go out when it answers again.";
+}
+
+/** Whether the alert shows {@link unreachable}'s text (cleared by the next poll that reaches the relay). */
+let unreachableShown = false;
+
 function showError(error: unknown): void {
+  // The technical detail once per outage (every poll fails the same way while it lasts).
+  if (error instanceof TransportError && !unreachableShown) console.info(`no answer from the relay: ${error.message}`);
   ui.alert.textContent = describe(error);
   ui.alert.hidden = false;
+  unreachableShown = error instanceof TransportError;
 }
 
 function clearError(): void {
   ui.alert.hidden = true;
   ui.alert.textContent = "";
+  unreachableShown = false;
 }
 
 /**
@@ -482,7 +503,7 @@ class App {
             if (refused.length) throw new RefusedMessages(refused);
           });
         });
-        if (ui.alert.textContent?.startsWith("Cannot reach the relay")) clearError();
+        if (unreachableShown) clearError();
       } catch (error) {
         if (this.devices.isRevoked(error)) this.devices.showRevoked();
         if (generation === this.generation) showError(error);

@@ -8,7 +8,7 @@
  *
  * Randomness and the clock are injected ({@link ClientDeps}); the protocol code under it stays pure.
  * Linking and approval: linking.ts; the account log (history, grants) and this device's revocation:
- * logsync.ts. Not yet: WebAuthn, streams (the inbox is polled), federation (remote relays).
+ * logsync.ts; security keys: webauthn.ts. Not yet: streams (the inbox is polled), federation (remote relays).
  */
 import { equal } from "../protocol/bytes.js";
 import { genesisV3, listHash, verifyChain } from "../protocol/deviceList.js";
@@ -29,6 +29,7 @@ import * as session from "../protocol/session.js";
 import { signChallenge } from "../protocol/auth.js";
 import { x25519Public } from "../protocol/x25519.js";
 import { RelayError } from "./errors.js";
+import { ackPoint, receivedFromInbox, setAcked } from "./holdback.js";
 import type { RelayApi } from "./http.js";
 import type { ClientStore, DeviceIdentity, LogPendingEntry, OutboxEntry } from "./store.js";
 
@@ -434,8 +435,9 @@ export class TetherlessClient {
   /**
    * Fetch the inbox from the stored cursor, open every envelope, commit what was opened (sessions,
    * used one-time keys, processed ids, the cursor) locally, and only then acknowledge up to the page's
-   * cursor. An envelope that does not open is reported in `refused` and acknowledged with its page (never
-   * silently). Redeliveries of processed envelopes are skipped. Throws {@link RelayError} /
+   * cursor — below the first message held back for a missing predecessor (account-log.md §9: holdback.ts),
+   * which the relay keeps until it is released. An envelope that does not open is reported in `refused` and
+   * acknowledged with its page (never silently). Redeliveries of processed envelopes are skipped. Throws {@link RelayError} /
    * `TransportError` for the requests; nothing is acknowledged that was not committed first.
    */
   async receive(): Promise<InboxResult> {
@@ -479,9 +481,10 @@ export class TetherlessClient {
               contentType: message.contentType,
               body: message.body,
             });
-            // Its message-received record, in the same commit (account-log.md §10 receive step 2). Not held
-            // back for a pair_seq gap yet (§9): the inbox hands a sender's messages over in order.
-            this.store.putLogPending(
+            // Its message-received record, in the same commit (account-log.md §10 receive step 2), held back
+            // while an earlier message of its sender is missing (§9: holdback.ts).
+            receivedFromInbox(
+              this.store,
               this.pending({
                 type: "message-received",
                 message_uid: message.messageId,
@@ -495,6 +498,8 @@ export class TetherlessClient {
                 body: message.body,
                 late: false,
               }),
+              envelope.cursor,
+              this.deps.now(),
             );
           } catch (error) {
             if (!(error instanceof TetherlessError)) throw error;
@@ -511,7 +516,12 @@ export class TetherlessClient {
       });
       // The custody rule: the relay may delete what it hands over only once the local commit is on disk.
       await this.store.durable();
-      if (page.envelopes.length) await this.api.ack({ up_to: page.next_cursor, ids: [] });
+      // Below every held-back message (§9: the relay keeps custody of it until it is logged).
+      const ackAt = ackPoint(this.store, this.store.inboxCursor());
+      if (ackAt !== null) {
+        await this.api.ack({ up_to: ackAt, ids: [] });
+        this.store.transaction(() => setAcked(this.store, ackAt));
+      }
       if (!page.more) return { received, refused: refusedList };
     }
   }

@@ -101,11 +101,19 @@ export class UnknownRelayError extends Error {
   }
 }
 
-/** The request got no HTTP answer (connection refused or reset, DNS, TLS, CORS): safe to retry idempotent calls. */
+/**
+ * The request got no HTTP answer (connection refused or reset, DNS, TLS, CORS): safe to retry idempotent calls.
+ * `message` is the technical detail (`POST /v1/auth/challenge: Failed to fetch`), for logs, not for people;
+ * `offline` says whether the platform reported no network at the time (`navigator.onLine` false): the device
+ * is offline, rather than the relay down.
+ */
 export class TransportError extends Error {
-  constructor(what: string, cause: unknown) {
+  readonly offline: boolean;
+
+  constructor(what: string, cause: unknown, offline = false) {
     super(`${what}: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
     this.name = "TransportError";
+    this.offline = offline;
   }
 }
 

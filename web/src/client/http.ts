@@ -45,6 +45,15 @@ export type Fetch = (url: string, init: RequestInit) => Promise<Response>;
 
 const ID_PATH = /^[a-z2-7]{32}$/;
 
+/**
+ * Whether the platform says there is no network (a browser's `navigator.onLine`). Only `false` is trusted:
+ * `true` means a network interface is up, not that the relay is reachable; Node has no `onLine` (not offline).
+ */
+function isOffline(): boolean {
+  const nav = (globalThis as { navigator?: { onLine?: unknown } }).navigator;
+  return nav?.onLine === false;
+}
+
 export class RelayApi {
   /** The bearer token of `POST /v1/auth/session`; authenticated calls fail with `missing_token` without it. */
   token: string | null = null;
@@ -92,7 +101,7 @@ export class RelayApi {
       response = await this.fetchFn(`${this.baseUrl}${path}`, init);
       raw = new Uint8Array(await response.arrayBuffer());
     } catch (error) {
-      throw new TransportError(`${method} ${path}`, error);
+      throw new TransportError(`${method} ${path}`, error, isOffline());
     }
     if (response.status >= 400) throw errorFromProblem(response.status, raw, response.headers.get("retry-after"));
     return decode(opts.response, raw, MSGPACK);

@@ -13,7 +13,7 @@
  * verified chain before use.
  */
 import { equal } from "../protocol/bytes.js";
-import { approve, evaluateVersion, listHash, verifyChain } from "../protocol/deviceList.js";
+import { type VerifiedChain, approve, evaluateVersion, listHash, verifyChain } from "../protocol/deviceList.js";
 import {
   LinkCodeMismatchError,
   approvalTag,
@@ -28,7 +28,7 @@ import {
 import { TetherlessError } from "../protocol/errors.js";
 import { mlkemCheckPublic, mlkemPublic } from "../protocol/handshake.js";
 import { deviceIdFor, formatAddress } from "../protocol/ids.js";
-import type { DeviceEntry, DeviceList, SignedDeviceList } from "../protocol/messages.js";
+import type { DeviceEntry, DeviceList, SignedDeviceList, WebAuthnAssertion } from "../protocol/messages.js";
 import { signPrekey, verifyPrekey } from "../protocol/prekeys.js";
 import { publicKeyOf } from "../protocol/signing.js";
 import {
@@ -345,9 +345,11 @@ export async function fetchOffer(api: RelayApi, me: DeviceIdentity, code: string
 
 /**
  * Propose the version of `me`'s verified list that adds the checked offer's device, signed by this device,
- * with the `approval_tag` (crypto.md §5.2 step 3). Returns the proposed version. Throws {@link RelayError}
- * (`enrolment_used`, `forbidden`), the chain's errors. A retry of the very same proposal is idempotent on
- * the relay; a new call builds a new version (then `enrolment_used`).
+ * with the `approval_tag` (crypto.md §5.2 step 3). `approvals` adds the security-key approvals the version
+ * carries (webauthn.ts `keyApprovals`, which also refuses when the policy requires a key and none is
+ * given). Returns the proposed version. Throws {@link RelayError} (`enrolment_used`, `forbidden`), the
+ * chain's errors, what `approvals` throws. A retry of the very same proposal is idempotent on the relay; a
+ * new call builds a new version (then `enrolment_used`).
  */
 export async function approveOffer(
   api: RelayApi,
@@ -355,6 +357,7 @@ export async function approveOffer(
   me: DeviceIdentity,
   checked: CheckedOffer,
   deps: ClientDeps = platformDeps,
+  approvals: (verified: VerifiedChain, dl: DeviceList) => Promise<WebAuthnAssertion[]> = async () => [],
 ): Promise<DeviceList> {
   const verified = verifyChain(
     await api.deviceChain(me.accountId),
@@ -379,7 +382,7 @@ export async function approveOffer(
     device_list: dl,
     signatures: [approve(dl, me.signSeed)],
     recovery_signatures: [],
-    webauthn_assertions: [],
+    webauthn_assertions: await approvals(verified, dl),
   };
   const tag = approvalTag(checked.secret, me.relayName, dl.account_id, dl.version, listHash(dl));
   await api.call("POST", `/v1/enrolments/${lookupIdText(offer.lookup_id)}/proposal`, {

@@ -2,8 +2,9 @@
  * The account log v2 as a reader and writer of the browser client (docs/account-log.md §4.2, §4.4, §4.6,
  * §5.5; docs/crypto.md §12.1; protocol/log.py): record associated data, signed records (sealed and opened),
  * v2 key records (built, verified against the verified device list, and this device's grant unwrapped).
- * Legacy v1 key records and unsigned v1 records are not read here (a format-1 account's history); snapshots
- * are not implemented. Pure: nonces, keys and wrap randomness are passed in.
+ * Also snapshot parts and state (§6.1: sealed, opened, joined; the signed manifest) and which key record a
+ * device writes next (§5.3–§5.6: {@link nextKeyRecord}). Legacy v1 key records and unsigned v1 records are not
+ * read here (a format-1 account's history). Pure: nonces, keys, wrap randomness and the clock are passed in.
  */
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 import { sha256 } from "@noble/hashes/sha2.js";
@@ -679,6 +680,252 @@ export function openSnapshotManifest(
     throw new InvalidRecordError("bad_signature", "snapshot manifest names another writer than its signer");
   }
   return manifest;
+}
+
+// -- snapshot parts and state (§6.1; protocol/log.py `SnapshotState` …) --------------------------------------
+
+/** One message of the history a snapshot carries, with its original log position and record id. */
+export interface SnapshotMessage {
+  position: number;
+  record_id: Uint8Array;
+  message_uid: Uint8Array;
+  sender: string;
+  direction: string;
+  recipients: string[];
+  pair_seq: number;
+  sent_at_ms: number;
+  relay_sent_at_ms: number;
+  content_type: string;
+  body: Uint8Array;
+  late: boolean;
+}
+const SnapshotMessageDef: StructDef<SnapshotMessage> = {
+  name: "SnapshotMessage",
+  fields: [
+    { name: "position", type: int() },
+    { name: "record_id", type: bytes() },
+    { name: "message_uid", type: bytes() },
+    { name: "sender", type: str() },
+    { name: "direction", type: str({ oneOf: ["sent", "received"] }) },
+    { name: "recipients", type: list(str()) },
+    { name: "pair_seq", type: int() },
+    { name: "sent_at_ms", type: MILLIS },
+    { name: "relay_sent_at_ms", type: MILLIS },
+    { name: "content_type", type: str() },
+    { name: "body", type: bytes() },
+    { name: "late", type: bool, default: () => false },
+  ],
+};
+/** Log positions `(after, upto]` removed by retention that no snapshot covered (§6.3). */
+export interface SnapshotGap {
+  after: number;
+  upto: number;
+}
+const SnapshotGapDef: StructDef<SnapshotGap> = {
+  name: "SnapshotGap",
+  fields: [
+    { name: "after", type: int() },
+    { name: "upto", type: int() },
+  ],
+};
+/** A copy of a `key` record at a position `<= covers`: a reader starting from the snapshot verifies it as the original. */
+export interface SnapshotKeyRecord {
+  position: number;
+  record_id: Uint8Array;
+  epoch: number;
+  device_list_version: number;
+  committed_at_ms: number;
+  ciphertext: Uint8Array;
+}
+const SnapshotKeyRecordDef: StructDef<SnapshotKeyRecord> = {
+  name: "SnapshotKeyRecord",
+  fields: [
+    { name: "position", type: int() },
+    { name: "record_id", type: bytes() },
+    { name: "epoch", type: int() },
+    { name: "device_list_version", type: int() },
+    { name: "committed_at_ms", type: MILLIS },
+    { name: "ciphertext", type: bytes() },
+  ],
+};
+/** The history after applying every record `<= covers` (§6.1), split over the parts. */
+export interface SnapshotState {
+  covers: number;
+  messages: SnapshotMessage[];
+  gaps: SnapshotGap[];
+  key_records: SnapshotKeyRecord[];
+}
+export const SnapshotStateDef: StructDef<SnapshotState> = {
+  name: "SnapshotState",
+  fields: [
+    { name: "covers", type: int() },
+    { name: "messages", type: list(struct(SnapshotMessageDef)) },
+    { name: "gaps", type: list(struct(SnapshotGapDef)), default: () => [] },
+    { name: "key_records", type: list(struct(SnapshotKeyRecordDef)), default: () => [] },
+  ],
+};
+/** The plaintext of one `snapshot_part`: chunk `index` of `total`; `covers` and `total` are inside the AEAD. */
+export interface SnapshotPart {
+  index: number;
+  total: number;
+  covers: number;
+  data: Uint8Array;
+}
+export const SnapshotPartDef: StructDef<SnapshotPart> = {
+  name: "SnapshotPart",
+  fields: [
+    { name: "index", type: int() },
+    { name: "total", type: int() },
+    { name: "covers", type: int() },
+    { name: "data", type: bytes() },
+  ],
+};
+
+/** A `snapshot_part` ciphertext: the §4.2 (unsigned) layout with `pad(msgpack(SnapshotPart))`. Pure. */
+export function sealSnapshotPart(
+  key: Uint8Array,
+  part: SnapshotPart,
+  p: { accountId: string; snapshot: Uint8Array; epoch: number; nonce: Uint8Array },
+): Uint8Array {
+  if (key.length !== KEY_BYTES || p.nonce.length !== NONCE_BYTES) throw new RangeError("key 32 and nonce 24 bytes");
+  const ad = recordAd(p.accountId, snapshotPartId(p.snapshot, part.index), p.epoch, "snapshot_part", {
+    snapshotId: p.snapshot,
+  });
+  return concat(p.nonce, xchacha20poly1305(key, p.nonce, ad).encrypt(pad(encode(SnapshotPartDef, part))));
+}
+
+/**
+ * Inverse of {@link sealSnapshotPart}; also checks that `recordId` is the part's own id (the relay cannot
+ * swap parts of two snapshots or move one). Throws {@link InvalidRecordError} (`malformed_body`). Pure.
+ */
+export function openSnapshotPart(
+  key: Uint8Array,
+  ciphertext: Uint8Array,
+  p: { accountId: string; recordId: Uint8Array; snapshot: Uint8Array; epoch: number },
+): SnapshotPart {
+  if (ciphertext.length < NONCE_BYTES + TAG_BYTES)
+    throw new InvalidRecordError("malformed_body", "snapshot part is truncated");
+  const ad = recordAd(p.accountId, p.recordId, p.epoch, "snapshot_part", { snapshotId: p.snapshot });
+  let part: SnapshotPart;
+  try {
+    const padded = xchacha20poly1305(key, ciphertext.subarray(0, NONCE_BYTES), ad).decrypt(
+      ciphertext.subarray(NONCE_BYTES),
+    );
+    part = decode(SnapshotPartDef, unpad(padded));
+  } catch {
+    throw new InvalidRecordError("malformed_body", "snapshot part does not decrypt");
+  }
+  if (!equal(snapshotPartId(p.snapshot, part.index), p.recordId)) {
+    throw new InvalidRecordError("malformed_body", "snapshot part is stored under another record id");
+  }
+  return part;
+}
+
+/**
+ * Reassemble parts (any order) into the state; throws {@link InvalidRecordError} (`malformed_body`) unless
+ * they are exactly parts `0 … total-1` of one snapshot at `covers` (protocol/log.py `join_snapshot`). Pure.
+ */
+export function joinSnapshot(parts: readonly SnapshotPart[], covers: number): SnapshotState {
+  const ordered = [...parts].sort((a, b) => a.index - b.index);
+  if (ordered.some((p, i) => p.index !== i || p.total !== ordered.length)) {
+    throw new InvalidRecordError("malformed_body", "snapshot parts are missing or repeated");
+  }
+  if (ordered.some((p) => p.covers !== covers)) {
+    throw new InvalidRecordError("malformed_body", "snapshot parts are for another position");
+  }
+  let state: SnapshotState;
+  try {
+    state = decode(SnapshotStateDef, concat(...ordered.map((p) => p.data)));
+  } catch (error) {
+    const detail = error instanceof TetherlessError ? error.detail : "does not decode";
+    throw new InvalidRecordError("malformed_body", `snapshot state: ${detail}`);
+  }
+  if (state.covers !== covers) throw new InvalidRecordError("malformed_body", "snapshot state is for another position");
+  return state;
+}
+
+// -- epochs: when a device writes a key record (§5.3, §5.5, §5.6; protocol/client/sync.py `ensure_epoch`) ----
+
+/** What this device knows of one epoch, as {@link nextKeyRecord} needs it. */
+export interface EpochFacts {
+  /** Device ids the epoch's verified key records granted (its writers). */
+  readonly granted: ReadonlySet<string>;
+  /** The creator's signed `created_at_ms` of the record that created the epoch. */
+  readonly createdAtMs: number;
+  /** Records applied under the epoch. */
+  readonly records: number;
+}
+
+/** The schedule of §5.6 point 3 (sync.py's defaults): whichever comes first. */
+export const ROTATE_AFTER_RECORDS = 1000;
+export const ROTATE_AFTER_MS = 7 * 86_400_000;
+
+/**
+ * Why nothing more may be written under `epoch` (sync.py `rotation_reason`), or null: a device it was granted
+ * to is no longer in the verified list (a revocation), or the schedule is due. Pure.
+ */
+export function rotationReason(
+  epoch: number,
+  facts: EpochFacts,
+  current: readonly DeviceEntry[],
+  nowMs: number,
+): string | null {
+  const present = new Set(current.map((d) => d.device_id));
+  const removed = [...facts.granted].filter((d) => !present.has(d));
+  if (removed.length) return `epoch ${epoch} was granted to ${removed.length} device(s) no longer in the device list`;
+  if (facts.records >= ROTATE_AFTER_RECORDS) return `epoch ${epoch} reached ${ROTATE_AFTER_RECORDS} records`;
+  if (nowMs - facts.createdAtMs >= ROTATE_AFTER_MS) return `epoch ${epoch} is older than ${ROTATE_AFTER_MS / 1000} s`;
+  return null;
+}
+
+/** The key record a device appends next (see {@link nextKeyRecord}); null: none is due. */
+export interface KeyRecordPlan {
+  /** The epoch the record names: a new one (`rotation`) or the newest (grant-only). */
+  readonly epoch: number;
+  readonly rotation: boolean;
+  /** The epochs whose keys it carries (the new epoch's key is made by the caller). */
+  readonly carries: readonly number[];
+  /** The devices it grants. */
+  readonly devices: readonly DeviceEntry[];
+  /** Removed writers' close-out marks (§5.1 v3); empty: a v2 record. */
+  readonly closed: ReadonlyMap<string, number>;
+  readonly reason: string;
+}
+
+/**
+ * Which key record a device holding the keys `held` appends now (sync.py `ensure_epoch`), given the epochs it
+ * knows (`facts`, newest last), the verified grant-receiving devices of the current list and the removed
+ * writers' highest `writer_seq` (`writerHigh`, for those no rotation closed yet):
+ * - no epoch yet: epoch 1, granted to every current device;
+ * - a rotation reason ({@link rotationReason}): the next epoch, granted to every current device, closing the
+ *   removed writers; it also carries every older key held when some current device lacks the newest epoch;
+ * - current devices without a grant of the newest epoch: a grant-only record carrying every key held;
+ * - else null; null too when this device does not hold the newest epoch's key. Pure.
+ */
+export function nextKeyRecord(p: {
+  facts: ReadonlyMap<number, EpochFacts>;
+  held: ReadonlySet<number>;
+  receiving: readonly DeviceEntry[];
+  unclosedWriters: ReadonlyMap<string, number>;
+  nowMs: number;
+}): KeyRecordPlan | null {
+  const newest = Math.max(0, ...p.facts.keys());
+  if (newest === 0) {
+    return { epoch: 1, rotation: true, carries: [], devices: p.receiving, closed: new Map(), reason: "no epoch yet" };
+  }
+  if (!p.held.has(newest)) return null;
+  const facts = p.facts.get(newest)!;
+  const missing = p.receiving.filter((d) => !facts.granted.has(d.device_id));
+  const history = [...p.held].filter((e) => e <= newest).sort((a, b) => a - b);
+  const reason = rotationReason(newest, facts, p.receiving, p.nowMs);
+  if (reason !== null) {
+    const present = new Set(p.receiving.map((d) => d.device_id));
+    const closed = new Map([...p.unclosedWriters].filter(([d]) => !present.has(d)));
+    const carries = missing.length ? history : [];
+    return { epoch: newest + 1, rotation: true, carries, devices: p.receiving, closed, reason };
+  }
+  if (!missing.length) return null;
+  return { epoch: newest, rotation: false, carries: history, devices: missing, closed: new Map(), reason: "grant" };
 }
 
 // -- recovery backup records (§5.7) ------------------------------------------------------------------------

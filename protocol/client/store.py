@@ -22,6 +22,9 @@ every open. Tables (topic-prefixed, §8 names in brackets):
   and ``log_session_keys`` 🔒 (keys received through sessions, kept until their key record is read).
 - ``contacts`` (migration 3): short names for addresses, 🔒 name and address (``entry``), keyed hashes of
   the folded name and of the address (:mod:`protocol.client.contacts`).
+- ``log_snapshot_writes``, ``log_snapshot_loads``, ``log_snapshot_keys`` and ``history_gaps`` (migration 4;
+  created on first use before it): snapshots written and loaded, and retention gaps
+  (:mod:`protocol.client.engine.snapshots`).
 
 Every multi-table change is one :meth:`LocalDB.transaction` (§10). Blocking,
 small, local: called from the engine's trio task directly.
@@ -374,6 +377,36 @@ def _create_contacts(db: LocalDB) -> None:
     )
 
 
+#: The snapshot tables of :mod:`protocol.client.engine.snapshots` (docs/account-log.md §6): the plan of a snapshot
+#: being written, the snapshots chosen and loaded, the copies of ``key`` records a snapshot carries, and the
+#: retention gaps. Clients up to schema 3 created them on first use, so migration 4 accepts them already there.
+SNAPSHOT_TABLES: Final = ("log_snapshot_writes", "log_snapshot_loads", "log_snapshot_keys", "history_gaps")
+_SNAPSHOT_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS log_snapshot_writes (
+  snapshot_id BLOB PRIMARY KEY, covers INTEGER NOT NULL, since_ms INTEGER NOT NULL, created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_loads (
+  snapshot_id BLOB PRIMARY KEY, position INTEGER NOT NULL, covers INTEGER NOT NULL, parts INTEGER NOT NULL,
+  epoch INTEGER NOT NULL, loaded_at_ms INTEGER, messages INTEGER
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_keys (
+  position INTEGER PRIMARY KEY, record_id BLOB NOT NULL, epoch INTEGER NOT NULL,
+  device_list_version INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL, ciphertext BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history_gaps (
+  after INTEGER PRIMARY KEY, upto INTEGER NOT NULL, noted_at_ms INTEGER NOT NULL
+);
+"""
+
+
+def _create_snapshot_tables(db: LocalDB) -> None:
+    """Migration 4: the snapshot tables. ``IF NOT EXISTS``: a home that already synced with a client up to schema 3
+    has those it used (created on demand, same layout), and keeps their rows."""
+    for statement in _SNAPSHOT_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 def _account_of(address: str) -> str:
     """``account@relay`` of a device address (``device.account@relay``), or the address itself."""
     local, at, relay = address.partition("@")
@@ -389,6 +422,7 @@ MIGRATIONS: Final = (
     Migration(1, "the offline store's tables (schema 1)", _create_schema_1),
     Migration(2, "sealed history metadata, keyed row keys, guarded marks and replay cache", _seal_metadata),
     Migration(3, "contacts: short names for addresses (protocol/client/contacts.py)", _create_contacts),
+    Migration(4, "snapshot tables, once made on first use (client/engine/snapshots.py)", _create_snapshot_tables),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 
@@ -1080,6 +1114,7 @@ __all__ = [
     "MARK_TABLE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SNAPSHOT_TABLES",
     "TRANSCRIPT_TABLE",
     "ClientStore",
     "EpochInfo",

@@ -26,6 +26,7 @@ import trio
 
 from protocol.client import snapshots
 from protocol.client.api import RelayApi
+from protocol.client.engine.log import LOG_PAGE
 from protocol.client.home import make_engine
 from protocol.client.sdk import RelayClient
 from protocol.client.sync import SyncEngine
@@ -344,3 +345,49 @@ def test_a_device_granted_before_the_snapshot_still_bootstraps_from_it(relay: Re
     assert [(m["message_id"], m["position"]) for m in history(a3_home)] == [
         (m["message_id"], m["position"]) for m in history(a1_home)
     ]
+
+
+def test_a_sync_of_an_established_home_takes_the_log_shape_from_its_first_page(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """The snapshot check needs the log's head, horizon and newest snapshot once per connection; every page carries
+    them, so a device past cursor 0 asks for its first page of records (used by the reader) and no ``limit=0``
+    probe: one log request per ``sync`` of a home that is up to date, not two."""
+    a1_home, b1_home = tmp_path / "a1", tmp_path / "b1"
+    a1 = init_device(relay.url, a1_home, "a1")
+    b1 = init_device(relay.url, b1_home, "b1")
+    enqueue_many(a1_home, _account(b1), ["one", "two"])
+    _exchange([a1_home, b1_home], [a1_home, b1_home], 2)
+    assert a1
+
+    async def count(engine: SyncEngine) -> tuple[int, list[tuple[int, int | None]], int]:
+        api = _api(engine)
+        honest = api.log_page
+        asked: list[tuple[int, int | None]] = []
+
+        async def log_page(after: int = 0, limit: int | None = None) -> Any:
+            asked.append((after, limit))
+            return await honest(after=after, limit=limit)
+
+        api.log_page = log_page  # type: ignore[method-assign]
+        before = api.requests_sent
+        await engine.drain()
+        return engine.store.cursor("log"), asked, api.requests_sent - before
+
+    for home in (a1_home, b1_home):
+        cursor, asked, requests = _with_engine(home, count, drain=False)
+        assert cursor > 0
+        assert asked == [(cursor, LOG_PAGE)], asked
+        assert requests == 3  # the whole pass; 4 with the probe (measured with it put back)
+    # `send` reads the log once before it seals (crypto.md §13.2): one GET /v1/log, counted by the relay.
+    before = _log_reads(relay)
+    sent = cli(a1_home, "send", b1, "--text", "three")
+    assert sent.returncode == 0, sent.stderr
+    assert _log_reads(relay) - before == 1
+
+
+def _log_reads(relay: RelayProcess) -> float:
+    """``GET /v1/log`` requests the relay answered, from its ``relay_http_requests_total``."""
+    text = Http11(relay.url).get("/metrics", accept="*/*").body.decode()
+    found = re.findall(r"^relay_http_requests_total\{([^}]*)\} ([0-9.e+]+)$", text, re.MULTILINE)
+    return sum(float(value) for labels, value in found if 'route="/v1/log"' in labels and 'method="GET"' in labels)

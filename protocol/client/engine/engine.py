@@ -529,7 +529,7 @@ class SyncEngine:
         """Page the log from the cursor to the head and apply it (from the newest snapshot when far behind, §6.3).
         True if the cursor moved or history changed. Raises like :meth:`LogReader.read`."""
         moved = await self.snapshots.before_read()
-        moved |= await self.log.read()
+        moved |= await self.log.read(self.snapshots.unread_page())
         if self.snapshots.waiting_for_key():  # decide nothing about epochs on a partial view
             self.log.blocked_on_key = True
         return moved

@@ -61,8 +61,11 @@ class LogReader(Part):
         """A head seen elsewhere (the log stream): the status line shows the highest."""
         self.head = max(self.head, head)
 
-    async def read(self) -> bool:
+    async def read(self, first: tuple[int, LogPage] | None = None) -> bool:
         """Page the log from the cursor to the head and apply it. True if the cursor moved.
+
+        ``first``: ``(after, page)``, a page already fetched after ``after`` on this pass (the snapshot part's check
+        of the log's shape), used instead of asking again when the cursor is still at ``after``.
 
         Raises ``RetryError`` / ``RevokedError``, ``StateRolledBackError`` (this device's own later records are in
         the log: the home was restored, crypto.md §13.2) and ``TamperedRowError``. Idempotent; cancellation keeps
@@ -74,8 +77,10 @@ class LogReader(Part):
         start = store.cursor("log")
         buffered: list[LogRecord] = []
         after = start
+        fetched = first[1] if first is not None and first[0] == start else None
         while True:
-            page = await guarded(self._relay.log_page(after, LOG_PAGE))
+            page = fetched if fetched is not None else await guarded(self._relay.log_page(after, LOG_PAGE))
+            fetched = None
             self.head = page.head
             if not self._positions_dense(after, page):
                 break  # the rest up to the head is gone: never page forever on a relay that dropped it

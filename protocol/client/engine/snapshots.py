@@ -16,10 +16,11 @@ makes it self-describing; §3.2's "manifests send expected_head" is not followed
 it would only make a busy account's snapshot retry forever).
 
 **Reading** (:meth:`Snapshots.before_read` / :meth:`Snapshots.waiting_for_key`, run by
-the coordinator around :meth:`LogReader.read`): once per connection the engine asks for the
-log's ``head``, ``horizon`` and newest snapshot (``GET /v1/log?limit=0``,
-no records). A device whose cursor is below the snapshot's ``covers`` and
-that is new (cursor 0), below the horizon, or more than
+the coordinator around :meth:`LogReader.read`): once per connection the engine reads the
+log's ``head``, ``horizon`` and newest snapshot: a device at cursor 0 asks for them alone
+(``GET /v1/log?limit=0``, no records), any other takes them from its first page of records
+after the cursor; the reader then uses that page (or the empty log's shape) instead of asking again. A device
+whose cursor is below the snapshot's ``covers`` and that is new (cursor 0), below the horizon, or more than
 :data:`SNAPSHOT_THRESHOLD` records behind, records the snapshot as a pending
 load and moves its cursor to ``covers`` in one transaction. It then pages the
 records after ``covers`` once (parts stubbed), opens the parts
@@ -43,7 +44,7 @@ shown by ``tetherless history``.
 The writer copies the ``key`` records up to ``covers`` into the snapshot
 (:meth:`Snapshots.collect_key_records`, incremental: ``log_snapshot_keys`` and the
 ``snapshot_keys`` cursor; a device that loaded a snapshot keeps its copies).
-The tables are created on first use (:func:`ensure_tables`).
+The tables are created by ``state.db`` migration 4 (:data:`~protocol.client.store.SNAPSHOT_TABLES`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from typing import Any, Final
 from ... import log
 from ...errors import ErrorCode, RemoteError, TetherlessError
 from ...ids import Address
-from ...messages import AppendRequest, AppendResponse, DeviceEntry, LogRecord, LogRecordIn, LogRetention
+from ...messages import AppendRequest, AppendResponse, DeviceEntry, LogPage, LogRecord, LogRecordIn, LogRetention
 from ..store import ClientStore, HistoryMessage
 from .base import Context, OnMessage, Part, guarded
 from .epochs import Epochs
@@ -72,38 +73,6 @@ _KEYS_CURSOR: Final = "snapshot_keys"  # log_cursors: key records up to here are
 # (where the reader goes back to when it refuses it).
 _REFUSED: Final = "snapshot_refused:"
 _FROM: Final = "snapshot_from:"
-
-
-_TABLES: Final = ("log_snapshot_writes", "log_snapshot_loads", "log_snapshot_keys", "history_gaps")
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS log_snapshot_writes (
-  snapshot_id BLOB PRIMARY KEY, covers INTEGER NOT NULL, since_ms INTEGER NOT NULL, created_at_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS log_snapshot_loads (
-  snapshot_id BLOB PRIMARY KEY, position INTEGER NOT NULL, covers INTEGER NOT NULL, parts INTEGER NOT NULL,
-  epoch INTEGER NOT NULL, loaded_at_ms INTEGER, messages INTEGER
-);
-CREATE TABLE IF NOT EXISTS log_snapshot_keys (
-  position INTEGER PRIMARY KEY, record_id BLOB NOT NULL, epoch INTEGER NOT NULL,
-  device_list_version INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL, ciphertext BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS history_gaps (
-  after INTEGER PRIMARY KEY, upto INTEGER NOT NULL, noted_at_ms INTEGER NOT NULL
-);
-"""
-
-
-def ensure_tables(store: ClientStore) -> None:
-    """Create the snapshot tables when ``state.db`` lacks one (first use): a read of the schema, and a write
-    transaction only then. Idempotent; safe against a concurrent process (``IF NOT EXISTS``)."""
-    marks = ", ".join("?" for _ in _TABLES)
-    found = store.db.execute(f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})", _TABLES)
-    if found.fetchone()[0] == len(_TABLES):
-        return
-    with store.transaction():
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                store.db.execute(statement)
 
 
 class SnapshotError(Exception):
@@ -154,13 +123,11 @@ class Gap:
 
 def gaps(store: ClientStore) -> list[Gap]:
     """The retention gaps this device noted, in log order. Local only."""
-    ensure_tables(store)
     return [Gap(r[0], r[1]) for r in store.db.execute("SELECT after, upto FROM history_gaps ORDER BY after")]
 
 
 def loaded_snapshots(store: ClientStore) -> list[tuple[bytes, int, int]]:
     """``(snapshot_id, covers, messages)`` of every snapshot this device bootstrapped from. Local only."""
-    ensure_tables(store)
     return [
         (r[0], r[1], r[2])
         for r in store.db.execute(
@@ -281,12 +248,7 @@ class Snapshots(Part):
         self._checked_on: object | None = None
         self._scanned: bytes | None = None
         self._attempted: tuple[object | None, bytes] | None = None
-        self._tables_ready = False
-
-    def _ensure_tables(self) -> None:
-        if not self._tables_ready:
-            ensure_tables(self._store)
-            self._tables_ready = True
+        self._unread: tuple[int, LogPage] | None = None
 
     # -- retention ----------------------------------------------------------------------------------
 
@@ -316,7 +278,6 @@ class Snapshots(Part):
         when the cursor is 0. Idempotent (the plan is stored before it is returned).
         """
         store = self._store
-        self._ensure_tables()
         row = store.db.execute(
             "SELECT snapshot_id, covers, since_ms, created_at_ms FROM log_snapshot_writes ORDER BY covers DESC LIMIT 1"
         ).fetchone()
@@ -458,13 +419,18 @@ class Snapshots(Part):
         """§6.3, before the reader pages from the cursor: start from the newest snapshot, or note a retention gap.
         True if the cursor moved or history changed. Raises like the log reader; each step commits on its own."""
         store = self._store
-        self._ensure_tables()
         moved = False
+        self._unread = None
         connection = self._relay.connection
         if self._checked_on is not connection:
             cursor = store.cursor("log")
-            page = await guarded(self._relay.log_page(0, 0))
+            # Every page carries the shape: a device at cursor 0 asks for the shape alone (it most likely loads a
+            # snapshot and would throw records away), any other for its first page, kept for the reader. The shape
+            # of an empty log is also its whole first page.
+            page = await guarded(self._relay.log_page(cursor, LOG_PAGE if cursor else 0))
             self._checked_on = connection
+            if cursor or (page.head == 0 and not page.more and not page.records):
+                self._unread = (cursor, page)
             snapshot = page.snapshot
             if (
                 snapshot is not None
@@ -490,6 +456,7 @@ class Snapshots(Part):
                 moved = True
         pending = _pending_load(store)
         if pending is not None:
+            self._unread = None  # the load pages and applies from the cursor itself
             # Without the epoch key, try once per connection (then the reader waits for a grant like any record).
             attempt = (connection, pending.snapshot_id)
             if store.epoch_key(pending.epoch) is not None or self._attempted != attempt:
@@ -497,10 +464,16 @@ class Snapshots(Part):
                 moved |= await self._bootstrap(pending)
         return moved
 
+    def unread_page(self) -> tuple[int, LogPage] | None:
+        """``(after, page)``: the first page after the cursor that the last :meth:`before_read` fetched to check the
+        log's shape and did not use, for :meth:`LogReader.read` (which ignores it once the cursor moved). Cleared
+        by the call: a page is used once. Local only."""
+        unread, self._unread = self._unread, None
+        return unread
+
     def waiting_for_key(self) -> bool:
         """Whether a chosen snapshot still waits for its epoch key: the engine then counts as blocked on a key (so
         it waits for a grant rather than deciding about epochs on a partial view). Local only."""
-        self._ensure_tables()
         pending = _pending_load(self._store)
         return pending is not None and self._store.epoch_key(pending.epoch) is None
 
@@ -697,7 +670,6 @@ __all__ = [
     "SnapshotWritten",
     "Snapshots",
     "build_state",
-    "ensure_tables",
     "gaps",
     "loaded_snapshots",
 ]

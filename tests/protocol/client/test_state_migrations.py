@@ -154,3 +154,79 @@ def test_a_version_put_back_does_not_rerun_a_migration_silently(home: Path) -> N
     with pytest.raises(TamperedRowError, match="migration 2"):
         migrate(db)
     assert schema_version(db) == 1
+
+
+# What the client up to schema 3 created on first use (protocol/client/engine/snapshots.py ``ensure_tables``): kept
+# here verbatim, as the layout an existing home can hold, so that migration 4 is checked against it.
+_SNAPSHOT_TABLES_ON_DEMAND = """
+CREATE TABLE IF NOT EXISTS log_snapshot_writes (
+  snapshot_id BLOB PRIMARY KEY, covers INTEGER NOT NULL, since_ms INTEGER NOT NULL, created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_loads (
+  snapshot_id BLOB PRIMARY KEY, position INTEGER NOT NULL, covers INTEGER NOT NULL, parts INTEGER NOT NULL,
+  epoch INTEGER NOT NULL, loaded_at_ms INTEGER, messages INTEGER
+);
+CREATE TABLE IF NOT EXISTS log_snapshot_keys (
+  position INTEGER PRIMARY KEY, record_id BLOB NOT NULL, epoch INTEGER NOT NULL,
+  device_list_version INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL, ciphertext BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history_gaps (
+  after INTEGER PRIMARY KEY, upto INTEGER NOT NULL, noted_at_ms INTEGER NOT NULL
+);
+"""
+_SNAPSHOT_ROWS = {
+    "log_snapshot_writes": (b"w" * 16, 40, 0, 1_700_000_000_000),
+    "log_snapshot_loads": (b"s" * 16, 30, 29, 2, 1, 1_700_000_000_001, 5),
+    "log_snapshot_keys": (3, b"k" * 16, 1, 1, 1_700_000_000_002, b"ciphertext"),
+    "history_gaps": (0, 7, 1_700_000_000_003),
+}
+
+
+def _tables(db: LocalDB) -> dict[str, list[tuple[object, ...]]]:
+    return {t: [tuple(r) for r in db.execute(f"SELECT * FROM {t}")] for t in store_module.SNAPSHOT_TABLES}
+
+
+def _schema_3_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, synced: bool) -> LocalDB:
+    """A home made by the client at schema 3; ``synced``: a sync or a snapshot already created the tables."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:3])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    old = LocalDB.open(tmp_path / "home", DEK)
+    assert migrate(old) == 3
+    if synced:
+        with old.transaction():
+            for statement in _SNAPSHOT_TABLES_ON_DEMAND.split(";"):
+                if statement.strip():
+                    old.execute(statement)
+            for table, row in _SNAPSHOT_ROWS.items():
+                old.execute(f"INSERT INTO {table} VALUES ({', '.join('?' for _ in row)})", row)
+    old.close()
+    monkeypatch.undo()
+    return LocalDB.open(tmp_path / "home", DEK)
+
+
+def test_migration_4_creates_the_snapshot_tables_in_a_schema_3_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _schema_3_home(tmp_path, monkeypatch, synced=False)
+    marks = ", ".join("?" for _ in store_module.SNAPSHOT_TABLES)
+    query = f"SELECT name FROM sqlite_master WHERE name IN ({marks})"
+    assert db.execute(query, store_module.SNAPSHOT_TABLES).fetchall() == []
+    assert migrate(db) == SCHEMA_VERSION - 3
+    assert schema_version(db) == SCHEMA_VERSION
+    assert _tables(db) == {t: [] for t in store_module.SNAPSHOT_TABLES}
+
+
+def test_migration_4_keeps_the_tables_and_rows_a_schema_3_client_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Homes that synced before migration 4 created the tables on demand: the step accepts them and keeps every
+    row (``IF NOT EXISTS``), and running it again after the version is put back changes nothing either."""
+    db = _schema_3_home(tmp_path, monkeypatch, synced=True)
+    before = _tables(db)
+    assert all(before.values())
+    assert migrate(db) == SCHEMA_VERSION - 3
+    assert schema_version(db) == SCHEMA_VERSION
+    assert _tables(db) == before
+    db.execute("PRAGMA user_version = 3")
+    assert migrate(db) == SCHEMA_VERSION - 3
+    assert _tables(db) == before

@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.web.conftest import CHROMIUM, _unavailable
-from tests.web.test_node_vectors import npm  # noqa: F401  (the fixture)
+from tests.web.conftest import (
+    CHROMIUM,
+    _unavailable,
+    npm,  # noqa: F401  (the fixture)
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

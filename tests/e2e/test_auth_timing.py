@@ -4,7 +4,9 @@ The timing test is the one place in the suite where a wall-clock comparison
 is the point: a wrong signature for a registered device and any request for
 an unknown device must take the same time, so timing tells an attacker
 nothing the status code does not. It interleaves the two kinds, warms up
-first, compares medians, and measures once more before failing.
+first, compares medians, and measures up to twice more before failing: a real
+difference shows in every measurement, a neighbour's load on a shared two-core
+host in one of them.
 """
 
 from __future__ import annotations
@@ -97,12 +99,12 @@ def _measure(http: Http11, relay: RelayProcess, alice: Peer) -> tuple[float, flo
 
 @pytest.mark.slow
 def test_wrong_signature_and_unknown_device_take_the_same_time(http: Http11, relay: RelayProcess, alice: Peer) -> None:
-    for attempt in range(2):
+    for attempt in range(3):
         known, unknown = _measure(http, relay, alice)
         difference = abs(known - unknown) / max(known, unknown)
         if difference <= TOLERANCE:
             return
-        if attempt == 0:
+        if attempt < 2:
             time.sleep(1.0)
     pytest.fail(
         f"medians differ by {difference:.1%}: "

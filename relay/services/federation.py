@@ -818,6 +818,7 @@ class FederationService:
 
     async def _drain_peer(self, peer: str) -> None:
         failed_through = -1  # the highest seq this pass failed: batches come in seq order, never it again
+        settled = False  # this pass delivered something: the scheduler refreshes the depth gauge when it ends
         try:
             while True:
                 now = self._ctx.clock_ms()
@@ -854,6 +855,7 @@ class FederationService:
                     metrics.federation_envelopes_total.labels(self.peer_label(peer), "out", outcome).inc()
                 hold = min(DEFERRED_RETRY_SECONDS, self.settings.retry_max_seconds) * 1000
                 await self._store.federation_outbox_settle(peer, done, deferred, now + int(hold), self._ctx.clock_ms())
+                settled = True
                 for code, seqs in rejected.items():
                     await self._outbox_failed(peer, seqs, f"rejected by {peer}: {code}", "rejected")
         except Exception:
@@ -861,6 +863,9 @@ class FederationService:
             await self._peer_failed(peer, "internal error")
         finally:
             self._active.discard(peer)
+            if settled:
+                # Not after an empty pass: a peer whose rows are all deferred would otherwise be rescheduled at once.
+                self._wake.set()
 
     async def _outbox_failed(self, peer: str, seqs: list[int], reason: str, outcome: str) -> None:
         """End rows ``seqs`` of ``peer``'s outbox as failed for good (shown by ``admin federation`` until they

@@ -1018,6 +1018,14 @@ class ClientStore:
                 (self._seal("log_pending", record_id, "plaintext", plaintext), record_id),
             )
 
+    def renumber_pending(self, record_id: bytes, plaintext: bytes) -> None:
+        """Replace a pending record's plaintext (its ``writer_seq`` given at first seal), so a restart seals the
+        same number again instead of taking a new one (account-log.md §4.6). No-op if the record is gone."""
+        self.db.execute(
+            "UPDATE log_pending SET plaintext = ? WHERE record_id = ?",
+            (self._seal("log_pending", record_id, "plaintext", plaintext), record_id),
+        )
+
     def pending(self, limit: int = 500) -> list[PendingRecord]:
         rows = self.db.execute(
             "SELECT seq, record_id, kind, needs_expected_head, epoch, device_list_version, inbox_cursor, "

@@ -13,7 +13,7 @@ from ...errors import ErrorCode, RemoteError, TetherlessError
 from ...ids import Address
 from ...messages import AppendRequest, LogPage, LogRecord, LogRecordIn
 from ..localdb import StateRolledBackError
-from ..store import EpochInfo, HistoryMessage, decode_plaintext
+from ..store import EpochInfo, HistoryMessage, decode_plaintext, encode_plaintext
 from .base import Context, LogRekeyError, OnMessage, Part, RetryError, guarded
 from .epochs import CLOSED, HIGH_WATER, Epochs, LogView
 from .lists import DeviceLists
@@ -340,14 +340,14 @@ class LogAppender(Part):
     """Appends ``log_pending`` in ``seq`` order, in batches, encrypted under the newest epoch key; on 201 one
     transaction drops them, sets the messages' positions and marks the outbox rows ``logged``.
 
-    Owns the ``writer_seq`` given to each pending record in this process (the same on every retry) and the count
-    of refusals in a row (it never spins on them)."""
+    Owns the count of refusals in a row (it never spins on them). The ``writer_seq`` given to a pending record is
+    written into its ``log_pending`` row with the counter, so every retry, in this process or after a restart,
+    seals the same number."""
 
     def __init__(self, ctx: Context, lists: DeviceLists, epochs: Epochs) -> None:
         super().__init__(ctx)
         self._lists = lists
         self._epochs = epochs
-        self._assigned_seqs: dict[bytes, int] = {}
         self._stale_appends = 0
 
     def has_work(self) -> bool:
@@ -424,20 +424,19 @@ class LogAppender(Part):
             with store.transaction():
                 for result in response.results:
                     mark_logged(store, result.record_id, result.position)
-                    self._assigned_seqs.pop(result.record_id, None)
             changed = True
 
     def _numbered(self, record_id: bytes, plaintext: log.LogPlaintext) -> log.LogPlaintext:
         """``plaintext`` with this device's next ``writer_seq``, given when the record is first sealed rather than
-        queued, and the same on every retry in this process: a record dropped because another device logged the
-        same message first never burns a number, so readers see no gap for it (account-log.md §4.6). A pending
-        record queued by an older client keeps the number it has."""
+        queued: a record dropped because another device logged the same message first never burns a number, so
+        readers see no gap for it (account-log.md §4.6). The number is stored in the pending row in the caller's
+        transaction, with the counter: a retry after a lost answer or a crash (the relay may or may not hold the
+        record) seals the same number, never a second one that would leave a false ``log_writer_gap``."""
         if plaintext.writer_seq:
             return plaintext
-        seq = self._assigned_seqs.get(record_id)
-        if seq is None:
-            seq = self._assigned_seqs[record_id] = self._store.next_counter("writer_seq")
-        return msgspec.structs.replace(plaintext, writer_seq=seq)
+        numbered = msgspec.structs.replace(plaintext, writer_seq=self._store.next_counter("writer_seq"))
+        self._store.renumber_pending(record_id, encode_plaintext(numbered))
+        return numbered
 
 
 __all__ = ["LOG_PAGE", "LogAppender", "LogReader"]

@@ -88,3 +88,39 @@ def test_records_are_appended_signed_numbered_and_settled(tmp_path: Path) -> Non
     assert parts.store.pending_count() == 0
     assert parts.store.counter("writer_seq") == 1  # numbered when first sealed (account-log.md §4.6)
     assert not trio.run(appender.append)  # nothing left
+
+
+def test_a_retry_after_a_lost_answer_and_a_restart_seals_the_same_writer_seq(tmp_path: Path) -> None:
+    """The relay may hold the first attempt (its answer lost) or not (the process died before sending): either
+    way the retry, here by a fresh appender as after a restart, carries the number given the first time. A second
+    number would leave a false ``log_writer_gap`` for every reader (account-log.md §4.6)."""
+    parts = Parts(tmp_path, wall_clock=lambda: 1_700_000_001.0)
+    appended = _setup(parts, current=[DEVICE, SIBLING])
+    answered = parts.relay.log_append  # type: ignore[attr-defined]
+
+    async def lost(request: AppendRequest) -> AppendResponse:
+        appended.append(request)
+        raise OSError("connection reset before the answer")
+
+    parts.relay.log_append = lost  # type: ignore[attr-defined]
+    with pytest.raises(OSError, match="connection reset"):
+        trio.run(LogAppender(parts.ctx, parts.lists, parts.epochs).append)
+    assert parts.store.pending_count() == 1
+    parts.relay.log_append = answered  # type: ignore[attr-defined]
+    assert trio.run(LogAppender(parts.ctx, parts.lists, parts.epochs).append)  # a new process: nothing in memory
+    key = parts.store.epoch_key(1)
+    assert key is not None
+    seqs = []
+    for request in appended:
+        [record] = request.records
+        plaintext = log.open_signed_record(
+            key,
+            record.ciphertext,
+            writers={DEVICE: bytes(parts.keys.signing_key.verify_key)},
+            account_id=parts.keys.account_id,
+            record_id=record.record_id,
+            epoch=1,
+        )
+        seqs.append(plaintext.writer_seq)
+    assert seqs == [1, 1]
+    assert parts.store.counter("writer_seq") == 1

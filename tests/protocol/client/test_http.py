@@ -112,18 +112,24 @@ async def start(nursery: trio.Nursery, handler: Handler) -> tuple[HTTP2Connectio
 
 async def test_concurrent_requests_are_multiplexed() -> None:
     order: list[str] = []
+    slow_seen, fast_answered = trio.Event(), trio.Event()
 
     async def slow_first(server: FakeServer, sid: int, headers: list[tuple[str, str]], body: bytes) -> None:
         if dict(headers)[":path"] == "/slow":
-            await trio.sleep(0.2)
+            slow_seen.set()
+            # Answered only after /fast: a connection that sent one request at a time would never get here.
+            with trio.fail_after(20):
+                await fast_answered.wait()
         order.append(dict(headers)[":path"])
         await server.respond(sid, 200, b"ok")
+        if dict(headers)[":path"] == "/fast":
+            fast_answered.set()
 
     async with trio.open_nursery() as nursery:
         conn, _ = await start(nursery, slow_first)
         async with trio.open_nursery() as requests:
             requests.start_soon(conn.request, "GET", "/slow")
-            await trio.sleep(0.05)
+            await slow_seen.wait()
             response = await conn.request("GET", "/fast")
             assert response.status == 200
         assert order == ["/fast", "/slow"]

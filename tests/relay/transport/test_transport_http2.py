@@ -12,6 +12,8 @@ import trio
 from hyperframe.frame import PingFrame
 
 from tests.relay.transport.transport_testing import (
+    FIRES_WITHIN_SECONDS,
+    WAIT_SECONDS,
     App,
     H2Client,
     H2Response,
@@ -113,14 +115,17 @@ def test_peer_that_never_reads_keeps_server_buffer_bounded() -> None:
             client = await H2Client.connect(server.port, settings=settings, connection_window=2**31 - 1 - 65535)
             await client.request("GET", "/infinite-chunks")
             await app.stream_started.wait()
-            await trio.sleep(1.0)  # the kernel buffers fill, then the transport's cap holds
-            pulled = app.chunks_pulled
+            # The kernel buffers fill, then the transport's cap holds: the producer stops being pulled (half a
+            # second without a pull). A transport without the cap pulls it for ever and fails here.
+            pulled = -1
+            with trio.fail_after(WAIT_SECONDS):
+                while app.chunks_pulled != pulled:
+                    pulled = app.chunks_pulled
+                    await trio.sleep(0.5)
             stats = server.statistics()
             assert stats.streams_open == 1
             # One frame of slack: a sender stops at the cap, after its last frame.
             assert 0 < stats.max_connection_buffered_bytes <= cap + 16 * 1024
-            await trio.sleep(0.5)
-            assert app.chunks_pulled == pulled  # the producer is not pulled while nothing drains
             await trio.aclose_forcefully(client.stream)
             await wait_until(lambda: app.streams_closed == 1)
 
@@ -297,10 +302,10 @@ def test_header_timeout_without_settings() -> None:
             stream = await open_stream(server.port)
             await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # preface, then nothing
             start = trio.current_time()
-            with trio.fail_after(3):
+            with trio.fail_after(WAIT_SECONDS):
                 while await stream.receive_some(65536):
                     pass
-            assert trio.current_time() - start < 2
+            assert trio.current_time() - start < FIRES_WITHIN_SECONDS
 
     run(main)
 
@@ -360,7 +365,8 @@ def test_peer_that_stops_reading_is_closed_after_the_stall_timeout() -> None:
         async with serving(config, app) as server:
             client = await H2Client.connect(server.port, settings=settings, connection_window=2**31 - 1 - 65535)
             await client.request("GET", "/infinite-chunks")
-            await wait_until(lambda: app.streams_closed == 1, timeout=5)  # server gave up; producer closed
+            # the server gave up (the stall timeout, not a default one) and closed the producer
+            await wait_until(lambda: app.streams_closed == 1, timeout=FIRES_WITHIN_SECONDS)
             await wait_until(lambda: server.statistics().connections_open == 0)
 
     run(main)

@@ -16,6 +16,8 @@ import relay.transport
 from relay.ratelimit import TokenBucket
 from relay.transport import Server, TransportStatistics
 from tests.relay.transport.transport_testing import (
+    FIRES_WITHIN_SECONDS,
+    WAIT_SECONDS,
     App,
     H2Client,
     H11Client,
@@ -30,6 +32,7 @@ from tests.relay.transport.transport_testing import (
 
 ErrorCodes = h2.errors.ErrorCodes
 MiB = 1024 * 1024
+SLOW_SECONDS = 2.0  # the drain test's in-flight requests: long enough to outlast the set-up on a loaded host
 
 
 async def _process(*args: str) -> tuple[int, bytes, bytes]:
@@ -201,7 +204,7 @@ def test_tls_handshake_timeout(tls_files: tuple[str, str]) -> None:
     async def main() -> None:
         async with serving(make_config(tls_cert=cert, tls_key=key, tls_handshake_timeout_seconds=0.3), App()) as server:
             stream = await open_stream(server.port)
-            with trio.fail_after(2):
+            with trio.fail_after(FIRES_WITHIN_SECONDS):
                 assert await stream.receive_some(65536) == b""
             assert server.statistics().connections_rejected == 1
 
@@ -217,7 +220,7 @@ def test_connection_cap(cap: str) -> None:
             for client in clients:
                 assert (await client.request("GET", "/echo")).status == 200
             refused = await open_stream(server.port)
-            with trio.fail_after(2):
+            with trio.fail_after(FIRES_WITHIN_SECONDS):
                 try:
                     assert await refused.receive_some(65536) == b""
                 except trio.BrokenResourceError:
@@ -235,7 +238,7 @@ def test_cleartext_header_timeout_before_any_byte() -> None:
     async def main() -> None:
         async with serving(make_config(header_timeout_seconds=0.3), App()) as server:
             stream = await open_stream(server.port)
-            with trio.fail_after(2):
+            with trio.fail_after(FIRES_WITHIN_SECONDS):
                 assert await stream.receive_some(65536) == b""
             assert server.statistics().connections_open == 0
 
@@ -246,7 +249,8 @@ def test_cleartext_header_timeout_before_any_byte() -> None:
 def test_drain_finishes_in_flight_work_and_ends_streams_cleanly() -> None:
     async def main() -> None:
         app = App()
-        server = Server(make_config(drain_timeout_seconds=5.0), app)
+        # Far above the slow requests: the drain ends when the work is done, not when this runs out.
+        server = Server(make_config(drain_timeout_seconds=30.0), app)
         serve_returned = trio.Event()
 
         async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -257,7 +261,7 @@ def test_drain_finishes_in_flight_work_and_ends_streams_cleanly() -> None:
             port = await nursery.start(serve)
             # HTTP/2: one slow request and one endless stream on the same connection.
             h2c = await H2Client.connect(port)
-            slow_sid = await h2c.request("GET", "/slow?seconds=0.5")
+            slow_sid = await h2c.request("GET", f"/slow?seconds={SLOW_SECONDS}")  # still running when the drain starts
             stream_sid = await h2c.request("GET", "/forever")
             await h2c.until(lambda: len(h2c.responses[stream_sid].body) > 0)
             # HTTP/1.1: an endless stream, a slow request, and an idle keep-alive connection.
@@ -270,12 +274,11 @@ def test_drain_finishes_in_flight_work_and_ends_streams_cleanly() -> None:
             slow_result: list[int | str] = []
 
             async def slow_h1() -> None:
-                response = await h1_slow.request("GET", "/slow?seconds=0.5")
+                response = await h1_slow.request("GET", f"/slow?seconds={SLOW_SECONDS}")
                 slow_result.extend([response.status, response.headers.get("connection", "")])
 
             nursery.start_soon(slow_h1)
-            await trio.sleep(0.1)
-            assert server.statistics().streams_open == 4
+            await wait_until(lambda: server.statistics().streams_open == 4)  # h1_slow's request is in flight
             nursery.start_soon(server.drain)
 
             goaway = await h2c.goaway()
@@ -288,12 +291,12 @@ def test_drain_finishes_in_flight_work_and_ends_streams_cleanly() -> None:
             await h2c.read_until_closed()
             assert [frame.error_code for frame in h2c.goaways] == [ErrorCodes.NO_ERROR, ErrorCodes.NO_ERROR]
 
-            with trio.fail_after(3):
+            with trio.fail_after(WAIT_SECONDS):
                 while chunk := await h1_stream.receive_some(65536):
                     h1_received += chunk
             assert h1_received.endswith(b"\r\n0\r\n\r\n")  # the final chunk: a clean end, then EOF
             assert await h1_idle.stream.receive_some(65536) == b""
-            with trio.fail_after(3):
+            with trio.fail_after(WAIT_SECONDS):
                 await serve_returned.wait()
             assert slow_result == [200, "close"]
             assert app.streams_closed == 2
@@ -314,7 +317,7 @@ def test_drain_timeout_closes_what_is_left() -> None:
             client = await H2Client.connect(port)
             await client.request("GET", "/slow?seconds=30")
             await app.slow_started.wait()
-            with trio.fail_after(3):
+            with trio.fail_after(FIRES_WITHIN_SECONDS):
                 await server.drain()
             assert app.handlers_cancelled == 1
             stats = server.statistics()
@@ -333,7 +336,7 @@ def test_bad_request_problem_over_tls_is_readable(tls_files: tuple[str, str]) ->
             tls = trio.SSLStream(tcp, _client_context(["http/1.1"]), server_hostname="localhost")
             await tls.send_all(b"GET / HTTP/1.1\r\n\r\n")  # no Host
             received = bytearray()
-            with trio.fail_after(3):
+            with trio.fail_after(FIRES_WITHIN_SECONDS):
                 while True:
                     try:
                         chunk = await tls.receive_some(65536)

@@ -26,7 +26,13 @@ from relay.api.http import Request, Response
 from relay.config import Config
 from relay.transport import Server
 
-TEST_TIMEOUT_SECONDS = 20.0
+TEST_TIMEOUT_SECONDS = 60.0
+# How long a test waits for the server to do something (close, answer, count): far above what it needs even
+# on a loaded two-core host, so only a server that never does it fails. Not a measure of speed.
+WAIT_SECONDS = 20.0
+# By when a sub-second timeout under test has fired, even on a loaded host; below every default timeout
+# (header and TLS handshake 10 s, body 30 s, idle 120 s), so another timeout firing is not taken for it.
+FIRES_WITHIN_SECONDS = 5.0
 
 
 _open_streams: list[trio.abc.Stream] = []
@@ -53,7 +59,7 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any, timeout: float = TE
     return trio.run(main)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
     """Poll ``predicate`` until it holds (for counters that have no event to wait on)."""
     with trio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 - the state is a plain counter, there is no event

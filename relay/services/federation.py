@@ -872,10 +872,11 @@ class FederationService:
         expire or are retried); counted under the metric ``outcome`` ("failed": the whole request was refused
         or could not be addressed; "rejected": the peer refused those envelopes one by one)."""
         self._failures[peer] = 0
+        await self._store.federation_outbox_fail(peer, seqs, reason[:MAX_ERROR_CHARS], self._ctx.clock_ms())
+        # Counted once written: the metric never runs ahead of what `admin federation` shows.
         metrics.federation_peer_failures.labels(self.peer_label(peer)).set(0)
         metrics.federation_envelopes_total.labels(self.peer_label(peer), "out", outcome).inc(len(seqs))
         log.warning("delivery of %d envelope(s) to %s failed for good: %s", len(seqs), peer, reason)
-        await self._store.federation_outbox_fail(peer, seqs, reason[:MAX_ERROR_CHARS], self._ctx.clock_ms())
 
     async def _peer_failed(self, peer: str, error: str) -> None:
         failures = self._failures.get(peer, 0) + 1

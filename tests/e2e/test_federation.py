@@ -43,7 +43,9 @@ FAST = {
     "TETHERLESS_FEDERATION_POLL_SECONDS": "0.3",
     "TETHERLESS_FEDERATION_RETRY_MIN_SECONDS": "0.1",
     "TETHERLESS_FEDERATION_RETRY_MAX_SECONDS": "0.8",
-    "TETHERLESS_FEDERATION_TIMEOUT_SECONDS": "2",
+    # Long enough that a loaded host's slow delivery is not cut off (it would come back "duplicate"); the test
+    # with a hanging peer sets its own.
+    "TETHERLESS_FEDERATION_TIMEOUT_SECONDS": "10",
     "TETHERLESS_RATE_DEVICE_REQUESTS_PER_SECOND": "0",
 }
 
@@ -66,22 +68,40 @@ class Mesh:
 def mesh(
     tmp_path: Path, names: list[str], *, urls: dict[str, str] | None = None, env: dict[str, str] | None = None
 ) -> Iterator[Mesh]:
-    """Relays named ``names`` that know each other (``urls`` overrides where one is reached)."""
-    ports = {name: free_port() for name in names}
-    addresses = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()} | (urls or {})
-    relays = {}
-    for name in names:
-        peers = [f"--peer={other}={addresses[other]}" for other in names if other != name]
-        relays[name] = RelayProcess(
-            tmp_path / name, port=ports[name], extra_args=["--name", name, *peers], env={**FAST, **(env or {})}
-        )
-    try:
-        for relay in relays.values():
-            relay.start()
-        yield Mesh(relays)
-    finally:
-        for relay in relays.values():
-            relay.stop()
+    """Relays named ``names`` that know each other (``urls`` overrides where one is reached).
+
+    Every relay must name the others' ports when it starts, so the ports are chosen first and bound a moment
+    later; another process may take one in between. A start that fails then is tried again on fresh ports (in
+    fresh data directories), up to three times."""
+    for attempt in range(3):
+        ports = {name: free_port() for name in names}
+        addresses = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()} | (urls or {})
+        relays = {}
+        for name in names:
+            peers = [f"--peer={other}={addresses[other]}" for other in names if other != name]
+            relays[name] = RelayProcess(
+                tmp_path / f"{name}-{attempt}" if attempt else tmp_path / name,
+                port=ports[name],
+                extra_args=["--name", name, *peers],
+                env={**FAST, **(env or {})},
+            )
+        try:
+            for relay in relays.values():
+                relay.start()
+        except RuntimeError:
+            logs = [r.log_path.read_text(errors="replace") for r in relays.values() if r.log_path.exists()]
+            busy = any("already in use" in text for text in logs)
+            for relay in relays.values():
+                relay.stop()
+            if busy and attempt < 2:
+                continue
+            raise
+        try:
+            yield Mesh(relays)
+        finally:
+            for relay in relays.values():
+                relay.stop()
+        return
 
 
 async def wait_for_messages(client: RelayClient, count: int, timeout: float = 20.0) -> list[ReceivedMessage]:
@@ -410,7 +430,8 @@ class FakePeer:
 @pytest.mark.slow
 def test_peer_answering_5xx_hanging_or_dropping_answers_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     proxy_port = free_port()
-    with mesh(tmp_path, ["a.test", "b.test"], urls={"b.test": f"http://127.0.0.1:{proxy_port}"}) as m:
+    hang_briefly = {"TETHERLESS_FEDERATION_TIMEOUT_SECONDS": "2"}  # every mode below lasts 2.5 s
+    with mesh(tmp_path, ["a.test", "b.test"], urls={"b.test": f"http://127.0.0.1:{proxy_port}"}, env=hang_briefly) as m:
         a, b = m["a.test"], m["b.test"]
         fake = FakePeer(proxy_port, b.port)
         try:

@@ -1,5 +1,8 @@
 """Start-up cost of the ``tetherless`` command: ``python -m bench.cli_startup [--runs N] [--smoke] [--out FILE]``.
 
+``--profile DIR`` measures nothing: it writes ``DIR/importtime.txt`` (``-X importtime``) and ``DIR/send.prof``
+(cProfile, ``python -m pstats``) of one ``send`` to an established session, with the same homes and relay.
+
 Issue 14 point 2; how the CLI stays light: docs/decisions/0010-cli-package.md. Measured in one invocation,
 each command a fresh process pinned to core 1 (the relay on core 0) when taskset exists:
 
@@ -118,7 +121,9 @@ def requests_of(relay_url: str, command: list[str], env: dict[str, str]) -> dict
     return {route: after[route] - before[route] for route in sorted(after) if after[route] > before[route]}
 
 
-def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
+def prepare(base: Path, relay_url: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Make the homes under ``base`` (a send to an established session) and return the measured commands by name:
+    ``python`` arguments and environment of each (also what ``--profile`` runs)."""
     pycache = base / "pycache"
     weak, strong = environment(weak_kdf=True, pycache=pycache), environment(weak_kdf=False, pycache=pycache)
     bob, fast_home, user_home = base / "bob", base / "alice-test-kdf", base / "alice-default-kdf"
@@ -142,6 +147,12 @@ def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
             strong,
         ),
     }
+    return commands
+
+
+def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
+    commands = prepare(base, relay_url)
+    weak = commands["send_test_kdf"][1]
     for args, env in commands.values():  # warm-up, discarded: compiles what the setup above did not run
         child(args, env)
     cpu: dict[str, list[float]] = {name: [] for name in commands}
@@ -157,6 +168,24 @@ def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
     per_route = requests_of(relay_url, commands["send_test_kdf"][0], weak)
     figures["send_requests"] = {"total": sum(per_route.values()), "per_route": per_route}
     return figures
+
+
+def profile(base: Path, relay_url: str, out: Path) -> None:
+    """Where one ``send`` (test KDF, session established) goes: ``out/importtime.txt`` (``-X importtime``) and
+    ``out/send.prof`` (cProfile of the whole command, ``python -m pstats``), after a discarded compiling run."""
+    out.mkdir(parents=True, exist_ok=True)
+    args, env = prepare(base, relay_url)["send_test_kdf"]
+    child(args, env)
+    with (out / "importtime.txt").open("wb") as errors:
+        subprocess.run(
+            [sys.executable, "-X", "importtime", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            check=True,
+        )
+    child(["-m", "cProfile", "-o", str(out / "send.prof"), *args], env)
 
 
 def verdicts(figures: dict[str, Any]) -> dict[str, Any]:
@@ -189,9 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--smoke", action="store_true", help="2 runs: checks the benchmark itself")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR", help="profile one send into DIR instead of measuring"
+    )
     args = parser.parse_args(argv)
     runs = 2 if args.smoke else max(1, args.runs)
     relay = Relay()
+    if args.profile is not None:
+        try:
+            with tempfile.TemporaryDirectory(prefix="tetherless-bench-cli-") as tmp:
+                profile(Path(tmp), relay.url, args.profile)
+        finally:
+            relay.close()
+        print(f"wrote {args.profile / 'importtime.txt'} and {args.profile / 'send.prof'}")
+        return 0
     try:
         with tempfile.TemporaryDirectory(prefix="tetherless-bench-cli-") as tmp:
             figures = measure(runs, Path(tmp), relay.url)

@@ -27,7 +27,7 @@ from typing import Final
 import msgspec
 import nacl.signing
 
-from . import signing, webauthn
+from . import signing
 from .errors import ErrorCode, TetherlessError
 from .handshake import mlkem_check_public
 from .ids import account_id_for, device_id_for
@@ -201,6 +201,8 @@ def check_structure(device_list: DeviceList) -> None:
     if credential_ids != sorted(credential_ids) or len(set(credential_ids)) != len(credential_ids):
         raise _bad("credentials must be sorted by credential_id and unique")
     for credential in dl.credentials:
+        from . import webauthn  # here: most lists hold no credential, and the CLI's start-up pays for every import
+
         try:
             webauthn.parse_public_key(credential.public_key)
         except TetherlessError as exc:
@@ -586,6 +588,8 @@ def evaluate_version(
     counters: dict[bytes, int] = {}
     approving_credentials: list[bytes] = []
     for assertion in signed.webauthn_assertions:
+        from . import webauthn  # here: see check_structure
+
         credential = old_credentials.get(assertion.credential_id) or new_credentials.get(assertion.credential_id)
         if credential is None:
             raise TetherlessError(ErrorCode.WEBAUTHN_INVALID, "assertion by an unknown credential")

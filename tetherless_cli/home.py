@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 from collections.abc import Callable
@@ -43,6 +42,8 @@ def passphrase_source(args: argparse.Namespace, *, confirm: bool = False) -> Cal
         if env is not None:
             return env
         if _prompts(args):
+            import getpass  # here: it imports termios, which only a prompt needs
+
             first = getpass.getpass(f"{'New passphrase' if confirm else 'Passphrase'} for {home}: ")
             if confirm and getpass.getpass("Repeat the passphrase: ") != first:
                 raise UsageError("the passphrases do not match")

@@ -50,7 +50,6 @@ from protocol.ids import Address
 from tetherless_cli.contacts import NO_NAMES, directory, label, labelled, resolve_recipient
 from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_REVOKED, EXIT_UNREACHABLE, UsageError
 from tetherless_cli.home import load
-from tetherless_cli.progress import CatchUpProgress
 
 DEFAULT_SYNC_TIMEOUT = 30.0
 _E = TypeVar("_E")
@@ -223,6 +222,7 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
     store = open_store(keystore, keys)
     out = sys.stdout
     names = directory(store)
+    from tetherless_cli.progress import CatchUpProgress  # here: only `sync` draws it
 
     progress = CatchUpProgress(sys.stderr, start_position=store.cursor("log"))  # draws only at a terminal
     shares_terminal = progress.enabled and out.isatty()  # else the messages never cross the progress line

@@ -41,7 +41,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -205,8 +204,7 @@ class SealedTokenStore:
             self._db.delete(TOKEN_TABLE, self._key(relay_url, device_id))
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class RetryPolicy(msgspec.Struct, frozen=True):
     """How many attempts a request gets and how long to wait between them (the client's one backoff formula for
     requests; the sync engine's reconnect backoff is its own, over whole drain steps)."""
 

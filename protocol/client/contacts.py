@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -54,8 +53,7 @@ class UnknownContactError(ContactError):
     """No contact of that name."""
 
 
-@dataclass(frozen=True, slots=True)
-class Contact:
+class Contact(msgspec.Struct, frozen=True):
     """One contact: ``name`` as it was given (NFC), ``address`` in its canonical form (relay lower case)."""
 
     name: str

@@ -20,7 +20,6 @@ import math
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -30,6 +29,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import msgspec
 import trio
 
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
@@ -123,8 +123,7 @@ class ResponseTooLargeError(TransportError):
 # -- connection -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(msgspec.Struct, frozen=True):
     scheme: str  # "http" or "https"
     host: str
     port: int
@@ -147,21 +146,19 @@ class Origin:
         return cls(scheme=parts.scheme, host=parts.hostname, port=port)
 
 
-@dataclass(eq=False)
-class _Stream:
+class _Stream(msgspec.Struct, eq=False):
     stream_id: int
     send: trio.MemorySendChannel[bytes | BaseException]
     receive: trio.MemoryReceiveChannel[bytes | BaseException]
-    headers_ready: trio.Event = field(default_factory=trio.Event)
+    headers_ready: trio.Event = msgspec.field(default_factory=trio.Event)
     status: int = 0
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
     error: TransportError | None = None
     ended: bool = False  # the relay sent END_STREAM
     request_sent: bool = False  # we sent END_STREAM
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(msgspec.Struct, frozen=True):
     status: int
     headers: list[tuple[str, str]]
     body: bytes

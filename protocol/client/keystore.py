@@ -61,7 +61,6 @@ import stat
 import struct
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -103,8 +102,7 @@ Key32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
 PassphraseSource = str | Callable[[], str]
 
 
-@dataclass(frozen=True, slots=True)
-class KdfParams:
+class KdfParams(msgspec.Struct, frozen=True):
     """Argon2id cost parameters (RFC 9106 names: t = iterations, m = memory in KiB, p = lanes)."""
 
     iterations: int
@@ -330,8 +328,7 @@ def seal_keystore(header: bytes, kek: bytes, payload: KeystorePayload, nonce: by
     return header + nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(body, header, nonce, kek)
 
 
-@dataclass(frozen=True, slots=True)
-class KeystoreHeader:
+class KeystoreHeader(msgspec.Struct, frozen=True):
     """A parsed ``keystore.tlk`` header; ``raw`` is the associated data (everything before the nonce)."""
 
     method: int

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -89,8 +88,7 @@ class OutboxState(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxView:
+class OutboxView(msgspec.Struct, frozen=True):
     """One entry as the SDK shows it. ``reason_code`` is a stable code of protocol/errors.py (empty: none);
     ``reason`` its one-line text; ``destination`` the relay that cannot be reached (``retrying`` only; empty
     when the wait is not about reachability); ``next_attempt_at_ms`` 0 unless ``retrying``."""
@@ -147,13 +145,11 @@ def outbox_view(store: ClientStore) -> list[OutboxView]:
 # -- classification ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Home:
+class Home(msgspec.Struct, frozen=True):
     """Not this entry's fault: re-raise, the supervisor backs off (or stops: revoked) for every entry."""
 
 
-@dataclass(frozen=True, slots=True)
-class Transient:
+class Transient(msgspec.Struct, frozen=True):
     """This entry's destination failed for now: the entry waits (``retrying``), nothing else does."""
 
     code: str
@@ -162,8 +158,7 @@ class Transient:
     retry_after_seconds: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Permanent:
+class Permanent(msgspec.Struct, frozen=True):
     """This entry can never be delivered as it is: it fails with ``code`` and ``reason``."""
 
     code: str

@@ -33,7 +33,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -99,8 +98,7 @@ PREKEY_META_KEY: Final = "ids"  # the sessions' own row in T_META: the local pre
 # -- results -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ReceivedMessage:
+class ReceivedMessage(msgspec.Struct, frozen=True):
     """A decrypted, verified message from the inbox.
 
     ``sent_at_ms`` is the sender's signed clock; ``relay_sent_at_ms`` is when
@@ -125,8 +123,7 @@ class ReceivedMessage:
         return self.body.decode("utf-8", errors="replace")
 
 
-@dataclass(frozen=True, slots=True)
-class RejectedMessage:
+class RejectedMessage(msgspec.Struct, frozen=True):
     """An envelope that did not decrypt or verify. Acknowledge it so it does not block the inbox.
 
     ``warning``: the stable client warning code ``sync`` reports it under (account-log.md §18.1):
@@ -148,8 +145,7 @@ class PayloadDowngradeError(InvalidPayloadError):
 InboxItem = ReceivedMessage | RejectedMessage
 
 
-@dataclass(frozen=True, slots=True)
-class InboxBatch:
+class InboxBatch(msgspec.Struct, frozen=True):
     """One page of the inbox. Pass ``next_cursor`` as ``after`` next; ``more``: another page is ready."""
 
     items: list[InboxItem]
@@ -157,8 +153,7 @@ class InboxBatch:
     more: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True):
     """One message for :meth:`RelayClient.send_many`. ``str`` bodies are sent as UTF-8 text."""
 
     recipient: str
@@ -167,8 +162,7 @@ class Outgoing:
     ttl_seconds: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Recipients:
+class Recipients(msgspec.Struct, frozen=True):
     """How to seal one message (:meth:`RelayClient.resolve_recipients`): v2 device addresses whose sessions exist,
     with this device's list version to sign them under, or v1 ``(device address, box key)`` pairs."""
 
@@ -177,8 +171,7 @@ class Recipients:
     sender_list_version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SealedEnvelope:
+class SealedEnvelope(msgspec.Struct, frozen=True):
     """One sealed ciphertext for one recipient device (:meth:`RelayClient.seal_envelopes`)."""
 
     recipient: str
@@ -186,8 +179,7 @@ class SealedEnvelope:
     ciphertext: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
+class Sent(msgspec.Struct, frozen=True):
     """The relay's receipt for one envelope (``duplicate``: a retry the relay had already stored)."""
 
     recipient: str
@@ -196,8 +188,7 @@ class Sent:
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeAnswer:
+class ProbeAnswer(msgspec.Struct, frozen=True):
     """What :meth:`RelayClient.probe` read: the relay's document, its ``Date`` header (None when it sent none) and
     this device's clock in seconds at the middle of the request (``Date`` minus it is the clock skew)."""
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
@@ -403,8 +402,7 @@ def verify_genesis(signed: SignedDeviceList) -> DeviceEntry:
 # -- one version -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class VersionChange:
+class VersionChange(msgspec.Struct, frozen=True):
     """What an accepted version changes, as :func:`evaluate_version` found it.
 
     ``assertion_counters`` maps the credential id of every verified assertion
@@ -419,8 +417,8 @@ class VersionChange:
     removed_credentials: list[WebAuthnCredential]
     assertion_counters: dict[bytes, int]
     list_hash: bytes = b""
-    approving_devices: list[str] = field(default_factory=list)
-    approving_credentials: list[bytes] = field(default_factory=list)
+    approving_devices: list[str] = msgspec.field(default_factory=list)
+    approving_credentials: list[bytes] = msgspec.field(default_factory=list)
     recovery_approved: bool = False
     policy_changed: bool = False
     recovery_key_changed: bool = False
@@ -649,15 +647,14 @@ def evaluate_version(
 # -- the whole chain -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedChain:
+class VerifiedChain(msgspec.Struct, frozen=True):
     """A verified chain: the head's devices, the head, and the new high-water mark ``(version, list_hash)``."""
 
     devices: list[DeviceEntry]
     head: DeviceList
     mark: tuple[int, bytes]
     removed_ids: frozenset[str] = frozenset()
-    counters: dict[bytes, int] = field(default_factory=dict)
+    counters: dict[bytes, int] = msgspec.field(default_factory=dict)
 
 
 def check_counter(credential_id: bytes, stored: int | None, new: int) -> None:

@@ -21,9 +21,9 @@ raised for every unusable key, prekey or ciphertext length.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -113,8 +113,7 @@ def hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
 # -- the handshake -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PeerPrekeys:
+class PeerPrekeys(msgspec.Struct, frozen=True):
     """The responder's prekeys as the initiator took them from a *verified* bundle (§7.3 step 1)."""
 
     signed_prekey_id: int
@@ -126,8 +125,7 @@ class PeerPrekeys:
     one_time_prekey: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeResult:
+class HandshakeResult(msgspec.Struct, frozen=True):
     """What both sides derive. ``ephemeral_key`` is ``EK_A`` (public), sent in the PrekeyMessage."""
 
     transcript_hash: bytes

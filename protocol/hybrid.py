@@ -27,9 +27,9 @@ used for exactly one message, so the fixed nonce is safe.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 import nacl.bindings
 import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric import mlkem
@@ -52,8 +52,7 @@ class HybridWrapError(TetherlessError):
     """A wrap that does not open (``malformed_body``): wrong keys, tampered share, context or payload."""
 
 
-@dataclass(frozen=True, slots=True)
-class HybridRecipient:
+class HybridRecipient(msgspec.Struct, frozen=True):
     """The two public keys a wrap is addressed to: X25519 (32 bytes) and ML-KEM-768 (1184 bytes)."""
 
     x25519_public: bytes

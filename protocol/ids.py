@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from .errors import ErrorCode, TetherlessError
 from .signing import digest
@@ -53,8 +54,7 @@ def is_id(value: str) -> bool:
     return bool(_ID_RE.match(value))
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(msgspec.Struct, frozen=True):
     """``<device>.<account>@<relay>``; ``device`` is empty for an account address."""
 
     account: str

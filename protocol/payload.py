@@ -24,9 +24,9 @@ revision can replace sealed boxes with ratcheted sessions behind it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Final, Protocol
 
+import msgspec
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
@@ -61,8 +61,7 @@ class SealedContent(Message, frozen=True):
     signature: Signature
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(msgspec.Struct, frozen=True):
     """A decrypted and verified message. ``sender`` is checked against ``sender_sign_key``."""
 
     sender: str

@@ -19,7 +19,6 @@ at ``now_ms + skipped_ttl_ms``; a used key is deleted.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
@@ -148,8 +147,7 @@ def encrypt(state: RatchetState, plaintext: bytes) -> tuple[RatchetState, Ratche
     return msgspec.structs.replace(state, sending_chain_key=chain_key, sent=state.sent + 1), message
 
 
-@dataclass(slots=True)
-class _Work:
+class _Work(msgspec.Struct):
     """A mutable copy of the state used while decrypting (the spec's pseudocode mutates)."""
 
     state: RatchetState
@@ -162,7 +160,7 @@ class _Work:
     sent: int
     received: int
     previous_sent: int
-    skipped: list[SkippedKey] = field(default_factory=list)
+    skipped: list[SkippedKey] = msgspec.field(default_factory=list)
 
     @classmethod
     def of(cls, s: RatchetState, now_ms: int) -> _Work:

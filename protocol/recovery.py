@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import base64
 import hmac
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 import nacl.signing
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem
@@ -76,8 +76,7 @@ def _hkdf(r: bytes, domain: str, account_id: str, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=_SALT, info=info).derive(r)
 
 
-@dataclass(frozen=True, slots=True)
-class RecoveryKeys:
+class RecoveryKeys(msgspec.Struct, frozen=True):
     """The keys derived from a recovery secret for one account. Never stored by a device."""
 
     signing_key: nacl.signing.SigningKey

@@ -37,7 +37,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -134,8 +133,7 @@ SEALED_COLUMNS: Final[dict[str, SealedColumns]] = {
 OUTBOX_STATES: Final = ("queued", "sealed", "posted", "logged", "failed")
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryMessage:
+class HistoryMessage(msgspec.Struct, frozen=True):
     """One message of the local history (sent or received), in log order."""
 
     msg_key: bytes
@@ -182,8 +180,7 @@ class EpochInfo(msgspec.Struct, frozen=True, kw_only=True):
     writers: dict[str, bytes] = {}
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxEntry:
+class OutboxEntry(msgspec.Struct, frozen=True):
     local_id: int
     message_uid: bytes
     pair_seq: int
@@ -202,8 +199,7 @@ class OutboxEntry:
     destination: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class PendingRecord:
+class PendingRecord(msgspec.Struct, frozen=True):
     seq: int
     record_id: bytes
     kind: str
@@ -265,8 +261,7 @@ class StateTooNewError(LocalDBError):
     code: ClassVar[LocalErrorCode | None] = LocalErrorCode.LOCAL_STATE_TOO_NEW
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
+class Migration(msgspec.Struct, frozen=True):
     """Step ``version`` of ``state.db``: ``apply`` runs inside the runner's transaction and must not commit."""
 
     version: int

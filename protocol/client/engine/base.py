@@ -9,8 +9,9 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
+
+import msgspec
 
 from ... import device_list
 from ...errors import ErrorCode, RemoteError, TetherlessError, UnknownRemoteError
@@ -183,8 +184,7 @@ class Relay(Protocol):
     async def send_many(self, messages: Iterable[Outgoing]) -> list[Sent]: ...
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(msgspec.Struct, frozen=True):
     """What every part is built with: this device's keys and store, the relay port, the run's :class:`Report`, and
     the randomness and clock the engine was given (tests inject them)."""
 
@@ -194,7 +194,7 @@ class Context:
     report: Report
     random_bytes: Callable[[int], bytes] = os.urandom
     wall_clock: Callable[[], float] = time.time
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = msgspec.field(default_factory=random.Random)
 
 
 class Part:

@@ -47,9 +47,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import msgspec
 import trio
 
 from ... import codec, device_list, recovery
@@ -117,8 +117,7 @@ def backoff_delay(attempt: int, rng: random.Random, max_backoff: float = 60.0, f
     return max(delay, floor or 0.0)
 
 
-@dataclass
-class Status:
+class Status(msgspec.Struct):
     state: str = "stopped"
     attempt: int = 0
     delay_s: float = 0.0
@@ -128,7 +127,7 @@ class Status:
     inbox: int = 0
     outbox: int = 0
     pending: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class _Relay:

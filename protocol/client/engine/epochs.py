@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -70,8 +69,7 @@ def remember_recovery_backup_key(
     store.db.put_struct(RECOVERY_BACKUP_TABLE, "current", note)
 
 
-@dataclass(frozen=True)
-class LogView:
+class LogView(msgspec.Struct, frozen=True):
     """What the log reader found in its last pass, handed to the epoch decisions by the coordinator.
 
     ``blocked_on_key``: records wait for an epoch key this device does not hold; ``read_upto``: the last position
@@ -80,7 +78,7 @@ class LogView:
 
     blocked_on_key: bool = False
     read_upto: int = 0
-    held_marks: Mapping[str, int] = field(default_factory=dict)
+    held_marks: Mapping[str, int] = msgspec.field(default_factory=dict)
 
 
 class Epochs(Part):

@@ -49,8 +49,9 @@ The tables are created by ``state.db`` migration 4 (:data:`~protocol.client.stor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from ... import log
 from ...errors import ErrorCode, RemoteError, TetherlessError
@@ -79,8 +80,7 @@ class SnapshotError(Exception):
     """A snapshot cannot be written now (nothing to snapshot, no account key yet)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotPlan:
+class SnapshotPlan(msgspec.Struct, frozen=True):
     """A snapshot being written: stored before the first part is appended, deleted after the manifest."""
 
     snapshot_id: bytes
@@ -89,8 +89,7 @@ class SnapshotPlan:
     created_at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotWritten:
+class SnapshotWritten(msgspec.Struct, frozen=True):
     snapshot_id: bytes
     covers: int
     parts: int
@@ -99,8 +98,7 @@ class SnapshotWritten:
     duplicate: bool  # the manifest was already stored (an earlier attempt completed)
 
 
-@dataclass(frozen=True, slots=True)
-class PendingLoad:
+class PendingLoad(msgspec.Struct, frozen=True):
     snapshot_id: bytes
     position: int
     covers: int
@@ -108,8 +106,7 @@ class PendingLoad:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class Gap:
+class Gap(msgspec.Struct, frozen=True):
     """Log positions ``(after, upto]`` deleted by retention that no snapshot covers. ``positions`` is an upper
     bound of the records lost: key records and the newest snapshot's own parts in that range survive."""
 

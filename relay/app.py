@@ -246,6 +246,7 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 peer_transport=outbound,
                 webauthn=WebAuthnSettings.from_config(config, relay_name),
                 prekeys=PrekeySettings.from_config(config),
+                session_cache_ms=round(config.session_cache_seconds * 1000),
             )
             discovery = well_known(
                 relay_name,
@@ -266,6 +267,11 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 else application
             )
             nursery.start_soon(services.inbox.run_expiry, config.expiry_interval_seconds)
+            # Revocations made through other replicas clear this process's session cache, which answers only
+            # while it hears them (docs/decisions/0013-revocation-across-replicas.md).
+            await nursery.start(
+                store.watch_session_revocations, services.auth.revocation_noticed, services.auth.revocation_listener
+            )
             # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).
             await nursery.start(store.watch_inbox_commits, services.inbox.notifier.notify)
             nursery.start_soon(services.log.run_retention, config.expiry_interval_seconds)

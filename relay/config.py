@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "TETHERLESS_"
+MAX_SESSION_CACHE_SECONDS = 300
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -50,6 +51,9 @@ class Config:
     max_page_envelopes: int = 1000
     session_ttl_seconds: int = 12 * 3600
     challenge_ttl_seconds: int = 60
+    # How long a looked-up session answers from memory (not published); 0 turns the cache off, at most
+    # MAX_SESSION_CACHE_SECONDS. Revocations clear it on every replica (docs/decisions/0013).
+    session_cache_seconds: float = 5.0
     # account log (docs/account-log.md §3.5; also published)
     max_log_batch_records: int = 500
     max_log_record_bytes: int = 1_048_616  # a 1 MiB padding bucket + 24-byte nonce + 16-byte tag
@@ -263,6 +267,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"peer_keys: expected NAME=KEYID … for a peer configured in peers, got {entry!r}")
         if not ids.split() or not all(re.fullmatch(r"[a-z2-7]{16}", key_id) for key_id in ids.split()):
             raise ConfigError(f"peer_keys: {peer.strip()}: key ids are 16 characters of a-z2-7, got {ids.strip()!r}")
+    if config.session_cache_seconds > MAX_SESSION_CACHE_SECONDS:
+        raise ConfigError(f"session_cache_seconds: at most {MAX_SESSION_CACHE_SECONDS} (0 turns the cache off)")
     if config.default_ttl_seconds > config.max_ttl_seconds:
         raise ConfigError("default_ttl_seconds cannot exceed max_ttl_seconds")
     if config.database and not config.database.startswith(("postgresql://", "postgres://")):

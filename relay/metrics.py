@@ -88,6 +88,17 @@ rate_limited_total = Counter(
     "relay_rate_limited_total", "Requests refused by a rate limit, by scope", ["scope"], registry=REGISTRY
 )
 sessions_issued_total = Counter("relay_sessions_issued_total", "Session tokens issued", registry=REGISTRY)
+# docs/decisions/0013-revocation-across-replicas.md
+revocation_notices_total = Counter(
+    "relay_revocation_notices_total",
+    "Session revocation notices received (by any replica, this one too); each drops a device's cached sessions",
+    registry=REGISTRY,
+)
+revocation_listener_up = Gauge(
+    "relay_revocation_listener_up",
+    "1 while every session revocation reaches this process, so its session cache may answer; 0: cache bypassed",
+    registry=REGISTRY,
+)
 
 # -- store ---------------------------------------------------------------------------
 store_commit_seconds = Histogram(

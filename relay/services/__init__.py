@@ -9,7 +9,7 @@ from relay.store import Store
 
 from .abuse import AbuseLimits, RateSettings
 from .accounts import AccountService
-from .auth import AuthService, Principal
+from .auth import SESSION_CACHE_MS, AuthService, Principal
 from .context import ServiceContext, limits_from, wall_clock_ms
 from .devices import DeviceService, WebAuthnSettings, default_rp_id
 from .enrolment import EnrolmentService
@@ -53,6 +53,7 @@ class Services:
         peer_transport: PeerTransport | None = None,
         webauthn: WebAuthnSettings | None = None,
         prekeys: PrekeySettings | None = None,
+        session_cache_ms: int = SESSION_CACHE_MS,
     ) -> Services:
         abuse = AbuseLimits(rates or RateSettings())
         accounts = AccountService(store, ctx)
@@ -60,7 +61,7 @@ class Services:
         federation_service = FederationService(
             store, ctx, federation or FederationSettings(), keyring, peer_transport, notifier, accounts
         )
-        auth = AuthService(store, ctx)
+        auth = AuthService(store, ctx, cache_ms=session_cache_ms)
         webauthn = webauthn or WebAuthnSettings(rp_id=default_rp_id(ctx.relay_name))
         return cls(
             ctx=ctx,

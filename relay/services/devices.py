@@ -19,6 +19,8 @@ import json
 import logging
 from dataclasses import dataclass
 
+import trio
+
 from protocol import codec, webauthn
 from protocol.device_list import evaluate_version, list_hash
 from protocol.errors import ErrorCode, TetherlessError
@@ -183,9 +185,13 @@ class DeviceService:
             added_credentials=[NewCredential(c.credential_id, c.public_key, c.rp_id) for c in change.added_credentials],
             removed_credentials=[c.credential_id for c in change.removed_credentials],
         )
-        committed = await self._store.append_device_list(update, now)
+        # Shielded: a request cancelled while its commit is under way must still drop the revoked devices'
+        # cached sessions once it commits (other replicas hear of it by notice, decision 0013; this one does not).
+        with trio.CancelScope(shield=True):
+            committed = await self._store.append_device_list(update, now)
+            if committed.revoked:
+                self._auth.forget_devices(committed.revoked)
         if committed.revoked:
-            self._auth.forget_devices(committed.revoked)
             metrics.devices_revoked_total.inc(len(committed.revoked))
             log.info("device-list version %d revoked %d device(s)", dl.version, len(committed.revoked))
         for device_id in committed.devices:

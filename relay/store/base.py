@@ -431,7 +431,28 @@ class AuthStore(Protocol):
         """The session for a token hash, or None."""
 
     async def revoke_sessions(self, device_id: str, token_hash: bytes | None, now_ms: int) -> int:
-        """Revoke one session (``token_hash``) or, with None, all of the device's. Returns how many."""
+        """Revoke one session (``token_hash``) or, with None, all of the device's. Returns how many.
+
+        Idempotent. Every process watching revocations (:meth:`watch_session_revocations`) hears of the
+        device on commit, also when no row changed."""
+
+    async def watch_session_revocations(
+        self,
+        notify: Callable[[str], None],
+        listening: Callable[[bool], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``notify(device_id)`` in the trio thread after a commit by *any* process revoked sessions of
+        that device (:meth:`revoke_sessions`, or a device-list version removing the device); until cancelled.
+
+        Unlike the wake-ups, a lost notice would let a cache outlive a revocation, so the watch says when
+        it can lose them: ``listening(True)`` once every later commit will be heard (the first time before
+        ``task_status.started()``, again after each reconnection), ``listening(False)`` when notices may be
+        lost from now on (the listening connection failed; also when the watch ends, whether cancelled or
+        raising). SQLite, one process that makes every revocation itself, calls ``listening(True)`` once
+        and sends nothing. Raises ``StoreUnavailableError`` if closed.
+        """
 
 
 class InboxStore(Protocol):

@@ -20,9 +20,10 @@ upserts, ``DELETE … RETURNING``, which SQLite has since 3.35). An
   ``AUTOINCREMENT`` ``seq`` is in commit order because one thread writes;
   PostgreSQL takes cursors from ``devices.last_seq`` under the row lock
   (docs/decisions/0003-postgres-cursors.md);
-- wake-ups (:meth:`Engine.notify`): ``pg_notify`` inside the transaction,
-  delivered to every replica on commit; SQLite has one process, which wakes
-  its own streams, so nothing is sent;
+- wake-ups and revocation notices (:meth:`Engine.notify`): ``pg_notify``
+  inside the transaction, delivered to every replica on commit; SQLite has
+  one process, which wakes its own streams and clears its own session cache,
+  so nothing is sent;
 - the range of values a column can hold (:meth:`Engine.storable`);
 - a new device's number (:attr:`Engine.next_device_no`, migration 0008):
   PostgreSQL's identity column; SQLite, whose ``devices`` table has no
@@ -46,6 +47,9 @@ from typing import Any, Final
 
 INBOX_CHANNEL: Final = "tetherless_inbox"
 LOG_CHANNEL: Final = "tetherless_log"
+# Payload: a device id whose sessions a committed transaction revoked
+# (docs/decisions/0013-revocation-across-replicas.md).
+REVOCATION_CHANNEL: Final = "tetherless_revocations"
 MAX_I64: Final = 2**63 - 1
 _CHUNK = 500  # SQLite's bound-parameter limit is 999 on old builds; 500 leaves room for the other parameters
 

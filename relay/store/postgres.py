@@ -65,6 +65,17 @@ MIGRATION_LOCK_KEY = 0x7465746865726C73
 RETRIES = 5
 LISTEN_POLL_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 5.0
+# A listener only reads, so a peer that vanished without a reset would go unnoticed for as long as TCP keeps
+# the socket: keepalive probes after 5 s of silence, 3 of them 2 s apart, notice it in about 11 s (a lost
+# revocation listener must be noticed: docs/decisions/0013-revocation-across-replicas.md).
+_LISTENER_CONNECTION: dict[str, Any] = {
+    "autocommit": True,
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, RetryTransaction)
 
 
@@ -264,19 +275,43 @@ class PostgresStore(SQLStore):
 
     # -- cross-replica wake-ups ---------------------------------------------------------------
 
-    async def _watch(self, channel: str, notify: Callable[[str], None], task_status: trio.TaskStatus[None]) -> None:
-        """LISTEN on ``channel`` and call ``notify(payload)`` in the trio thread (see watch_inbox_commits)."""
+    async def _watch(
+        self,
+        channel: str,
+        notify: Callable[[str], None],
+        task_status: trio.TaskStatus[None],
+        listening: Callable[[bool], None] | None = None,
+    ) -> None:
+        """LISTEN on ``channel`` and call ``notify(payload)`` in the trio thread (see watch_inbox_commits);
+        ``listening`` hears when notices can and cannot be lost (see watch_session_revocations)."""
         if self._pool is None:
             raise StoreUnavailableError("store is closed")
         token = trio.lowlevel.current_trio_token()
         stop, done = threading.Event(), threading.Event()
         with self._listeners_lock:
             self._listeners.append((stop, done))
-        listening = trio.Event()
+        started = trio.Event()
+        up, ended = False, False
 
-        def deliver(device_id: str | None) -> None:
+        # In the trio thread. The listener thread is abandoned on cancellation and may still report after
+        # the watch ended: nothing reaches the caller then, above all not a late "listening".
+        def state(now_up: bool) -> None:
+            nonlocal up
+            if ended or now_up == up:
+                return
+            up = now_up
+            if listening is not None:
+                listening(now_up)
+            if now_up:
+                started.set()
+
+        def notice(payload: str) -> None:
+            if not ended:
+                notify(payload)
+
+        def deliver(item: str | bool) -> None:  # in the listener thread
             try:
-                token.run_sync_soon(listening.set if device_id is None else (lambda: notify(device_id)))
+                token.run_sync_soon(partial(state, item) if isinstance(item, bool) else partial(notice, item))
             except trio.RunFinishedError:
                 stop.set()
 
@@ -292,31 +327,43 @@ class PostgresStore(SQLStore):
                         abandon_on_cancel=True,
                     )
                 )
-                await listening.wait()
+                await started.wait()
                 task_status.started()
         finally:
             stop.set()
+            if up and listening is not None:
+                listening(False)
+            ended = True
 
     def _listen(
         self,
-        deliver: Callable[[str | None], None],
+        deliver: Callable[[str | bool], None],
         stop: threading.Event,
         done: threading.Event,
         *,
         channel: str = INBOX_CHANNEL,
     ) -> None:
+        """``deliver(payload)`` for each notice; ``deliver(True)`` once LISTEN is in effect (again), ``deliver(False)``
+        when its connection failed after that (notices sent until the next ``True`` are lost). Blocking."""
         backoff = 0.1
+        up = False
         try:
             while not stop.is_set():
                 try:
-                    with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                    with psycopg.connect(
+                        self.url, **_LISTENER_CONNECTION, application_name=f"tetherless {channel}"
+                    ) as conn:
                         conn.execute(f"LISTEN {channel}")
-                        deliver(None)
+                        up = True
+                        deliver(True)
                         backoff = 0.1
                         while not stop.is_set():
                             for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                                 deliver(note.payload)
                 except psycopg.Error as exc:
+                    if up:
+                        up = False
+                        deliver(False)
                     log.warning("%s listener lost its connection (%s); reconnecting in %.1f s", channel, exc, backoff)
                     stop.wait(backoff)
                     backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)

@@ -333,12 +333,25 @@ class SQLiteStore(SQLStore):
 
         return await self._read(op)
 
-    async def _watch(self, channel: str, notify: Callable[[str], None], task_status: trio.TaskStatus[None]) -> None:
-        """Sleep until cancelled: only this process writes the SQLite file, and it wakes its own streams."""
+    async def _watch(
+        self,
+        channel: str,
+        notify: Callable[[str], None],
+        task_status: trio.TaskStatus[None],
+        listening: Callable[[bool], None] | None = None,
+    ) -> None:
+        """Sleep until cancelled: only this process writes the SQLite file, and it wakes its own streams (and
+        clears its own session cache), so it hears everything (``listening(True)``) until the watch ends."""
         if self._writer is None:
             raise StoreUnavailableError("store is closed")
-        task_status.started()
-        await trio.sleep_forever()
+        if listening is not None:
+            listening(True)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            if listening is not None:
+                listening(False)
 
     # -- operations -------------------------------------------------------------------------
 

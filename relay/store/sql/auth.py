@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import ChallengeOutcome, ConsumedChallenge, SessionRecord
-from ..engine import Engine
+from ..engine import REVOCATION_CHANNEL, Engine
 
 
 def put_challenge(conn: Any, e: Engine, *, nonce: bytes, device_id: str, expires_at_ms: int) -> None:
@@ -61,12 +61,17 @@ def get_session(conn: Any, e: Engine, *, token_hash: bytes) -> SessionRecord | N
 
 
 def revoke_sessions(conn: Any, e: Engine, *, device_id: str, token_hash: bytes | None, now_ms: int) -> int:
+    """See ``Store.revoke_sessions``. Also the session part of revoking a device (sql/devices.py)."""
     sql, params = "device_id = ?", [now_ms, device_id]
     if token_hash is not None:
         sql, params = "token_hash = ? AND device_id = ?", [now_ms, token_hash, device_id]
     revoked: int = conn.execute(
         e.q(f"UPDATE sessions SET revoked_at_ms = ? WHERE {sql} AND revoked_at_ms IS NULL"), params
     ).rowcount
+    # Every replica drops the device's cached sessions when (and only if) this commits. The device id, never a
+    # token or its hash: any role that can connect to the database can LISTEN
+    # (docs/decisions/0013-revocation-across-replicas.md).
+    e.notify(conn, REVOCATION_CHANNEL, [device_id])
     return revoked
 
 

@@ -24,7 +24,7 @@ from ..base import (
 )
 from ..device_rules import ACTIVE, PENDING, CredentialRow, check_append
 from ..engine import INBOX_CHANNEL, Engine
-from . import log, prekeys
+from . import auth, log, prekeys
 
 
 def device_list_head(conn: Any, e: Engine, *, account_id: str) -> DeviceListHead | None:
@@ -53,9 +53,7 @@ def revoke_device(conn: Any, e: Engine, device_id: str, version: int, now_ms: in
     )
     # Sessions are marked revoked rather than deleted so that a surviving token is
     # answered device_revoked, not invalid_token; the expiry sweep deletes them.
-    conn.execute(
-        e.q("UPDATE sessions SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms IS NULL"), (now_ms, device_id)
-    )
+    auth.revoke_sessions(conn, e, device_id=device_id, token_hash=None, now_ms=now_ms)
     # Tombstones, as an acknowledgement leaves them (sql/inbox.py): the ciphertext is gone, and a retry of a
     # send to the device still answers its original result until the envelope's expiry. Invisible to the
     # previous version's reads too (rolling upgrades, docs/decisions/0009-compact-idempotency.md).

@@ -47,7 +47,7 @@ from ..base import (
     StoredEnvelope,
     StoredPrekey,
 )
-from ..engine import INBOX_CHANNEL, LOG_CHANNEL, Engine, clamp
+from ..engine import INBOX_CHANNEL, LOG_CHANNEL, REVOCATION_CHANNEL, Engine, clamp
 from . import accounts, auth, devices, federation, identity, inbox, log
 from . import prekeys as _prekeys  # the name "prekeys" is a parameter of put_prekeys
 
@@ -92,8 +92,15 @@ class SQLStore(abc.ABC):
         """Run ``fn(conn)`` in one read transaction: every statement sees the same committed state."""
 
     @abc.abstractmethod
-    async def _watch(self, channel: str, notify: Callable[[str], None], task_status: trio.TaskStatus[None]) -> None:
-        """Call ``notify(payload)`` in the trio thread for every wake-up on ``channel`` until cancelled."""
+    async def _watch(
+        self,
+        channel: str,
+        notify: Callable[[str], None],
+        task_status: trio.TaskStatus[None],
+        listening: Callable[[bool], None] | None = None,
+    ) -> None:
+        """Call ``notify(payload)`` in the trio thread for every wake-up on ``channel`` until cancelled;
+        ``listening`` as in ``Store.watch_session_revocations``."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -152,6 +159,15 @@ class SQLStore(abc.ABC):
         return await self._write(
             self._op(auth.revoke_sessions, device_id=device_id, token_hash=token_hash, now_ms=now_ms)
         )
+
+    async def watch_session_revocations(
+        self,
+        notify: Callable[[str], None],
+        listening: Callable[[bool], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._watch(REVOCATION_CHANNEL, notify, task_status, listening)
 
     # -- inboxes ----------------------------------------------------------------------------
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import count as count_from
 from itertools import starmap
+from operator import itemgetter
 from typing import Any
 
 from protocol.errors import TetherlessError
@@ -46,7 +48,7 @@ from ..inbox_rules import (
     content_digest,
     forget_bucket,
     forgettable_buckets,
-    key_hash,
+    key_hashes,
     plan_send,
     stored_digest,
 )
@@ -121,6 +123,11 @@ class QueueCounts:
     def put(self, device_no: int, queued: int) -> None:
         self._counts[device_no] = queued
         self._op.add(device_no)
+
+    def put_all(self, queued: Mapping[int, int]) -> None:
+        """:meth:`put` each count of ``queued`` (device_no -> count)."""
+        self._counts.update(queued)
+        self._op.update(queued)
 
     def lower(self, device_no: int, removed: int) -> None:
         """``removed`` envelopes left the inbox (never below zero; an unknown count stays unknown)."""
@@ -227,11 +234,12 @@ def insert_envelopes(
         numbers = device_numbers(conn, e, (env.recipient_device for _, env in envelopes))
     if e.inbox_counter is None:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'inbox'").fetchone()
-        base = row[0] if row else 0
-        envelopes = [(base + i, env) for i, (_, env) in enumerate(envelopes, start=1)]
+        cursors: Iterable[int] = count_from((row[0] if row else 0) + 1)
+    else:
+        cursors = map(itemgetter(0), envelopes)
     rows = [
         (seq, numbers[env.recipient_device], env.envelope_id, now_ms, env.expires_at_ms, env.ciphertext)
-        for seq, env in envelopes
+        for seq, (_, env) in zip(cursors, envelopes, strict=False)
     ]
     e.insert_many(conn, "inbox", (("seq", "bigint"), *ENVELOPE_COLUMNS), rows)
     if e.expiry_buckets:
@@ -242,13 +250,17 @@ def insert_envelopes(
 def _note_expiry_buckets(conn: Any, rows: Sequence[Sequence[Any]]) -> None:
     """SQLite: widen each expiry hour's cursor range to the new rows (seq, …, expires_at_ms at index 4)."""
     # Cursors grow along ``rows``: an hour's range runs from its first row to its last.
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for row in rows:
-        hour, seq = forget_bucket(row[4]), row[0]
-        first.setdefault(hour, seq)
-        last[hour] = seq
-    ranges = {hour: (first[hour], last[hour]) for hour in first}
+    hours = {forget_bucket(expiry) for expiry in set(map(itemgetter(4), rows))}
+    if len(hours) == 1:  # a batch sent with one TTL, the usual case: no Python per row
+        ranges = {hours.pop(): (rows[0][0], rows[-1][0])}
+    else:
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for row in rows:
+            hour, seq = forget_bucket(row[4]), row[0]
+            first.setdefault(hour, seq)
+            last[hour] = seq
+        ranges = {hour: (first[hour], last[hour]) for hour in first}
     conn.cursor().executemany(
         "INSERT INTO inbox_expiry_buckets (expiry_hour, first_seq, last_seq) VALUES (?, ?, ?)"
         " ON CONFLICT (expiry_hour) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),"
@@ -259,12 +271,14 @@ def _note_expiry_buckets(conn: Any, rows: Sequence[Sequence[Any]]) -> None:
 
 def grow_inboxes(conn: Any, e: Engine, inboxes: Mapping[str, InboxGrowth]) -> None:
     """Store the inboxes' new ``queued`` counts (and cursor counters) and wake their readers on commit."""
-    grown = sorted(device for device, inbox in inboxes.items() if inbox.added)
     counts = queue_counts(conn)
     if counts is not None:
-        for device in grown:
-            counts.put(inboxes[device].device_no, inboxes[device].queued)
-    elif e.inbox_counter is None:
+        # The counts are kept in memory: no rows to update, so no lock order to keep.
+        counts.put_all({inbox.device_no: inbox.queued for inbox in inboxes.values() if inbox.added})
+        e.notify(conn, INBOX_CHANNEL, [device for device, inbox in inboxes.items() if inbox.added])
+        return
+    grown = sorted(device for device, inbox in inboxes.items() if inbox.added)
+    if e.inbox_counter is None:
         e.update_many(
             conn, "devices", ("device_id", "text"), (("queued", "int"),), [(d, inboxes[d].queued) for d in grown]
         )
@@ -338,7 +352,7 @@ def store_envelopes(
         return []
     recipients = read_recipients(conn, e, (env.recipient_device for env in envelopes if not env.remote_relay))
     # Each key is hashed once per send: the lookups take hash -> key, the writes key -> hash.
-    hashed = {env.idempotency_key: key_hash(sender_device, env.idempotency_key) for env in envelopes}
+    hashed = key_hashes(sender_device, [env.idempotency_key for env in envelopes])
     if compact and not any(env.remote_relay for env in envelopes) and _no_keys_apart(conn):
         results = _store_fresh(conn, e, envelopes, recipients, hashed, now_ms, max_inbox)
         if results is not None:
@@ -363,7 +377,7 @@ def store_envelopes(
         "idempotency_keys",
         _IDEMPOTENCY_COLUMNS,
         [
-            (hashed[env.idempotency_key], env.envelope_id, stored_digest(env.digest), now_ms, bucket)
+            (hashed[env.idempotency_key], env.envelope_id, stored_digest(env.idempotency_digest()), now_ms, bucket)
             for env in plan.keys
             if not (compact and env.envelope_id in where)
         ],

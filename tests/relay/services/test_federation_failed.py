@@ -18,6 +18,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import nacl.signing
 import pytest
 import trio
@@ -67,7 +68,7 @@ def federation(store: Store, transport: PeerTransport, **settings: object) -> Fe
 async def queue(store: Store, relay: str, count: int) -> None:
     """``count`` envelopes for a device on ``relay``, in its federation outbox (as a local send writes them)."""
     target = device(9, "r" * 32)
-    items = [dataclasses.replace(envelope(target, os.urandom(8)), remote_relay=relay) for _ in range(count)]
+    items = [msgspec.structs.replace(envelope(target, os.urandom(8)), remote_relay=relay) for _ in range(count)]
     await store.store_envelopes("sender", items, NOW_MS, MAX_INBOX, FOREVER)
 
 

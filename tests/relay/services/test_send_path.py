@@ -20,9 +20,11 @@ from protocol.ids import Address
 from protocol.messages import Accepted, OutboundEnvelope, SendRequest, SendResponse
 from relay.config import Config
 from relay.services import ServiceContext, Services, limits_from
+from relay.services.abuse import AbuseLimits, RateSettings
 from relay.services.auth import Principal
-from relay.services.inbox import envelope_digest, parse_recipient, send_response
+from relay.services.inbox import InboxNotifier, InboxService, parse_recipient, send_response
 from relay.store import NewEnvelope, Store, StoredEnvelope
+from relay.store.base import envelope_digest
 from tests.relay.store.postgres_db import fresh_database
 from tests.relay.store.test_store_contract import Backend, device, open_store, with_devices
 
@@ -146,3 +148,58 @@ async def test_a_batchs_response_is_byte_identical_to_the_keyword_path(engine: s
                         assert codec.encode(got, media_type) == codec.encode(want, media_type)
                     assert [a.duplicate for a in got.accepted] == [a.duplicate for a in want.accepted]
     assert [a.duplicate for a in want.accepted] == [True] * 50 + [False] * 50
+
+
+class _Peers:
+    """Federation as the send path sees it: ``bad.example`` is refused by policy, any other relay allowed."""
+
+    def check_peer(self, relay: str) -> None:
+        if relay == "bad.example":
+            raise TetherlessError(ErrorCode.PEER_FORBIDDEN, "refused by policy")
+
+    def outbox_committed(self) -> None:
+        pass
+
+
+_DEVICE, _ACCOUNT = "d" * 32, "a" * 32
+RECIPIENTS = [
+    f"{_DEVICE}.{_ACCOUNT}@relay.test",
+    f"{'e' * 32}.{_ACCOUNT}@Relay.Test",  # this relay, spelt otherwise: the digest keeps the spelling
+    f"{_ACCOUNT}@relay.test",  # an account, not a device
+    "not an address",
+    f"{_DEVICE}.{_ACCOUNT}@other.example",
+    f"{_DEVICE}.{_ACCOUNT}@bad.example",
+]
+OUTBOUND = st.builds(
+    OutboundEnvelope,
+    recipient=st.sampled_from(RECIPIENTS) | st.sampled_from(RECIPIENTS[:2]),  # plain batches often enough
+    idempotency_key=st.sampled_from([b"key-0001", b"key-0002", b"key-0003"]) | st.binary(min_size=8, max_size=9),
+    ciphertext=st.binary(min_size=1, max_size=8) | st.binary(min_size=31, max_size=33),  # the limit is 32
+    ttl_seconds=st.none() | st.integers(min_value=1, max_value=10**6),
+)
+
+
+@given(envelopes=st.lists(OUTBOUND, min_size=1, max_size=8), federation=st.booleans())
+def test_the_batch_checked_in_c_is_the_batch_checked_envelope_by_envelope(
+    envelopes: list[OutboundEnvelope], federation: bool
+) -> None:
+    """``InboxService._local_items`` (checks and builds by ``map``) gives exactly what ``_checked_items`` (the
+    loop) gives, or None; it gives None whenever the loop raises, so a bad batch gets the loop's error (the
+    first envelope's, in the loop's order of checks). Batches that are plain (all local, all valid, keys
+    distinct) take it."""
+    config = Config(max_envelope_bytes=32, default_ttl_seconds=3_600, max_ttl_seconds=86_400)
+    ctx = ServiceContext("relay.test", limits_from(config), clock_ms=lambda: NOW)
+    service = InboxService(None, ctx, InboxNotifier(), AbuseLimits(RateSettings()), _Peers() if federation else None)  # type: ignore[arg-type]
+    ids = bytes(range(16)) * len(envelopes)
+    fast = service._local_items(envelopes, ids, NOW)
+    try:
+        checked = service._checked_items(envelopes, ids, NOW)
+    except TetherlessError:
+        assert fast is None
+        return
+    plain = all(parse_recipient(env.recipient).relay == "relay.test" for env in envelopes)
+    assert fast == (checked if plain else None)
+    if fast is not None:
+        assert [item.idempotency_digest() for item in fast] == [
+            envelope_digest(env.recipient, env.ciphertext) for env in envelopes
+        ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
+
+import msgspec
 
 from relay.store import ReceivedEnvelope, ReceivedOutcome
 from tests.relay.store import test_store_contract as contract
@@ -36,7 +37,7 @@ async def test_outbox_is_written_with_the_batch_and_settled(backend: Backend, tm
     async with open_store(backend, tmp_path) as store:
         local = device(1)
         await with_devices(store, local)
-        remote = dataclasses.replace(envelope(device(9, "r" * 32), b"key-remote"), remote_relay="b.example")
+        remote = msgspec.structs.replace(envelope(device(9, "r" * 32), b"key-remote"), remote_relay="b.example")
         stored = await store.store_envelopes("sender", [envelope(local, b"key-local"), remote], 10, MAX_INBOX, FOREVER)
         assert [s.duplicate for s in stored] == [False, False]
         # idempotent like local envelopes: the retry stores nothing new
@@ -70,7 +71,9 @@ async def test_deferred_envelopes_wait_and_expired_ones_go(backend: Backend, tmp
     async with open_store(backend, tmp_path) as store:
         target = device(9, "r" * 32)
         items = [
-            dataclasses.replace(envelope(target, b"key-%d" % i, expires=1000 if i == 2 else FOREVER), remote_relay="b")
+            msgspec.structs.replace(
+                envelope(target, b"key-%d" % i, expires=1000 if i == 2 else FOREVER), remote_relay="b"
+            )
             for i in range(3)
         ]
         await store.store_envelopes("sender", items, 10, MAX_INBOX, FOREVER)

@@ -6,7 +6,7 @@ import pytest
 
 from protocol.errors import ErrorCode, TetherlessError
 from relay.store.base import NewEnvelope, ReceivedEnvelope, ReceivedOutcome, StoredEnvelope
-from relay.store.inbox_rules import EarlierSend, Recipient, plan_received, plan_send
+from relay.store.inbox_rules import EarlierSend, Recipient, key_hash, key_hashes, plan_received, plan_send
 
 ALICE = Recipient("acct-a", revoked=False, queued=0, last_seq=7)
 NOW = 1_000
@@ -15,7 +15,7 @@ NOW = 1_000
 def env(
     key: bytes, device: str = "dev-a", account: str = "acct-a", *, digest: bytes = b"", relay: str = ""
 ) -> NewEnvelope:
-    return NewEnvelope(device, account, key, digest or b"d-" + key, b"id-" + key, 2_000, b"ct", relay)
+    return NewEnvelope(device, account, key, b"id-" + key, 2_000, b"ct", relay, digest=digest or b"d-" + key)
 
 
 def received(origin_id: bytes, device: str = "dev-a", account: str = "acct-a") -> ReceivedEnvelope:
@@ -108,3 +108,10 @@ def test_received_envelopes_each_get_their_own_outcome() -> None:
     assert [(seq, e.origin_envelope_id) for seq, e in plan.stored] == [(4, b"o1"), (5, b"o5")]
     assert (plan.inboxes["dev-a"].queued, plan.inboxes["dev-a"].last_seq) == (3, 5)
     assert set(plan.inboxes) == {"dev-a"}
+
+
+def test_the_batch_key_hashes_are_the_key_hash_of_each_key() -> None:
+    """``key_hashes`` (the send path) must agree with ``key_hash`` (migrations, PostgreSQL's SQL, earlier rows)."""
+    keys = [b"k" * 8, b"\x00" * 8, bytes(range(64))]
+    assert key_hashes("sender-device", keys) == {key: key_hash("sender-device", key) for key in keys}
+    assert key_hashes("another", keys[:1]) != key_hashes("sender-device", keys[:1])

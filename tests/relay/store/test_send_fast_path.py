@@ -10,14 +10,17 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
 from protocol.errors import ErrorCode, TetherlessError
-from relay.store import SQLiteStore, StoredEnvelope
+from relay.store import NewEnvelope, SQLiteStore, StoredEnvelope
+from relay.store.base import envelope_digest
 from relay.store.engine import SQLITE
 from relay.store.postgres import copy_from_sqlite
 from relay.store.sql import inbox
@@ -160,3 +163,29 @@ async def test_a_clean_stop_writes_the_sqlite_counts_back_to_the_column(tmp_path
     finally:
         conn.close()
     assert queued == {a.device_id: 1, b.device_id: 1}
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "outbox"])
+async def test_a_digest_left_to_the_store_tells_a_retry_from_a_reused_key(
+    backend: Backend, tmp_path: Path, remote: bool
+) -> None:
+    """The service gives no digest (``NewEnvelope.idempotency_digest`` computes it from the address text and
+    the ciphertext when a key is stored apart: envelopes for other relays, or every key below the compact
+    floor); a retry is still a duplicate and a reused key still a conflict, whichever row holds the key."""
+    async with open_store(backend, tmp_path) as store:
+        a = device(1)
+        await with_devices(store, a)
+        relay = "other.example" if remote else ""
+        text = f"{a.device_id}.{a.account_id}@{relay or 'relay.test'}"
+
+        def lazy(key: bytes, body: bytes, address: str = text) -> NewEnvelope:
+            return NewEnvelope(a.device_id, a.account_id, key, os.urandom(16), FOREVER, body, relay, address)
+
+        assert lazy(b"k", b"ct").idempotency_digest() == envelope_digest(text, b"ct")
+        assert msgspec.structs.replace(lazy(b"k", b"ct"), digest=b"given").idempotency_digest() == b"given"
+        first = await store.store_envelopes("s", [lazy(b"lazy-0001", b"body")], 10, 5, FOREVER)
+        again = await store.store_envelopes("s", [lazy(b"lazy-0001", b"body")], 20, 5, FOREVER)
+        assert again == [StoredEnvelope(first[0].envelope_id, 10, True, a.device_id)]
+        with pytest.raises(TetherlessError) as reused:
+            await store.store_envelopes("s", [lazy(b"lazy-0001", b"other body")], 30, 5, FOREVER)
+        assert reused.value.code is ErrorCode.IDEMPOTENCY_CONFLICT

@@ -4,7 +4,7 @@
 (cProfile, ``python -m pstats``) of one ``send`` to an established session, with the same homes and relay.
 
 Issue 14 point 2; how the CLI stays light: docs/decisions/0010-cli-package.md. Measured in one invocation,
-each command a fresh process pinned to core 1 (the relay on core 0) when taskset exists:
+each command a fresh process pinned to core 1 (the relay on core 0) when taskset exists, but one (below):
 
 - baseline ``python -c pass``: the same interpreter, site and environment, doing nothing;
 - ``tetherless --help``, ``--version``, ``whoami`` (home with its public identity): the child's CPU time
@@ -13,6 +13,11 @@ each command a fresh process pinned to core 1 (the relay on core 0) when taskset
 - ``send`` to a device this home already has a session with: wall time from spawn to exit (enqueue, keystore
   unlock, seal, POST, log append), for a home under the test KDF profile (the CLI's own cost) and one under
   the default profile (what a user pays: Argon2id t=3, 64 MiB; bench.keystore measures that part alone);
+- ``send_default_kdf_2cores``: the same default-profile ``send``, not pinned: what a user of this 2-core machine
+  sees. ``cryptography`` (OpenSSL) computes Argon2id's 4 lanes on as many threads as the process has cores, so a
+  child pinned to one core computes them one after the other (~180 ms here against ~120 ms on two); the pinned
+  figures stay what they measure, the CLI's own cost on one core, and the relay (pinned to core 0) is idle
+  while the KDF runs, so the second core is the user's;
 - ``send_imports``: ``python -c "import tetherless_cli.messages"``, the CPU of importing what ``send`` needs,
   so a regression shows whether it is an import or the command's work;
 - ``send_requests``: the requests one such ``send`` makes, per route, from the relay's own
@@ -52,12 +57,18 @@ TARGETS_MS = {"help": ("cpu", 150.0), "version": ("cpu", 150.0), "whoami": ("cpu
 SEND_TARGET_MS = 400.0
 
 
-def child(args: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run ``python ARGS`` to completion: (CPU ms of the child, wall ms). Raises RuntimeError when it fails."""
+# Measured on every core rather than pinned to LOAD_CPU (see the module doc).
+UNPINNED = frozenset({"send_default_kdf_2cores"})
+
+
+def child(args: list[str], env: dict[str, str], *, pin: bool = True) -> tuple[float, float]:
+    """Run ``python ARGS`` to completion (on LOAD_CPU unless ``pin`` is false): (CPU ms of the child, wall ms).
+    Raises RuntimeError when it fails."""
+    command = [sys.executable, *args]
     with tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            pinned([sys.executable, *args], LOAD_CPU),
+            pinned(command, LOAD_CPU) if pin else command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -147,19 +158,20 @@ def prepare(base: Path, relay_url: str) -> dict[str, tuple[list[str], dict[str, 
             strong,
         ),
     }
+    commands["send_default_kdf_2cores"] = commands["send_default_kdf"]  # run unpinned (UNPINNED)
     return commands
 
 
 def measure(runs: int, base: Path, relay_url: str) -> dict[str, Any]:
     commands = prepare(base, relay_url)
     weak = commands["send_test_kdf"][1]
-    for args, env in commands.values():  # warm-up, discarded: compiles what the setup above did not run
-        child(args, env)
+    for name, (args, env) in commands.items():  # warm-up, discarded: compiles what the setup above did not run
+        child(args, env, pin=name not in UNPINNED)
     cpu: dict[str, list[float]] = {name: [] for name in commands}
     wall: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):  # interleaved: a noisy neighbour hurts every command alike
         for name, (args, env) in commands.items():
-            used, elapsed = child(args, env)
+            used, elapsed = child(args, env, pin=name not in UNPINNED)
             cpu[name].append(used)
             wall[name].append(elapsed)
     figures: dict[str, Any] = {
@@ -201,7 +213,7 @@ def verdicts(figures: dict[str, Any]) -> dict[str, Any]:
             "target_ms": target,
             "met": median < target,
         }
-    for name in ("send_test_kdf", "send_default_kdf"):
+    for name in ("send_test_kdf", "send_default_kdf", "send_default_kdf_2cores"):
         median = figures[name]["wall_ms"]["median"]
         out[name] = {
             "wall_ms": median,
@@ -249,20 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, verdict in results["verdicts"].items():
         if "ratio" in verdict:
             print(
-                f"{name:<17} CPU {verdict['cpu_ms']:7.1f} ms  (python -c pass {verdict['baseline_cpu_ms']:.1f} ms;"
+                f"{name:<23} CPU {verdict['cpu_ms']:7.1f} ms  (python -c pass {verdict['baseline_cpu_ms']:.1f} ms;"
                 f" ratio {verdict['ratio']:.2f}, +{verdict['added_cpu_ms']:.1f} ms)  target < {verdict['target_ms']:g}"
                 f"  {'met' if verdict['met'] else 'NOT met'}"
             )
         else:
             print(
-                f"{name:<17} wall {verdict['wall_ms']:7.1f} ms  (CPU {verdict['cpu_ms']:.1f} ms)"
+                f"{name:<23} wall {verdict['wall_ms']:7.1f} ms  (CPU {verdict['cpu_ms']:.1f} ms)"
                 f"  target < {verdict['target_ms']:g}  {'met' if verdict['met'] else 'NOT met'}"
             )
     imports, baseline = (figures[name]["cpu_ms"]["median"] for name in ("send_imports", "baseline"))
-    print(f"{'send_imports':<17} CPU {imports:7.1f} ms  (python -c pass {baseline:.1f} ms; the imports of send)")
+    print(f"{'send_imports':<23} CPU {imports:7.1f} ms  (python -c pass {baseline:.1f} ms; the imports of send)")
     sent = figures["send_requests"]
     routes = ", ".join(f"{route} x{n}" for route, n in sent["per_route"].items())
-    print(f"{'send_requests':<17} {sent['total']} requests: {routes}")
+    print(f"{'send_requests':<23} {sent['total']} requests: {routes}")
     print(f"wrote {path}")
     return 0
 

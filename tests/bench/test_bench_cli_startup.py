@@ -17,7 +17,8 @@ def test_cli_startup_bench_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["benchmark"] == "cli_startup"
-    for name in ("baseline", "help", "version", "whoami", "send_test_kdf", "send_default_kdf"):
+    names = ("baseline", "help", "version", "whoami", "send_test_kdf", "send_default_kdf", "send_default_kdf_2cores")
+    for name in names:
         assert report["figures"][name]["cpu_ms"]["runs"] == 2
         assert report["figures"][name]["cpu_ms"]["median"] > 0
     for name in ("help", "version", "whoami"):
@@ -25,3 +26,4 @@ def test_cli_startup_bench_smoke(tmp_path: Path) -> None:
         assert verdict["baseline_cpu_ms"] == report["figures"]["baseline"]["cpu_ms"]["median"]
         assert verdict["ratio"] > 0
     assert report["verdicts"]["send_default_kdf"]["wall_ms"] > 0
+    assert report["verdicts"]["send_default_kdf_2cores"]["wall_ms"] > 0

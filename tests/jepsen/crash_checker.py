@@ -193,6 +193,22 @@ def scratch_database(server_url: str) -> Iterator[str]:
         drop_database(server_url, name)
 
 
+PROGRESS_PER_CYCLE = 5  # acknowledgements awaited before every other kill: 20 cycles give the test's 50
+PROGRESS_WAIT_SECONDS = 30.0  # bounds the wait; a relay that serves nothing then fails the test's count instead
+
+
+def _await_progress(history: History, count: int, timeout: float) -> None:
+    """Until ``count`` more sends were acknowledged than now, or ``timeout`` passed."""
+    with history.lock:
+        target = len(history.acknowledged) + count
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with history.lock:
+            if len(history.acknowledged) >= target:
+                return
+        time.sleep(0.01)
+
+
 def run(
     cycles: int,
     *,
@@ -238,7 +254,14 @@ def _run(cycles: int, clients: int, recipients: int, seed: int | None, workdir: 
     integrity_failures: list[str] = []
     try:
         for cycle in range(cycles):
-            time.sleep(rng.uniform(0.05, 0.4))
+            if cycle % 2 == 0:
+                # Every other kill waits for the clients to get through first (a loaded host may restart slowly,
+                # and a run where nothing was acknowledged proves nothing); the others stay blind, so some still
+                # land during start-up and recovery.
+                _await_progress(history, PROGRESS_PER_CYCLE, PROGRESS_WAIT_SECONDS)
+                time.sleep(rng.uniform(0.0, 0.35))
+            else:
+                time.sleep(rng.uniform(0.05, 0.4))
             relay.kill()
             result = "ok" if url else integrity_check(relay.data_dir)
             if result != "ok":

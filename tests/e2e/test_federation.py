@@ -218,6 +218,26 @@ def enroll_second_device(db: Path, first: DeviceKeys, *, now_ms: int) -> DeviceK
     )
 
 
+async def test_the_outbox_depth_gauge_drops_after_delivery_not_at_the_next_poll(tmp_path: Path) -> None:
+    """The delivery worker refreshes ``relay_federation_outbox_depth`` when a pass delivered something; with a poll
+    interval far beyond the test's wait, only that refresh can bring the gauge back to 0."""
+    slow_poll = {"TETHERLESS_FEDERATION_POLL_SECONDS": "600"}
+    with mesh(tmp_path, ["a.test", "b.test"], env=slow_poll) as m:
+        async with RelayClient.connect(m["a.test"].url) as ann, RelayClient.connect(m["b.test"].url) as ben:
+            await ann.register("ann")
+            await ben.register("ben")
+            await ann.send(keys(ben).address, "counted out and back")
+            (message,) = await wait_for_messages(ben, 1)
+            assert message.text == "counted out and back"
+            gauge = 'relay_federation_outbox_depth{peer="b.test"} 0.0'
+            metrics = ""
+            with trio.fail_after(20):
+                while gauge not in metrics:
+                    await trio.sleep(0.1)
+                    metrics = Http11(m["a.test"].url).get("/metrics").body.decode()
+            assert 'relay_federation_envelopes_total{direction="out",outcome="stored",peer="b.test"} 1.0' in metrics
+
+
 async def test_send_to_a_remote_account_reaches_every_device(tmp_path: Path) -> None:
     with mesh(tmp_path, ["a.test", "b.test"]) as m:
         async with RelayClient.connect(m["a.test"].url) as ann, RelayClient.connect(m["b.test"].url) as ben:

@@ -79,6 +79,21 @@ class ErrorCode(enum.StrEnum):
     SNAPSHOT_INCOMPLETE = "snapshot_incomplete"  # snapshot manifest whose parts are not all stored
     NO_SNAPSHOT = "no_snapshot"  # no complete snapshot / not the newest one
     LOG_QUOTA = "log_quota"  # the account's log would exceed limits.max_log_bytes
+    # -- media blobs, opened by the client (protocol/blobs.py; docs/crypto.md "Media blobs") -------------
+    BLOB_CORRUPT = "blob_corrupt"  # a blob's header, chunk, length or padding is not what its reference says
+    BLOB_KEY_MISMATCH = "blob_key_mismatch"  # the blob header's commitment is not the file key's
+    # -- media blobs on the relay (tus uploads and downloads; docs/blobs.md) ------------------------------
+    TUS_VERSION_UNSUPPORTED = "tus_version_unsupported"  # Tus-Resumable missing or not 1.0.0 (see Tus-Version)
+    INVALID_HEADER = "invalid_header"  # a header the route needs is missing or malformed (Upload-Length, …)
+    BLOB_NOT_FOUND = "blob_not_found"  # no such upload or blob, or no right to it (the two look the same)
+    BLOB_OFFSET_MISMATCH = "blob_offset_mismatch"  # Upload-Offset is not the upload's committed offset
+    BLOB_UPLOAD_LOCKED = "blob_upload_locked"  # another request is appending to this upload now
+    BLOB_TOO_LARGE = "blob_too_large"  # Upload-Length above limits.max_blob_bytes, or a body past Upload-Length
+    BLOB_QUOTA_EXCEEDED = "blob_quota_exceeded"  # the account's blobs and uploads would exceed its quota
+    BLOB_CHECKSUM_UNSUPPORTED = "blob_checksum_unsupported"  # Upload-Checksum names an algorithm other than sha1/sha256
+    BLOB_CHECKSUM_MISMATCH = "blob_checksum_mismatch"  # the PATCH body does not match Upload-Checksum (kept nothing)
+    BLOB_DIGEST_MISMATCH = "blob_digest_mismatch"  # the complete upload does not hash to its declared sha256
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # Range is malformed, several ranges, or outside the blob
     # -- server ---------------------------------------------------------------
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"  # draining or store not ready; retry elsewhere/later
@@ -143,6 +158,19 @@ STATUS: Final[dict[ErrorCode, int]] = {
     E.SNAPSHOT_INCOMPLETE: 422,
     E.NO_SNAPSHOT: 404,
     E.LOG_QUOTA: 507,
+    E.BLOB_CORRUPT: 422,
+    E.BLOB_KEY_MISMATCH: 422,
+    E.TUS_VERSION_UNSUPPORTED: 412,
+    E.INVALID_HEADER: 400,
+    E.BLOB_NOT_FOUND: 404,
+    E.BLOB_OFFSET_MISMATCH: 409,
+    E.BLOB_UPLOAD_LOCKED: 423,
+    E.BLOB_TOO_LARGE: 413,
+    E.BLOB_QUOTA_EXCEEDED: 507,
+    E.BLOB_CHECKSUM_UNSUPPORTED: 400,
+    E.BLOB_CHECKSUM_MISMATCH: 460,
+    E.BLOB_DIGEST_MISMATCH: 409,
+    E.RANGE_NOT_SATISFIABLE: 416,
     E.RATE_LIMITED: 429,
     E.UNAVAILABLE: 503,
     E.INTERNAL: 500,

@@ -56,6 +56,11 @@ class Limits(Message, frozen=True):
     max_log_page_bytes: int = 4 * 1024 * 1024
     max_log_bytes: int = 4 * 1024**3  # per account; 0 = unlimited
     max_retention_days: int = 36_500
+    # media blobs (docs/blobs.md); defaults so that older documents still decode
+    max_blob_bytes: int = 16 * 1024**3  # one blob's ciphertext (Tus-Max-Size)
+    blob_quota_bytes: int = 20 * 1024**3  # per account: stored blobs and unfinished uploads; 0 = unlimited
+    blob_upload_expiry_seconds: int = 86_400  # an unfinished upload is collected this long after its creation
+    blob_ttl_seconds: int = 30 * 86_400  # a stored blob is collected this long after it was stored
 
 
 class RelayKey(Message, frozen=True):

@@ -40,6 +40,9 @@ from .messages import AddressText, IdempotencyKey, Message, Millis, PublicKey, S
 BOX_KEY_BYTES: Final = 32
 EPHEMERAL_KEY_BYTES: Final = 32
 SEAL_OVERHEAD_BYTES: Final = 48  # ephemeral public key (32) + Poly1305 tag (16)
+#: A file message (docs/decisions/0014-media-blobs.md D5): the body is a ``protocol.blobs.BlobRef`` as MessagePack —
+#: where the encrypted file is, its key, digest and capability; the file itself never travels in the envelope.
+FILE_CONTENT_TYPE: Final = "application/vnd.tetherless.file+msgpack"
 
 ContentType = Annotated[str, Meta(min_length=1, max_length=255)]
 

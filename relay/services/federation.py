@@ -42,6 +42,7 @@ import trio
 
 from protocol import codec, federation
 from protocol.errors import ErrorCode, RemoteError, TetherlessError, error_from_problem
+from protocol.hosts import ip_literal, numeric_host, public_address, split_relay_name
 from protocol.ids import RELAY_PATTERN, Address
 from protocol.messages import (
     DeliverRequest,
@@ -163,51 +164,10 @@ def parse_peer_keys(text: str) -> dict[str, frozenset[str]]:
 
 
 # -- peer addresses: where a relay may connect (docs/federation.md §1.1) ----------------------------
+# The pure rules live in protocol.hosts (the client applies the same ones to a blob's relay); re-exported here
+# for the callers and tests that name them through this module.
 
 _RELAY_NAME = re.compile(RELAY_PATTERN)
-_NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
-
-
-def split_relay_name(name: str) -> tuple[str, int | None]:
-    """``host[:port]`` → (host without IPv6 brackets, port or None). Raises ``invalid_field``."""
-    if not _RELAY_NAME.match(name):
-        raise TetherlessError(ErrorCode.INVALID_FIELD, f"not a relay name: {name[:100]!r}")
-    host, port = name, None
-    if ":" in name and not name.endswith("]"):
-        host, _, digits = name.rpartition(":")
-        port = int(digits)
-        if not 0 < port < 65536:
-            raise TetherlessError(ErrorCode.INVALID_FIELD, f"not a relay name: {name[:100]!r}")
-    return host.strip("[]").lower(), port
-
-
-def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address ``host`` spells in standard form, or None."""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def numeric_host(host: str) -> bool:
-    """Whether ``host`` is an address in any spelling: standard, or one whose last label is numeric
-    (``127.1``, ``2130706433``, ``0x7f.1``), which resolvers read as IPv4 — no DNS top-level label is."""
-    return ip_literal(host) is not None or bool(_NUMERIC_LABEL.match(host.rstrip(".").rpartition(".")[2]))
-
-
-def public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """False for loopback, private, shared, link-local, multicast, unspecified, reserved and documentation
-    addresses — also when an IPv6 address embeds one (IPv4-mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and not public_address(embedded):
-            return False
-    return address.is_global and not address.is_multicast
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @dataclass(frozen=True, slots=True)

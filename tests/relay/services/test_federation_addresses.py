@@ -21,6 +21,7 @@ import trio.testing
 
 from protocol import codec, federation
 from protocol.errors import ErrorCode, TetherlessError
+from protocol.hosts import numeric_host, public_address, split_relay_name
 from protocol.messages import WellKnown
 from relay.config import Config, ConfigError, load
 from relay.relay_keys import RelayKeyring
@@ -32,9 +33,6 @@ from relay.services.federation import (
     KEY_FETCH_CONCURRENCY,
     FederationService,
     FederationSettings,
-    numeric_host,
-    public_address,
-    split_relay_name,
 )
 from relay.store import Store
 

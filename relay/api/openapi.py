@@ -91,6 +91,16 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             op["parameters"] = params
         if route.auth:
             op["security"] = [{"bearer": []}]
+        elif route.security:
+            op["security"] = [{scheme: []} for scheme in route.security]  # any one of them
+        if route.stream_body:
+            op["requestBody"] = {
+                "required": True,
+                "description": "streamed as it arrives (not limited by the relay's max_body_bytes)",
+                "content": {
+                    route.stream_media_type: {"schema": {"type": "string", "contentMediaType": route.stream_media_type}}
+                },
+            }
         if route.body is not None:
             schema = schema_of[route.body]
             op["requestBody"] = {
@@ -126,7 +136,15 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "capability": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Tetherless-Capability",
+                    "description": "a blob's download capability, base64url of 32 bytes (docs/blobs.md)",
+                },
+            },
         },
     }
 

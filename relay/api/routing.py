@@ -40,6 +40,8 @@ PARAM_PATTERNS: dict[str, str] = {
     "device_id": ID_PATTERN,
     "relay": RELAY_PATTERN,
     "snapshot_id": "^[0-9a-f]{32}$",  # account log: 16 bytes as lowercase hex
+    "upload_id": "^[0-9a-f]{32}$",  # media blobs: 16 random bytes as lowercase hex
+    "blob_id": "^[0-9a-f]{32}$",  # the upload id that stored the blob
     # enrolment: 16 base32 characters; anything else up to 64 characters reaches the handler and is
     # answered enrolment_unknown (a mistyped link code finds nothing), not the generic not_found.
     "lookup_id": "^[^/]{1,64}$",
@@ -122,10 +124,23 @@ class Route:
     raw_content_type: str | None = None  # response is not a protocol message (metrics, this document)
     no_content: str = ""  # non-empty: the route may also answer 204 without a body (this says when)
     tag: str = "relay"
+    # The handler reads the request body as it arrives (Request.body_stream), unbounded by max_body_bytes,
+    # and answers a BodyIncompleteError itself (one it lets through becomes 400 bad_request, a safety net that
+    # is not documented per route, like internal).
+    stream_body: bool = False
+    stream_media_type: str = "application/octet-stream"  # what a streamed body is (the API document says so)
+    # Authentication the handler does itself (documentation only: "bearer", "capability"), for routes whose
+    # handler must answer even the token's errors in its own way (tus: Tus-Resumable on every answer).
+    security: tuple[str, ...] = ()
     path_params: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.stream_body and (self.body is not None or self.signed):
+            # A decoded body needs the whole body, and so does a signature over its digest.
+            raise ValueError(f"{self.method} {self.template}: a streamed body has no body type and no signature")
+        if self.auth and self.security:
+            raise ValueError(f"{self.method} {self.template}: auth (the application's check) or security, not both")
         pattern = "^"
         names: list[str] = []
         for part in self.template.strip("/").split("/"):
@@ -195,12 +210,20 @@ class RouteTable:
         raw_content_type: str | None = None,
         no_content: str = "",
         tag: str | None = None,
+        stream_body: bool = False,
+        stream_media_type: str = "application/octet-stream",
+        security: tuple[str, ...] = (),
     ) -> Callable[[Endpoint], Endpoint]:
         """Declare the decorated handler as ``method template`` (and as ``method`` on each ``also`` path).
 
         ``errors``: the codes the handler and the services it calls raise;
-        those of the steps before the handler follow from the flags. Raises
-        ``ValueError`` at import when the docstring does not name the route.
+        those of the steps before the handler follow from the flags.
+        ``stream_body``: the handler reads ``call.request.body_stream`` (no
+        ``body`` type, not ``signed``), documented as ``stream_media_type``.
+        ``security``: the schemes the handler checks itself (``auth`` is the
+        application's bearer check; only one of the two). Raises
+        ``ValueError`` at import when the docstring does not name the route or
+        the flags contradict.
         """
 
         def register(handler: Endpoint) -> Endpoint:
@@ -227,6 +250,9 @@ class RouteTable:
                         raw_content_type=raw_content_type,
                         no_content=no_content,
                         tag=tag or self.tag,
+                        stream_body=stream_body,
+                        stream_media_type=stream_media_type,
+                        security=security,
                     )
                 )
             return handler

@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -39,6 +39,21 @@ WRITE_PIECE_BYTES: Final = 256 * 1024
 # final error response) before it is closed regardless.
 CLOSE_FLUSH_SECONDS: Final = 1.0
 
+# When a streamed request body is cut short by the connection ending (the peer
+# left, or a write failed) its handler gets BodyIncompleteError and this long
+# to commit what arrived (tus keeps it) before it is cancelled. A drain
+# reserves up to this much of drain_timeout_seconds for the same purpose.
+BODY_COMMIT_SECONDS: Final = 5.0
+
+# (method, path) -> does the route read its request body as a stream?
+StreamsBody = Callable[[str, str], bool]
+
+
+def never_streams_body(method: str, path: str) -> bool:
+    """The default :data:`StreamsBody`: every request body is buffered."""
+    return False
+
+
 _TOKEN_CHARS: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 _BAD_VALUE_BYTES: Final = frozenset(b"\r\n\x00")
 
@@ -55,6 +70,10 @@ class TransportStatistics:
     max_connection_buffered_bytes: int  # the largest single connection's outbound queue
     connections_rejected: int  # refused by a cap since the server started
     draining: bool
+    body_buffered_bytes: int = 0  # request body bytes held in the transport now, over all connections
+    # The most request body bytes one connection has held at once since the server started (a high-water
+    # mark, so a test can check a bound once instead of sampling).
+    peak_connection_body_bytes: int = 0
 
 
 class Connection(Protocol):
@@ -68,8 +87,22 @@ class Connection(Protocol):
     @property
     def buffered_bytes(self) -> int: ...
 
+    @property
+    def body_buffered_bytes(self) -> int:
+        """Request body bytes held now: buffered bodies and streamed bytes not yet read by the handler."""
+        ...
+
+    @property
+    def peak_body_buffered_bytes(self) -> int:
+        """The most ``body_buffered_bytes`` ever was on this connection."""
+        ...
+
     def start_drain(self) -> None:
         """Begin a graceful close; returns at once. Idempotent."""
+        ...
+
+    def cut_request_bodies(self, reason: str) -> None:
+        """End every streamed request body still arriving with ``BodyIncompleteError(reason)``. Idempotent."""
         ...
 
     async def run(self) -> None:
@@ -151,6 +184,8 @@ def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
     """
     if not 200 <= response.status <= 599:
         raise InvalidResponseError(f"status {response.status} out of range")
+    if response.length is not None and response.length < 0:
+        raise InvalidResponseError(f"negative length {response.length}")
     key = tuple(response.headers)
     entry = _encoded_headers.get(key)
     if entry is None:
@@ -217,3 +252,18 @@ async def aclose_iterator(iterator: AsyncIterator[bytes]) -> None:
             await aclose()
         except Exception:
             logger.debug("response stream aclose() failed", exc_info=True)
+
+
+def stream_length_error(length: int | None, sent: int, *, ended: bool) -> str | None:
+    """Why a ``Response.stream`` with ``length`` must be aborted after ``sent`` bytes (None: it may go on).
+
+    ``sent`` counts the chunk about to be written; ``ended`` is True once the
+    iterator has finished. A response without ``length`` is never aborted.
+    """
+    if length is None:
+        return None
+    if sent > length:
+        return f"response stream yielded more than its length {length}"
+    if ended and sent < length:
+        return f"response stream ended after {sent} of its length {length} bytes"
+    return None

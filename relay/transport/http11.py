@@ -6,6 +6,11 @@ split: between requests the connection may sit idle for
 ``idle_timeout_seconds``; once the first byte of a request arrives its
 headers must be complete within ``header_timeout_seconds`` (for the first
 request: measured from connect) and its body within ``body_timeout_seconds``.
+
+A streaming route's body is not read ahead: the handler's reads pull it
+from the socket (backpressure is the peer's TCP window), each read failing
+after ``body_timeout_seconds`` without a byte. A handler that returns before
+the body's end gets its response sent with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -20,19 +25,22 @@ import trio
 
 from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
-from relay.api.http import Handler, Request, Response, problem_response
+from relay.api.http import BodyStream, Handler, Request, Response, problem_response
 from relay.config import Config
 from relay.transport.base import (
     HTTP11,
     InvalidResponseError,
+    StreamsBody,
     WriteStalledError,
     aclose_iterator,
     body_has_no_content,
     decode_headers,
     logger,
+    never_streams_body,
     response_headers,
     send_with_stall_timeout,
     split_target,
+    stream_length_error,
 )
 
 RECEIVE_BYTES: Final = 64 * 1024
@@ -55,6 +63,38 @@ class _PeerGoneError(Exception):
     """The socket broke or stalled; nothing more can be written."""
 
 
+class _H11BodyStream(BodyStream):
+    """A streamed request body, read from the socket only when the handler asks for more."""
+
+    def __init__(self, connection: HTTP11Connection, declared_length: int | None) -> None:
+        super().__init__(declared_length)
+        self._connection = connection
+        self.cut_reason: str | None = None  # set by a drain: the next read ends the body
+        self.read_scope: trio.CancelScope | None = None  # set while a read waits on the socket
+
+    def end(self) -> None:
+        self._ended = True
+
+    def cut(self, reason: str) -> None:
+        if self._ended or self._failure is not None:
+            return
+        self.cut_reason = reason
+        if self.read_scope is not None:
+            self.read_scope.cancel()
+
+    def close(self) -> None:
+        """The handler returned: later reads end the body."""
+        self.fail("the request is over")
+
+    async def _read(self) -> bytes:
+        if self._ended or self._failure is not None:
+            return b""
+        if self.cut_reason is not None:
+            self.fail(self.cut_reason)
+            return b""
+        return await self._connection.read_streamed_body(self)
+
+
 class HTTP11Connection:
     """Serves one HTTP/1.1 connection; :meth:`run` returns when it should be closed.
 
@@ -75,8 +115,10 @@ class HTTP11Connection:
         scheme: str,
         initial: bytes,
         started_at: float,
+        streams_body: StreamsBody = never_streams_body,
     ) -> None:
         self._stream = stream
+        self._streams_body = streams_body
         self._config = config
         self._handler = handler
         self._client = client
@@ -90,6 +132,9 @@ class HTTP11Connection:
         self._draining = False
         self._read_scope: trio.CancelScope | None = None
         self._next_chunk_scope: trio.CancelScope | None = None
+        self._body_stream: _H11BodyStream | None = None  # the streamed body of the request in progress
+        self._body_bytes = 0  # request body bytes held: a buffered body, or a streamed body's last read
+        self._peak_body_bytes = 0
 
     @property
     def open_streams(self) -> int:
@@ -98,6 +143,23 @@ class HTTP11Connection:
     @property
     def buffered_bytes(self) -> int:
         return self._in_flight
+
+    @property
+    def body_buffered_bytes(self) -> int:
+        return self._body_bytes
+
+    @property
+    def peak_body_buffered_bytes(self) -> int:
+        return self._peak_body_bytes
+
+    def _hold_body_bytes(self, count: int) -> None:
+        self._body_bytes = count
+        self._peak_body_bytes = max(self._peak_body_bytes, count)
+
+    def cut_request_bodies(self, reason: str) -> None:
+        """End the streamed request body still arriving (if any) with BodyIncompleteError."""
+        if self._body_stream is not None:
+            self._body_stream.cut(reason)
 
     def _is_draining(self) -> bool:
         # A method so mypy does not narrow a flag that start_drain() flips meanwhile.
@@ -199,6 +261,7 @@ class HTTP11Connection:
                 return None
             if isinstance(event, h11.Data):
                 body += event.data
+                self._hold_body_bytes(len(body))
                 if len(body) > self._config.max_body_bytes:
                     await self._answer_too_large(method)
                     return None
@@ -206,6 +269,68 @@ class HTTP11Connection:
                 return body
             else:
                 return None  # ConnectionClosed mid-body
+
+    async def read_streamed_body(self, body: _H11BodyStream) -> bytes:
+        """The streamed body's next bytes (what one socket read brought), or b"" at its end or failure.
+
+        Reads the socket only here, so a handler that stops reading stops
+        the sender (TCP backpressure); every read waits at most
+        ``body_timeout_seconds``. Never raises: failures are recorded on
+        ``body`` (BodyIncompleteError for the handler) and end the body.
+        """
+        try:
+            if self._conn.they_are_waiting_for_100_continue:
+                # Only now: a request refused before its body is read (bad token) never invites the body.
+                await self._write(self._continue_bytes())
+        except _PeerGoneError:
+            body.fail("the peer closed the connection")
+            return b""
+        chunk = bytearray()
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                body.fail(f"malformed body: {exc}")
+                break
+            if isinstance(event, h11.Data):
+                chunk += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                body.end()
+                break
+            elif event is h11.NEED_DATA and not chunk:
+                data = await self._receive_streamed(body)
+                if not data:
+                    break
+                self._conn.receive_data(data)
+            elif event is h11.NEED_DATA:
+                break  # hand over what this read brought before reading again
+            else:
+                body.fail("the peer closed the connection")
+                break
+        self._hold_body_bytes(0)
+        return bytes(chunk)
+
+    async def _receive_streamed(self, body: _H11BodyStream) -> bytes:
+        """One socket read for ``body``; b"" (with ``body`` failed) at EOF, on a drain cut or after the timeout."""
+        timeout = self._config.body_timeout_seconds
+        data: bytes | bytearray = b""
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            body.read_scope = scope
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            finally:
+                body.read_scope = None
+        if scope.cancelled_caught and body.cut_reason is not None:
+            body.fail(body.cut_reason)
+        elif scope.cancelled_caught:
+            metrics.protocol_errors_total.labels(kind="body_timeout").inc()
+            body.fail(f"no body bytes for {timeout} s")
+        elif not data:
+            body.fail("the peer closed the connection")
+        self._hold_body_bytes(len(data))
+        return bytes(data)
 
     # -- one request ---------------------------------------------------------------
     async def _serve_request(self, head: h11.Request) -> bool:
@@ -222,17 +347,19 @@ class HTTP11Connection:
             return False
         # h11 has already rejected malformed or conflicting Content-Length.
         declared = next((int(value) for name, value in headers if name == "content-length"), None)
-        if declared is not None and declared > self._config.max_body_bytes:
-            await self._answer_too_large(method)
-            return False
-        if self._conn.they_are_waiting_for_100_continue:
-            await self._write(
-                self._conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b""
-            )
-        body = await self._read_body(method)
-        if body is None:
-            return False
         path, query = split_target(target)
+        body_stream = _H11BodyStream(self, declared) if self._streams_body(method, path) else None
+        body = bytearray()  # a streamed body is read by the handler, later
+        if body_stream is None:
+            if declared is not None and declared > self._config.max_body_bytes:
+                await self._answer_too_large(method)
+                return False
+            if self._conn.they_are_waiting_for_100_continue:
+                await self._write(self._continue_bytes())
+            whole = await self._read_body(method)
+            if whole is None:
+                return False
+            body = whole
         request = Request(
             method=method,
             path=path,
@@ -242,15 +369,53 @@ class HTTP11Connection:
             client=self._client,
             http_version="1.1",
             scheme=self._scheme,
+            body_stream=body_stream,
         )
         del body
+        self._hold_body_bytes(0)
+        if body_stream is not None:
+            return await self._serve_streamed_body(request, body_stream)
+        return await self._send(method, await self._call_handler(request))
+
+    async def _call_handler(self, request: Request) -> Response:
         self._phase = _Phase.HANDLER
         try:
-            response = await self._handler(request)
+            return await self._handler(request)
         except Exception:
-            logger.exception("handler raised on %s %s", method, path)
-            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
-        return await self._send(method, response)
+            logger.exception("handler raised on %s %s", request.method, request.path)
+            return problem_response(TetherlessError(ErrorCode.INTERNAL))
+
+    async def _serve_streamed_body(self, request: Request, body: _H11BodyStream) -> bool:
+        """Run the handler with the body as a stream; close the connection after a body it left unread."""
+        self._body_stream = body
+        try:
+            response = await self._call_handler(request)
+        finally:
+            body.close()
+            self._body_stream = None
+        if not self._rest_of_body_is_here():
+            # The rest of the body would be read as the next request: answer, then close (RFC 9112 §9.6).
+            keep_open = False
+            await self._send(request.method, response, close=True)
+            await self._linger()
+        else:
+            keep_open = await self._send(request.method, response)
+        return keep_open
+
+    def _rest_of_body_is_here(self) -> bool:
+        """Whether the request's body has ended, reading only what is already received (the rest is dropped)."""
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if not isinstance(event, h11.Data):
+                return self._conn.their_state is h11.DONE
+
+    def _continue_bytes(self) -> bytes:
+        return self._conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b""
 
     def _reject_head(self, method: str, head: h11.Request, headers: list[tuple[str, str]]) -> Response | None:
         """A 4xx problem for a request h11 accepts but the relay must not (or None)."""
@@ -339,11 +504,12 @@ class HTTP11Connection:
             reason = HTTPStatus(response.status).phrase.encode("ascii")
         except ValueError:
             reason = b""
+        length = len(response.body) if response.stream is None else response.length
+        if length is not None and response.status not in (204, 304):
+            headers.append((b"content-length", str(length).encode("ascii")))
         if response.stream is None or no_body:
             if response.stream is not None:
                 await aclose_iterator(response.stream)
-            elif response.status not in (204, 304):
-                headers.append((b"content-length", str(len(response.body)).encode("ascii")))
             data = self._event_bytes(h11.Response(status_code=response.status, headers=headers, reason=reason))
             if response.body and not no_body:
                 data += self._event_bytes(h11.Data(data=response.body))
@@ -354,19 +520,28 @@ class HTTP11Connection:
             head = self._event_bytes(h11.Response(status_code=response.status, headers=headers, reason=reason))
             try:
                 await self._write(head)
-                if not await self._stream_body(method, response.stream):
+                if not await self._stream_body(method, response.stream, response.length):
                     return False
             finally:
                 await aclose_iterator(response.stream)
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
 
-    async def _stream_body(self, method: str, iterator: AsyncIterator[bytes]) -> bool:
-        """Send chunks until the iterator ends or a drain; False when the body could not be finished."""
+    async def _stream_body(self, method: str, iterator: AsyncIterator[bytes], length: int | None) -> bool:
+        """Send chunks until the iterator ends or a drain; False when the body could not be finished.
+
+        With a ``length`` the body is framed by Content-Length, is not ended
+        by a drain (it would be a corrupt body), and a stream that yields
+        another number of bytes ends the connection before its end, so the
+        client sees an incomplete response rather than a wrong one.
+        """
+        stoppable = length is None
+        sent = 0
         with trio.CancelScope() as peer_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_peer, peer_scope)
-                while not self._is_draining():
-                    with trio.CancelScope() as self._next_chunk_scope:
+                while not (stoppable and self._is_draining()):
+                    with trio.CancelScope() as scope:
+                        self._next_chunk_scope = scope if stoppable else None
                         try:
                             chunk = await iterator.__anext__()
                         except StopAsyncIteration:
@@ -377,11 +552,20 @@ class HTTP11Connection:
                             nursery.cancel_scope.cancel()
                             return False
                     self._next_chunk_scope = None
-                    if self._is_draining():
+                    if stoppable and self._is_draining():
                         break
+                    sent += len(chunk)
+                    if problem := stream_length_error(length, sent, ended=False):
+                        logger.error("response to %s aborted: %s", method, problem)
+                        nursery.cancel_scope.cancel()
+                        return False
                     if chunk:
                         await self._write(self._event_bytes(h11.Data(data=chunk)))
                 self._next_chunk_scope = None
+                if problem := stream_length_error(length, sent, ended=True):
+                    logger.error("response to %s aborted: %s", method, problem)
+                    nursery.cancel_scope.cancel()
+                    return False
                 await self._write(self._event_bytes(h11.EndOfMessage()))
                 nursery.cancel_scope.cancel()
         return not peer_scope.cancelled_caught

@@ -14,11 +14,20 @@ window and stops while the outbound buffer holds ``send_buffer_bytes`` or
 more; the reader stops reading while the buffer is over that cap, so a peer
 that does not read cannot make the server queue without bound (it is closed
 when its socket accepts nothing for ``idle_timeout_seconds``).
+
+Request bodies: a buffered body is acknowledged (its window reopened) as it
+arrives, while the connection holds less than ``max_connection_body_bytes``
+of bodies. A streamed body (a streaming route's) is acknowledged only as the
+handler reads it, so each stream holds at most its window (1 MiB) unread and
+all of them together at most the connection window; a handler that stops
+reading stops its sender.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,22 +42,26 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
-from relay.api.http import Handler, Request, Response, problem_response
+from relay.api.http import BodyStream, Handler, Request, Response, problem_response
 from relay.config import Config
 from relay.ratelimit import TokenBucket
 from relay.transport.base import (
+    BODY_COMMIT_SECONDS,
     CLOSE_FLUSH_SECONDS,
     HTTP2,
     InvalidResponseError,
+    StreamsBody,
     WriteStalledError,
     aclose_iterator,
     body_has_no_content,
     content_lengths,
     decode_headers,
     logger,
+    never_streams_body,
     response_headers,
     send_with_stall_timeout,
     split_target,
+    stream_length_error,
 )
 
 ErrorCodes = h2.errors.ErrorCodes
@@ -133,6 +146,66 @@ class _StreamGoneError(Exception):
     """The stream can no longer carry frames (reset by either side, or the connection closed)."""
 
 
+class _H2BodyStream(BodyStream):
+    """A streamed request body: the reader task feeds DATA in, the handler reads it out.
+
+    ``on_read(n)`` runs when the handler takes ``n`` bytes, which is when
+    they are acknowledged to the peer; unread bytes are bounded by the
+    stream's flow-control window because nothing else acknowledges them.
+    """
+
+    def __init__(self, declared_length: int | None, timeout_seconds: float, on_read: Callable[[int], None]) -> None:
+        super().__init__(declared_length)
+        self._chunks: deque[bytes] = deque()
+        self.unread = 0
+        self._timeout_seconds = timeout_seconds
+        self._on_read = on_read
+        self._lot = trio.lowlevel.ParkingLot()  # the handler waits here for bytes, the end or a failure
+
+    @property
+    def accepting(self) -> bool:
+        """More DATA for this body is kept (else it is acknowledged and dropped)."""
+        return not self._ended and self._failure is None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.unread += len(data)
+        self._lot.unpark_all()
+
+    def end(self) -> None:
+        self._ended = True
+        self._lot.unpark_all()
+
+    def fail(self, reason: str) -> bool:
+        failed = super().fail(reason)
+        self._lot.unpark_all()
+        return failed
+
+    def close(self) -> int:
+        """The handler returned: refuse more DATA and drop what it did not read; returns the bytes dropped."""
+        self.fail("the request is over")
+        dropped, self.unread = self.unread, 0
+        self._chunks.clear()
+        return dropped
+
+    async def _read(self) -> bytes:
+        if not self._chunks and self.accepting:
+            # Inactivity, not total time: the clock restarts at every read, and a read returns as soon as any
+            # byte is here. While the handler is not reading, its sender is held by flow control, not timed.
+            with trio.move_on_after(self._timeout_seconds):
+                while not self._chunks and self.accepting:
+                    await self._lot.park()
+            if not self._chunks and self.fail(f"no body bytes for {self._timeout_seconds} s"):
+                metrics.protocol_errors_total.labels(kind="body_timeout").inc()
+        if not self._chunks:
+            return b""
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        read, self.unread = self.unread, 0
+        self._on_read(read)
+        return data
+
+
 @dataclass(eq=False, slots=True)
 class _Stream:
     stream_id: int
@@ -145,6 +218,10 @@ class _Stream:
     too_large: bool = False
     body_accounted: int = 0  # bytes of this stream counted in the connection's body budget
     deferred_ack: int = 0  # flow-controlled bytes received but not yet acknowledged (backpressure)
+    # Bytes of a streamed body dropped unread (its handler returned, or the body failed): acknowledged only when
+    # the stream ends, by then at the connection level alone, so the sender is not invited to send more.
+    dropped_ack: int = 0
+    body_stream: _H2BodyStream | None = None  # a streaming route's body, read by the handler as it arrives
     remote_ended: bool = False
     gone: bool = False  # reset; nothing may be sent any more
     stop_streaming: bool = False  # drain: end a streaming response at the next chunk boundary
@@ -172,8 +249,10 @@ class HTTP2Connection:
         scheme: str,
         initial: bytes,
         started_at: float,
+        streams_body: StreamsBody = never_streams_body,
     ) -> None:
         self._stream = stream
+        self._streams_body = streams_body
         self._config = config
         self._handler = handler
         self._client = client
@@ -196,12 +275,14 @@ class HTTP2Connection:
         )
         self._streams: dict[int, _Stream] = {}
         self._body_bytes = 0  # request bodies buffered on this connection (max_connection_body_bytes)
+        self._peak_body_bytes = 0
+        self._aborted = False  # the socket failed: nothing more is written
+        self._stream_ended_lot = trio.lowlevel.ParkingLot()  # a stream task finished
         self._out = bytearray()
         self._in_flight = 0
         self._writer_lot = trio.lowlevel.ParkingLot()  # writer waits here for bytes
         self._progress_lot = trio.lowlevel.ParkingLot()  # senders/reader wait here for window or buffer room
         self._read_scope: trio.CancelScope | None = None
-        self._conn_scope = trio.CancelScope()
         self._settings_received = False
         self._closing = False
         self._draining = False
@@ -220,6 +301,14 @@ class HTTP2Connection:
     def buffered_bytes(self) -> int:
         """Outbound bytes the transport holds for this connection (queued + being written)."""
         return len(self._out) + self._in_flight
+
+    @property
+    def body_buffered_bytes(self) -> int:
+        return self._body_bytes
+
+    @property
+    def peak_body_buffered_bytes(self) -> int:
+        return self._peak_body_bytes
 
     # -- lifecycle -----------------------------------------------------------------
     async def run(self) -> None:
@@ -243,18 +332,36 @@ class HTTP2Connection:
         self._conn.initiate_connection()
         self._conn.increment_flow_control_window(CONNECTION_WINDOW_BYTES - 65535)
         self._flush()
-        with self._conn_scope:
-            async with trio.open_nursery() as io_nursery:
-                io_nursery.start_soon(self._write_loop)
-                async with trio.open_nursery() as stream_nursery:
-                    await self._read_loop(stream_nursery)
-                    # The reader is done: the connection is closing. Streams
-                    # still running are abandoned (a completed drain has none).
-                    stream_nursery.cancel_scope.cancel()
-                with trio.move_on_after(CLOSE_FLUSH_SECONDS):
-                    while self.buffered_bytes:
-                        await self._progress_lot.park()
-                io_nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as io_nursery:
+            io_nursery.start_soon(self._write_loop)
+            async with trio.open_nursery() as stream_nursery:
+                await self._read_loop(stream_nursery)
+                # The reader is done: the connection is closing. Streams
+                # still running are abandoned (a completed drain has none),
+                # but a streamed body's handler may first commit what arrived.
+                await self._let_streamed_bodies_commit()
+                stream_nursery.cancel_scope.cancel()
+            with trio.move_on_after(CLOSE_FLUSH_SECONDS):
+                while self.buffered_bytes and not self._aborted:
+                    await self._progress_lot.park()
+            io_nursery.cancel_scope.cancel()
+
+    async def _let_streamed_bodies_commit(self) -> None:
+        """Cut streamed bodies still arriving and wait (bounded) for their handlers; cancel every other stream."""
+        for stream in self._streams.values():
+            if stream.body_stream is None:
+                stream.scope.cancel()
+            else:
+                stream.body_stream.fail("the connection closed")
+        with trio.move_on_after(BODY_COMMIT_SECONDS):
+            while self._streams:
+                await self._stream_ended_lot.park()
+
+    def cut_request_bodies(self, reason: str) -> None:
+        """End streamed request bodies still arriving with BodyIncompleteError; their handlers then answer."""
+        for stream in self._streams.values():
+            if stream.body_stream is not None:
+                stream.body_stream.fail(reason)
 
     def start_drain(self) -> None:
         """Send GOAWAY(NO_ERROR), refuse new streams, end streaming responses; close when streams finish.
@@ -298,10 +405,20 @@ class HTTP2Connection:
         self._progress_lot.unpark_all()
 
     def _abort(self, reason: str) -> None:
-        """The socket is unusable: end everything now, nothing more can be written."""
+        """The socket is unusable: stop reading and writing; :meth:`run` ends the streams.
+
+        Not a cancellation of everything at once: a handler reading a streamed
+        body gets BodyIncompleteError and its chance to commit (a peer that
+        vanished mid-upload surfaces as a failed WINDOW_UPDATE write as often
+        as a failed read).
+        """
         logger.debug("h2 connection %s aborted: %s", self._client, reason)
         self._closing = True
-        self._conn_scope.cancel()
+        self._aborted = True
+        self._out.clear()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self._progress_lot.unpark_all()
 
     def _close_if_drained(self) -> None:
         if self._draining and not self._streams:
@@ -311,7 +428,7 @@ class HTTP2Connection:
     def _flush(self) -> None:
         """Move h2's pending frames to the outbound buffer and wake the writer (which runs next turn)."""
         data = self._conn.data_to_send()
-        if data:
+        if data and not self._aborted:
             self._out += data
             self._writer_lot.unpark_all()
 
@@ -432,6 +549,8 @@ class HTTP2Connection:
             if stream is not None:
                 stream.remote_ended = True
                 stream.body_complete.set()
+                if stream.body_stream is not None:
+                    stream.body_stream.end()
         elif isinstance(event, h2.events.StreamReset):
             self._on_reset(event)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -521,12 +640,20 @@ class HTTP2Connection:
             self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         stream = _Stream(stream_id=stream_id, method=method, target=target, headers=headers)
-        if lengths and int(next(iter(lengths))) > self._config.max_body_bytes:
+        declared = int(next(iter(lengths))) if lengths else None
+        if self._streams_body(method, split_target(target)[0]):
+            # Not capped by max_body_bytes: the handler enforces its own limit as it reads.
+            stream.body_stream = _H2BodyStream(
+                declared, self._config.body_timeout_seconds, lambda read: self._on_body_read(stream, read)
+            )
+        elif declared is not None and declared > self._config.max_body_bytes:
             stream.too_large = True
             stream.body_complete.set()
         if event.stream_ended is not None:
             stream.remote_ended = True
             stream.body_complete.set()
+            if stream.body_stream is not None:
+                stream.body_stream.end()
         self._streams[stream_id] = stream
         nursery.start_soon(self._run_stream, stream)
 
@@ -537,12 +664,16 @@ class HTTP2Connection:
         if not data and event.stream_ended is None:
             self._spend_control()  # empty DATA without END_STREAM does nothing but cost us work
         stream = self._streams.get(stream_id)
+        if stream is not None and stream.body_stream is not None:
+            self._on_streamed_data(stream, stream.body_stream, data, flow_length)
+            return
         buffered = False
         if stream is not None and not stream.too_large and not stream.body_complete.is_set():
             stream.body += data
             stream.body_accounted += len(data)
             self._body_bytes += len(data)
             buffered = True
+            self._note_body_peak()
             if len(stream.body) > self._config.max_body_bytes:
                 stream.too_large = True
                 stream.body = bytearray()
@@ -560,6 +691,31 @@ class HTTP2Connection:
         elif flow_length:
             self._acknowledge(stream_id, flow_length)
 
+    def _on_streamed_data(self, stream: _Stream, body: _H2BodyStream, data: bytes, flow_length: int) -> None:
+        """Hold DATA of a streamed body for the handler; acknowledged when read (padding at once)."""
+        if not body.accepting:  # the handler returned, or the body failed: drop it
+            stream.dropped_ack += flow_length
+            return
+        if flow_length > len(data):
+            self._acknowledge(stream.stream_id, flow_length - len(data))
+        if data:
+            body.feed(data)
+            stream.body_accounted += len(data)
+            self._body_bytes += len(data)
+            self._note_body_peak()
+
+    def _on_body_read(self, stream: _Stream, read: int) -> None:
+        """The handler took ``read`` bytes of its streamed body: reopen that much of the windows."""
+        stream.body_accounted -= read
+        self._body_bytes -= read
+        # Never deferred by the budget: these bytes are no longer held, and unread streamed bytes are
+        # bounded by the windows anyway. Deferring would stall a reading handler behind others' bodies.
+        self._acknowledge(stream.stream_id, read)
+        self._reopen_windows()
+
+    def _note_body_peak(self) -> None:
+        self._peak_body_bytes = max(self._peak_body_bytes, self._body_bytes)
+
     def _acknowledge(self, stream_id: int, flow_length: int) -> None:
         try:
             self._conn.acknowledge_received_data(flow_length, stream_id)
@@ -567,12 +723,31 @@ class HTTP2Connection:
             pass
 
     def _release_body(self, stream: _Stream) -> None:
-        """Give ``stream``'s buffered body back to the connection budget and reopen deferred windows."""
+        """Give ``stream``'s buffered body back to the connection budget and reopen deferred windows.
+
+        A streamed body's dropped bytes are acknowledged here, so the
+        connection window stays whole after a handler that did not read all.
+        Called when the stream ends (idempotent).
+        """
+        self._drop_unread(stream)
         self._body_bytes -= stream.body_accounted
         stream.body_accounted = 0
-        if stream.deferred_ack:
-            self._acknowledge(stream.stream_id, stream.deferred_ack)
-            stream.deferred_ack = 0
+        if stream.deferred_ack or stream.dropped_ack:
+            self._acknowledge(stream.stream_id, stream.deferred_ack + stream.dropped_ack)
+            stream.deferred_ack = stream.dropped_ack = 0
+        self._reopen_windows()
+
+    def _drop_unread(self, stream: _Stream) -> None:
+        """End a streamed body for its handler: what it did not read leaves the budget, to be acknowledged later."""
+        if stream.body_stream is None:
+            return
+        dropped = stream.body_stream.close()
+        stream.body_accounted -= dropped
+        self._body_bytes -= dropped
+        stream.dropped_ack += dropped
+
+    def _reopen_windows(self) -> None:
+        """Acknowledge deferred body bytes, stream by stream, while the connection is under its body budget."""
         for other in self._streams.values():
             if self._body_bytes > self._config.max_connection_body_bytes:
                 break
@@ -587,7 +762,12 @@ class HTTP2Connection:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream.gone = True
-            stream.scope.cancel()
+            if stream.body_stream is None:
+                stream.scope.cancel()
+            else:
+                # Not cancelled: the handler reads BodyIncompleteError and may keep what arrived. It still counts
+                # against max_concurrent_streams until it returns, so resets cannot pile up handlers.
+                stream.body_stream.fail("the peer reset the stream")
         self._progress_lot.unpark_all()
 
     def _reset(self, stream_id: int, code: ErrorCodes) -> None:
@@ -620,12 +800,16 @@ class HTTP2Connection:
             stream.gone = True
             del self._streams[stream.stream_id]
             self._release_body(stream)
+            self._stream_ended_lot.unpark_all()
             if not self._streams and self._read_scope is not None and not self._closing:
                 # Idle timeout starts now that the last stream has finished.
                 self._read_scope.deadline = self._read_deadline()
             self._close_if_drained()
 
     async def _serve_stream(self, stream: _Stream, holder: list[Response]) -> None:
+        if stream.body_stream is not None:
+            await self._serve_streamed_body(stream, stream.body_stream, holder)
+            return
         if not stream.body_complete.is_set():
             # Only a body still in flight needs its own timeout; most requests
             # arrive whole in one read and skip the cancel scope.
@@ -644,25 +828,51 @@ class HTTP2Connection:
                 stream.gone = True
                 self._reset(stream.stream_id, ErrorCodes.NO_ERROR)
             return
+        request = self._request(stream, bytes(stream.body), None)
+        stream.body = bytearray()
+        response = await self._call_handler(request)
+        holder.append(response)
+        await self._send_response(stream, response)
+
+    def _request(self, stream: _Stream, body: bytes, body_stream: BodyStream | None) -> Request:
         path, query = split_target(stream.target)
-        request = Request(
+        return Request(
             method=stream.method,
             path=path,
             query=query,
             headers=stream.headers,
-            body=bytes(stream.body),
+            body=body,
             client=self._client,
             http_version="2",
             scheme=self._scheme,
+            body_stream=body_stream,
         )
-        stream.body = bytearray()
+
+    async def _call_handler(self, request: Request) -> Response:
         try:
-            response = await self._handler(request)
+            return await self._handler(request)
         except Exception:
-            logger.exception("handler raised on %s %s", stream.method, path)
-            response = problem_response(TetherlessError(ErrorCode.INTERNAL))
+            logger.exception("handler raised on %s %s", request.method, request.path)
+            return problem_response(TetherlessError(ErrorCode.INTERNAL))
+
+    async def _serve_streamed_body(self, stream: _Stream, body: _H2BodyStream, holder: list[Response]) -> None:
+        """Run the handler at once with the body as a stream; a body it left unread ends with RST_STREAM(NO_ERROR).
+
+        RFC 9113 §8.1: a server may answer before the request is complete
+        and then reset the stream with NO_ERROR to stop the upload. The body
+        ends with the handler (as on HTTP/1.1, where the response needs the
+        socket): what it did not read is dropped, and acknowledged when the
+        stream has ended.
+        """
+        try:
+            response = await self._call_handler(self._request(stream, b"", body))
+        finally:
+            self._drop_unread(stream)
         holder.append(response)
         await self._send_response(stream, response)
+        if not stream.remote_ended and not stream.gone:
+            stream.gone = True
+            self._reset(stream.stream_id, ErrorCodes.NO_ERROR)
 
     def _stop_requested(self, stream: _Stream) -> bool:
         return stream.stop_streaming or self._draining
@@ -681,34 +891,52 @@ class HTTP2Connection:
             headers = response_headers(response)
         no_body = body_has_no_content(stream.method, response.status)
         status = [_STATUS_HEADERS[response.status]]  # response_headers checked 200..599
+        length = len(response.body) if response.stream is None else response.length
+        if length is not None and response.status not in (204, 304):
+            headers.append((b"content-length", str(length).encode("ascii")))
         if response.stream is None or no_body:
             body = b"" if no_body else response.body
-            if response.stream is None and response.status not in (204, 304):
-                headers.append((b"content-length", str(len(response.body)).encode("ascii")))
             self._send_headers(stream, status + headers, end_stream=not body)
             if body:
                 await self._send_data(stream, body, end_stream=True)
             return
         self._send_headers(stream, status + headers, end_stream=False)
         iterator = response.stream
-        while not self._stop_requested(stream):
-            with trio.CancelScope() as stream.next_chunk_scope:
+        # A stream of known length is never ended early by a drain: a shortened body would be a corrupt one.
+        stoppable = response.length is None
+        sent = 0
+        while not (stoppable and self._stop_requested(stream)):
+            with trio.CancelScope() as scope:
+                stream.next_chunk_scope = scope if stoppable else None
                 try:
                     chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     break
                 except Exception:
                     logger.exception("response stream raised on %s %s", stream.method, split_target(stream.target)[0])
-                    stream.gone = True
-                    self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+                    self._abort_response(stream, None)
                     return
             stream.next_chunk_scope = None
-            if self._stop_requested(stream):
+            if stoppable and self._stop_requested(stream):
                 break
+            sent += len(chunk)
+            if problem := stream_length_error(response.length, sent, ended=False):
+                self._abort_response(stream, problem)
+                return
             if chunk:
                 await self._send_data(stream, chunk, end_stream=False)
         stream.next_chunk_scope = None
+        if problem := stream_length_error(response.length, sent, ended=True):
+            self._abort_response(stream, problem)
+            return
         await self._send_data(stream, b"", end_stream=True)
+
+    def _abort_response(self, stream: _Stream, problem: str | None) -> None:
+        """Reset a response that cannot be completed, so the client never takes a part for the whole."""
+        if problem is not None:
+            logger.error("response to %s %s aborted: %s", stream.method, split_target(stream.target)[0], problem)
+        stream.gone = True
+        self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
 
     def _send_headers(self, stream: _Stream, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> None:
         if stream.gone or self._closing:

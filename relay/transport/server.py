@@ -12,12 +12,15 @@ from relay import metrics
 from relay.api.http import Handler
 from relay.config import Config
 from relay.transport.base import (
+    BODY_COMMIT_SECONDS,
     CLOSE_FLUSH_SECONDS,
     HTTP2,
     HTTP11,
     Connection,
+    StreamsBody,
     TransportStatistics,
     logger,
+    never_streams_body,
 )
 from relay.transport.http2 import HTTP2Connection
 from relay.transport.http11 import HTTP11Connection
@@ -71,11 +74,18 @@ class Server:
     Construct once, run :meth:`serve` in a nursery, call :meth:`drain` to
     stop gracefully (or cancel :meth:`serve` to stop at once). Raises
     ``OSError``/``ssl.SSLError`` from the constructor for unusable TLS files.
+
+    ``streams_body(method, path)`` is asked once per request, after its head:
+    True hands the handler the body as a ``Request.body_stream`` as it
+    arrives (no ``max_body_bytes`` cap, an inactivity timeout) instead of
+    buffering it first. It must be cheap and must not raise.
     """
 
-    def __init__(self, config: Config, handler: Handler) -> None:
+    def __init__(self, config: Config, handler: Handler, *, streams_body: StreamsBody = never_streams_body) -> None:
         self._config = config
         self._handler = handler
+        self._streams_body = streams_body
+        self._peak_closed_body_bytes = 0  # peak_connection_body_bytes of connections already closed
         self._ssl_context = ssl_context(config) if config.tls else None
         self._port = 0
         self._open = 0  # accepted and not closed, including still in TLS / detection
@@ -116,6 +126,7 @@ class Server:
         """A snapshot of connection, stream and buffer counts. Never blocks."""
         connections = list(self._connections)
         buffered = [connection.buffered_bytes for connection in connections]
+        peaks = [connection.peak_body_buffered_bytes for connection in connections]
         return TransportStatistics(
             connections_open=self._open,
             connections_http1=sum(1 for c in connections if c.protocol == HTTP11),
@@ -125,6 +136,8 @@ class Server:
             max_connection_buffered_bytes=max(buffered, default=0),
             connections_rejected=self._rejected,
             draining=self._draining,
+            body_buffered_bytes=sum(connection.body_buffered_bytes for connection in connections),
+            peak_connection_body_bytes=max([self._peak_closed_body_bytes, *peaks]),
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,10 +180,14 @@ class Server:
 
         HTTP/2 connections get GOAWAY(NO_ERROR), HTTP/1.1 ones ``Connection:
         close`` (idle ones are closed at once); in-flight requests may finish
-        for up to ``drain_timeout_seconds``, streaming responses are ended
-        cleanly at once. What is still open after the timeout is closed
-        forcefully. Idempotent; returns at once if :meth:`serve` is not running.
-        If cancelled, the drain continues in the background.
+        for up to ``drain_timeout_seconds``, streaming responses of unknown
+        length are ended cleanly at once. Streamed request bodies still
+        arriving when the timeout is near are cut (``BodyIncompleteError``)
+        with a reserve left (half the timeout, at most ``BODY_COMMIT_SECONDS``)
+        for their handlers to commit what arrived and answer. What is still
+        open after the timeout is closed forcefully. Idempotent; returns at
+        once if :meth:`serve` is not running. If cancelled, the drain
+        continues in the background.
         """
         self._draining = True
         if self._stopped is None or self._stopped.is_set():
@@ -179,9 +196,16 @@ class Server:
             self._accept_scope.cancel()
         for connection in list(self._connections):
             connection.start_drain()
-        with trio.move_on_after(self._config.drain_timeout_seconds):
+        reserve = min(self._config.drain_timeout_seconds / 2, BODY_COMMIT_SECONDS)
+        with trio.move_on_after(self._config.drain_timeout_seconds - reserve):
             while self._open:
                 await self._closed_lot.park()
+        if self._open:
+            for connection in list(self._connections):
+                connection.cut_request_bodies("the server is shutting down")
+            with trio.move_on_after(reserve):
+                while self._open:
+                    await self._closed_lot.park()
         if self._open:
             logger.debug("drain timeout: closing %d connections forcefully", self._open)
         if self._connections_scope is not None:
@@ -243,6 +267,7 @@ class Server:
                 scheme=scheme,
                 initial=initial,
                 started_at=started_at,
+                streams_body=self._streams_body,
             )
             self._connections.add(connection)
             metrics.connections_total.labels(protocol=protocol).inc()
@@ -257,6 +282,7 @@ class Server:
         finally:
             if connection is not None:
                 self._connections.discard(connection)
+                self._peak_closed_body_bytes = max(self._peak_closed_body_bytes, connection.peak_body_buffered_bytes)
                 metrics.connections_open.labels(protocol=connection.protocol).dec()
             self._open -= 1
             remaining = self._per_ip.get(ip, 1) - 1

@@ -43,7 +43,7 @@ async def _process(*args: str) -> tuple[int, bytes, bytes]:
 # -- surface and small parts ------------------------------------------------------------------
 def test_public_surface_is_pinned() -> None:
     assert relay.transport.__all__ == ["Server", "TransportStatistics"]
-    assert list(inspect.signature(Server).parameters) == ["config", "handler"]
+    assert list(inspect.signature(Server).parameters) == ["config", "handler", "streams_body"]
     assert {"serve", "drain", "statistics", "port"} <= set(dir(Server))
 
 

@@ -26,9 +26,12 @@ from relay.api.http import Handler, Request, Response, problem_response
 from relay.api.ops import metrics_listener, well_known
 from relay.api.routes import all_routes
 from relay.api.web import CHECKOUT_DIST, CorsGate, WebClient, WebClientError
+from relay.blobs.base import BlobStorage
+from relay.blobs.files import FileStorage
 from relay.config import Config, origin_list, replace
 from relay.relay_keys import RelayKeyring, load_keyring, load_or_create_signing_key, retired_keys
 from relay.services import (
+    BlobSettings,
     FederationSettings,
     PrekeySettings,
     RateSettings,
@@ -52,6 +55,11 @@ class Switchboard:
 
     def __init__(self) -> None:
         self.application: Handler | None = None
+        self.streaming: Callable[[str, str], bool] | None = None  # Application.streams_body, installed with it
+
+    def streams_body(self, method: str, path: str) -> bool:
+        """The transport's question, answered by the installed application's routes (never while starting)."""
+        return self.streaming is not None and self.streaming(method, path)
 
     async def __call__(self, request: Request) -> Response:
         if self.application is None:
@@ -105,9 +113,9 @@ def tls_problem(cert: str, key: str, exc: OSError) -> str:
     return f"tls_cert {cert} / tls_key {key}: cannot be used: {reason}"
 
 
-def _server_or_refuse(config: Config, handler: Handler) -> Server:
+def _server_or_refuse(config: Config, handler: Switchboard) -> Server:
     try:
-        return Server(config, handler)
+        return Server(config, handler, streams_body=handler.streams_body)
     except OSError as exc:  # ssl.SSLError is an OSError
         raise StartupRefusedError(tls_problem(config.tls_cert, config.tls_key, exc)) from None
 
@@ -174,6 +182,27 @@ async def open_store(config: Config, data_dir: Path) -> Store:
     )
 
 
+def open_blob_storage(config: Config, data_dir: Path) -> BlobStorage:
+    """The blob storage backend ``blob_storage`` names: files under ``data_dir/blobs`` or the S3 bucket.
+
+    Raises :class:`StartupRefusedError` (one line, no secret) when S3 settings are missing.
+    """
+    if config.blob_storage != "s3":
+        if config.database:
+            log.warning(
+                "blob_storage = files with PostgreSQL: blobs live on this replica's disk only;"
+                " with several replicas set blob_storage = s3 (docs/blobs.md)"
+            )
+        return FileStorage(data_dir / "blobs")
+    # botocore and httpx are imported only by a relay that stores blobs in S3 (start-up of every other command).
+    from relay.blobs.s3 import S3Storage
+
+    try:
+        return S3Storage.from_environment(config.blob_bucket, os.environ)
+    except ValueError as exc:
+        raise StartupRefusedError(f"blob_storage = s3: {exc}") from None
+
+
 async def check_identity(store: Store, config: Config, data_dir: Path, keyring: RelayKeyring) -> None:
     """Refuse to serve another relay's database, or with another relay key (relay/store/sql/identity.py).
 
@@ -221,6 +250,7 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
         raise
     try:
         await check_identity(store, config, data_dir, keyring)
+        blob_storage = open_blob_storage(config, data_dir)
     except BaseException:
         with trio.CancelScope(shield=True):
             await server.close_unserved()
@@ -236,6 +266,7 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 metrics_port: int = await nursery.start(metrics_server.serve)
                 log.info("metrics listener at %s/metrics", base_url(metrics_config, metrics_port))
             relay_name = config.name.lower() if config.name else f"{config.listen_host}:{port}"
+            blob_settings = BlobSettings.from_config(config)
             limits = limits_from(config)
             services = Services.build(
                 store,
@@ -247,6 +278,8 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 webauthn=WebAuthnSettings.from_config(config, relay_name),
                 prekeys=PrekeySettings.from_config(config),
                 session_cache_ms=round(config.session_cache_seconds * 1000),
+                blob_storage=blob_storage,
+                blobs=blob_settings,
             )
             discovery = well_known(
                 relay_name,
@@ -261,6 +294,7 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
                 unlisted=web_client.routes if web_client else (),
             )
             cors_origins = origin_list(config.cors_allowed_origins)
+            switchboard.streaming = application.streams_body
             switchboard.application = (
                 CorsGate(application, cors_origins, {route.method for route in api_routes})
                 if cors_origins
@@ -275,6 +309,7 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             # Commits made through other replicas wake this process's streams (PostgreSQL LISTEN/NOTIFY).
             await nursery.start(store.watch_inbox_commits, services.inbox.notifier.notify)
             nursery.start_soon(services.log.run_retention, config.expiry_interval_seconds)
+            nursery.start_soon(services.blobs.run_collector)
             await nursery.start(store.watch_log_commits, services.log.notifier.notify)
             if services.federation.enabled:
                 await nursery.start(services.federation.run_delivery)
@@ -290,5 +325,6 @@ async def run(config: Config, *, on_ready: Callable[[str, str], None]) -> None:
             nursery.cancel_scope.cancel()
     finally:
         await outbound.aclose()
+        await blob_storage.aclose()
         await store.close()
         log.info("stopped")

@@ -21,6 +21,7 @@ ENV_PREFIX = "TETHERLESS_"
 MAX_SESSION_CACHE_SECONDS = 300
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 
 class ConfigError(Exception):
@@ -121,6 +122,14 @@ class Config:
     prekey_one_time_per_device_per_hour: int = 100  # claims served one-time keys, per target device (0: no limit)
     enrolment_ttl_seconds: int = 600  # an enrolment offer (link code) is usable this long
     rate_enrolment_lookups_per_minute: float = 10.0  # GET offer / POST proposal per device (burst the same)
+    # -- media blobs (docs/blobs.md, docs/decisions/0014-media-blobs.md) ---------------------------------------
+    blob_storage: str = "files"  # "files" (under data/blobs; one process) or "s3" (required with several replicas)
+    blob_bucket: str = ""  # the S3 bucket (blob_storage = "s3"; endpoint and credentials: AWS_* variables)
+    blob_max_bytes: int = 16 * GiB  # one blob's ciphertext (published; tus Tus-Max-Size)
+    blob_quota_bytes: int = 20 * GiB  # per account: stored blobs + unfinished uploads (published; 0: no quota)
+    blob_upload_expiry_seconds: int = 86_400  # an unfinished upload is collected this long after creation
+    blob_ttl_seconds: int = 30 * 86_400  # a stored blob is collected this long after it was stored
+    blob_collect_interval_seconds: float = 60.0  # how often the collector looks for expired uploads and blobs
     # -- the browser client (docs/operations.md "Web client") ------------------------------------------------
     web_client: bool = True  # serve the built browser client at / (flag --no-web-client turns it off)
     web_dist: str = ""  # its directory; empty: web/dist of the checkout, and nothing served when there is none
@@ -278,6 +287,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("name: required with a PostgreSQL database (every replica must serve one relay name)")
     if config.federation_lease_seconds <= config.federation_timeout_seconds:
         raise ConfigError("federation_lease_seconds must exceed federation_timeout_seconds")
+    _validate_blobs(config)
     for name in ORIGIN_LISTS:
         for origin in origin_list(getattr(config, name)):
             match = _ORIGIN.fullmatch(origin)
@@ -287,6 +297,18 @@ def _validate(config: Config) -> None:
                     f"{name}: expected origins as browsers send them, scheme://host[:port] in lower case without "
                     f"a path or a default port (e.g. https://app.example.org), got {origin!r}"
                 )
+
+
+def _validate_blobs(config: Config) -> None:
+    if config.blob_storage not in ("files", "s3"):
+        raise ConfigError(f"blob_storage: expected files or s3, got {config.blob_storage!r}")
+    if config.blob_storage == "s3" and not config.blob_bucket:
+        raise ConfigError("blob_bucket: required with blob_storage = s3 (env TETHERLESS_BLOB_BUCKET)")
+    for name in ("blob_max_bytes", "blob_upload_expiry_seconds", "blob_ttl_seconds"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if config.blob_collect_interval_seconds <= 0:
+        raise ConfigError("blob_collect_interval_seconds: must be above 0")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

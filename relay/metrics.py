@@ -231,6 +231,33 @@ enrolments_expired_total = Counter(
 )
 
 
+# -- media blobs (docs/blobs.md) ---------------------------------------------------------------------
+blob_upload_bytes_total = Counter(
+    "relay_blob_upload_bytes_total", "Blob bytes made durable by uploads (committed appends)", registry=REGISTRY
+)
+blob_download_bytes_total = Counter(
+    "relay_blob_download_bytes_total", "Blob bytes handed to downloads", registry=REGISTRY
+)
+blob_uploads_total = Counter(
+    "relay_blob_uploads_total",
+    "Uploads ended, by outcome (stored, deduplicated, digest_mismatch, terminated)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+blob_stored_bytes = Gauge(
+    "relay_blob_stored_bytes", "Bytes of all stored blobs (as of the last collector run)", registry=REGISTRY
+)
+blob_collected_total = Counter(
+    "relay_blob_collected_total",
+    "Expired uploads and blobs collected, and storage objects dropped, by kind (upload, blob, storage)",
+    ["kind"],
+    registry=REGISTRY,
+)
+blob_checksum_failures_total = Counter(
+    "relay_blob_checksum_failures_total", "PATCH bodies refused for an Upload-Checksum mismatch", registry=REGISTRY
+)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE

@@ -8,10 +8,10 @@ router refuses a method and path declared twice.
 
 from __future__ import annotations
 
-from . import account_log, accounts, devices, enrolment, federation, messages, ops, prekeys, webauthn
+from . import account_log, accounts, blobs, devices, enrolment, federation, messages, ops, prekeys, webauthn
 from .routing import Route
 
-TOPICS = (ops, accounts, devices, webauthn, messages, account_log, prekeys, enrolment, federation)
+TOPICS = (ops, accounts, devices, webauthn, messages, account_log, prekeys, enrolment, blobs, federation)
 
 
 def all_routes(*, metrics: bool = True) -> list[Route]:

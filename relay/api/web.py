@@ -92,8 +92,15 @@ CACHE_CONTROL = "no-cache"
 
 # CORS: what a page from a listed origin may send and read. Bearer tokens travel in Authorization, never in
 # cookies, so credentials mode is never allowed.
-CORS_ALLOWED_HEADERS = "authorization, content-type, accept"
-CORS_EXPOSED_HEADERS = "retry-after"
+# The media routes are tus 1.0 (docs/blobs.md): a browser tus client sends and reads their headers.
+CORS_ALLOWED_HEADERS = (
+    "authorization, content-type, accept, tus-resumable, upload-length, upload-metadata, upload-offset,"
+    " upload-checksum, tetherless-capability, range"
+)
+CORS_EXPOSED_HEADERS = (
+    "retry-after, location, upload-offset, upload-length, upload-expires, tus-resumable, tus-version, tus-max-size,"
+    " tus-extension, tus-checksum-algorithm, tetherless-blob-id, content-range, content-length, etag, accept-ranges"
+)
 CORS_MAX_AGE_SECONDS = 600
 
 

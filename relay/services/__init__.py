@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.blobs.base import BlobStorage
 from relay.relay_keys import RelayKeyring
 from relay.store import Store
 
 from .abuse import AbuseLimits, RateSettings
 from .accounts import AccountService
 from .auth import SESSION_CACHE_MS, AuthService, Principal
+from .blobs import BlobService, BlobSettings, NoBlobStorage
 from .context import ServiceContext, limits_from, wall_clock_ms
 from .devices import DeviceService, WebAuthnSettings, default_rp_id
 from .enrolment import EnrolmentService
@@ -40,6 +42,7 @@ class Services:
     devices: DeviceService
     prekeys: PrekeyService
     enrolments: EnrolmentService
+    blobs: BlobService
 
     @classmethod
     def build(
@@ -54,6 +57,8 @@ class Services:
         webauthn: WebAuthnSettings | None = None,
         prekeys: PrekeySettings | None = None,
         session_cache_ms: int = SESSION_CACHE_MS,
+        blob_storage: BlobStorage | None = None,
+        blobs: BlobSettings | None = None,
     ) -> Services:
         abuse = AbuseLimits(rates or RateSettings())
         accounts = AccountService(store, ctx)
@@ -74,6 +79,7 @@ class Services:
             devices=DeviceService(store, ctx, notifier, auth, abuse, webauthn),
             prekeys=PrekeyService(store, ctx, prekeys or PrekeySettings(), federation_service),
             enrolments=EnrolmentService(store, ctx, prekeys or PrekeySettings()),
+            blobs=BlobService(store, blob_storage or NoBlobStorage(), ctx, blobs or BlobSettings()),
         )
 
 
@@ -81,6 +87,8 @@ __all__ = [
     "AbuseLimits",
     "AccountService",
     "AuthService",
+    "BlobService",
+    "BlobSettings",
     "DeviceService",
     "EnrolmentService",
     "FederationService",

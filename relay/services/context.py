@@ -40,4 +40,8 @@ def limits_from(config: Config) -> Limits:
         max_log_page_bytes=config.max_log_page_bytes,
         max_log_bytes=config.max_log_bytes,
         max_retention_days=config.max_retention_days,
+        max_blob_bytes=config.blob_max_bytes,
+        blob_quota_bytes=config.blob_quota_bytes,
+        blob_upload_expiry_seconds=config.blob_upload_expiry_seconds,
+        blob_ttl_seconds=config.blob_ttl_seconds,
     )

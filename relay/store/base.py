@@ -409,6 +409,72 @@ class LogRetentionRecord:
     updated_at_ms: int
 
 
+# -- media blobs (docs/blobs.md; migration 0011) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewBlobUpload:
+    """A tus upload to create (``upload_id``: 32 lowercase hex, random; also its storage key)."""
+
+    upload_id: str
+    account_id: str
+    device_id: str
+    length: int
+    sha256: bytes | None
+    capability_hash: bytes | None
+    created_at_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobUploadRecord:
+    """An upload as committed: ``offset`` bytes are durable in storage; ``blob_id`` is set once it is a blob."""
+
+    upload_id: str
+    account_id: str
+    device_id: str
+    length: int
+    offset: int
+    sha256: bytes | None
+    capability_hash: bytes | None
+    storage_state: str
+    created_at_ms: int
+    expires_at_ms: int
+    blob_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecord:
+    """A stored blob and the SHA-256 of every capability that may download it."""
+
+    blob_id: str
+    account_id: str
+    sha256: bytes
+    length: int
+    storage_key: str
+    created_at_ms: int
+    expires_at_ms: int
+    capability_hashes: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BlobTrash:
+    """Storage to drop: an unfinished upload (``storage_state`` not None: abort it) or a completed object."""
+
+    storage_key: str
+    storage_state: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlobCollection:
+    """What one collector step removed from the database (the storage work is in ``trash``)."""
+
+    uploads: int  # unfinished uploads past their expiry
+    blobs: int  # blobs past their expiry
+    trash: tuple[BlobTrash, ...]
+    more: bool  # a batch was full: call again
+
+
 # -- the Store protocols, by role (a service depends on the roles it uses; Store is their union) ------
 
 
@@ -751,7 +817,85 @@ class LogStore(Protocol):
         cancelled. Same contract as :meth:`watch_inbox_commits`."""
 
 
-class Store(AccountStore, AuthStore, InboxStore, FederationStore, DeviceStore, PrekeyStore, LogStore, Protocol):
+class BlobStore(Protocol):
+    """Media blob metadata: uploads, blobs, capabilities, the storage trash (SQL in sql/blobs.py). The bytes live
+    in a :class:`relay.blobs.base.BlobStorage`; rules (limits, digests, who may download) in the blob service."""
+
+    async def create_blob_upload(
+        self, upload: NewBlobUpload, quota_bytes: int, blob_expires_at_ms: int
+    ) -> BlobUploadRecord:
+        """Create an upload atomically, under the account's lock; returns it (storage state "").
+
+        When ``upload.sha256`` names a blob the account stores, the upload is
+        born complete (offset = length, ``blob_id`` the stored blob's), its
+        capability hash is added to that blob and the blob's expiry raised to
+        at least ``blob_expires_at_ms``: within one account only. Otherwise
+        raises ``blob_quota_exceeded`` when the account's stored blobs plus its
+        unfinished uploads plus ``upload.length`` exceed ``quota_bytes`` (0:
+        no quota). Any error stores nothing. Not idempotent (the id is new).
+        """
+
+    async def set_blob_upload_state(self, upload_id: str, state: str) -> None:
+        """Record the backend's state of a new upload (after ``BlobStorage.start``). Idempotent."""
+
+    async def get_blob_upload(self, upload_id: str) -> BlobUploadRecord | None:
+        """The upload, or None (never created, terminated, discarded or collected)."""
+
+    async def lease_blob_upload(self, upload_id: str, offset: int, holder: str, now_ms: int, until_ms: int) -> bool:
+        """Take (or renew, for the same ``holder``) the right to append to an unfinished upload whose committed
+        offset is ``offset``, until ``until_ms``; False when another holder's lease has not expired, the offset
+        moved, or the upload is gone or finished. One conditional update. Idempotent for the holder."""
+
+    async def release_blob_lease(self, upload_id: str, holder: str) -> None:
+        """Give the lease up (a failed append). Idempotent; a lease another holder took is left alone."""
+
+    async def commit_blob_append(self, upload_id: str, holder: str, offset: int, new_offset: int, state: str) -> bool:
+        """Record bytes the backend made durable: the offset moves from ``offset`` to ``new_offset`` with the
+        backend's new ``state``, and the lease is released. False (nothing changed) unless ``holder`` still
+        holds the lease at ``offset``: the upload was terminated, collected or taken over meanwhile."""
+
+    async def finish_blob_upload(
+        self, upload_id: str, sha256: bytes, blob_expires_at_ms: int, now_ms: int
+    ) -> str | None:
+        """Turn a fully appended upload whose bytes hash to ``sha256`` into a blob; returns the blob id.
+
+        The blob id is the upload id, unless the account already stores
+        ``sha256``: then the upload joins that blob (capability added, expiry
+        raised) and its own storage goes to the trash. Idempotent: a finished
+        upload returns its blob id; a missing or not fully appended one None.
+        """
+
+    async def discard_blob_upload(self, upload_id: str, completed: bool, now_ms: int) -> bool:
+        """Delete an upload (termination; a digest mismatch). An unfinished upload's storage goes to the trash
+        (``completed``: the backend already completed the object, so it is deleted rather than aborted). A
+        finished upload's row goes, its blob stays. False when there was none. Idempotent."""
+
+    async def get_blob(self, blob_id: str) -> BlobRecord | None:
+        """The blob with its capability hashes, or None. Expired blobs are returned until collected."""
+
+    async def delete_blob(self, blob_id: str, account_id: str, now_ms: int) -> bool:
+        """Delete ``account_id``'s blob (its storage to the trash); False when it has no such blob. Idempotent."""
+
+    async def collect_blobs(self, now_ms: int, batch: int) -> BlobCollection:
+        """Delete up to ``batch`` uploads and ``batch`` blobs past their expiry in one transaction; their storage
+        goes to the trash (a finished upload's row goes alone). Call again while ``more``."""
+
+    async def blob_trash(self, limit: int) -> list[BlobTrash]:
+        """Storage still to drop, oldest first."""
+
+    async def forget_blob_trash(self, storage_keys: Sequence[str]) -> None:
+        """The backend dropped these keys' bytes. Idempotent."""
+
+    async def blob_usage(self, account_id: str) -> int:
+        """Bytes counted against ``account_id``'s quota (stored blobs, unfinished uploads' declared lengths)."""
+
+    async def blob_stored_bytes(self) -> int:
+        """Bytes of all stored blobs (the ``relay_blob_stored_bytes`` gauge)."""
+
+
+class Store(
+    AccountStore, AuthStore, InboxStore, FederationStore, DeviceStore, PrekeyStore, LogStore, BlobStore, Protocol
+):
     """Relay storage: every role, and what spans them. All methods are async and never block the trio loop."""
 
     async def expire(self, now_ms: int) -> ExpiryReport:
@@ -784,6 +928,11 @@ __all__: Sequence[str] = (
     "PREKEY_X25519_ONE_TIME",
     "AccountStore",
     "AuthStore",
+    "BlobCollection",
+    "BlobRecord",
+    "BlobStore",
+    "BlobTrash",
+    "BlobUploadRecord",
     "ChallengeOutcome",
     "ClaimedBundle",
     "ConsumedChallenge",
@@ -806,6 +955,7 @@ __all__: Sequence[str] = (
     "LogSnapshotInfo",
     "LogStore",
     "LogSweepReport",
+    "NewBlobUpload",
     "NewCredential",
     "NewEnvelope",
     "NewLogRecord",

@@ -420,6 +420,14 @@ TABLES: dict[str, tuple[str, ...]] = {
         "lookup_id", "offer", "created_at_ms", "expires_at_ms", "forget_at_ms", "proposal", "proposer_device",
         "proposed_at_ms",
     ),
+    # Blob metadata (migration 0011); the bytes stay where blob_storage keeps them (docs/blobs.md "Operations").
+    "blob_uploads": (
+        "upload_id", "account_id", "device_id", "length", "upload_offset", "sha256", "capability_hash",
+        "storage_state", "lease_holder", "lease_until_ms", "created_at_ms", "expires_at_ms", "blob_id",
+    ),
+    "blobs": ("blob_id", "account_id", "sha256", "length", "storage_key", "created_at_ms", "expires_at_ms"),
+    "blob_capabilities": ("blob_id", "capability_hash"),
+    "blob_trash": ("storage_key", "storage_state", "queued_at_ms"),
 }  # fmt: skip
 
 

@@ -367,7 +367,7 @@ def test_servicemonitor_scrapes_metrics(rendered_scenarios: dict[str, list[Manif
     assert (endpoint["port"], endpoint["path"], endpoint["scheme"]) == ("metrics", "/metrics", "http")
 
 
-def test_networkpolicy_opens_the_relay_port_and_the_database_only(
+def test_networkpolicy_opens_the_relay_port_the_database_and_the_object_store_only(
     rendered_scenarios: dict[str, list[Manifest]],
 ) -> None:
     policy = only(rendered_scenarios["postgres-ha-values.yaml"], "NetworkPolicy")
@@ -378,7 +378,9 @@ def test_networkpolicy_opens_the_relay_port_and_the_database_only(
     assert scrapers["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert scrapers["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
-    assert sorted(egress_ports) == [53, 53, 5432]
+    assert sorted(egress_ports) == [53, 53, 5432, 8333]
+    (storage_rule,) = [r for r in policy["spec"]["egress"] if r["ports"] == [{"port": 8333, "protocol": "TCP"}]]
+    assert storage_rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "storage"}}}]
     open_policy = only(rendered_scenarios["sqlite-relay-key-values.yaml"], "NetworkPolicy")
     assert open_policy["spec"]["policyTypes"] == ["Ingress"]
     assert "from" not in open_policy["spec"]["ingress"][0]
@@ -427,3 +429,24 @@ def test_kustomize_pod_spec_matches_the_chart(
     )
     plain_env, chart_env = config_env(built_overlays[overlay]), config_env(rendered_scenarios[scenario])
     assert set(plain_env) == {k for k in chart_env if not k.startswith("TETHERLESS_MAX_")}
+
+
+def test_media_storage_s3_settings_in_the_configmap_and_credentials_from_the_secret(
+    rendered_scenarios: dict[str, list[Manifest]],
+) -> None:
+    manifests = rendered_scenarios["postgres-ha-values.yaml"]
+    config = only(manifests, "ConfigMap")["data"]
+    assert config["TETHERLESS_BLOB_STORAGE"] == "s3"
+    assert config["TETHERLESS_BLOB_BUCKET"] == "tetherless-media"
+    assert config["AWS_ENDPOINT_URL"] == "http://seaweedfs-s3.storage:8333"
+    assert config["AWS_REGION"] == "us-east-1"
+    assert not any("SECRET" in key or "ACCESS_KEY" in key for key in config), "credentials never go to the ConfigMap"
+    env = {e["name"]: e for e in relay_container(workload(manifests)["spec"]["template"]["spec"])["env"]}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "tetherless-s3", "key": name}
+    aws = only(rendered_scenarios["gateway-values.yaml"], "ConfigMap")["data"]
+    assert "AWS_ENDPOINT_URL" not in aws, "no endpoint URL: AWS's own regional endpoint"
+    assert aws["AWS_REGION"] == "eu-central-1"
+    sqlite = only(rendered_scenarios["sqlite-default-values.yaml"], "ConfigMap")["data"]
+    assert sqlite["TETHERLESS_BLOB_STORAGE"] == "files"
+    assert "TETHERLESS_BLOB_BUCKET" not in sqlite

@@ -28,6 +28,9 @@ from schemathesis.specs.openapi.checks import (
 from tests.e2e.http11 import Http11, login, register
 from tests.relay_process import RelayProcess
 
+# tus PATCH bodies (docs/blobs.md) are raw bytes, like application/octet-stream.
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+
 EXAMPLES = int(os.environ.get("TETHERLESS_FUZZ_EXAMPLES", "8"))
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, negative_data_rejection]
 # Fuzzing sends thousands of unauthenticated requests from one IP; the

@@ -56,7 +56,8 @@ spec:
       envFrom:
         - configMapRef:
             name: {{ include "tetherless.fullname" . }}
-      {{- if or $postgresql .Values.extraEnv }}
+      {{- $s3 := eq .Values.blobs.storage "s3" }}
+      {{- if or $postgresql $s3 .Values.extraEnv }}
       env:
         {{- if $postgresql }}
         - name: TETHERLESS_DATABASE
@@ -64,6 +65,19 @@ spec:
             secretKeyRef:
               name: {{ .Values.database.existingSecret }}
               key: {{ .Values.database.existingSecretKey }}
+        {{- end }}
+        {{- if $s3 }}
+        {{- $secret := required "blobs.s3.existingSecret is required with blobs.storage=s3" .Values.blobs.s3.existingSecret }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ $secret }}
+              key: {{ .Values.blobs.s3.accessKeyIdKey }}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $secret }}
+              key: {{ .Values.blobs.s3.secretAccessKeyKey }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}

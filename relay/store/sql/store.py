@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 import trio
 
 from ..base import (
+    BlobCollection,
+    BlobRecord,
+    BlobTrash,
+    BlobUploadRecord,
     ChallengeOutcome,
     ClaimedBundle,
     ConsumedChallenge,
@@ -34,6 +38,7 @@ from ..base import (
     LogRetentionRecord,
     LogSnapshotInfo,
     LogSweepReport,
+    NewBlobUpload,
     NewCredential,
     NewEnvelope,
     NewLogRecord,
@@ -48,7 +53,7 @@ from ..base import (
     StoredPrekey,
 )
 from ..engine import INBOX_CHANNEL, LOG_CHANNEL, REVOCATION_CHANNEL, Engine, clamp
-from . import accounts, auth, devices, federation, identity, inbox, log
+from . import accounts, auth, blobs, devices, federation, identity, inbox, log
 from . import prekeys as _prekeys  # the name "prekeys" is a parameter of put_prekeys
 
 T = TypeVar("T")
@@ -482,3 +487,79 @@ class SQLStore(abc.ABC):
         self, notify: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         await self._watch(LOG_CHANNEL, notify, task_status)
+
+    # -- media blobs ---------------------------------------------------------------------------
+
+    async def create_blob_upload(
+        self, upload: NewBlobUpload, quota_bytes: int, blob_expires_at_ms: int
+    ) -> BlobUploadRecord:
+        return await self._write(
+            self._op(blobs.create_upload, upload=upload, quota_bytes=quota_bytes, blob_expires_at_ms=blob_expires_at_ms)
+        )
+
+    async def set_blob_upload_state(self, upload_id: str, state: str) -> None:
+        await self._write(self._op(blobs.set_state, upload_id=upload_id, state=state))
+
+    async def get_blob_upload(self, upload_id: str) -> BlobUploadRecord | None:
+        return await self._read(self._op(blobs.get_upload, upload_id=upload_id))
+
+    async def lease_blob_upload(self, upload_id: str, offset: int, holder: str, now_ms: int, until_ms: int) -> bool:
+        return await self._write(
+            self._op(
+                blobs.take_lease, upload_id=upload_id, offset=offset, holder=holder, now_ms=now_ms, until_ms=until_ms
+            )
+        )
+
+    async def release_blob_lease(self, upload_id: str, holder: str) -> None:
+        await self._write(self._op(blobs.release_lease, upload_id=upload_id, holder=holder))
+
+    async def commit_blob_append(self, upload_id: str, holder: str, offset: int, new_offset: int, state: str) -> bool:
+        return await self._write(
+            self._op(
+                blobs.commit_append,
+                upload_id=upload_id,
+                holder=holder,
+                offset=offset,
+                new_offset=new_offset,
+                state=state,
+            )
+        )
+
+    async def finish_blob_upload(
+        self, upload_id: str, sha256: bytes, blob_expires_at_ms: int, now_ms: int
+    ) -> str | None:
+        return await self._write(
+            self._op(
+                blobs.finish_upload,
+                upload_id=upload_id,
+                sha256=sha256,
+                blob_expires_at_ms=blob_expires_at_ms,
+                now_ms=now_ms,
+            )
+        )
+
+    async def discard_blob_upload(self, upload_id: str, completed: bool, now_ms: int) -> bool:
+        return await self._write(
+            self._op(blobs.discard_upload, upload_id=upload_id, completed=completed, now_ms=now_ms)
+        )
+
+    async def get_blob(self, blob_id: str) -> BlobRecord | None:
+        return await self._snapshot(self._op(blobs.get_blob, blob_id=blob_id))
+
+    async def delete_blob(self, blob_id: str, account_id: str, now_ms: int) -> bool:
+        return await self._write(self._op(blobs.delete_blob, blob_id=blob_id, account_id=account_id, now_ms=now_ms))
+
+    async def collect_blobs(self, now_ms: int, batch: int) -> BlobCollection:
+        return await self._write(self._op(blobs.collect, now_ms=now_ms, batch=batch))
+
+    async def blob_trash(self, limit: int) -> list[BlobTrash]:
+        return await self._read(self._op(blobs.trash, limit=limit))
+
+    async def forget_blob_trash(self, storage_keys: Sequence[str]) -> None:
+        await self._write(self._op(blobs.forget_trash, keys=storage_keys))
+
+    async def blob_usage(self, account_id: str) -> int:
+        return await self._snapshot(self._op(blobs.usage, account_id=account_id))
+
+    async def blob_stored_bytes(self) -> int:
+        return await self._read(self._op(blobs.stored_bytes))

@@ -118,6 +118,7 @@ LOCAL_ERRORS: Final[tuple[tuple[str, str, int], ...]] = (
     ("protocol.client.contacts", "ContactError", EXIT_FAILURE),  # a taken name, an unknown one
     ("protocol.client.outbox", "OutboxError", EXIT_FAILURE),  # no such entry, or sent already
     ("protocol.client.fido2", "SecurityKeyError", EXIT_FAILURE),  # no key, no touch, not the account's key
+    ("protocol.client.blobs", "MediaError", EXIT_FAILURE),  # a file to send or fetch: unreadable, corrupt …
 )
 
 

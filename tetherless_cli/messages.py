@@ -35,7 +35,7 @@ from protocol.client.keystore import DeviceKeys, Keystore
 from protocol.client.sdk import BINARY_CONTENT_TYPE, TEXT_CONTENT_TYPE, RelayClient
 from protocol.client.sessions import recover_home_from_rollback
 from protocol.client.snapshots import Gap, gaps
-from protocol.client.store import ClientStore, HistoryMessage
+from protocol.client.store import ClientStore, HistoryMessage, OutboxEntry
 from protocol.client.sync import (
     RetryError,
     RevokedError,
@@ -47,6 +47,7 @@ from protocol.client.sync import (
 )
 from protocol.errors import TetherlessError
 from protocol.ids import Address
+from protocol.payload import FILE_CONTENT_TYPE
 from tetherless_cli.contacts import NO_NAMES, directory, label, labelled, resolve_recipient
 from tetherless_cli.exits import EXIT_FAILURE, EXIT_OK, EXIT_REVOKED, EXIT_UNREACHABLE, UsageError
 from tetherless_cli.home import load
@@ -88,6 +89,10 @@ async def cmd_send(args: argparse.Namespace) -> int:
         raise UsageError(f"not an address: {args.address!r} (expected device.account@relay)") from exc
     keystore, keys = load(args)
     args.relay_url = keys.relay_url
+    if getattr(args, "file", None) is not None:
+        from tetherless_cli.blobs import run_send_file  # here: a text `send` imports no media code
+
+        return await run_send_file(args, keystore, keys)
     message = read_message(args.text)
     # Offline-first (docs/account-log.md §10): enqueue, then one flush attempt.
     return await run_send(keystore, keys, args.address, message)
@@ -102,13 +107,20 @@ async def run_send(keystore: Keystore, keys: DeviceKeys, address: str, message: 
     store = open_store(keystore, keys)
     address = resolve_recipient(store, address)  # a contact name becomes its address
     contact = label(store, address)  # "alice (3kqx…@relay)", or None: shown next to the address
-    to = f" for {contact}" if contact else ""
     if isinstance(message, str):
         body, content_type = message.encode("utf-8"), TEXT_CONTENT_TYPE
     else:
         body, content_type = message, BINARY_CONTENT_TYPE
     # Refused before anything is queued: empty, or larger than the relay's envelope limit (the error names it).
     entry = outbox.enqueue(store, address, content_type, body)
+    return await deliver(keys, store, entry, contact)
+
+
+async def deliver(keys: DeviceKeys, store: ClientStore, entry: OutboxEntry, contact: str | None) -> int:
+    """``send``'s one flush attempt of the queued ``entry`` (to ``contact``, a label or None), and its outcome line:
+    the message id alone on stdout once delivered, ``queued … (REASON; local id N, message id ID)`` while it waits,
+    the failure line on stderr. Returns the exit status."""
+    to = f" for {contact}" if contact else ""
     ids = f"local id {entry.local_id}, message id {message_id_text(entry.message_uid)}"  # `outbox` / `history`
     engine = make_engine(keys, store)
     try:
@@ -165,6 +177,39 @@ def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def file_json(message: HistoryMessage) -> dict[str, Any] | None:
+    """A file message's ``file`` object (``name``, ``size``, ``content_type``, and ``ref``: what ``blob get``
+    takes, the message id — never the key), ``{"error": …}`` for a file message that does not decode, None for
+    any other message."""
+    if message.content_type != FILE_CONTENT_TYPE:
+        return None
+    from protocol.client.blobs import file_ref  # here: only a file message needs the media code
+
+    ref = file_ref(message)
+    if ref is None:
+        return {"error": "malformed file message", "ref": None}
+    return {
+        "name": ref.name,
+        "size": ref.size,
+        "content_type": ref.content_type,
+        "ref": message_id_text(message.message_uid),
+    }
+
+
+def _shown_body(message: HistoryMessage, text: str | None) -> str:
+    """The plain form of a message's body: its text, a file's name and ``blob get`` reference, or its size."""
+    if text is not None:
+        return text
+    file = file_json(message)
+    if file is not None and file.get("ref"):
+        return (
+            f"<file {file['name']} ({file['size']} bytes, {file['content_type']}): tetherless blob get {file['ref']}>"
+        )
+    if file is not None:
+        return "<a malformed file message>"
+    return f"<{len(message.body)} bytes of {message.content_type}>"
+
+
 def format_received(
     message: HistoryMessage,
     cursor: int | None,
@@ -188,12 +233,14 @@ def format_received(
             "message_id": message_id_text(message.message_uid),
             "from_contact": names.name_of(message.sender),
         }
-        if text is None:
+        file = file_json(message)
+        if file is not None:
+            record["file"] = file  # never the body: it holds the file's key
+        elif text is None:
             record["body_base64"] = base64.b64encode(message.body).decode("ascii")
         return json.dumps(record, ensure_ascii=False)
     stamp = dt.datetime.fromtimestamp(message.sent_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    shown = text if text is not None else f"<{len(message.body)} bytes of {message.content_type}>"
-    return f"[{stamp}] {labelled(names, message.sender)}: {shown}"
+    return f"[{stamp}] {labelled(names, message.sender)}: {_shown_body(message, text)}"
 
 
 async def cmd_sync(args: argparse.Namespace) -> int:
@@ -220,6 +267,12 @@ async def run_sync(args: argparse.Namespace, keystore: Keystore, keys: DeviceKey
             flush=True,
         )
     store = open_store(keystore, keys)
+    from protocol.client.blobs import unfinished_uploads  # a `send --file` stopped mid-upload: finish it first
+
+    if unfinished_uploads(store.db):
+        from tetherless_cli.blobs import resume_pending
+
+        await resume_pending(keys, store)
     out = sys.stdout
     names = directory(store)
     from tetherless_cli.progress import CatchUpProgress  # here: only `sync` draws it
@@ -338,7 +391,10 @@ def history_json(message: HistoryMessage, names: Directory = NO_NAMES) -> dict[s
         "sender_contact": names.name_of(message.sender),
         "recipient_contacts": [names.name_of(r) for r in message.recipients],
     }
-    if message.text is None:
+    file = file_json(message)
+    if file is not None:
+        record["file"] = file  # never the body: it holds the file's key
+    elif message.text is None:
         record["body_b64"] = base64.b64encode(message.body).decode("ascii")
     return record
 
@@ -391,7 +447,7 @@ def print_history(store: ClientStore, *, as_json: bool, since: str | None, peer:
             print(json.dumps(history_json(message, names), ensure_ascii=False))
             continue
         stamp = dt.datetime.fromtimestamp(message.sent_at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        shown = message.text if message.text is not None else f"<{len(message.body)} bytes of {message.content_type}>"
+        shown = _shown_body(message, message.text)
         if message.direction == "sent":
             print(f"{stamp}  → {', '.join(labelled(names, r) for r in message.recipients):<40} {shown}")
         else:
@@ -500,6 +556,8 @@ __all__ = [
     "cmd_outbox_retry",
     "cmd_send",
     "cmd_sync",
+    "deliver",
+    "file_json",
     "format_received",
     "message_id_text",
     "outbox_json",

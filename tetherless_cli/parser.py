@@ -404,7 +404,36 @@ def _add_whoami(sub: Subparsers) -> None:
 def _add_send(sub: Subparsers) -> None:
     send = _client(sub, "send", "tetherless_cli.messages:cmd_send", help="send a message (from --text or stdin)")
     send.add_argument("address", metavar="ADDRESS", help="device.account@relay, or account@relay for every device")
-    send.add_argument("--text", default=None, help="the message; without it, stdin is read")
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--text", default=None, help="the message; without it, stdin is read")
+    body.add_argument(
+        "--file",
+        default=None,
+        metavar="PATH",
+        help="send the file at PATH, end-to-end encrypted (resumes an interrupted upload of the same file)",
+    )
+    send.add_argument("--name", default=None, help="with --file: the file name the recipient sees (default PATH's)")
+    send.add_argument("--content-type", default=None, metavar="TYPE", help="with --file: its media type (guessed)")
+
+
+def _add_blob(sub: Subparsers) -> None:
+    blob = sub.add_parser("blob", help="files received in messages (end-to-end encrypted media)")
+    commands = blob.add_subparsers(dest="blob_command", metavar="COMMAND")
+    get = _client(
+        commands,
+        "get",
+        "tetherless_cli.blobs:cmd_blob_get",
+        help="download, verify and decrypt the file of a message (resumes; opens offline once cached)",
+    )
+    get.add_argument("ref", metavar="REF", help="the file message's id, as `sync --json` shows it in file.ref")
+    get.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="file to write, or a directory for the file's own name (default: the current directory)",
+    )
+    get.add_argument("--force", action="store_true", help="replace PATH when it exists")
 
 
 def _add_sync(sub: Subparsers) -> None:
@@ -516,6 +545,7 @@ COMMANDS: Final[dict[str, Callable[[Subparsers], None]]] = {
     "sync": _add_sync,
     "history": _add_history,
     "outbox": _add_outbox,
+    "blob": _add_blob,
     "log": _add_log,
     "contact": _add_contact,
     "doctor": _add_doctor,

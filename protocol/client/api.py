@@ -36,13 +36,16 @@ Use it through a client (``client.api.inbox_page(after=0)``); the SDK's higher m
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msgspec
 import nacl.signing
@@ -259,6 +262,47 @@ def _retry_after_header(response: Response) -> float | None:
     return float(value.strip())
 
 
+BLOB_UPLOADS_PATH: Final = "/v1/blobs/uploads"
+BLOBS_PATH: Final = "/v1/blobs"
+TUS_HEADERS: Final[tuple[tuple[str, str], ...]] = (("tus-resumable", "1.0.0"),)
+TUS_CONTENT_TYPE: Final = "application/offset+octet-stream"
+CAPABILITY_HEADER: Final = "tetherless-capability"
+BLOB_ID_HEADER: Final = "tetherless-blob-id"
+_BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class BlobUpload(msgspec.Struct, frozen=True):
+    """What the relay says about one tus upload: its id, the bytes it holds (``offset``) of ``length``, and the
+    blob id once it is complete (``Tetherless-Blob-Id``)."""
+
+    upload_id: str
+    offset: int
+    length: int
+    blob_id: str | None = None
+
+
+def _upload_id_of(location: str | None) -> str:
+    """The upload id at the end of a creation's ``Location`` (absolute or relative); raises ``TetherlessError``
+    ``invalid_field`` for anything but ``…/v1/blobs/uploads/<32 hex>``: an id never becomes another path."""
+    path = urlsplit(location or "").path
+    prefix, _, upload_id = path.rpartition("/")
+    if not prefix.endswith(BLOB_UPLOADS_PATH) or not _BLOB_ID.match(upload_id):
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"the relay's upload Location is not an upload: {location!r}")
+    return upload_id
+
+
+def _blob_upload(response: Response, upload_id: str, length: int, route: str) -> BlobUpload:
+    """The tus answer's ``Upload-Offset`` (within ``[0, length]``) and blob id (32 hex); raises ``TetherlessError``
+    ``invalid_field`` naming ``route`` for a missing or impossible value."""
+    text = (response.header("upload-offset") or "").strip()
+    if not text.isdigit() or int(text) > length:
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"the relay answered {route} with Upload-Offset {text!r}")
+    blob_id = response.header(BLOB_ID_HEADER)
+    if blob_id is not None and not _BLOB_ID.match(blob_id):
+        raise TetherlessError(ErrorCode.INVALID_FIELD, f"the relay answered {route} with blob id {blob_id[:80]!r}")
+    return BlobUpload(upload_id=upload_id, offset=int(text), length=length, blob_id=blob_id)
+
+
 # -- the layer ---------------------------------------------------------------------------------------------------
 
 
@@ -317,13 +361,24 @@ class RelayApi:
         retry: bool = True,
         max_attempts: int | None = None,
         ok_statuses: Sequence[int] = (),
+        content: bytes | None = None,
+        extra_headers: Headers = (),
+        timeout_seconds: float | None = None,
     ) -> Response:
         """Send one request with the module doc's retries; returns the 2xx (or ``ok_statuses``) response as is.
 
         ``retry``: repeating it is safe (idempotent); otherwise it is repeated only when the relay certainly did
-        not process it.
+        not process it. ``content`` replaces the encoded ``body`` with raw bytes (the tus routes); a header of
+        ``extra_headers`` replaces the default one of the same name (e.g. ``content-type``; an empty value
+        leaves it out); ``timeout_seconds`` replaces :attr:`timeout_seconds` for this request.
         """
-        encoded = codec.encode(body) if body is not None else None
+        encoded = content if content is not None else codec.encode(body) if body is not None else None
+        replaced = {name for name, _ in extra_headers}
+        base_headers = [
+            *((n, v) for n, v in REQUEST_HEADERS if n not in replaced),
+            *((n, v) for n, v in extra_headers if v),
+        ]
+        timeout = self.timeout_seconds if timeout_seconds is None else timeout_seconds
         attempts = max(1, max_attempts if max_attempts is not None else self.policy.max_attempts)
         refused_token: str | None = None
         attempt = 0
@@ -332,12 +387,12 @@ class RelayApi:
             token: str | None = None
             try:
                 conn = await self._connect()
-                headers = list(REQUEST_HEADERS)
+                headers = list(base_headers)
                 if authenticated:
                     token = await self.token()
                     headers.append(("authorization", f"Bearer {token}"))
                 self.requests_sent += 1
-                response = await conn.request(method, path, encoded, headers, timeout=self.timeout_seconds)
+                response = await conn.request(method, path, encoded, headers, timeout=timeout)
             except ConnectError:
                 if attempt == 1 or attempt >= attempts:
                     raise
@@ -634,10 +689,112 @@ class RelayApi:
         """``POST /v1/webauthn/register/complete``. Not repeated (the challenge is single-use)."""
         return await self._call("POST", "/v1/webauthn/register/complete", registration, WebAuthnCredential, retry=False)
 
+    # -- media blobs (tus 1.0 uploads, capability downloads: docs/decisions/0014-media-blobs.md, docs/blobs.md) ----
+
+    async def blob_create_upload(self, length: int, *, sha256: bytes, capability_hash: bytes) -> BlobUpload:
+        """``POST /v1/blobs/uploads`` (tus creation): a new upload of ``length`` ciphertext bytes whose SHA-256 is
+        ``sha256``, downloadable later with the capability whose SHA-256 is ``capability_hash``. A digest this
+        account stores already completes at once (dedup: ``offset == length`` and ``blob_id`` set). Raises
+        ``RemoteError`` (``body_too_large`` 413 above the relay's blob limit, ``blob_quota_exceeded`` 507 …) and
+        ``TetherlessError`` (``invalid_field``) for an answer without a usable ``Location``. Not repeated once it
+        may have reached the relay (each creation is a new upload)."""
+        metadata = ",".join(
+            f"{key} {base64.b64encode(value).decode('ascii')}"
+            for key, value in (("sha256", sha256), ("capability", capability_hash))
+        )
+        headers = (
+            *TUS_HEADERS,
+            ("content-type", ""),
+            ("upload-length", str(int(length))),
+            ("upload-metadata", metadata),
+        )
+        response = await self._request("POST", BLOB_UPLOADS_PATH, None, retry=False, extra_headers=headers)
+        upload_id = _upload_id_of(response.header("location"))
+        return _blob_upload(response, upload_id, length, "POST /v1/blobs/uploads")
+
+    async def blob_upload_offset(self, upload_id: str, length: int) -> BlobUpload:
+        """``HEAD /v1/blobs/uploads/{upload_id}``: how many bytes the relay holds (and the blob id once complete).
+        Read-only; raises ``RemoteError`` (``not_found`` / ``blob_not_found`` for an upload that expired or was
+        terminated) and ``TetherlessError`` ``invalid_field`` for an offset outside ``[0, length]``."""
+        path = f"{BLOB_UPLOADS_PATH}/{_segment(upload_id)}"
+        response = await self._request("HEAD", path, None, extra_headers=(*TUS_HEADERS, ("content-type", "")))
+        return _blob_upload(response, upload_id, length, "HEAD /v1/blobs/uploads/{upload_id}")
+
+    async def blob_upload_patch(self, upload_id: str, offset: int, data: bytes, length: int) -> BlobUpload:
+        """``PATCH /v1/blobs/uploads/{upload_id}``: append ``data`` at ``offset`` with its SHA-256 in
+        ``Upload-Checksum`` (the relay keeps nothing of a piece that does not match). The answer must move the
+        offset to exactly ``offset + len(data)``: anything else is ``TetherlessError`` ``invalid_field`` (a relay
+        lying about what it stored). Raises ``RemoteError`` ``conflict``-class codes (409: another offset; ask
+        :meth:`blob_upload_offset`), ``blob_digest_mismatch`` on the last piece. Not repeated here: after a
+        transport error the caller asks for the offset and continues from there (idempotent in that sense).
+        The body is held whole: callers send bounded pieces."""
+        path = f"{BLOB_UPLOADS_PATH}/{_segment(upload_id)}"
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+        headers = (
+            *TUS_HEADERS,
+            ("content-type", TUS_CONTENT_TYPE),
+            ("upload-offset", str(int(offset))),
+            ("upload-checksum", f"sha256 {checksum}"),
+        )
+        # A piece may take longer than a small request: allow it at least 256 KiB/s on top of the usual timeout.
+        timeout = self.timeout_seconds + len(data) / (256 * 1024)
+        response = await self._request(
+            "PATCH", path, None, retry=False, content=data, extra_headers=headers, timeout_seconds=timeout
+        )
+        answer = _blob_upload(response, upload_id, length, "PATCH /v1/blobs/uploads/{upload_id}")
+        if answer.offset != offset + len(data):
+            raise TetherlessError(
+                ErrorCode.INVALID_FIELD,
+                f"the relay answered a PATCH of {len(data)} bytes at {offset} with offset {answer.offset}",
+            )
+        return answer
+
+    async def blob_terminate_upload(self, upload_id: str) -> None:
+        """``DELETE /v1/blobs/uploads/{upload_id}`` (tus termination): the relay drops what it holds. An upload
+        that is gone already counts as done (idempotent); raises other relay errors."""
+        path = f"{BLOB_UPLOADS_PATH}/{_segment(upload_id)}"
+        await self._request(
+            "DELETE", path, None, extra_headers=(*TUS_HEADERS, ("content-type", "")), ok_statuses=(404,)
+        )
+
+    async def blob_delete(self, blob_id: str) -> None:
+        """``DELETE /v1/blobs/{blob_id}`` with this device's token (the owning account releases the blob).
+        Idempotent in effect (a blob already gone is done); raises other relay errors."""
+        path = f"{BLOBS_PATH}/{_segment(blob_id)}"
+        await self._request("DELETE", path, None, extra_headers=(("content-type", ""),), ok_statuses=(404,))
+
+    @asynccontextmanager
+    async def blob_download(
+        self, blob_id: str, *, capability: bytes | None, start: int = 0, chunk_timeout: float | None = 60.0
+    ) -> AsyncIterator[StreamingResponse]:
+        """``GET /v1/blobs/{blob_id}`` from byte ``start`` (``Range: bytes=START-`` when above 0): yields the 200 or
+        206 response to read chunk by chunk (the caller checks ``Content-Range`` against what it asked and every
+        byte against the blob's digest). Authorised by ``capability`` (``Tetherless-Capability``, any account)
+        or, when None, by this device's token (the owning account). Raises ``RemoteError`` (``blob_not_found``
+        404 for an unknown blob and a wrong capability alike, 416 past the end) and ``TransportError``; not
+        retried here (the caller resumes from what it stored). Leaving the block early resets the stream."""
+        conn = await self._connect()
+        headers = [("accept", "application/octet-stream")]
+        if capability is not None:
+            headers.append((CAPABILITY_HEADER, base64.urlsafe_b64encode(capability).decode("ascii").rstrip("=")))
+        else:
+            headers.append(("authorization", f"Bearer {await self.token()}"))
+        if start > 0:
+            headers.append(("range", f"bytes={int(start)}-"))
+        self.requests_sent += 1
+        path = f"{BLOBS_PATH}/{_segment(blob_id)}"
+        async with conn.stream("GET", path, headers, timeout=self.timeout_seconds, chunk_timeout=chunk_timeout) as r:
+            if r.status not in (200, 206):
+                raise error_from_problem(r.status, await r.read(MAX_ERROR_BODY_BYTES))
+            yield r
+
 
 __all__ = [
+    "BLOB_ID_HEADER",
+    "CAPABILITY_HEADER",
     "REAUTH_CODES",
     "RETRY_LATER_CODES",
+    "BlobUpload",
     "RelayApi",
     "RetryPolicy",
     "SealedTokenStore",

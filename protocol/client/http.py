@@ -601,11 +601,29 @@ def _ssl_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
     return context
 
 
-async def _connect(url: str, *, ca_file: str | None, verify: bool, connect_timeout: float) -> HTTP2Connection:
+async def _open_tcp(origin: Origin, addresses: Sequence[str]) -> trio.SocketStream:
+    """TCP to ``origin``, or to the first of ``addresses`` that answers (already resolved and checked by the caller:
+    connecting to them, not to a second lookup of the name, is what keeps a DNS answer that changed in between
+    (rebinding) out). Raises ``OSError`` when none answers."""
+    if not addresses:
+        return await trio.open_tcp_stream(origin.host, origin.port)
+    failure: OSError | None = None
+    for address in addresses:
+        try:
+            return await trio.open_tcp_stream(address, origin.port)
+        except OSError as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+async def _connect(
+    url: str, *, ca_file: str | None, verify: bool, connect_timeout: float, addresses: Sequence[str] = ()
+) -> HTTP2Connection:
     origin = Origin.parse(url)
     try:
         with trio.fail_after(connect_timeout):
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            tcp = await _open_tcp(origin, addresses)
             socket_stream: trio.abc.Stream = tcp
             if origin.scheme == "https":
                 tls = trio.SSLStream(tcp, _ssl_context(ca_file, verify), server_hostname=origin.host)
@@ -702,14 +720,17 @@ async def start_connection(
     ca_file: str | None = None,
     verify: bool = True,
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    addresses: Sequence[str] = (),
 ) -> HTTP2Connection:
     """Connect and run the connection's reader task in ``nursery``.
 
     For owners that outlive one connection (the SDK reconnects into the same
-    nursery). The caller must :meth:`~HTTP2Connection.aclose` it. Raises
+    nursery). ``addresses``: connect to these (in order) instead of resolving
+    the URL's host; TLS still checks the certificate against the host. The
+    caller must :meth:`~HTTP2Connection.aclose` it. Raises
     :class:`ConnectError`; cancellation while connecting closes the socket.
     """
-    conn = await _connect(url, ca_file=ca_file, verify=verify, connect_timeout=connect_timeout)
+    conn = await _connect(url, ca_file=ca_file, verify=verify, connect_timeout=connect_timeout, addresses=addresses)
     nursery.start_soon(conn._read_loop)
     return conn
 

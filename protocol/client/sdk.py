@@ -238,8 +238,12 @@ class RelayClient:
         random_bytes: Callable[[int], bytes] = os.urandom,
         local_db: LocalDB | None = None,
         sessions: SessionManager | None = None,
+        addresses: Sequence[str] = (),
     ) -> None:
         self.relay_url = relay_url
+        # Connect to these rather than resolving the URL's host (a relay named by someone else, checked by the
+        # caller: protocol.client.blobs.check_blob_relay); empty: resolve as usual.
+        self._addresses = tuple(addresses)
         self._nursery = nursery
         self.ca_file = ca_file if ca_file is not None else (keys.ca_file if keys else None)
         self._verify = verify
@@ -349,7 +353,9 @@ class RelayClient:
                 # A connection that got a graceful GOAWAY finishes its open
                 # streams and is closed by the relay; we just stop using it.
                 self._connections = [c for c in self._connections if c.is_usable]
-                conn = await start_connection(self._nursery, self.relay_url, ca_file=self.ca_file, verify=self._verify)
+                conn = await start_connection(
+                    self._nursery, self.relay_url, ca_file=self.ca_file, verify=self._verify, addresses=self._addresses
+                )
                 self._connection = conn
                 self._connections.append(conn)
             return self._connection

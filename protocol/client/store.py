@@ -25,6 +25,8 @@ every open. Tables (topic-prefixed, §8 names in brackets):
 - ``log_snapshot_writes``, ``log_snapshot_loads``, ``log_snapshot_keys`` and ``history_gaps`` (migration 4;
   created on first use before it): snapshots written and loaded, and retention gaps
   (:mod:`protocol.client.engine.snapshots`).
+- ``media_uploads`` (migration 5): unfinished file uploads, 🔒 ``state`` (path, file key, capability …);
+  ``media_cache``: the LRU order of the encrypted media cache (:mod:`protocol.client.blobs`).
 
 Every multi-table change is one :meth:`LocalDB.transaction` (§10). Blocking,
 small, local: called from the engine's trio task directly.
@@ -128,6 +130,7 @@ SEALED_COLUMNS: Final[dict[str, SealedColumns]] = {
     "log_pending": (("record_id",), (("plaintext", "plaintext"),)),
     "log_epoch_keys": (("epoch",), (("key", "key"),)),
     "contacts": (("name_index",), (("entry", "entry"),)),
+    "media_uploads": (("path_index",), (("state", "state"),)),
 }
 
 OUTBOX_STATES: Final = ("queued", "sealed", "posted", "logged", "failed")
@@ -402,6 +405,27 @@ def _create_snapshot_tables(db: LocalDB) -> None:
             db.execute(statement)
 
 
+#: The media tables of :mod:`protocol.client.blobs` (docs/decisions/0014-media-blobs.md D6): unfinished uploads,
+#: one row per file path (``path_index``: a keyed hash of the path; 🔒 ``state``: the path, its size and mtime, the
+#: file key, nonce, capability, digest, the relay's upload id and, once complete, the blob id), and the encrypted
+#: media cache (``<home>/media/<blob_id>``: ciphertext, whose key stays in the sealed history) with its LRU order.
+MEDIA_UPLOADS_TABLE: Final = "media_uploads"
+MEDIA_CACHE_TABLE: Final = "media_cache"
+
+
+def _create_media_tables(db: LocalDB) -> None:
+    """Migration 5: the media tables (empty; nothing older uploads or caches media). ``IF NOT EXISTS``: the step
+    may run again after the version was put back, like the others."""
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {MEDIA_UPLOADS_TABLE} (path_index TEXT PRIMARY KEY, "
+        "created_seq INTEGER NOT NULL, state BLOB NOT NULL)"
+    )
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {MEDIA_CACHE_TABLE} (blob_id TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, "
+        "used_seq INTEGER NOT NULL)"
+    )
+
+
 def _account_of(address: str) -> str:
     """``account@relay`` of a device address (``device.account@relay``), or the address itself."""
     local, at, relay = address.partition("@")
@@ -418,6 +442,7 @@ MIGRATIONS: Final = (
     Migration(2, "sealed history metadata, keyed row keys, guarded marks and replay cache", _seal_metadata),
     Migration(3, "contacts: short names for addresses (protocol/client/contacts.py)", _create_contacts),
     Migration(4, "snapshot tables, once made on first use (client/engine/snapshots.py)", _create_snapshot_tables),
+    Migration(5, "media: unfinished uploads and the encrypted media cache (client/blobs.py)", _create_media_tables),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

@@ -121,7 +121,8 @@ def test_whoami_reads_the_public_identity_without_cryptography(tmp_path: Path) -
 # (protocol/webauthn.py imports it where a credential is parsed); sqlite_utils is not the client's
 # (protocol/client/localdb.py builds one only when `LocalDB.db` is asked for). Third round: protocol.webauthn
 # itself (protocol/device_list.py imports it where a list holds a credential), getpass and termios (only a
-# passphrase prompt), the catch-up progress line (only `sync` draws it).
+# passphrase prompt), the catch-up progress line (only `sync` draws it). Issue 15: the media code (only `send
+# --file`, `blob get` and a file message shown by `sync` / `history`).
 NOT_FOR_SEND = (
     "fido2",
     "sqlite_utils",
@@ -130,6 +131,10 @@ NOT_FOR_SEND = (
     "getpass",
     "termios",
     "tetherless_cli.progress",
+    "protocol.blobs",
+    "protocol.client.blobs",
+    "tetherless_cli.blobs",
+    "mimetypes",
 )
 
 

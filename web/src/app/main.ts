@@ -4,9 +4,12 @@
 // WebCrypto key (src/client/persist.ts, idb.ts). The DOM is built with textContent only (the relay's CSP
 // requires Trusted Types for HTML sinks; none is used). One tab owns the device (a Web Lock).
 export {}; // a module: its names stay out of the global scope (window.status exists)
-import { fromUtf8, toHex, utf8 } from "../protocol/bytes.js";
+import { type BlobRef, FILE_CONTENT_TYPE, decodeBlobRef, encodeBlobRef, safeName } from "../protocol/blobs.js";
+import { fromUtf8, toBase32, toHex, utf8 } from "../protocol/bytes.js";
 import { TetherlessError } from "../protocol/errors.js";
+import { parseAddress } from "../protocol/ids.js";
 import {
+  FileTransferError,
   IdbBackend,
   Outbox,
   PersistentStore,
@@ -15,8 +18,12 @@ import {
   TetherlessClient,
   TransportError,
   UnknownRelayError,
+  downloadFile,
+  formatSize,
   isPermanentFailure,
+  platformDeps,
   requestPersistence,
+  uploadFile,
   wipeBrowserDevice,
   type QueuedMessage,
   type RefusedMessage,
@@ -36,6 +43,8 @@ const LOCK = "tetherless-device";
 const SETTING_RELAY = "relay_url";
 const SETTING_PREKEYS = "prekeys_published";
 const TOKEN_CODES = new Set(["missing_token", "invalid_token", "token_expired"]);
+/** How long a downloaded file's object URL lives: the browser starts the download from it asynchronously. */
+const REVOKE_AFTER_MS = 60_000;
 
 const ui = {
   version: element("version"),
@@ -54,6 +63,9 @@ const ui = {
   to: element<HTMLInputElement>("to"),
   message: element<HTMLTextAreaElement>("message"),
   send: element<HTMLButtonElement>("send"),
+  attach: element<HTMLInputElement>("attach"),
+  sendFile: element<HTMLButtonElement>("send-file"),
+  transfer: element("transfer"),
   receiving: element("receiving"),
   log: element("log"),
   outboxSection: element("outbox-section"),
@@ -74,6 +86,7 @@ function describe(error: unknown): string {
   if (error instanceof TetherlessError) return `Refused: ${error.code}: ${error.detail}`;
   if (error instanceof RefusedMessages || error instanceof NotSent) return error.message;
   if (error instanceof SecurityKeyError) return error.message; // already a sentence for the user
+  if (error instanceof FileTransferError) return `${error.message} (${error.code})`;
   return `Unexpected error: ${error instanceof Error ? error.message : String(error)}`;
 }
 
@@ -126,7 +139,11 @@ function clearError(): void {
  * The conversation. Sent messages whose envelopes the relay has not accepted yet (`unposted`: message ids in
  * hex) are shown in the outbox instead ({@link outboxItem}), so the log holds only what left.
  */
-function render(messages: readonly StoredMessage[], unposted: ReadonlySet<string> = new Set()): void {
+function render(
+  messages: readonly StoredMessage[],
+  unposted: ReadonlySet<string>,
+  download: (ref: BlobRef, message: StoredMessage) => void,
+): void {
   const shown = messages.filter((m) => !(m.direction === "out" && unposted.has(toHex(m.messageId))));
   const items = shown.slice(-SHOWN_MESSAGES).map((m) => {
     const item = document.createElement("li");
@@ -137,10 +154,17 @@ function render(messages: readonly StoredMessage[], unposted: ReadonlySet<string
     meta.textContent = `${m.direction === "in" ? "From" : "To"} ${m.peer} · ${when}`;
     const text = document.createElement("span");
     text.className = "text";
-    text.textContent = m.contentType.startsWith("text/")
-      ? fromUtf8Lenient(m.body)
-      : `(${m.body.length} bytes of ${m.contentType})`;
+    text.textContent = bodyText(m.contentType, m.body);
     item.append(meta, text);
+    const ref = fileRef(m.contentType, m.body);
+    if (ref) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = "Download";
+      button.setAttribute("aria-label", `Download ${ref.name}`);
+      button.addEventListener("click", () => download(ref, m));
+      item.append(" ", button);
+    }
     return item;
   });
   ui.log.replaceChildren(...items);
@@ -161,7 +185,7 @@ function outboxItem(
   meta.textContent = `To ${to} · ${state}`;
   const text = document.createElement("span");
   text.className = "text";
-  text.textContent = contentType.startsWith("text/") ? fromUtf8Lenient(body) : `(${body.length} bytes)`;
+  text.textContent = bodyText(contentType, body);
   item.append(meta, text);
   for (const [label, act] of actions) {
     const button = document.createElement("button");
@@ -172,6 +196,46 @@ function outboxItem(
   }
   return item;
 }
+
+/** The file reference of a file message (null for any other message, or one that does not decode or check). */
+function fileRef(contentType: string, body: Uint8Array): BlobRef | null {
+  if (contentType !== FILE_CONTENT_TYPE) return null;
+  try {
+    return decodeBlobRef(body);
+  } catch {
+    return null;
+  }
+}
+
+/** What a message shows: its text, a file's "name · size" (never its key or bytes), or its size and type. */
+function bodyText(contentType: string, body: Uint8Array): string {
+  if (contentType.startsWith("text/")) return fromUtf8Lenient(body);
+  if (contentType === FILE_CONTENT_TYPE) {
+    const ref = fileRef(contentType, body);
+    return ref ? `${ref.name} · ${formatSize(ref.size)}` : "(a file message that cannot be read)";
+  }
+  return `(${body.length} bytes of ${contentType})`;
+}
+
+/** Offer `file` as a download named `name` (already a safe name); its object URL is revoked afterwards. */
+function save(file: Blob, name: string): void {
+  const url = URL.createObjectURL(file);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  link.hidden = true;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), REVOKE_AFTER_MS);
+}
+
+/** A revoked device sends no file either (devices.ts `showRevoked` disables the other controls). */
+function disableFiles(): void {
+  for (const control of [ui.attach, ui.sendFile]) control.disabled = true;
+}
+
+const percent = (done: number, total: number): string => `${Math.floor((100 * done) / Math.max(total, 1))} %`;
 
 function fromUtf8Lenient(body: Uint8Array): string {
   try {
@@ -260,6 +324,7 @@ class App {
       event.preventDefault(); // no navigation (the CSP's form-action 'none' would refuse one anyway)
       void this.send();
     });
+    ui.sendFile.addEventListener("click", () => void this.sendFile());
     if (this.store.identity()) this.showAccount();
     else ui.setup.hidden = false;
   }
@@ -355,7 +420,7 @@ class App {
     ];
     if (key.join() === this.shown) return;
     this.shown = key.join();
-    render(this.store.messages(), unposted);
+    render(this.store.messages(), unposted, (ref, message) => void this.download(ref, message));
     const waiting = this.store.messages().filter((m) => m.direction === "out" && unposted.has(toHex(m.messageId)));
     ui.outbox.replaceChildren(
       ...waiting.map((m) =>
@@ -413,25 +478,120 @@ class App {
     ui.send.disabled = true;
     clearError();
     try {
-      const entry = await this.outbox.queue(to, TEXT, utf8(text), Date.now());
-      ui.message.value = "";
-      this.refresh();
-      await this.exclusive(async () => {
-        try {
-          await this.withLogin((client) => this.outbox.seal(client, entry));
-        } catch (error) {
-          if (!isPermanentFailure(error)) throw error; // it waits
-          await this.outbox.discard(entry.id);
+      await this.queueAndSend(to, TEXT, utf8(text), {
+        queued: () => (ui.message.value = ""),
+        refused: () => {
           if (!ui.message.value) ui.message.value = text; // kept for another try
-          throw error;
-        }
-        await this.withLogin((client) => client.flushOutbox());
+        },
       });
     } catch (error) {
       showError(error);
     } finally {
       this.refresh();
       ui.send.disabled = false;
+    }
+  }
+
+  /**
+   * The send path of every message: queue it (on disk), then seal and post it now. A lasting refusal takes it
+   * out of the outbox again (`refused` runs, then the error is thrown); a passing one leaves it waiting.
+   */
+  private async queueAndSend(
+    to: string,
+    contentType: string,
+    body: Uint8Array,
+    on: { queued: () => void; refused: () => void },
+  ): Promise<void> {
+    const entry = await this.outbox.queue(to, contentType, body, Date.now());
+    on.queued();
+    this.refresh();
+    await this.exclusive(async () => {
+      try {
+        await this.withLogin((client) => this.outbox.seal(client, entry));
+      } catch (error) {
+        if (!isPermanentFailure(error)) throw error; // it waits
+        await this.outbox.discard(entry.id);
+        on.refused();
+        throw error;
+      }
+      await this.withLogin((client) => client.flushOutbox());
+    });
+  }
+
+  /**
+   * "Share file": check the recipient, encrypt and upload the chosen file (src/client/blobs.ts; progress in
+   * #transfer), then send the file message through {@link queueAndSend}. The upload runs beside the polling
+   * (it touches no session). Not resumed after a reload: the file is chosen and sent again (docs/web.md).
+   */
+  private async sendFile(): Promise<void> {
+    const to = ui.to.value.trim();
+    const file = ui.attach.files?.[0];
+    const identity = this.store.identity();
+    clearError();
+    if (!to || !file || !identity) {
+      showError(new TetherlessError("invalid_field", "choose a recipient (To) and a file (Attach file) first"));
+      return;
+    }
+    ui.sendFile.disabled = true;
+    const name = safeName(file.name);
+    try {
+      const target = parseAddress(to);
+      if (target.relay !== identity.relayName) {
+        throw new TetherlessError("invalid_field", `${to} is on another relay; federation is not in this client yet`);
+      }
+      const ref = await this.withLogin(async (client) => {
+        await client.verifiedDevices(target.account); // an unknown recipient before the upload, not after
+        return uploadFile(client.api, file, {
+          relayName: identity.relayName,
+          random: platformDeps.random,
+          login: () => client.login(),
+          progress: (phase, done, total) => {
+            ui.transfer.textContent =
+              phase === "encrypting"
+                ? `Encrypting ${name}: ${percent(done, total)}`
+                : `Uploading ${name}: ${formatSize(done)} of ${formatSize(total)} (${percent(done, total)})`;
+          },
+        });
+      });
+      ui.transfer.textContent = `Sending the message for ${name}…`;
+      await this.queueAndSend(to, FILE_CONTENT_TYPE, encodeBlobRef(ref), {
+        queued: () => (ui.attach.value = ""),
+        refused: () => undefined,
+      });
+      ui.transfer.textContent = `Sent ${name} (${formatSize(ref.size)}).`;
+    } catch (error) {
+      ui.transfer.textContent = "";
+      showError(error);
+    } finally {
+      this.refresh();
+      ui.sendFile.disabled = false;
+    }
+  }
+
+  /**
+   * "Download": fetch the blob, verify it (commitment, every chunk, the digest) and decrypt it
+   * (src/client/blobs.ts); only then offer it, under its safe name. Files above the browser's limit are
+   * refused with the CLI command that fetches them. Errors go to the alert; nothing is offered then.
+   */
+  private async download(ref: BlobRef, message: StoredMessage): Promise<void> {
+    const identity = this.store.identity();
+    if (!identity) return;
+    clearError();
+    ui.transfer.textContent = `Downloading ${ref.name}…`;
+    try {
+      const file = await downloadFile(ref, {
+        homeRelay: identity.relayName,
+        homeApi: this.api().api,
+        cliRef: toBase32(message.messageId),
+        progress: (_phase, done, total) => {
+          ui.transfer.textContent = `Downloading ${ref.name}: ${formatSize(done)} of ${formatSize(total)}`;
+        },
+      });
+      save(file, safeName(ref.name));
+      ui.transfer.textContent = `Saved ${ref.name} (${formatSize(ref.size)}, verified).`;
+    } catch (error) {
+      ui.transfer.textContent = "";
+      showError(error);
     }
   }
 
@@ -456,7 +616,8 @@ class App {
       this.polling = false;
       this.shown = "";
       for (const list of [ui.log, ui.outbox]) list.replaceChildren();
-      for (const field of [ui.to, ui.message]) field.value = "";
+      for (const field of [ui.to, ui.message, ui.attach]) field.value = "";
+      ui.transfer.textContent = "";
       ui.address.textContent = "";
       ui.signOutConfirm.hidden = true;
       ui.account.hidden = true;
@@ -496,7 +657,7 @@ class App {
             await client.flushOutbox();
             const { refused } = await client.receive();
             // The account log: history from the other devices (a linked device replays it all), revocation.
-            if (!(await this.devices.sync(client))) return;
+            if (!(await this.devices.sync(client))) return disableFiles(); // revoked
             this.refresh();
             if (failed.length) throw new NotSent(failed);
             // Refused envelopes are acknowledged with their page (one bad message never blocks the others).
@@ -505,7 +666,10 @@ class App {
         });
         if (unreachableShown) clearError();
       } catch (error) {
-        if (this.devices.isRevoked(error)) this.devices.showRevoked();
+        if (this.devices.isRevoked(error)) {
+          this.devices.showRevoked();
+          disableFiles();
+        }
         if (generation === this.generation) showError(error);
       }
       if (generation === this.generation) this.refresh();

@@ -38,7 +38,7 @@ import {
   type WellKnown,
   WellKnownDef,
 } from "../protocol/messages.js";
-import { TransportError, errorFromProblem } from "./errors.js";
+import { RelayError, TransportError, UnknownRelayError, errorFromProblem } from "./errors.js";
 
 /** The part of `fetch` this client needs (a test passes a malicious relay's fetch here). */
 export type Fetch = (url: string, init: RequestInit) => Promise<Response>;
@@ -88,23 +88,49 @@ export class RelayApi {
       body = encode(opts.request.def, opts.request.value);
       headers["content-type"] = MSGPACK;
     }
+    const response = await this.request(method, path, { headers, body, auth: opts.auth, signal: opts.signal });
+    let raw: Uint8Array;
+    try {
+      raw = new Uint8Array(await response.arrayBuffer());
+    } catch (error) {
+      throw new TransportError(`${method} ${path}`, error, isOffline());
+    }
+    return decode(opts.response, raw, MSGPACK);
+  }
+
+  /**
+   * One request whose successful answer is returned unread (the blob routes: tus headers, a streamed body).
+   * `auth` adds this device's token. Throws {@link TransportError} without an answer and {@link RelayError} /
+   * `UnknownRelayError` for an answer with status ≥ 400 (its body read). Cancellation: pass `signal`.
+   */
+  async request(
+    method: "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE",
+    path: string,
+    opts: {
+      headers?: Record<string, string>;
+      body?: Uint8Array | undefined;
+      auth?: boolean | undefined;
+      signal?: AbortSignal | undefined;
+    } = {},
+  ): Promise<Response> {
+    const headers = { ...opts.headers };
     if (opts.auth) {
       if (this.token === null) throw new Error("not logged in: call login() first");
       headers.authorization = `Bearer ${this.token}`;
     }
     let response: Response;
-    let raw: Uint8Array;
     try {
       const init: RequestInit = { method, headers };
-      if (body) init.body = body as Uint8Array<ArrayBuffer>;
+      if (opts.body) init.body = opts.body as Uint8Array<ArrayBuffer>;
       if (opts.signal) init.signal = opts.signal;
       response = await this.fetchFn(`${this.baseUrl}${path}`, init);
-      raw = new Uint8Array(await response.arrayBuffer());
+      if (response.status < 400) return response;
+      const raw = new Uint8Array(await response.arrayBuffer());
+      throw errorFromProblem(response.status, raw, response.headers.get("retry-after"));
     } catch (error) {
+      if (error instanceof RelayError || error instanceof UnknownRelayError) throw error;
       throw new TransportError(`${method} ${path}`, error, isOffline());
     }
-    if (response.status >= 400) throw errorFromProblem(response.status, raw, response.headers.get("retry-after"));
-    return decode(opts.response, raw, MSGPACK);
   }
 
   wellKnown(): Promise<WellKnown> {

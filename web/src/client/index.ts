@@ -10,3 +10,4 @@ export * from "./store.js";
 export * from "./idb.js";
 export * from "./persist.js";
 export * from "./outbox.js";
+export * from "./blobs.js";

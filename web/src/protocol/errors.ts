@@ -15,7 +15,9 @@ export type ErrorCode =
   | "log_epoch_stale"
   | "device_list_conflict"
   | "enrolment_expired"
-  | "device_revoked";
+  | "device_revoked"
+  | "blob_corrupt"
+  | "blob_key_mismatch";
 
 export class TetherlessError extends Error {
   readonly code: ErrorCode;

@@ -10,7 +10,7 @@ import { digest } from "./signing.js";
 export const ID_BYTES = 20;
 const ID_RE = /^[a-z2-7]{32}$/;
 // host or host:port; letters, digits, dots, dashes, or an IPv6 literal in brackets (ids.py RELAY_PATTERN).
-const RELAY_RE = /^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$/;
+export const RELAY_RE = /^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$/;
 
 function idOf(domain: string, signKey: Uint8Array): string {
   if (signKey.length !== 32) throw new RangeError("an Ed25519 public key is 32 bytes");

@@ -5,6 +5,7 @@
  * Node built-ins.
  */
 export * as auth from "./auth.js";
+export * as blobs from "./blobs.js";
 export * as bytes from "./bytes.js";
 export * as codec from "./codec.js";
 export * as deviceList from "./deviceList.js";

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -100,6 +103,28 @@ class RelayProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def replica_processes(
+    parent: Path, database_url: str, count: int, *, name: str, env: dict[str, str] | None = None
+) -> Iterator[list[RelayProcess]]:
+    """``count`` replicas of one relay (``name``) on one PostgreSQL database, started one after the other; the
+    first creates the relay key, the others get a copy (every replica signs as the same relay). Stopped on exit."""
+    processes: list[RelayProcess] = []
+    try:
+        for i in range(count):
+            data = parent / f"replica{i}"
+            if processes:
+                data.mkdir(mode=0o700)
+                shutil.copy2(processes[0].data_dir / "relay.key", data / "relay.key")
+            process = RelayProcess(data, extra_args=["--database", database_url, "--name", name], env=env)
+            process.start()
+            processes.append(process)
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
 
 
 def _pump(stream: IO[bytes], log: IO[bytes]) -> None:

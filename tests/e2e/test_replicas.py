@@ -37,7 +37,7 @@ from tests.e2e.http11 import Http11, Peer, login, register
 from tests.e2e.offline_client import wait_until
 from tests.e2e.test_federation import free_port
 from tests.relay.store.postgres_db import fresh_database
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, replica_processes
 
 RELAY_NAME = "replicas.test"
 LIVE_WITHIN_SECONDS = 15.0  # half the streams' heartbeat (30 s, set below)
@@ -54,20 +54,8 @@ def replicas(tmp_path: Path) -> Iterator[list[RelayProcess]]:
     """Three replicas sharing a fresh database and one relay key; heartbeats too slow to hide missing wake-ups."""
     with fresh_database("tl_e2e") as url:
         env = {"TETHERLESS_STREAM_HEARTBEAT_SECONDS": "30", **NO_RATE_LIMITS}
-        processes: list[RelayProcess] = []
-        try:
-            for i in range(3):
-                data = tmp_path / f"replica{i}"
-                if processes:  # every replica signs as the same relay
-                    data.mkdir(mode=0o700)
-                    shutil.copy2(processes[0].data_dir / "relay.key", data / "relay.key")
-                process = RelayProcess(data, extra_args=["--database", url, "--name", RELAY_NAME], env=env)
-                process.start()
-                processes.append(process)
+        with replica_processes(tmp_path, url, 3, name=RELAY_NAME, env=env) as processes:
             yield processes
-        finally:
-            for process in processes:
-                process.stop()
 
 
 class StreamReader(threading.Thread):

@@ -235,6 +235,11 @@ enrolments_expired_total = Counter(
 blob_upload_bytes_total = Counter(
     "relay_blob_upload_bytes_total", "Blob bytes made durable by uploads (committed appends)", registry=REGISTRY
 )
+blob_received_bytes_total = Counter(
+    "relay_blob_received_bytes_total",
+    "PATCH body bytes read, kept or not (a refused or interrupted PATCH's too): what clients made the relay receive",
+    registry=REGISTRY,
+)
 blob_download_bytes_total = Counter(
     "relay_blob_download_bytes_total", "Blob bytes handed to downloads", registry=REGISTRY
 )

@@ -294,6 +294,7 @@ class BlobService:
         async def chunks() -> AsyncIterator[bytes]:
             nonlocal passed, renew_at
             async for chunk in body:
+                metrics.blob_received_bytes_total.inc(len(chunk))
                 if passed + len(chunk) > length - offset:
                     raise _BodyTooLongError
                 passed += len(chunk)

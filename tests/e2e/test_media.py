@@ -162,7 +162,7 @@ def test_a_file_sent_by_one_device_is_fetched_and_decrypted_by_another(
 
     # The relay never held the plaintext: no file under its data directory contains the canary.
     assert [p for p in relay_files(relay) if contains(p, CANARY)] == []
-    assert metric(relay, "relay_blob_upload_bytes_total") < 1.2 * SIZE
+    assert metric(relay, "relay_blob_received_bytes_total") < 1.2 * SIZE
 
     # The medic's case: the relay is down, the cached media opens anyway.
     relay.stop()
@@ -197,7 +197,7 @@ def test_a_killed_upload_resumes_and_sends_less_than_1_2_times_the_file(
         ok(cli(alice, "send", bob_address, "--file", str(source)))
     else:
         ok(cli(alice, "sync", "--timeout", "20"))
-    assert metric(relay, "relay_blob_upload_bytes_total") < 1.2 * SIZE
+    assert metric(relay, "relay_blob_received_bytes_total") < 1.2 * SIZE
     (file,) = file_messages(bob)
     assert fetched_digest(bob, file["ref"], tmp_path / "video.out") == digest
 

@@ -99,7 +99,7 @@ def test_a_patch_whose_answer_is_lost_continues_from_the_relays_offset(
     send_file(page, cli_address, upload)
     # The second PATCH starts where the relay stood after the first (8 MiB in), not at 0.
     assert patches == ["0", str(8 * MiB), str(16 * MiB)], patches
-    assert metric(relay, "relay_blob_upload_bytes_total") < 1.2 * size
+    assert metric(relay, "relay_blob_received_bytes_total") < 1.2 * size
     (file,) = file_messages(cli_home)
     out = tmp_path / "video.out"
     ok(cli(cli_home, "blob", "get", str(file["ref"]), "-o", str(out)))

@@ -956,6 +956,9 @@ def destination_for(ref: blobfmt.BlobRef, dest: str | os.PathLike[str] | None) -
     target = Path(dest) if dest is not None else Path.cwd()
     if target.is_dir():
         return target / blobfmt.safe_name(ref.name)
+    if dest is not None and os.fspath(dest).endswith((os.sep, "/")):
+        # "out/" names a directory; Path() drops the slash and would write a file called "out".
+        raise MediaError("destination_unwritable", f"{os.fspath(dest)} is not a directory")
     return target
 
 

@@ -657,6 +657,17 @@ async def test_a_directory_destination_gets_the_safe_name(tmp_path: Path, home: 
         await home.download(evil, target)
 
 
+async def test_a_destination_with_a_trailing_slash_must_be_a_directory(tmp_path: Path, home: Home) -> None:
+    """``-o out/`` names a directory: when there is none, say so, rather than writing a file called ``out``."""
+    _, ref = await _sent(tmp_path, home)
+    with pytest.raises(blobs.MediaError, match=r"destination_unwritable: .*missing/ is not a directory"):
+        await home.download(ref, f"{tmp_path / 'missing'}/")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "there").mkdir()
+    out = await home.download(ref, f"{tmp_path / 'there'}/")
+    assert out.parent == tmp_path / "there"
+
+
 # -- the file message -------------------------------------------------------------------------------------------
 
 

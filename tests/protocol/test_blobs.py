@@ -116,6 +116,17 @@ def build() -> dict[str, Any]:
         cases.append(entry)
     # 320,471,486,604 pads to 320,471,486,605 = ⌊(21/20)^k⌋ exactly; floats say ...606 (see the padded_size tests)
     edges = [0, 539, 540, 541, 567, 568, 569, 65535, 65536, 2**20, 2**30, 320_471_486_604, 2**40 - 1, 2**40]
+    ref = blobs.BlobRef(
+        relay="relay.example.org",
+        blob_id="0123456789abcdef0123456789abcdef",
+        digest=bytes([1]) * 32,
+        key=bytes([2]) * 32,
+        length=blobs.blob_length(1_000_000),
+        capability=bytes([3]) * 32,
+        name="scan 2026-12-07.pdf",
+        content_type="application/pdf",
+        size=1_000_000,
+    ).check()
     return {
         "description": (
             "Tetherless media blobs (docs/crypto.md 'Media blobs', decision 0014 D1/D2): age's STREAM under "
@@ -126,6 +137,12 @@ def build() -> dict[str, Any]:
         ),
         "cases": cases,
         "padded_sizes": [[n, blobs.padded_size(n)] for n in edges],
+        # The file message's body (content type application/vnd.tetherless.file+msgpack): a MessagePack map of
+        # BlobRef's fields in declaration order, bytes as bin.
+        "blob_ref": {
+            "fields": {k: v.hex() if isinstance(v, bytes) else v for k, v in msgspec.structs.asdict(ref).items()},
+            "msgpack": codec.encode(ref, codec.MSGPACK).hex(),
+        },
     }
 
 
@@ -136,6 +153,13 @@ def _vectors() -> dict[str, Any]:
 
 def test_vectors_are_reproducible() -> None:
     assert build() == _vectors()
+
+
+def test_the_blob_ref_vector_decodes_to_its_fields_and_checks() -> None:
+    vector = _vectors()["blob_ref"]
+    ref = codec.decode(bytes.fromhex(vector["msgpack"]), blobs.BlobRef, codec.MSGPACK).check()
+    fields = {k: v.hex() if isinstance(v, bytes) else v for k, v in msgspec.structs.asdict(ref).items()}
+    assert fields == vector["fields"]
 
 
 @pytest.mark.parametrize("case", range(len(SIZES)))

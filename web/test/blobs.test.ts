@@ -43,7 +43,13 @@ interface Case {
   plaintext?: string;
   ciphertext?: string;
 }
-const vectors = loadVectors<{ cases: Case[]; padded_sizes: [number, number][] }>("blob-stream.json");
+interface RefVector {
+  fields: Record<string, string | number>;
+  msgpack: string;
+}
+const vectors = loadVectors<{ cases: Case[]; padded_sizes: [number, number][]; blob_ref: RefVector }>(
+  "blob-stream.json",
+);
 
 const sha = (data: Uint8Array): string => createHash("sha256").update(data).digest("hex");
 /** The vectors' plaintext: byte i is i mod 251. */
@@ -188,6 +194,14 @@ const REF: BlobRef = {
 };
 
 describe("the file reference (protocol/blobs.py BlobRef)", () => {
+  it("encodes and decodes the vector's file message body byte for byte", () => {
+    const wire = fromHex(vectors.blob_ref.msgpack);
+    const ref = checkBlobRef(decodeBlobRef(wire));
+    const fields = Object.fromEntries(Object.entries(ref).map(([k, v]) => [k, v instanceof Uint8Array ? toHex(v) : v]));
+    assert.deepEqual(fields, vectors.blob_ref.fields);
+    assert.deepEqual(toHex(encodeBlobRef(ref)), vectors.blob_ref.msgpack);
+  });
+
   it("round-trips as MessagePack, fields in msgspec's order", () => {
     const body = encodeBlobRef(REF);
     assert.deepEqual(decodeBlobRef(body), REF);

@@ -8,6 +8,7 @@ sockets, and the transport knows nothing about routes.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ class BodyIncompleteError(Exception):
         self.reason = reason
 
 
-class BodyStream:
+class BodyStream(abc.ABC):
     """The body of a request to a streaming route (``Route.stream_body``), read as it arrives.
 
     ``async for chunk in request.body_stream`` yields non-empty ``bytes`` in
@@ -88,9 +89,12 @@ class BodyStream:
             raise BodyIncompleteError(self._failure)
         raise StopAsyncIteration
 
+    @abc.abstractmethod
     async def _read(self) -> bytes:
-        """The next bytes; b"" once the body ended (``_ended``) or failed (:meth:`fail`), bytes first."""
-        raise NotImplementedError
+        """The next bytes; b"" once the body ended (``_ended``) or failed (:meth:`fail`), bytes first.
+
+        Each transport implements it (``_H2BodyStream``, ``_H11BodyStream``), as does :class:`BufferedBodyStream`.
+        """
 
 
 class BufferedBodyStream(BodyStream):

@@ -6,12 +6,17 @@ The commands against real relays: tests/e2e/test_media.py.
 from __future__ import annotations
 
 import io
+import json
 
+import msgspec
 import pytest
 
+from protocol.blobs import BlobRef, blob_length
+from protocol.client.store import HistoryMessage
+from protocol.payload import FILE_CONTENT_TYPE
 from tetherless_cli.blobs import TransferProgress, parse_ref
 from tetherless_cli.exits import UsageError
-from tetherless_cli.messages import message_id_text
+from tetherless_cli.messages import _shown_body, file_json, format_received, message_id_text
 from tetherless_cli.parser import build_parser
 
 
@@ -92,3 +97,72 @@ def test_send_takes_text_or_a_file_and_blob_get_its_options() -> None:
     args = build_parser(line).parse_args(line)
     assert (args.ref, args.output, args.force, args.home) == ("mfrg", "out", True, "H")
     assert args.handler == "tetherless_cli.blobs:cmd_blob_get"
+
+
+def _history(body: bytes, content_type: str = FILE_CONTENT_TYPE) -> HistoryMessage:
+    return HistoryMessage(
+        msg_key=b"k" * 16,
+        message_uid=bytes(16),
+        sender_device="a" * 32,
+        direction="received",
+        pair_seq=1,
+        sent_at_ms=1,
+        relay_sent_at_ms=1,
+        log_position=None,
+        via="inbox",
+        late=False,
+        sender="sender@relay.example.org",
+        recipients=["me@relay.example.org"],
+        content_type=content_type,
+        body=body,
+    )
+
+
+def _ref(**changes: object) -> BlobRef:
+    fields: dict[str, object] = {
+        "relay": "relay.example.org",
+        "blob_id": "0" * 32,
+        "digest": bytes(32),
+        "key": bytes([7]) * 32,
+        "length": blob_length(10),
+        "capability": bytes(32),
+        "name": "a.txt",
+        "content_type": "text/plain",
+        "size": 10,
+        **changes,
+    }
+    return BlobRef(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1not msgpack",
+        msgspec.msgpack.encode({"relay": "relay.example.org"}),  # a map, not a BlobRef
+        msgspec.msgpack.encode(_ref(name="../../.bashrc")),  # decodes, but steers outside the directory
+        msgspec.msgpack.encode(_ref(length=1)),  # decodes, but the length is not the size's
+    ],
+    ids=["garbage", "incomplete", "path-name", "length"],
+)
+def test_a_malformed_file_message_is_shown_as_such_never_crashes_and_never_shows_its_body(body: bytes) -> None:
+    """A sender (or a bug) can put anything in a file message: sync and history print it as malformed, one line,
+    without the body (a real one holds the file key), and move on to the next message."""
+    message = _history(body)
+    assert file_json(message) == {"error": "malformed file message", "ref": None}
+    assert _shown_body(message, None) == "<a malformed file message>"
+    line = format_received(message, 1, None, as_json=True)
+    assert json.loads(line)["file"] == {"error": "malformed file message", "ref": None}
+    assert "body_base64" not in json.loads(line)  # the key inside a file message's body is never printed
+
+
+def test_a_file_message_is_shown_with_its_reference_and_never_its_key() -> None:
+    message = _history(msgspec.msgpack.encode(_ref()))
+    shown = json.loads(format_received(message, 1, None, as_json=True))
+    assert shown["file"] == {
+        "name": "a.txt",
+        "size": 10,
+        "content_type": "text/plain",
+        "ref": message_id_text(bytes(16)),
+    }
+    assert (bytes([7]) * 32).hex() not in json.dumps(shown)
+    assert "blob get" in _shown_body(message, None)

@@ -202,6 +202,31 @@ def test_a_killed_upload_resumes_and_sends_less_than_1_2_times_the_file(
     assert fetched_digest(bob, file["ref"], tmp_path / "video.out") == digest
 
 
+def test_a_relay_killed_mid_upload_keeps_every_acknowledged_piece(
+    relay: RelayProcess, pair: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """SIGKILL of the relay while a PATCH streams: every piece it answered 204 is durable (file fsync'd, offset
+    committed, then the answer), so after a restart the client continues from there instead of starting over;
+    the interrupted piece costs nothing but itself, and the file arrives whole."""
+    alice, bob, bob_address = pair
+    source = tmp_path / "theatre.mp4"
+    digest = make_file(source, SIZE)
+    uploading = spawn(alice, "send", bob_address, "--file", str(source))
+    wait_for(relay, "relay_blob_upload_bytes_total", 0.4 * SIZE, uploading)
+    acknowledged = metric(relay, "relay_blob_upload_bytes_total")
+    relay.kill()
+    out, err = uploading.communicate(timeout=120)
+    assert uploading.returncode == 0, (out, err)  # the client waits: "queued (… the upload continues …)"
+    assert "queued" in out, out
+    assert "Traceback" not in err, err
+    relay.start()
+    ok(cli(alice, "sync", "--timeout", "20"))
+    resent = metric(relay, "relay_blob_received_bytes_total")  # the restarted relay's counters start at 0
+    assert resent <= SIZE - acknowledged + 8 * MiB  # from the last acknowledged piece, not from the start
+    (file,) = file_messages(bob)
+    assert fetched_digest(bob, file["ref"], tmp_path / "theatre.out") == digest
+
+
 def test_a_killed_download_resumes(relay: RelayProcess, pair: tuple[Path, Path, str], tmp_path: Path) -> None:
     alice, bob, bob_address = pair
     source = tmp_path / "x-ray.png"

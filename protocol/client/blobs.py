@@ -471,8 +471,10 @@ async def _transfer(
                 if exc.code not in _ASK_AGAIN or retries >= MAX_UPLOAD_RETRIES:
                     raise
                 retries += 1
-                if exc.code is ErrorCode.BLOB_UPLOAD_LOCKED:  # another request of ours still appending
-                    await api.backoff(retries)
+                if exc.code is ErrorCode.BLOB_UPLOAD_LOCKED:
+                    # Another PATCH of ours still holds the upload: a request the relay is finishing, or one a
+                    # crashed replica held, whose lease lapses. Wait as the relay says (Retry-After), then ask again.
+                    await api.backoff(retries, exc.retry_after_seconds)
                 answer = None  # another offset, a damaged piece: ask where the relay stands
             except TetherlessError as exc:  # an answer that cannot be true (api.py checks offsets and ids)
                 raise MediaError("relay_misbehaved", exc.detail) from exc

@@ -50,7 +50,10 @@ log = logging.getLogger("relay.blobs")
 
 # Upload-Checksum algorithms (tus checksum extension: sha1 is mandatory; sha256 is what our client sends).
 CHECKSUM_ALGORITHMS: Final[dict[str, Callable[[], Any]]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
-LEASE_MS: Final = 60_000  # an append's hold on its upload, renewed while bytes flow
+LEASE_MS: Final = 30_000  # an append's hold on its upload, renewed while bytes flow; a dead replica's lapses in this
+# How long a PATCH refused blob_upload_locked is told to wait (Retry-After): a third of a lease, so a client polls
+# a few times across the lease a crashed appender left behind rather than giving up or hammering.
+LOCKED_RETRY_AFTER_SECONDS: Final = LEASE_MS // 3000
 DIGEST_CACHE_ENTRIES: Final = 4096  # hash states kept per process (a few hundred bytes each)
 GiB: Final = 1024**3
 
@@ -273,7 +276,12 @@ class BlobService:
         holder = self._ctx.random_bytes(16).hex()
         now = self._ctx.clock_ms()
         if not await self._store.lease_blob_upload(upload_id, offset, holder, now, now + LEASE_MS):
-            raise TetherlessError(ErrorCode.BLOB_UPLOAD_LOCKED, "another request is appending to this upload")
+            raise TetherlessError(
+                ErrorCode.BLOB_UPLOAD_LOCKED,
+                "another request is appending to this upload (a crashed one's hold lapses within "
+                f"{LEASE_MS // 1000} s)",
+                retry_after_seconds=LOCKED_RETRY_AFTER_SECONDS,
+            )
         try:
             return await self._append_leased(record, holder, body, checksum)
         except BaseException:

@@ -95,8 +95,10 @@ def test_an_upload_interrupted_through_one_replica_resumes_through_another(
     two_replicas: list[RelayProcess], tmp_path: Path
 ) -> None:
     """The devices reach the relay through one address (a proxy standing in for the Kubernetes Service). The
-    upload runs through replica 0; the client and then replica 0 are SIGKILLed; the Service now routes to
-    replica 1, which continues from the offset recorded in PostgreSQL, with the parts already in the bucket."""
+    upload runs through replica 0, which is SIGKILLed while the next PATCH streams (so it dies holding the
+    upload's lease); the client says it queued the file; the Service now routes to replica 1, which answers the
+    resumed PATCH 423 with a Retry-After until the dead replica's lease lapses, then continues from the offset
+    recorded in PostgreSQL, with the parts already in the bucket."""
     first, second = two_replicas
     service = ThreadedFaultProxy("127.0.0.1", first.port).start()
     try:
@@ -108,11 +110,14 @@ def test_an_upload_interrupted_through_one_replica_resumes_through_another(
 
         uploading = spawn(alice, "send", bob_address, "--file", str(source))
         wait_for(first, UPLOADED, 0.4 * SIZE, uploading)
-        sigkill(uploading)
         through_first = metric(first, UPLOADED)
-        assert 0.4 * SIZE <= through_first < SIZE
         received_first = metric(first, RECEIVED)
         first.kill()
+        assert 0.4 * SIZE <= through_first < SIZE
+        out, err = uploading.communicate(timeout=180)
+        assert uploading.returncode == 0, (out, err)
+        assert "queued" in out, out
+        assert "Traceback" not in err, err
 
         assert service.proxy is not None
         service.call(service.proxy.set_upstream, "127.0.0.1", second.port)

@@ -20,6 +20,7 @@ from protocol.errors import ErrorCode, TetherlessError
 from relay import metrics
 from relay.blobs.files import FileStorage
 from relay.config import Config, ConfigError, load
+from relay.services import blobs as blobs_service
 from relay.services.auth import Principal
 from relay.services.blobs import BlobService, BlobSettings, Checksum
 from relay.services.context import ServiceContext, limits_from
@@ -320,9 +321,12 @@ async def test_a_second_appender_is_refused_while_the_first_holds_the_upload(tmp
         async with trio.open_nursery() as nursery:
             nursery.start_soon(r.service.append, A, status.upload_id, 0, slow(), None, None)
             await reading.wait()
-            await refused(
+            locked = await refused(
                 ErrorCode.BLOB_UPLOAD_LOCKED, lambda: r.service.append(A, status.upload_id, 0, body(b"c"), 1, None)
             )
+            # When to ask again (Retry-After): within the lease a crashed appender may have left behind.
+            assert locked.retry_after_seconds is not None
+            assert 0 < locked.retry_after_seconds * 1000 < blobs_service.LEASE_MS
             gate.set()
         assert r.file(status.upload_id).read_bytes() == b"a" * 10 + b"b" * 10
 
